@@ -1,0 +1,171 @@
+"""Plain data: `ModelConfig` (the architecture) and `Workload` (what is run on it).
+
+Both are frozen, hashable and JSON-round-trippable. They know model *dimensions* only; building the
+Flax model is `codesign.models`' job, and the closed-form parameter/FLOP counts live in
+`codesign.arithmetic` so that the sharding core and the cost model never import the models.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+ATTENTION_KINDS = ("mha", "gqa", "mla")
+FFN_ACTIVATIONS = ("swiglu", "gelu")
+ROUTERS = ("softmax", "sigmoid")
+
+
+class ConfigError(ValueError):
+    """A model or workload description that cannot be built; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    vocab_size: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int = 0  # 0 means "same as heads" (MHA)
+    head_dim: int = 0  # 0 means hidden // heads
+    mlp_dim: int = 0  # dense FFN width (also the first_dense_layers' width in MoE models)
+    attention: str = "gqa"
+    ffn_activation: str = "swiglu"
+    qkv_bias: bool = False
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # MLA (DeepSeek-V2/V3). q_lora_rank 0 means queries are projected directly.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # MoE. n_routed_experts 0 means a dense model.
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    experts_per_token: int = 0
+    moe_mlp_dim: int = 0
+    first_dense_layers: int = 0
+    router: str = "softmax"
+    router_aux_loss_coef: float = 0.01
+    capacity_factor: float = 1.25
+    # Provenance: the published figures this preset must reproduce, and where they come from.
+    published_params_total: float = 0.0
+    published_params_active: float = 0.0
+    # How the publisher counted "active": DeepSeek leaves out the input embedding (36.6B rounds to
+    # their "37B"; counting it gives 37.55B, which would round to 38B). Mixtral counts it (12.9B).
+    published_active_excludes_embedding: bool = False
+    published_rounding: float = 0.0  # half a unit of the published figure's last digit (37B -> 0.5e9)
+    source: str = ""
+
+    def __post_init__(self):
+        if self.kv_heads == 0:
+            object.__setattr__(self, "kv_heads", self.heads)
+        if self.head_dim == 0 and self.heads:
+            object.__setattr__(self, "head_dim", self.hidden // self.heads)
+        self.validate()
+
+    # -- derived -----------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.n_routed_experts > 0
+
+    @property
+    def family(self) -> str:
+        return "moe" if self.is_moe else "dense"
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.first_dense_layers if self.is_moe else 0
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def attn_v_head_dim(self) -> int:
+        return self.v_head_dim if self.attention == "mla" else self.head_dim
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(f"model {self.name!r}: {msg}")
+
+        need(self.attention in ATTENTION_KINDS, f"attention={self.attention!r}; use one of {ATTENTION_KINDS}")
+        need(self.ffn_activation in FFN_ACTIVATIONS,
+             f"ffn_activation={self.ffn_activation!r}; use one of {FFN_ACTIVATIONS}")
+        need(self.router in ROUTERS, f"router={self.router!r}; use one of {ROUTERS}")
+        for f in ("vocab_size", "hidden", "layers", "heads"):
+            need(getattr(self, f) > 0, f"{f} must be positive")
+        need(self.heads % self.kv_heads == 0,
+             f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
+        if self.attention == "mla":
+            need(self.kv_lora_rank > 0 and self.qk_rope_head_dim > 0 and self.qk_nope_head_dim > 0
+                 and self.v_head_dim > 0,
+                 "MLA needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
+        if self.is_moe:
+            need(0 < self.experts_per_token <= self.n_routed_experts,
+                 f"experts_per_token={self.experts_per_token} must be in 1..n_routed_experts")
+            need(self.moe_mlp_dim > 0, "MoE needs moe_mlp_dim > 0")
+            need(0 <= self.first_dense_layers < self.layers, "first_dense_layers must be < layers")
+        if self.dense_layers:
+            need(self.mlp_dim > 0, "mlp_dim must be positive for dense FFN layers")
+
+    # -- (de)serialization -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+    def fingerprint(self) -> str:
+        """A stable text key (for caches): every architectural field, provenance excluded."""
+        d = self.to_json()
+        for k in ("published_params_total", "published_params_active", "source",
+                  "published_active_excludes_embedding", "published_rounding"):
+            d.pop(k)
+        return json.dumps(d, sort_keys=True)
+
+
+WORKLOAD_MODES = ("train", "decode")
+
+
+@dataclass(frozen=True)
+class Workload:
+    global_batch: int = 8
+    seq_len: int = 2048
+    mode: str = "train"
+    dtype: str = "bfloat16"  # compute dtype; master params stay float32
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.mode not in WORKLOAD_MODES:
+            raise ConfigError(f"workload mode {self.mode!r}; use one of {WORKLOAD_MODES}")
+        if self.global_batch <= 0 or self.seq_len <= 0:
+            raise ConfigError(f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
+
+    @property
+    def tokens(self) -> int:
+        return self.global_batch * self.seq_len
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Workload":
+        return cls(**d)
