@@ -1,0 +1,157 @@
+"""Transformer building blocks: RMSNorm, RoPE, attention (MHA/GQA/MQA and MLA) and the SwiGLU/GELU FFN.
+
+Params are stored in `param_dtype` (float32 master weights) and cast to the compute `dtype` at use.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from codesign import axes as A
+from codesign.config import ModelConfig
+from codesign.sharding.activation import constrain
+
+_init = jax.nn.initializers.normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical: tuple[str | None, ...], dtype, init=_init) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=logical)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, dtype, logical: str = A.EMBED):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=(logical,))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding over the last dim of x [B, T, N, H] (rotate-half convention)."""
+    h = x.shape[-1]
+    freqs = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+    ang = positions[..., None].astype(jnp.float32) * freqs  # [B, T, H/2]
+    sin, cos = jnp.sin(ang)[:, :, None, :], jnp.cos(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def causal_attention(q, k, v, impl: str | None):
+    """q [B,T,N,Hqk], k [B,S,K,Hqk], v [B,S,K,Hv] -> [B,T,N,Hv].
+
+    jax.nn.dot_product_attention needs one head dim for q, k and v; MLA's value head is narrower
+    than its query/key head, so that case takes the plain einsum path (same FLOPs, no padding).
+    """
+    if q.shape[-1] == v.shape[-1]:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    b, t, n, hq = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, hq)
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(hq).astype(jnp.float32)
+    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return out.reshape(b, t, n, v.shape[-1])
+
+
+class Attention(nnx.Module):
+    """MHA / GQA / MQA: kv_heads divides heads."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+        d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.wq = param(rngs, (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
+        self.wk = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
+        self.wv = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
+        self.wo = param(rngs, (n, h, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
+        if cfg.qkv_bias:
+            z = jax.nn.initializers.zeros
+            self.bq = param(rngs, (n, h), (A.HEADS, A.HEAD_DIM), param_dtype, z)
+            self.bk = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
+            self.bv = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
+        self.qkv_bias, self.theta, self.dtype, self.impl = cfg.qkv_bias, cfg.rope_theta, dtype, impl
+
+    def __call__(self, x, positions):
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
+        k = jnp.einsum("btd,dkh->btkh", x, c(self.wk))
+        v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
+        if self.qkv_bias:
+            q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
+        heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
+        q = constrain(rope(q, positions, self.theta), heads)
+        k = constrain(rope(k, positions, self.theta), heads)
+        v = constrain(v, heads)
+        o = constrain(causal_attention(q, k, v, self.impl), heads)
+        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+
+
+class MLAttention(nnx.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3): low-rank KV latent plus a shared RoPE key."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+        d, n = cfg.hidden, cfg.heads
+        self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_lora = cfg.kv_lora_rank
+        qk = self.nope + self.rope_dim
+        if cfg.q_lora_rank:
+            self.wq_a = param(rngs, (d, cfg.q_lora_rank), (A.EMBED, A.Q_LORA), param_dtype)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype,
+                                  logical=A.Q_LORA)
+            self.wq_b = param(rngs, (cfg.q_lora_rank, n, qk), (A.Q_LORA, A.HEADS, A.HEAD_DIM), param_dtype)
+        else:
+            self.wq = param(rngs, (d, n, qk), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
+        self.q_lora = cfg.q_lora_rank
+        self.wkv_a = param(rngs, (d, self.kv_lora + self.rope_dim), (A.EMBED, A.KV_LORA), param_dtype)
+        self.kv_norm = RMSNorm(self.kv_lora, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, logical=A.KV_LORA)
+        self.wkv_b = param(rngs, (self.kv_lora, n, self.nope + self.v_dim), (A.KV_LORA, A.HEADS, A.HEAD_DIM),
+                           param_dtype)
+        self.wo = param(rngs, (n, self.v_dim, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
+        self.theta, self.dtype, self.impl = cfg.rope_theta, dtype, impl
+
+    def __call__(self, x, positions):
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        if self.q_lora:
+            q = jnp.einsum("btr,rnh->btnh", self.q_norm(jnp.einsum("btd,dr->btr", x, c(self.wq_a))), c(self.wq_b))
+        else:
+            q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
+        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
+        kv = jnp.einsum("btd,dr->btr", x, c(self.wkv_a))
+        latent, k_rope = kv[..., : self.kv_lora], kv[..., self.kv_lora:]
+        k_rope = rope(k_rope[:, :, None, :], positions, self.theta)  # one RoPE key shared by all heads
+        kv_up = jnp.einsum("btr,rnh->btnh", self.kv_norm(latent), c(self.wkv_b))
+        k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope:]
+        heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
+        q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)
+        k = constrain(jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (self.rope_dim,))],
+                                      axis=-1), heads)
+        o = constrain(causal_attention(q, k, constrain(v, heads), self.impl), heads)
+        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+
+
+class MLP(nnx.Module):
+    """SwiGLU (gate, up, down) or GELU (up, down) feed-forward."""
+
+    def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs, dtype, param_dtype):
+        d = cfg.hidden
+        self.gated = cfg.ffn_activation == "swiglu"
+        if self.gated:
+            self.w_gate = param(rngs, (d, width), (A.EMBED, A.MLP), param_dtype)
+        self.w_up = param(rngs, (d, width), (A.EMBED, A.MLP), param_dtype)
+        self.w_down = param(rngs, (width, d), (A.MLP, A.EMBED), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x):
+        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        up = jnp.einsum("btd,df->btf", x, c(self.w_up))
+        if self.gated:
+            h = jax.nn.silu(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up
+        else:
+            h = jax.nn.gelu(up)
+        h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))
+        return jnp.einsum("btf,fd->btd", h, c(self.w_down))

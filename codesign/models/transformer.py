@@ -1,0 +1,105 @@
+"""The decoder-only transformer: embed -> scanned blocks -> norm -> LM head.
+
+Layers of one kind are stacked (a leading `layers` axis on every param) and run with
+`jax.lax.scan`, so XLA compiles one layer body however deep the model is. MoE models keep two
+stacks: the first `first_dense_layers` dense blocks, then the MoE blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from codesign import _compat
+from codesign import axes as A
+from codesign.config import ModelConfig
+from codesign.models.layers import MLP, Attention, MLAttention, RMSNorm, param
+from codesign.models.moe import MoE
+from codesign.sharding.activation import constrain
+
+RESIDUAL = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
+        attn_cls = MLAttention if cfg.attention == "mla" else Attention
+        self.attn = attn_cls(cfg, rngs=rngs, impl=impl, **kw)
+        self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
+        self.ffn = MoE(cfg, rngs=rngs, **kw) if moe else MLP(cfg, cfg.mlp_dim, rngs=rngs, **kw)
+        self.moe = moe
+
+    def __call__(self, x, positions):
+        x = constrain(x + self.attn(self.attn_norm(x), positions), RESIDUAL)
+        h = self.ffn(self.ffn_norm(x))
+        h, aux = h if self.moe else (h, jnp.zeros((), jnp.float32))
+        return constrain(x + h, RESIDUAL), aux
+
+
+def _stack(cfg, n: int, moe: bool, rngs: nnx.Rngs, **kw) -> Block:
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: A.LAYERS})
+    def make(r):
+        return Block(cfg, moe, rngs=r, **kw)
+
+    return make(rngs)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+                 remat: str = "full", attention_impl: str | None = None):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, impl=attention_impl)
+        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden), (A.VOCAB, A.EMBED), param_dtype,
+                           jax.nn.initializers.normal(1.0))
+        self.dense_blocks = _stack(cfg, cfg.dense_layers, False, rngs, **kw) if cfg.dense_layers else None
+        self.moe_blocks = _stack(cfg, cfg.moe_layers, True, rngs, **kw) if cfg.moe_layers else None
+        self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden, cfg.vocab_size), (A.EMBED, A.VOCAB), param_dtype)
+        self.cfg, self.dtype, self.remat = cfg, dtype, remat
+
+    def _run_stack(self, blocks, x, positions):
+        graphdef, state = nnx.split(blocks)
+
+        def body(carry, layer_state):
+            h, aux = carry
+            h, a = nnx.merge(graphdef, layer_state)(h, positions)
+            return (h, aux + a), None
+
+        policy = _compat.remat_policy(self.remat)
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), state)
+        return x, aux
+
+    def __call__(self, tokens):
+        """tokens int [B, T] -> (logits float32 [B, T, vocab], MoE aux loss summed over layers)."""
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        x = constrain(self.embed[...].astype(self.dtype)[tokens], RESIDUAL)
+        aux = jnp.zeros((), jnp.float32)
+        for blocks in (self.dense_blocks, self.moe_blocks):
+            if blocks is not None:
+                x, a = self._run_stack(blocks, x, positions)
+                aux = aux + a
+        x = self.final_norm(x)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
+        logits = constrain(logits, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_VOCAB))
+        return logits.astype(jnp.float32), aux
+
+
+def build_model(cfg: ModelConfig, seed: int = 0, **kw: Any) -> Transformer:
+    """A concrete model (weights allocated on the default device). Logical axes in metadata only."""
+    with nnx.use_eager_sharding(False):
+        return Transformer(cfg, rngs=nnx.Rngs(seed), **kw)
+
+
+def build_abstract(cfg: ModelConfig, **kw: Any) -> Transformer:
+    """The model as ShapeDtypeStructs: no weights allocated, logical axes on every param."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0), **kw))

@@ -1,0 +1,151 @@
+"""`Strategy`: one parallelism layout, parsed from and printed as the `--strategy` spec.
+
+Spec grammar (INTERFACE.md): comma-separated key=value. Mesh axes `data, fsdp, tensor, sequence,
+expert, pipeline` take positive sizes whose product is the device count (an axis left out has
+size 1). Other keys: `remat=none|full|dots|dots_nobatch`, `microbatches=K`, `order=a.b.c` (mesh
+axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`)
+and `rules=FILE` (an explicit logical->mesh table that replaces the defaults).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from codesign.axes import MESH_AXES
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_nobatch")
+
+
+class StrategyError(ValueError):
+    """A malformed or impossible strategy; the message says which key and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    # Mesh axis sizes in network order, outermost first; every axis of MESH_AXES appears once.
+    mesh: tuple[tuple[str, int], ...]
+    remat: str = "full"
+    microbatches: int = 1
+    rules_file: str | None = None
+    # Axes the planner swept but kept at size 1 are dropped from `spec` for readability.
+    _order_given: bool = field(default=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        names = [a for a, _ in self.mesh]
+        if sorted(names) != sorted(MESH_AXES):
+            raise StrategyError(f"mesh must name each of {MESH_AXES} once, got {names}")
+        for a, n in self.mesh:
+            if not isinstance(n, int) or n < 1:
+                raise StrategyError(f"mesh axis {a}={n!r}: sizes must be positive integers")
+        if self.remat not in REMAT_POLICIES:
+            raise StrategyError(f"remat={self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+        if not isinstance(self.microbatches, int) or self.microbatches < 1:
+            raise StrategyError(f"microbatches={self.microbatches!r} must be a positive integer")
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
+             order: tuple[str, ...] | None = None, rules_file: str | None = None) -> "Strategy":
+        sizes = dict(sizes or {})
+        unknown = sorted(set(sizes) - set(MESH_AXES))
+        if unknown:
+            raise StrategyError(f"unknown mesh axes {unknown}; mesh axes are {', '.join(MESH_AXES)}")
+        given = order is not None
+        order = tuple(order) if order else MESH_AXES
+        if sorted(order) != sorted(MESH_AXES):
+            missing = [a for a in MESH_AXES if a not in order]
+            order = tuple(order) + tuple(missing)
+            if sorted(order) != sorted(MESH_AXES):
+                raise StrategyError(f"order={'.'.join(order)} must list mesh axes from {MESH_AXES} once")
+        mesh = tuple((a, int(sizes.get(a, 1))) for a in order)
+        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file,
+                   _order_given=given and order != MESH_AXES)
+
+    @classmethod
+    def parse(cls, spec: str) -> "Strategy":
+        sizes: dict[str, int] = {}
+        kw: dict[str, Any] = {}
+        for item in filter(None, (s.strip() for s in spec.split(","))):
+            if "=" not in item:
+                raise StrategyError(f"strategy item {item!r} is not key=value (example: data=2,fsdp=4,remat=full)")
+            k, v = (s.strip() for s in item.split("=", 1))
+            if k in MESH_AXES:
+                try:
+                    sizes[k] = int(v)
+                except ValueError:
+                    raise StrategyError(f"mesh axis {k}={v!r} must be an integer") from None
+            elif k == "remat":
+                kw["remat"] = v
+            elif k == "microbatches":
+                try:
+                    kw["microbatches"] = int(v)
+                except ValueError:
+                    raise StrategyError(f"microbatches={v!r} must be an integer") from None
+            elif k == "order":
+                kw["order"] = tuple(v.split("."))
+            elif k == "rules":
+                kw["rules_file"] = v
+            else:
+                raise StrategyError(
+                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, microbatches, order, rules")
+        return cls.make(sizes, **kw)
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    def size(self, axis: str) -> int:
+        return self.sizes[axis]
+
+    @property
+    def n_devices(self) -> int:
+        return math.prod(n for _, n in self.mesh)
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(a for a, _ in self.mesh)
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        """Mesh axes that split the global batch (the expert axis doubles as data outside MoE blocks)."""
+        return ("data", "fsdp", "expert")
+
+    @property
+    def batch_shards(self) -> int:
+        s = self.sizes
+        return s["data"] * s["fsdp"] * s["expert"]
+
+    @property
+    def spec(self) -> str:
+        parts = [f"{a}={n}" for a, n in self.mesh if n > 1] or ["data=1"]
+        parts.append(f"remat={self.remat}")
+        if self.microbatches > 1:
+            parts.append(f"microbatches={self.microbatches}")
+        if self._order_given:
+            parts.append("order=" + ".".join(self.order))
+        if self.rules_file:
+            parts.append(f"rules={self.rules_file}")
+        return ",".join(parts)
+
+    def __str__(self) -> str:
+        return self.spec
+
+    def replace(self, **kw) -> "Strategy":
+        sizes = kw.pop("sizes", self.sizes)
+        order = kw.pop("order", self.order if self._order_given else None)
+        base = dict(remat=self.remat, microbatches=self.microbatches, rules_file=self.rules_file)
+        base.update(kw)
+        return Strategy.make(sizes, order=order, **base)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mesh": {a: n for a, n in self.mesh if n > 1}, "remat": self.remat,
+                "microbatches": self.microbatches, "spec": self.spec}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Strategy":
+        if "spec" in d:
+            return cls.parse(d["spec"])
+        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1))

@@ -1,0 +1,29 @@
+"""Test session set-up: 8 emulated CPU devices, configured once before JAX initializes."""
+
+import os
+
+N_TEST_DEVICES = 8
+
+# Must happen before the first `import jax` anywhere in the test process.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_TEST_DEVICES}"
+).strip()
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_enable_x64", False)
+
+
+@pytest.fixture(scope="session")
+def n_devices() -> int:
+    return len(jax.devices())
+
+
+def require_devices(n: int) -> None:
+    """Skip the calling test when fewer than n devices exist (with the reason)."""
+    have = len(jax.devices())
+    if have < n:
+        pytest.skip(f"needs {n} devices, the test process has {have} (tests/conftest.py sets {N_TEST_DEVICES})")
