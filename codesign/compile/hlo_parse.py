@@ -1,8 +1,8 @@
 """Parsing of XLA's HLO text (``compiled.as_text()``) into plain Python structures.
 
 Only what the loop-aware walk in :mod:`codesign.compile.hlo` needs: computations, their
-instructions (name, shape, opcode, operand names, attribute text), shape sizes, and the replica
-group formats XLA prints. Every function here is total: text it cannot read yields an empty or
+instructions (name, shape, opcode, operand names, attribute text), shape sizes, the replica
+group formats XLA prints, and while-loop trip counts. Every function here is total: text it cannot read yields an empty or
 ``None`` result, never an exception.
 
 Replica-group formats seen in jax 0.10.2 HLO (CPU and the deviceless TPU compiler):
@@ -20,6 +20,7 @@ All three are expanded to explicit lists of partition ids, which the walk maps o
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -284,7 +285,7 @@ def replica_groups(attrs: str, n_devices: int | None) -> list[list[int]] | None:
             shape = int_list(m.group(1))
             return _iota(int_list(m.group(2)), int_list(m.group(3))).reshape(shape).tolist()
         v = attr(attrs, "replica_groups")
-        if v is None:
+        if v is None or not v.startswith("{"):
             return None
         groups = [int_list(g) for g in re.findall(r"\{([\d,\s]*)\}", v[1:-1])]
         groups = [g for g in groups if g]
@@ -298,3 +299,132 @@ def replica_groups(attrs: str, n_devices: int | None) -> list[list[int]] | None:
 def source_target_pairs(attrs: str) -> list[tuple[int, int]]:
     v = attr(attrs, "source_target_pairs") or ""
     return [(int(a), int(b)) for a, b in re.findall(r"\{\s*(\d+)\s*,\s*(\d+)\s*\}", v)]
+
+
+# -- while-loop trip counts (TPU HLO has no known_trip_count) ----------------------------------
+
+def _scalar_const(comp: Computation, name: str, depth: int = 0) -> int | None:
+    ins = comp.by_name.get(name)
+    if ins is None or depth > 8:
+        return None
+    if ins.opcode == "constant":
+        v = int_list(ins.operand_text)
+        return v[0] if len(v) == 1 and array_shapes(ins.shape)[0][1] == () else None
+    if ins.opcode in ("copy", "convert", "bitcast", "reshape") and ins.operands:
+        return _scalar_const(comp, ins.operands[0], depth + 1)
+    return None
+
+
+def _gte_index(comp: Computation, name: str, depth: int = 0) -> int | None:
+    ins = comp.by_name.get(name)
+    if ins is None or depth > 8:
+        return None
+    if ins.opcode == "get-tuple-element":
+        src = comp.by_name.get(ins.operands[0]) if ins.operands else None
+        if src is not None and src.opcode == "parameter":
+            v = int_list(attr(ins.attrs, "index"))
+            return v[0] if v else None
+    if ins.opcode in ("copy", "convert", "bitcast", "reshape") and ins.operands:
+        return _gte_index(comp, ins.operands[0], depth + 1)
+    return None
+
+
+_SWAP = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE", "NE": "NE", "EQ": "EQ"}
+
+
+def _condition(cond: Computation, module: Module) -> tuple[int, int, str] | None:
+    """(induction tuple index, limit constant, direction as 'index DIR limit') of a loop condition."""
+    root = cond.root
+    if root is None:
+        return None
+    inner, operand_map = cond, {}
+    if root.opcode == "fusion":  # CPU wraps the compare in a fusion: map fused params to operands
+        subs = called(root.attrs, "calls")
+        inner = module.computations.get(subs[0]) if subs else None
+        if inner is None or inner.root is None:
+            return None
+        for f in inner.instrs:
+            if f.opcode == "parameter":
+                idx = int_list(f.operand_text)
+                if idx and idx[0] < len(root.operands):
+                    operand_map[f.name] = root.operands[idx[0]]
+        root_cmp = inner.root
+    else:
+        root_cmp = root
+    if root_cmp.opcode != "compare" or len(root_cmp.operands) != 2:
+        return None
+    direction = attr(root_cmp.attrs, "direction") or ""
+    sides = []
+    for o in root_cmp.operands:
+        if o in operand_map:
+            sides.append((_gte_index(cond, operand_map[o]), _scalar_const(cond, operand_map[o])))
+        else:
+            sides.append((_gte_index(inner, o), _scalar_const(inner, o)))
+    (i0, c0), (i1, c1) = sides
+    if i0 is not None and c1 is not None:
+        return i0, c1, direction
+    if i1 is not None and c0 is not None and direction in _SWAP:
+        return i1, c0, _SWAP[direction]
+    return None
+
+
+def _init_value(comp: Computation, tuple_name: str, index: int) -> int | None:
+    t = comp.by_name.get(tuple_name)
+    if t is None or t.opcode != "tuple" or index >= len(t.operands):
+        return None
+    return _scalar_const(comp, t.operands[index])
+
+
+def _step_value(body: Computation, index: int) -> int | None:
+    root = body.root
+    if root is None or root.opcode != "tuple" or index >= len(root.operands):
+        return None
+    upd = body.by_name.get(root.operands[index])
+    if upd is None or len(upd.operands) != 2 or upd.opcode not in ("add", "subtract"):
+        return None
+    a, b = upd.operands
+    if _gte_index(body, a) == index and _scalar_const(body, b) is not None:
+        c = _scalar_const(body, b)
+        return c if upd.opcode == "add" else -c
+    if upd.opcode == "add" and _gte_index(body, b) == index and _scalar_const(body, a) is not None:
+        return _scalar_const(body, a)
+    return None
+
+
+def loop_trip_count(ins: Instr, comp: Computation, module: Module) -> tuple[int, str]:
+    """Trip count of a while instruction and where it came from (see HloStats.while_loops)."""
+    m = re.search(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)', ins.attrs)
+    if m:
+        return int(m.group(1)), "known_trip_count"
+    cond_names = called(ins.attrs, "condition")
+    body_names = called(ins.attrs, "body")
+    cond = module.computations.get(cond_names[0]) if cond_names else None
+    body = module.computations.get(body_names[0]) if body_names else None
+    parsed = _condition(cond, module) if cond else None
+    if parsed is None:
+        return 1, "unknown(assumed 1)"
+    index, limit, direction = parsed
+    init = _init_value(comp, ins.operands[0], index) if ins.operands else None
+    step = _step_value(body, index) if body else None
+    if init is None and direction in ("GT", "GE"):  # a count-down loop needs its start value
+        return 1, "unknown(assumed 1)"
+    note = "" if init is not None else "(init assumed 0)"
+    init = 0 if init is None else init
+    if step is None:
+        step = 1 if direction in ("LT", "LE", "NE") else -1
+    try:
+        if direction == "LT" and step > 0:
+            n = math.ceil((limit - init) / step)
+        elif direction == "LE" and step > 0:
+            n = (limit - init) // step + 1
+        elif direction == "GT" and step < 0:
+            n = math.ceil((init - limit) / -step)
+        elif direction == "GE" and step < 0:
+            n = (init - limit) // -step + 1
+        elif direction == "NE" and step != 0 and (limit - init) % step == 0:
+            n = (limit - init) // step
+        else:
+            return 1, "unknown(assumed 1)"
+    except (ZeroDivisionError, TypeError):
+        return 1, "unknown(assumed 1)"
+    return max(0, int(n)), "condition-constant" + note
