@@ -6,7 +6,6 @@ Nothing else in codesign may branch on a library version.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Sequence
 
 import jax
@@ -52,21 +51,3 @@ def remat_policy(name: str):
         "dots": cp.checkpoint_dots,
         "dots_nobatch": cp.dots_with_no_batch_dims_saveable,
     }[name]
-
-
-def silence_tpu_runtime_noise() -> None:
-    """libtpu, when importable on a host with no TPU, logs host-discovery errors at JAX start-up.
-
-    These variables make it skip the metadata-server and host queries. They change nothing when a
-    TPU is attached to the host.
-    """
-    import glob
-
-    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
-        return  # a real TPU host: leave libtpu's discovery alone
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TPU_WORKER_ID", "0")
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -78,7 +78,12 @@ class Checkpointer:
             read_only=read_only,
             create=not read_only,
         )
-        self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # Handlers registered up front, so a fresh process can read metadata before any save of its own.
+        self._mgr = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
         self._guarded = False  # fingerprint of the directory's existing run checked once, on first save
 
     # -- queries -------------------------------------------------------------------------------------
@@ -197,8 +202,8 @@ class Checkpointer:
     def close(self) -> None:
         self._mgr.close()  # waits for in-flight saves, then stops Orbax's threads
 
-    def __enter__(self) -> Checkpointer:
+    def __enter__(self):
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -1,0 +1,93 @@
+"""`CompileReport`: what one compile of one candidate told us, per device, as plain data.
+
+The cost model reads this as data and never calls the compiler. Everything is JSON-round-trippable
+so that reports can be cached on disk and shipped back from worker processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from codesign.compile.hlo import Collective
+
+OUTCOMES = ("ok", "oom", "error", "timeout")
+# Evidence labels (DESIGN.md): which instrument produced the numbers.
+EVIDENCE_BY_TARGET = {"cpu": "cpu-compile", "tpu": "tpu-aot", "gpu": "gpu-aot", "attached": "attached-compile",
+                      "analytic": "analytic"}
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """memory_analysis() of the compiled step, bytes per device; capacity is the target device's."""
+    argument: int = 0
+    output: int = 0
+    alias: int = 0
+    temp: int = 0
+    code: int = 0
+    peak: int = 0  # argument + output - alias + temp: what must fit at once (code is reported apart)
+    capacity: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    outcome: str
+    target: str
+    message: str = ""
+    stage: str = ""  # where a failure happened: "build" | "lower" | "compile" | "analyze"
+    compile_s: float = 0.0
+    mesh: tuple[tuple[str, int], ...] = ()  # the mesh actually compiled (may be reduced, see notes)
+    # The candidate's whole mesh; differs from `mesh` for pipeline (one stage compiled) or a reduced
+    # data axis (data_scale > 1: compiled data = full data / data_scale, global batch likewise).
+    full_mesh: tuple[tuple[str, int], ...] = ()
+    pipeline_stages: int = 1
+    data_scale: int = 1
+    flops: float = 0.0  # per device, loop-aware (dots + elementwise, XLA's convention)
+    matmul_flops: float = 0.0
+    bytes_accessed: float = 0.0
+    transcendentals: float = 0.0
+    xla_cost_analysis: dict[str, Any] | None = None
+    collectives: tuple[Collective, ...] = ()
+    memory: MemoryStats | None = None
+    oom_required_bytes: int = 0
+    oom_available_bytes: int = 0
+    hlo_bytes: int = 0
+    while_loops: tuple[tuple[str, int, str], ...] = ()
+    notes: tuple[str, ...] = ()  # e.g. "XLA flops 1/61 of ours: explained by 61-trip loop"
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def evidence(self) -> str:
+        return EVIDENCE_BY_TARGET.get(self.target, self.target)
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mesh"] = {a: n for a, n in self.mesh}
+        d["full_mesh"] = {a: n for a, n in self.full_mesh}
+        d["memory"] = self.memory.to_json() if self.memory else None
+        d["collectives"] = [dataclasses.asdict(c) for c in self.collectives]
+        d["while_loops"] = [list(w) for w in self.while_loops]
+        d["notes"] = list(self.notes)
+        d["evidence"] = self.evidence
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "CompileReport":
+        d = dict(d)
+        d.pop("evidence", None)
+        d["mesh"] = tuple((a, int(n)) for a, n in (d.get("mesh") or {}).items())
+        d["full_mesh"] = tuple((a, int(n)) for a, n in (d.get("full_mesh") or {}).items())
+        d["memory"] = MemoryStats(**d["memory"]) if d.get("memory") else None
+        d["collectives"] = tuple(
+            Collective(**{**c, "mesh_axes": tuple(c["mesh_axes"])}) for c in d.get("collectives") or ())
+        d["while_loops"] = tuple(tuple(w) for w in d.get("while_loops") or ())
+        d["notes"] = tuple(d.get("notes") or ())
+        return cls(**d)
