@@ -1,0 +1,240 @@
+"""The search: enumerate -> drop invalid and hopeless -> analytic score -> compile the top K -> re-cost -> rank.
+
+Compiled evidence can overturn the analytic ranking (a predicted winner does not fit, or runs
+slower than estimated). The search then keeps compiling down the analytic order until K candidates
+that fit are verified, or the list (or `max_compiles`) ends.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Callable
+
+from codesign.arithmetic import param_counts
+from codesign.axes import MESH_AXES
+from codesign.compile.report import CompileReport
+from codesign.config import ConfigError, ModelConfig, Workload
+from codesign.cost.analytic import estimate_analytic
+from codesign.cost.estimate import Estimate, estimate_from_report
+from codesign.hardware.catalog import Hardware
+from codesign.planner.constraints import Constraint
+from codesign.planner.explain import explain
+from codesign.planner.plan_file import Plan
+from codesign.sharding.enumerate import enumerate_strategies
+from codesign.sharding.strategy import Strategy
+
+REMATS = ("none", "full", "dots")
+MICROBATCHES = (1, 2, 4, 8)
+
+
+def default_workload(cfg: ModelConfig, n_devices: int, global_batch: int | None = None,
+                     seq_len: int | None = None) -> Workload:
+    """The preset's default workload: 4 sequences per device of 4096 tokens (64 for tiny test models)."""
+    tiny = cfg.name.startswith("tiny")
+    return Workload(global_batch=global_batch or max(8, 4 * n_devices), seq_len=seq_len or (64 if tiny else 4096))
+
+
+@dataclass
+class PlanRequest:
+    cfg: ModelConfig
+    hardware: Hardware
+    workload: Workload
+    n_devices: int
+    target: str = "auto"
+    top_k: int = 4  # candidates that must be verified by a compile (when the target compiles)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    timeout_s: float = 600.0
+    constraints: tuple[Constraint, ...] = ()
+    headroom: float = 0.0  # extra fraction of HBM to keep free, on top of the catalog's reserve
+    exhaustive: bool = False
+    max_compiles: int | None = None
+    max_compile_devices: int | None = None
+    remats: tuple[str, ...] = REMATS
+    microbatches: tuple[int, ...] = MICROBATCHES
+    axis_orders: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+    # Reports from earlier plans of the same model/workload/target (a sweep over hardware knobs):
+    # a strategy found here is re-costed under this request's hardware instead of recompiled.
+    reuse: dict[str, CompileReport] | None = None
+    progress: Callable[[str, int, int], None] | None = None  # (label, done, total)
+
+
+@dataclass
+class Scored:
+    strategy: Strategy
+    estimate: Estimate
+    report: CompileReport | None = None
+
+    @property
+    def compiled(self) -> bool:
+        return self.report is not None
+
+    def fits(self, headroom: float, capacity: int) -> bool:
+        return self.estimate.fits and self.estimate.memory_per_device_bytes <= capacity * (1 - headroom)
+
+
+def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
+    """Axis orders worth trying: which mesh axis gets the innermost (fastest) network level.
+
+    Orders that differ only in where size-1 axes sit are the same layout and are tried once.
+    """
+    inner = hardware.levels[0].group_size if hardware.levels else strategy.n_devices
+    if strategy.n_devices <= inner:
+        return [strategy]  # the whole mesh shares one level: order cannot matter
+    seen: dict[tuple[str, ...], Strategy] = {}
+    for innermost in (None, "fsdp", "expert", "data", "sequence"):
+        if innermost and strategy.sizes[innermost] == 1:
+            continue
+        order = MESH_AXES if innermost is None else tuple(a for a in MESH_AXES if a != innermost) + (innermost,)
+        key = tuple(a for a in order if strategy.sizes[a] > 1)
+        seen.setdefault(key, strategy if innermost is None else strategy.replace(order=order))
+    return list(seen.values())
+
+
+def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
+    """f32 params + grads + Adam moments (16 B/param), as finely as this layout can shard them."""
+    pc = param_counts(cfg)
+    sizes = s.sizes
+    dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
+    if cfg.is_moe:
+        expert_params = cfg.moe_layers * cfg.n_routed_experts * 3 * cfg.hidden * cfg.moe_mlp_dim
+        return 16 * ((pc.total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"]))
+    return 16 * pc.total / dense_shards
+
+
+def _compile_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_far: int, total: int) -> int:
+    """Compile `batch` in parallel worker processes, filling `.report` and re-costing each. Returns cache hits."""
+    from codesign.compile.cache import CompileCache, cache_key
+    from codesign.compile.worker import compile_in_subprocess
+
+    cache = CompileCache(req.cache_dir) if req.use_cache else None
+    hits = 0
+    todo = []
+    for sc in batch:
+        if req.reuse is not None and sc.strategy.spec in req.reuse:
+            sc.report = req.reuse[sc.strategy.spec]
+            hits += 1
+            continue
+        key = cache_key(req.cfg, req.workload, sc.strategy, target, req.hardware)
+        hit = cache.get(key) if cache else None
+        if hit is not None:
+            hits += 1
+            sc.report = hit
+        else:
+            todo.append((sc, key))
+    done = done_so_far + hits
+    if req.progress:
+        req.progress("compiling", done, total)
+    if todo:
+        with ThreadPoolExecutor(max_workers=max(1, req.workers)) as pool:
+            futs = {pool.submit(compile_in_subprocess, req.cfg, req.workload, sc.strategy, req.hardware, target,
+                                req.timeout_s, max_compile_devices=req.max_compile_devices): (sc, key)
+                    for sc, key in todo}
+            for fut in as_completed(futs):
+                sc, key = futs[fut]
+                sc.report = fut.result()
+                if cache is not None and sc.report.outcome != "timeout":
+                    cache.put(key, sc.report)
+                if req.reuse is not None:
+                    req.reuse[sc.strategy.spec] = sc.report
+                done += 1
+                if req.progress:
+                    req.progress("compiling", done, total)
+    for sc in batch:
+        sc.estimate = estimate_from_report(req.cfg, req.workload, sc.strategy, req.hardware, sc.report)
+    return hits
+
+
+def _sort_key(sc: Scored, req: PlanRequest):
+    capacity = req.hardware.memory_capacity_bytes
+    failed = sc.report is not None and sc.report.outcome in ("error", "timeout")
+    return (failed, not sc.fits(req.headroom, capacity), sc.estimate.step_time_s, sc.estimate.memory_per_device_bytes)
+
+
+def plan(req: PlanRequest) -> Plan:
+    from codesign.compile.targets import resolve_target
+
+    t0 = time.perf_counter()
+    cfg, w, hw = req.cfg, req.workload, req.hardware
+    if w.global_batch % 1 or w.global_batch < 1:
+        raise ConfigError(f"global batch {w.global_batch} must be a positive integer")
+    target = "analytic" if req.target == "analytic" else resolve_target(req.target, hw)
+    capacity = hw.memory_capacity_bytes
+
+    # 1-2. Enumerate and drop what is invalid or can never fit.
+    en = enumerate_strategies(cfg, w, req.n_devices, remats=req.remats,
+                              microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0])
+    rejected: Counter = Counter(en.rejected)
+    candidates: list[Strategy] = []
+    for s in en.valid:
+        if any(not c(s) for c in req.constraints):
+            rejected["excluded by --strategy-filter/--fix"] += 1
+            continue
+        if _state_bytes_lower_bound(cfg, s) > capacity * (1 - req.headroom):
+            rejected["weights+optimizer state alone exceed HBM"] += 1
+            continue
+        candidates.extend(_orders(s, hw) if req.axis_orders else [s])
+    if not candidates:
+        reasons = "; ".join(f"{k}: {v}" for k, v in rejected.most_common(4)) or "no factorization"
+        raise ConfigError(f"no valid layout of {cfg.name} on {req.n_devices} devices ({reasons}). Try another "
+                          f"device count, a global batch divisible by more factors, or fewer constraints")
+
+    # 3. Analytic score for every survivor.
+    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in candidates]
+    scored.sort(key=lambda sc: _sort_key(sc, req))
+    n_analytic = len(scored)
+
+    # 4-6. Compile down the analytic order until K fitting candidates are verified.
+    compiled = 0
+    hits = 0
+    if target != "analytic":
+        limit = len(scored) if req.exhaustive else (req.max_compiles or max(3 * req.top_k, req.top_k + 4))
+        want = len(scored) if req.exhaustive else req.top_k
+        i = 0
+        while i < len(scored) and compiled < limit:
+            verified = sum(1 for sc in scored[:i] if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity))
+            if verified >= want:
+                break
+            batch = scored[i: i + min(max(1, req.workers), want - verified, limit - compiled)]
+            hits += _compile_batch(req, target, batch, compiled, min(limit, len(scored)))
+            compiled += len(batch)
+            i += len(batch)
+
+    # 5. Rank: verified candidates that fit first, then the rest of the analytic order.
+    verified_fit = [sc for sc in scored if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity)]
+    others = [sc for sc in scored if sc not in verified_fit]
+    verified_fit.sort(key=lambda sc: _sort_key(sc, req))
+    others.sort(key=lambda sc: (not sc.compiled,) + _sort_key(sc, req))
+    ranked = verified_fit + others
+    chosen = next((i for i, sc in enumerate(ranked)
+                   if sc.fits(req.headroom, capacity) and not (sc.report and not sc.report.ok)), None)
+
+    rows = []
+    for rank, sc in enumerate(ranked, 1):
+        row = {"rank": rank, "strategy": sc.strategy.to_json(), **sc.estimate.to_json(),
+               "fits": sc.fits(req.headroom, capacity), "compiled": sc.compiled}
+        if sc.report is not None:
+            row["compile"] = {"outcome": sc.report.outcome, "message": sc.report.message[:500],
+                              "compile_s": round(sc.report.compile_s, 2), "notes": list(sc.report.notes)}
+        rows.append(row)
+    wall = time.perf_counter() - t0
+    pc = param_counts(cfg)
+    return Plan(
+        model={"name": cfg.name, "params_total": pc.total, "params_active": pc.active, "config": cfg.to_json()},
+        hardware={"name": hw.name, "devices": req.n_devices, "platform": hw.platform,
+                  "memory_capacity_bytes": capacity, "peak_bf16_flops": hw.peak_flops.get("bf16")},
+        workload=w.to_json(),
+        search={"enumerated": en.total, "pruned": sum(rejected.values()), "scored": n_analytic,
+                "compiled": compiled, "cache_hits": hits, "target": target, "wall_s": round(wall, 2),
+                "candidates_per_s": round(n_analytic / wall, 1) if wall else None},
+        candidates=rows, chosen=chosen, rejected=dict(rejected),
+        explanation=explain(rows, chosen, capacity),
+        scored=[{"spec": sc.strategy.spec, "step_time_s": sc.estimate.step_time_s,
+                 "memory_per_device_bytes": sc.estimate.memory_per_device_bytes,
+                 "fits": sc.fits(req.headroom, capacity)} for sc in scored],
+    )
