@@ -80,7 +80,7 @@ class CompileReport:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CompileReport":
+    def from_json(cls, d: dict[str, Any]) -> CompileReport:
         d = dict(d)
         d.pop("evidence", None)
         d["mesh"] = tuple((a, int(n)) for a, n in (d.get("mesh") or {}).items())

@@ -1,0 +1,422 @@
+"""Compile one candidate (model x workload x strategy) for a target and read back a `CompileReport`.
+
+Targets (DESIGN.md):
+
+* ``cpu``: XLA's host platform emulating N devices (``--xla_force_host_platform_device_count``, which
+  must be set before JAX starts: run through :mod:`codesign.compile.worker` or the CLI's ``--devices``).
+* ``tpu``: the deviceless TPU compiler in ``libtpu`` for the slice ``tpu_topology_name(gen, n)``. The
+  topology's devices are sorted by ``id`` before the mesh is built (the catalog's torus placement
+  assumes that x varies fastest over ids). v4 is compiled with ``chip_config_name="megacore"``: libtpu
+  otherwise exposes each v4 chip as 2 devices (one per TensorCore), whereas JAX on a real v4 sees one
+  megacore device per chip; with megacore, devices = chips = the strategy's device count.
+* ``gpu``: the deviceless CUDA compiler (the ``gpu-aot`` extra, ``jax[cuda12]``) with a
+  ``GpuTargetConfig`` text proto shipped in ``codesign/data/gpu_targets``.
+* ``attached``: the devices this process really has.
+
+What gets compiled can differ from the candidate, and the report says so (notes, ``mesh``,
+``full_mesh``, ``data_scale``, ``pipeline_stages``):
+
+* pipeline=p > 1: ONE stage. Dense and MoE layers are each divided by p (rounded up: the stage the
+  step waits for is the fullest one), so ``first_dense_layers`` stays proportional. The stage keeps the
+  embedding and the LM head (the first/last stage carry them), runs on n/p devices with pipeline=1, and
+  sees the whole global batch (every microbatch passes through every stage over one step).
+* a mesh larger than ``max_compile_devices`` (default 512 on cpu/attached, unlimited on tpu/gpu except
+  that a TPU compile must fit one slice): the ``data`` axis (pure replicas) and the global batch are
+  divided by the same factor. Per-device compute, memory and every non-data collective are unchanged;
+  the cost model scales the data-axis group sizes back up by ``data_scale``.
+
+`compile_candidate` never raises for a candidate's failure: it returns outcome ``error`` (with the
+stage: build / lower / compile / analyze) or ``oom`` with the byte counts parsed from the compiler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import time
+import traceback
+from dataclasses import dataclass
+from importlib import metadata, resources
+from typing import Any
+
+from codesign.compile.report import CompileReport, MemoryStats
+from codesign.config import ModelConfig, Workload
+from codesign.hardware.catalog import Hardware
+from codesign.sharding.strategy import Strategy
+
+TARGETS = ("cpu", "tpu", "gpu", "attached")
+DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
+GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
+# catalog chip name -> GpuTargetConfig text proto in codesign/data/gpu_targets
+GPU_TARGET_CONFIGS = {"a100-sxm-80g": "a100_sxm_80g.txtpb", "h100-sxm": "h100_sxm.txtpb",
+                      "h800-sxm": "h100_sxm.txtpb", "h200-sxm": "h200_sxm.txtpb", "b200-sxm": "b200.txtpb"}
+GPUS_PER_NODE = 8
+
+
+class TargetError(ValueError):
+    """An unknown target, or a target this process cannot compile for (the message says what to do)."""
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+def libtpu_available() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def gpu_aot_available() -> bool:
+    """The deviceless CUDA compiler ships in the jax CUDA plugin (the gpu-aot extra)."""
+    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
+
+
+def resolve_target(target: str, hardware: Hardware) -> str:
+    """``auto`` -> tpu (TPU hardware, libtpu importable) | gpu (GPU hardware, gpu-aot importable) | cpu."""
+    if target in TARGETS:
+        return target
+    if target != "auto":
+        raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
+    if hardware.platform == "tpu" and libtpu_available():
+        return "tpu"
+    if hardware.platform == "gpu" and gpu_aot_available():
+        return "gpu"
+    return "cpu"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the compiler stack (read from package metadata, nothing imported)."""
+    out = {}
+    for pkg in ("jax", "jaxlib", "libtpu", "jax-cuda12-plugin", "flax"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- what to compile
+
+@dataclass(frozen=True)
+class CompilePlan:
+    """What is actually compiled for a candidate (a pipeline stage, a reduced data axis)."""
+
+    cfg: ModelConfig
+    workload: Workload
+    strategy: Strategy  # pipeline=1, data axis possibly reduced
+    full_mesh: tuple[tuple[str, int], ...]
+    pipeline_stages: int = 1
+    data_scale: int = 1
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_devices(self) -> int:
+        return self.strategy.n_devices
+
+
+def stage_config(cfg: ModelConfig, stages: int) -> ModelConfig:
+    """The layers one of `stages` pipeline stages holds: dense and MoE layers each divided (rounded up)."""
+    if stages <= 1:
+        return cfg
+    dense = math.ceil(cfg.dense_layers / stages) if cfg.dense_layers else 0
+    moe = math.ceil(cfg.moe_layers / stages) if cfg.moe_layers else 0
+    kw: dict[str, Any] = {"layers": dense + moe}
+    if cfg.is_moe:
+        kw["first_dense_layers"] = dense
+    return cfg.replace(**kw)
+
+
+def _valid_tpu_count(hardware: Hardware, n: int) -> bool:
+    from codesign.hardware.topology import TopologyError, tpu_slice
+
+    try:
+        tpu_slice(hardware.tpu_generation or "", n)
+        return True
+    except TopologyError:
+        return False
+
+
+def plan_compile(cfg: ModelConfig, workload: Workload, strategy: Strategy, target: str,
+                 hardware: Hardware | None = None, max_compile_devices: int | None = None) -> CompilePlan:
+    """Pure bookkeeping (no JAX): the stage/reduced candidate to compile. Raises TargetError when the mesh
+    cannot be brought under `max_compile_devices` by shrinking the data axis."""
+    notes: list[str] = []
+    full_mesh = strategy.mesh
+    p = strategy.size("pipeline")
+    if p > 1:
+        stage_cfg = stage_config(cfg, p)
+        strategy = strategy.replace(sizes={**strategy.sizes, "pipeline": 1})
+        notes.append(f"pipeline: compiled one of {p} stages ({stage_cfg.layers} of {cfg.layers} layers: "
+                     f"{stage_cfg.dense_layers} dense + {stage_cfg.moe_layers} moe, embedding and LM head "
+                     f"included, whole global batch {workload.global_batch} per stage)")
+        cfg = stage_cfg
+    limit = max_compile_devices if max_compile_devices is not None else DEFAULT_MAX_COMPILE_DEVICES.get(target)
+    need_slice = target == "tpu" and hardware is not None and hardware.tpu_generation
+    n, data = strategy.n_devices, strategy.size("data")
+
+    def ok(count: int) -> bool:
+        return (limit is None or count <= limit) and (not need_slice or _valid_tpu_count(hardware, count))
+
+    scale = 1
+    if not ok(n):
+        for f in range(2, data + 1):
+            if data % f == 0 and ok(n // f):
+                scale = f
+                break
+        else:
+            why = f"max_compile_devices={limit}" if limit is not None and n > limit else \
+                f"a {hardware.tpu_generation} slice shape" if need_slice else "the limit"
+            raise TargetError(
+                f"cannot compile {strategy.spec} on {n} devices for target {target}: {why}, and shrinking the "
+                f"data axis (size {data}) does not help; raise max_compile_devices or use more data parallelism")
+    if scale > 1:
+        strategy = strategy.replace(sizes={**strategy.sizes, "data": data // scale})
+        workload = dataclasses.replace(workload, global_batch=workload.global_batch // scale)
+        full = ",".join(f"{a}={s}" for a, s in full_mesh if s > 1)
+        notes.append(f"reduced-mesh: data_scale={scale} full_mesh={full} compiled_data={data // scale} "
+                     f"full_global_batch={workload.global_batch * scale} (data-axis groups scale back by {scale})")
+    return CompilePlan(cfg=cfg, workload=workload, strategy=strategy, full_mesh=full_mesh, pipeline_stages=p,
+                       data_scale=scale, notes=tuple(notes))
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+def prepare_libtpu_env() -> None:
+    """Environment for a deviceless TPU compile; effective when it runs before libtpu initializes (the
+    first topology request). Silences libtpu's host-discovery noise, and lets several processes load
+    libtpu at once: libtpu otherwise takes /tmp/libtpu_lockfile and a second process (parallel workers,
+    another planner) fails with "Internal error when accessing libtpu multi-process lockfile". No TPU
+    is driven by a deviceless compile, so sharing is safe."""
+    from codesign.runtime import accelerator_present, silence_tpu_runtime_noise
+
+    silence_tpu_runtime_noise()
+    if not accelerator_present():
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def tpu_devices(hardware: Hardware, n: int) -> list:
+    from codesign import _compat
+    from codesign.hardware.topology import tpu_topology_name
+
+    gen = hardware.tpu_generation
+    if not gen:
+        raise TargetError(f"target tpu needs TPU hardware; {hardware.name} is {hardware.platform}")
+    if not libtpu_available():
+        raise TargetError('target tpu needs libtpu (pip install -e ".[dev]" installs it)')
+    prepare_libtpu_env()
+    kwargs = {"chip_config_name": "megacore"} if gen == "v4" else {}
+    topo = _compat.get_topology_desc(platform="tpu", topology_name=tpu_topology_name(gen, n), **kwargs)
+    devices = sorted(topo.devices, key=lambda d: d.id)
+    if len(devices) != n:
+        raise TargetError(f"libtpu topology {tpu_topology_name(gen, n)} has {len(devices)} devices, "
+                          f"expected one per chip ({n})")
+    return devices
+
+
+def gpu_target_config_text(hardware: Hardware) -> str:
+    fname = GPU_TARGET_CONFIGS.get(hardware.chip.name)
+    if fname is None:
+        raise TargetError(f"no GpuTargetConfig for chip {hardware.chip.name!r}; shipped: "
+                          f"{sorted(GPU_TARGET_CONFIGS)}")
+    return resources.files("codesign").joinpath(f"data/gpu_targets/{fname}").read_text()
+
+
+def gpu_topology_string(n: int, per_node: int = GPUS_PER_NODE) -> str:
+    """'<slices>x<hosts>x<devices per host>' for n GPUs, filling nodes of `per_node`."""
+    per = min(n, per_node)
+    if n % per:
+        raise TargetError(f"{n} GPUs do not fill nodes of {per_node}")
+    return f"1x{n // per}x{per}"
+
+
+def gpu_devices(hardware: Hardware, n: int) -> list:
+    from codesign import _compat
+
+    if hardware.platform != "gpu":
+        raise TargetError(f"target gpu needs GPU hardware; {hardware.name} is {hardware.platform}")
+    if not gpu_aot_available():
+        raise TargetError(f"target gpu needs the deviceless CUDA compiler: {GPU_AOT_INSTALL_HINT} "
+                          f"(jax[cuda12], ~5.6 GB)")
+    per_node = GPUS_PER_NODE
+    if hardware.levels and hardware.levels[0].max_group_size:
+        per_node = min(GPUS_PER_NODE, hardware.levels[0].max_group_size)
+    topo = _compat.get_topology_desc(platform="cuda", target_config=gpu_target_config_text(hardware),
+                                     topology=gpu_topology_string(n, per_node))
+    return sorted(topo.devices, key=lambda d: d.id)
+
+
+def target_devices(target: str, hardware: Hardware, n: int) -> list:
+    """The devices to build an n-device mesh from, in mesh order."""
+    import jax
+
+    if target == "tpu":
+        return tpu_devices(hardware, n)
+    if target == "gpu":
+        return gpu_devices(hardware, n)
+    if target == "cpu":
+        devices = jax.devices("cpu")
+        if len(devices) < n:
+            raise TargetError(
+                f"target cpu needs {n} emulated devices but this process has {len(devices)}; compile through "
+                f"codesign.compile.worker.compile_in_subprocess (sets XLA_FLAGS before JAX starts) or run the "
+                f"CLI with --devices {n}")
+        return devices[:n]
+    if target == "attached":
+        devices = jax.devices()
+        if len(devices) < n:
+            raise TargetError(f"target attached: {n} devices needed, {len(devices)} attached "
+                              f"({devices[0].platform})")
+        return devices[:n]
+    raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
+
+
+# ---------------------------------------------------------------------------------------------- OOM parsing
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+_SIZE = r"([\d.]+)\s*([KMGTP]?)i?B?"
+_OOM_PATTERNS = (
+    # libtpu 0.0.52: "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total
+    # memory required for HLO temporaries (23.61G) exceeds available HBM (15.75G). HLO module: jit__step."
+    re.compile(r"\(" + _SIZE + r"\)\s*exceeds available (?:HBM|memory)\s*\(" + _SIZE + r"\)", re.IGNORECASE),
+    # older TPU/GPU runtimes: "Ran out of memory in memory space hbm. Used 20.25G of 15.48G hbm."
+    re.compile(r"Used\s+" + _SIZE + r"\s+of\s+" + _SIZE, re.IGNORECASE),
+)
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "CompileTimeHbmOom", "Ran out of memory", "out of memory")
+
+
+def _bytes(num: str, unit: str) -> int:
+    return round(float(num) * _UNITS[unit.upper()])
+
+
+def parse_oom(message: str) -> tuple[int, int] | None:
+    """(required, available) bytes from a compiler out-of-memory message; (0, 0) when it is an OOM
+    without numbers; None when it is not an OOM. Sizes like ``23.61G`` are GiB (XLA prints base 1024)."""
+    if not any(m.lower() in message.lower() for m in _OOM_MARKERS):
+        return None
+    for pat in _OOM_PATTERNS:
+        m = pat.search(message)
+        if m:
+            return _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
+    return (0, 0) if ("RESOURCE_EXHAUSTED" in message and "memory" in message.lower()) or \
+        "CompileTimeHbmOom" in message else None
+
+
+# ---------------------------------------------------------------------------------------------- compile
+
+def _memory(compiled, capacity: int) -> MemoryStats | None:
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    if isinstance(m, (list, tuple)):
+        m = m[0] if m else None
+        if m is None:
+            return None
+    arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
+    alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
+    code = int(getattr(m, "generated_code_size_in_bytes", 0) or 0)
+    return MemoryStats(argument=arg, output=out, alias=alias, temp=temp, code=code,
+                       peak=arg + out - alias + temp, capacity=int(capacity))
+
+
+def _flops_notes(stats, xla: dict | None) -> list[str]:
+    """Say how XLA's flat flops relate to the loop-aware count (XLA counts a loop body once)."""
+    if not xla or not xla.get("flops") or not stats.flops:
+        return []
+    ratio = stats.flops / xla["flops"]
+    trips = [n for _, n, _ in stats.while_loops]
+    bound = math.prod(max(1, n) for n in trips) if trips else 1
+    desc = f"XLA cost_analysis flops {xla['flops']:.4g} vs loop-aware {stats.flops:.4g} (x{ratio:.3g})"
+    if trips:
+        desc += f"; while-loop trip counts {trips} (XLA counts a loop body once)"
+    if ratio < 0.9 or ratio > 1.1 * bound:
+        return [desc + "; NOT explained by the loop trip counts"]
+    return [desc]
+
+
+def _error(stage: str, exc: BaseException | str, **kw) -> CompileReport:
+    msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return CompileReport(outcome="error", stage=stage, message=msg.strip()[:4000], versions=versions(), **kw)
+
+
+def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
+                      target: str = "auto", *, save_hlo: str | None = None,
+                      max_compile_devices: int | None = None, attention_impl: str | None = None) -> CompileReport:
+    """Compile one candidate's train step in this process and report what the compiler produced.
+
+    Never raises for the candidate: failures are `error` (with stage) or `oom` reports.
+    """
+    try:
+        target = resolve_target(target, hardware)
+    except TargetError as e:
+        return _error("build", e, target=str(target))
+    t_start = time.perf_counter()
+    try:
+        plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
+    except (TargetError, ValueError) as e:
+        return _error("build", e, target=target, full_mesh=strategy.mesh)
+    base = {"target": target, "mesh": plan.strategy.mesh, "full_mesh": plan.full_mesh,
+            "pipeline_stages": plan.pipeline_stages, "data_scale": plan.data_scale}
+    notes = list(plan.notes)
+    try:
+        from codesign.sharding.mesh import MeshSpec
+        from codesign.train_step import TrainProgram
+
+        spec = MeshSpec.from_strategy(plan.strategy)
+        devices = target_devices(target, hardware, spec.size)
+        mesh = spec.build(devices)
+        prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh, attention_impl=attention_impl)
+        state, batch = prog.abstract_state, prog.abstract_batch
+        step = prog.step_fn
+    except Exception as e:  # noqa: BLE001 - a candidate's failure is data, not an exception
+        return _error("build", e, notes=tuple(notes), **base)
+    try:
+        lowered = step.lower(state, batch)
+    except Exception as e:  # noqa: BLE001
+        return _error("lower", e, notes=tuple(notes), **base)
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # noqa: BLE001
+        msg = f"{type(e).__name__}: {e}".strip()
+        oom = parse_oom(msg)
+        if oom is not None:
+            return CompileReport(outcome="oom", message=msg[:4000], stage="compile",
+                                 compile_s=time.perf_counter() - t_start, oom_required_bytes=oom[0],
+                                 oom_available_bytes=oom[1], notes=tuple(notes), versions=versions(),
+                                 memory=MemoryStats(capacity=hardware.memory_capacity_bytes), **base)
+        return _error("compile", e, compile_s=time.perf_counter() - t_start, notes=tuple(notes), **base)
+    compile_s = time.perf_counter() - t_start
+    try:
+        from codesign.compile.hlo import analyze_hlo
+        from codesign.compile.xla_cost import normalize_cost_analysis
+
+        text = compiled.as_text()
+        if save_hlo:
+            os.makedirs(os.path.dirname(os.path.abspath(save_hlo)), exist_ok=True)
+            with open(save_hlo, "w") as f:
+                f.write(text)
+        stats = analyze_hlo(text, list(plan.strategy.mesh))
+        try:
+            raw = compiled.cost_analysis()
+        except Exception as e:  # noqa: BLE001 - some backends do not implement it
+            raw = None
+            notes.append(f"cost_analysis unavailable: {type(e).__name__}: {e}")
+        xla = normalize_cost_analysis(raw)
+        memory = _memory(compiled, hardware.memory_capacity_bytes)
+        notes += _flops_notes(stats, xla)
+        if stats.skipped_lines:
+            notes.append(f"HLO parser skipped {stats.skipped_lines} lines")
+        if memory and memory.capacity and memory.peak > memory.capacity:
+            notes.append(f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity "
+                         f"{memory.capacity / 2**30:.2f} GiB (the {target} compiler did not reject it)")
+        if target == "cpu":
+            notes.append("memory figures are the CPU compiler's, not the target accelerator's")
+        if prog.dropped_rules:
+            notes.append("replicated (rule dropped): " + "; ".join(str(d) for d in prog.dropped_rules[:8]))
+    except Exception as e:  # noqa: BLE001
+        return _error("analyze", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}",
+                      compile_s=compile_s, notes=tuple(notes), **base)
+    return CompileReport(
+        outcome="ok", compile_s=compile_s, flops=stats.flops, matmul_flops=stats.matmul_flops,
+        bytes_accessed=stats.bytes_accessed, transcendentals=stats.transcendentals, xla_cost_analysis=xla,
+        collectives=stats.collectives, memory=memory, hlo_bytes=stats.hlo_bytes, while_loops=stats.while_loops,
+        notes=tuple(notes), versions=versions(), **base)

@@ -1,0 +1,225 @@
+"""Compile candidates in subprocesses: isolation from crashes, a hard timeout, parallelism.
+
+`compile_in_subprocess` runs ``python -m codesign.compile.worker`` with one request as JSON on stdin.
+The child's environment is set before JAX starts there: ``JAX_PLATFORMS=cpu``, for the cpu target
+``--xla_force_host_platform_device_count=N`` (N = the devices actually compiled: one pipeline stage,
+a reduced data axis), silenced libtpu host discovery, and libtpu's multi-process lock lifted so that
+parallel TPU compiles do not collide. The child writes the report JSON to the real stdout; anything
+libraries print goes to stderr (fd 1 is pointed at fd 2 while it runs).
+
+A crash (segfault, non-zero exit, unreadable output) becomes an `error` report carrying the tail of
+the child's stderr (libtpu/absl noise lines filtered out); exceeding `timeout_s` kills the child's
+whole process group and becomes a `timeout` report. `compile_many` drives up to `workers` such
+children at once from a thread pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+# Light imports only: this module is also the child's entry point, and JAX must not start before
+# main() has configured the environment (the parent sets it too).
+from codesign.compile.report import CompileReport
+from codesign.config import ModelConfig, Workload
+from codesign.hardware.catalog import Hardware
+from codesign.sharding.strategy import Strategy
+
+_NOISE = re.compile(
+    r"(^WARNING: Logging before InitGoogle|^E\d{4} .*(libtpu|tpu_|common_lib|host bounds|TPU_)|"
+    r"^=== Source Location Trace|^learning/|^Failed to find host bounds|TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|"
+    r"ALLOW_MULTIPLE_LIBTPU_LOAD|^I\d{4} |^W\d{4} .*(libtpu|tpu))")
+STDERR_TAIL_LINES = 40
+
+
+@dataclass(frozen=True)
+class CompileRequest:
+    cfg: ModelConfig
+    workload: Workload
+    strategy: Strategy
+    hardware: Hardware
+    target: str = "auto"
+    save_hlo: str | None = None
+    max_compile_devices: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cfg": self.cfg.to_json(), "workload": self.workload.to_json(),
+                "strategy": self.strategy.to_json(), "hardware": self.hardware.to_json(),
+                "target": self.target, "save_hlo": self.save_hlo, "max_compile_devices": self.max_compile_devices}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> CompileRequest:
+        return cls(cfg=ModelConfig.from_json(d["cfg"]), workload=Workload.from_json(d["workload"]),
+                   strategy=Strategy.from_json(d["strategy"]), hardware=Hardware.from_json(d["hardware"]),
+                   target=d.get("target", "auto"), save_hlo=d.get("save_hlo"),
+                   max_compile_devices=d.get("max_compile_devices"))
+
+
+def filter_noise(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if line.strip() and not _NOISE.search(line))
+
+
+def _tail(text: str, n: int = STDERR_TAIL_LINES) -> str:
+    return "\n".join(filter_noise(text).splitlines()[-n:])
+
+
+def child_env(req: CompileRequest, target: str) -> dict[str, str]:
+    """The child's environment, fixed before its JAX starts."""
+    from codesign.compile.targets import plan_compile
+
+    env = dict(os.environ)
+    if target != "attached":  # deviceless and emulated compiles never touch an accelerator
+        env["JAX_PLATFORMS"] = "cpu"
+    env.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
+    if target == "tpu":
+        env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    if target == "cpu":
+        try:
+            n = plan_compile(req.cfg, req.workload, req.strategy, target, req.hardware,
+                             req.max_compile_devices).n_devices
+        except ValueError:
+            n = 1  # the child reports the planning error itself
+        flags = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    # The child must import this very codesign (a checkout run without installing it, too).
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
+                          target: str = "auto", timeout_s: float = 600.0, save_hlo: str | None = None,
+                          max_compile_devices: int | None = None) -> CompileReport:
+    """`compile_candidate` in a fresh Python process; never raises for the candidate."""
+    from codesign.compile.targets import TargetError, resolve_target
+
+    try:
+        target = resolve_target(target, hardware)
+    except TargetError as e:
+        return CompileReport(outcome="error", target=str(target), stage="build", message=str(e))
+    req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices)
+    env = child_env(req, target)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "codesign.compile.worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
+                            text=True)
+    try:
+        out, err = proc.communicate(json.dumps(req.to_json()), timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        out, err = proc.communicate()
+        return CompileReport(outcome="timeout", target=target, stage="compile", compile_s=time.perf_counter() - t0,
+                             message=f"compile exceeded {timeout_s:g} s; the worker's process group was killed"
+                                     + (f"\n{_tail(err, 10)}" if _tail(err, 10) else ""),
+                             full_mesh=strategy.mesh)
+    except BaseException:
+        _kill_group(proc)
+        raise
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        rc = proc.returncode
+        what = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() \
+            else f"exit status {rc}"
+        return CompileReport(outcome="error", target=target, stage="compile", compile_s=wall,
+                             message=f"compile worker crashed ({what}); stderr tail:\n{_tail(err)}",
+                             full_mesh=strategy.mesh)
+    try:
+        return CompileReport.from_json(json.loads(out.strip().splitlines()[-1]))
+    except Exception as e:  # noqa: BLE001
+        return CompileReport(outcome="error", target=target, stage="analyze", compile_s=wall,
+                             message=f"compile worker returned no readable report ({type(e).__name__}: {e}); "
+                                     f"stdout tail: {out[-500:]!r}; stderr tail:\n{_tail(err)}",
+                             full_mesh=strategy.mesh)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
+
+
+def compile_many(requests: Sequence[CompileRequest], workers: int = 2, timeout_s: float = 600.0,
+                 progress_callback: Callable[[int, CompileRequest, CompileReport], None] | None = None,
+                 cache=None) -> list[CompileReport]:
+    """Compile each request in its own subprocess, up to `workers` at once; reports in request order.
+
+    `cache` (a CompileCache) is consulted first and filled after; `progress_callback(index, request,
+    report)` is called as each finishes (cache hits included), from the calling thread.
+    """
+    from codesign.compile.cache import cache_key
+    from codesign.compile.targets import TargetError, resolve_target
+
+    reports: list[CompileReport | None] = [None] * len(requests)
+    keys: dict[int, str] = {}
+    todo: list[int] = []
+    for i, r in enumerate(requests):
+        if cache is not None:
+            try:
+                keys[i] = cache_key(r.cfg, r.workload, r.strategy, resolve_target(r.target, r.hardware), r.hardware,
+                                    r.max_compile_devices)
+            except TargetError:
+                keys.pop(i, None)
+            hit = cache.get(keys[i]) if i in keys else None
+            if hit is not None:
+                reports[i] = hit
+                if progress_callback:
+                    progress_callback(i, r, hit)
+                continue
+        todo.append(i)
+    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = {}
+        for i in todo:
+            r = requests[i]
+            futures[pool.submit(compile_in_subprocess, r.cfg, r.workload, r.strategy, r.hardware, r.target,
+                                timeout_s, r.save_hlo, r.max_compile_devices)] = i
+        for fut in cf.as_completed(futures):
+            i = futures[fut]
+            rep = fut.result()
+            reports[i] = rep
+            if cache is not None and i in keys:
+                cache.put(keys[i], rep)
+            if progress_callback:
+                progress_callback(i, requests[i], rep)
+    return [r for r in reports if r is not None]
+
+
+# ---------------------------------------------------------------------------------------------- child
+
+def main() -> int:
+    real_stdout = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # whatever libraries print goes to stderr; only the report goes to the real stdout
+    sys.stdout = sys.stderr
+    from codesign import runtime
+
+    runtime.silence_tpu_runtime_noise()
+    req = CompileRequest.from_json(json.loads(sys.stdin.read()))
+    from codesign.compile.targets import compile_candidate
+
+    report = compile_candidate(req.cfg, req.workload, req.strategy, req.hardware, req.target,
+                               save_hlo=req.save_hlo, max_compile_devices=req.max_compile_devices)
+    real_stdout.write(json.dumps(report.to_json(), default=str) + "\n")
+    real_stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
