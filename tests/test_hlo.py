@@ -254,3 +254,20 @@ def test_tpu_scan_loop_aware_flops():
     assert all(c.mesh_axes == ("tensor",) and c.group_size == 4 for c in stats.collectives)
     raw = normalize_cost_analysis(compiled.cost_analysis())
     assert raw is not None and raw["flops"] < 0.5 * stats.flops
+
+
+@pytest.mark.tpu
+def test_tpu_padded_window_convolutions_count_only_real_taps():
+    """The TPU compiler writes dots as convolutions with padded windows; count only the real taps."""
+    from codesign.compile.targets import compile_candidate
+    from codesign.config import Workload
+    from codesign.hardware import load_hardware
+    from codesign.presets import get_preset
+    from codesign.sharding.strategy import Strategy
+
+    cfg = get_preset("tiny-dense").replace(layers=1)
+    r = compile_candidate(cfg, Workload(8, 32), Strategy.parse("fsdp=4,tensor=2,remat=none"),
+                          load_hardware("tpu-v5e", devices=8), "tpu")
+    assert r.outcome == "ok", r.message
+    xla = r.xla_cost_analysis["flops"]
+    assert 0.8 * xla <= r.matmul_flops <= 1.05 * xla

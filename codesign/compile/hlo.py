@@ -116,18 +116,62 @@ def _dot_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     return 2.0 * _elems(ins.shape) * k
 
 
+def _window_dims(attrs: str) -> list[dict[str, tuple[int, ...]]]:
+    """Per spatial dim of a convolution's `window={size=1x8 pad=0_0x7_7 stride=..}`: its parameters."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(kv.split("=", 1) for kv in (m.group(1).split() if m else []) if "=" in kv)
+    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
+    out = []
+    for i, size in enumerate(sizes):
+        def pick(name, default, i=i):
+            parts = fields.get(name, "").split("x")
+            return parts[i] if i < len(parts) and parts[i] else default
+        lo, _, hi = pick("pad", "0_0").partition("_")
+        out.append({"size": size, "pad_lo": int(lo), "stride": int(pick("stride", "1")),
+                    "lhs_dilate": int(pick("lhs_dilate", "1")), "rhs_dilate": int(pick("rhs_dilate", "1"))})
+    return out
+
+
+def _valid_taps(in_size: int, out_size: int, w: dict) -> int:
+    """(output position, kernel tap) pairs that read a real input element, not padding or a dilation hole.
+
+    The TPU compiler writes some dots as convolutions with padded windows (`size=1x8 pad=0_0x7_7`);
+    counting every window position would overcount those dots by the window size.
+    """
+    o = np.arange(out_size)[:, None]
+    k = np.arange(w["size"])[None, :]
+    idx = o * w["stride"] + k * w["rhs_dilate"] - w["pad_lo"]
+    span = (in_size - 1) * w["lhs_dilate"] + 1
+    ok = (idx >= 0) & (idx < span) & (idx % w["lhs_dilate"] == 0)
+    return int(ok.sum())
+
+
 def _conv_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     kern = hp.array_shapes(_operand_shape(comp, ins.operands[1])) if len(ins.operands) > 1 else []
+    lhs = hp.array_shapes(_operand_shape(comp, ins.operands[0])) if ins.operands else []
+    out = hp.array_shapes(ins.shape)
     if not kern:
         return 0.0
     kdims = kern[0][1]
     labels = hp.attr(ins.attrs, "dim_labels") or ""
-    m = re.match(r"[^_]*_([^-]*)->", labels)
-    if m and len(m.group(1)) == len(kdims) and "o" in m.group(1):
-        per_out = math.prod(s for s, c in zip(kdims, m.group(1)) if c != "o")
-    else:  # assume the output feature dim is last
+    m = re.match(r"([^_]*)_([^-]*)->(.*)", labels)
+    if not (m and lhs and out and len(m.group(2)) == len(kdims) and "o" in m.group(2)):
+        # Unknown layout: assume the output feature dim is last and no padding.
         per_out = math.prod(kdims[:-1]) if kdims else 1
-    return 2.0 * _elems(ins.shape) * per_out
+        return 2.0 * _elems(ins.shape) * per_out
+    lhs_l, k_l, out_l = m.groups()
+    ldims, odims = lhs[0][1], out[0][1]
+    windows = _window_dims(ins.attrs)
+    spatial = sorted(c for c in k_l if c.isdigit())
+    taps = 1
+    for j, c in enumerate(spatial):
+        w = windows[j] if j < len(windows) else {"size": kdims[k_l.index(c)], "pad_lo": 0, "stride": 1,
+                                                  "lhs_dilate": 1, "rhs_dilate": 1}
+        taps *= _valid_taps(ldims[lhs_l.index(c)], odims[out_l.index(c)], w)
+    batch = odims[out_l.index("b")] if "b" in out_l else 1
+    out_features = odims[out_l.index("f")] if "f" in out_l else 1
+    in_features = kdims[k_l.index("i")] if "i" in k_l else 1
+    return 2.0 * batch * out_features * in_features * taps
 
 
 def _gemm_custom_call_flops(ins: hp.Instr, comp: hp.Computation) -> float:
