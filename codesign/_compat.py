@@ -51,3 +51,27 @@ def remat_policy(name: str):
         "dots": cp.checkpoint_dots,
         "dots_nobatch": cp.dots_with_no_batch_dims_saveable,
     }[name]
+
+
+def cpu_gloo_available() -> bool:
+    """Whether this jaxlib ships gloo CPU collectives (needed for multi-process runs on CPU)."""
+    try:
+        from jax._src.lib import _jax
+    except ImportError:  # pragma: no cover - older jaxlib layout
+        try:
+            from jax._src.lib import xla_extension as _jax  # type: ignore[no-redef]
+        except ImportError:
+            return False
+    return hasattr(_jax, "make_gloo_tcp_collectives")
+
+
+def enable_cpu_collectives(implementation: str = "gloo") -> bool:
+    """Select the cross-process CPU collectives before the CPU backend starts.
+
+    Returns False when this jax has no `jax_cpu_collectives_implementation` option (then CPU
+    multi-process collectives are unavailable).
+    """
+    if "jax_cpu_collectives_implementation" not in jax.config.values:
+        return False
+    jax.config.update("jax_cpu_collectives_implementation", implementation)
+    return True

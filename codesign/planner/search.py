@@ -120,7 +120,7 @@ def _compile_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_f
             sc.report = req.reuse[sc.strategy.spec]
             hits += 1
             continue
-        key = cache_key(req.cfg, req.workload, sc.strategy, target, req.hardware)
+        key = cache_key(req.cfg, req.workload, sc.strategy, target, req.hardware, req.max_compile_devices)
         hit = cache.get(key) if cache else None
         if hit is not None:
             hits += 1
