@@ -141,8 +141,11 @@ def _is_user_error(e: Exception) -> bool:
     try:
         from codesign.hardware import HardwareError
         from codesign.hardware.topology import TopologyError
+        from codesign.train.checkpoint import CheckpointError
+        from codesign.train.distributed import DistributedError
+        from codesign.train.trainer import TrainError
 
-        known += (HardwareError, TopologyError)
+        known += (HardwareError, TopologyError, CheckpointError, DistributedError, TrainError)
     except ImportError:  # pragma: no cover
         pass
     return isinstance(e, known)
