@@ -1,0 +1,189 @@
+"""`codesign calibrate`: microbenchmarks on the attached devices, written as a hardware profile.
+
+Measured (each: warm-up calls, then the median of several timed runs, every run ending in
+`block_until_ready`):
+- matmul FLOP/s of n x n x n products by size and dtype (bf16, fp32 at Precision.HIGHEST; fp8 e4m3
+  with bf16 output when the backend runs it and is not a CPU, whose fp8 would be emulated). On an
+  accelerator each timed run chains calls for >= 20 ms after >= 0.5 s of warm-up (clocks ramp).
+- HBM streaming: y = x + 1 over a large f32 buffer; bytes = read + written.
+- collectives over a 1D mesh of all devices (shard_map): all-gather, reduce-scatter, all-reduce,
+  all-to-all. Bandwidth is reported in the convention of `codesign.cost.collectives` (per device, one
+  direction): a ring all-gather of B bytes takes (n-1)/n B / bw, an all-reduce twice that.
+
+The profile is the closest catalog system (by device kind) with its efficiency replaced: matmul
+fraction = measured / the catalog chip's peak for that dtype, hbm = measured / datasheet HBM,
+collective = measured all-gather bandwidth / the innermost level's bandwidth. `load_hardware(path)`
+reads it back; the raw measurements ride along under `measurements` (ignored by the loader).
+"""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from codesign import _compat
+from codesign.hardware.catalog import Efficiency, Hardware, load_hardware
+
+# Catalog system for a device kind: the first substring that matches (lower case) wins.
+_KIND_TO_SYSTEM = (("h200", "h200"), ("h100", "h100"), ("h800", "h800"), ("a100", "a100"), ("b200", "b200"),
+                   ("gb200", "gb200-nvl72"), ("v5p", "tpu-v5p"), ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"),
+                   ("v6", "tpu-v6e"), ("v4", "tpu-v4"))
+_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
+
+
+def closest_system(device_kind: str, platform: str) -> str:
+    k = device_kind.lower()
+    for key, name in _KIND_TO_SYSTEM:
+        if key in k:
+            return name
+    return {"gpu": "h100", "tpu": "tpu-v5p"}.get(platform, "cpu")
+
+
+def _time(fn: Callable[[], Any], reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0) -> float:
+    """Median seconds per call over `reps` timed runs. Warm-up runs at least 2 calls and `warmup_s`
+    (an idle GPU needs ~0.5 s of load before its clocks settle); each timed run chains enough calls to
+    last `min_run_s`, so that dispatch and timer jitter stay small against it."""
+    t0 = time.perf_counter()
+    calls = 0
+    while calls < 2 or time.perf_counter() - t0 < warmup_s:
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        one = time.perf_counter() - t
+        calls += 1
+    inner = max(1, min(200, int(min_run_s / max(one, 1e-9))))
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(inner):
+            out = fn()
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t) / inner)
+    return statistics.median(samples)
+
+
+def bench_matmul(n: int, dtype: str, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0) -> float:
+    """Seconds per n x n x n product."""
+    key = jax.random.key(n)
+    a = jax.random.normal(key, (n, n), jnp.float32).astype(_DTYPES[dtype])
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(_DTYPES[dtype])
+    out = jnp.bfloat16 if dtype == "fp8" else None
+    # fp32 means full precision (the catalog's fp32 peak: no TF32 on GPU, 6 bf16 passes on TPU).
+    prec = jax.lax.Precision.HIGHEST if dtype == "fp32" else None
+    f = jax.jit(lambda x, y: jax.lax.dot(x, y, precision=prec, preferred_element_type=out))
+    return _time(lambda: f(a, b), reps, warmup_s, min_run_s)
+
+
+def bench_hbm(nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0) -> float:
+    """Bytes per second read + written by an elementwise pass over an f32 buffer."""
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda v: v + 1.0)
+    return 2 * x.nbytes / _time(lambda: f(x), reps, warmup_s, min_run_s)
+
+
+def bench_collectives(nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0) -> list[dict[str, Any]]:
+    devices = jax.devices()
+    n = len(devices)
+    mesh = _compat.make_mesh(devices, (n,), ("x",))
+    elems = max(n * n, (nbytes // 4) // (n * n) * (n * n))  # divisible for the scatter and all-to-all
+    full = jax.device_put(jnp.ones((elems,), jnp.float32), NamedSharding(mesh, P("x")))
+    shard_bytes = elems * 4 // n
+    # (kind, body, bytes in the collectives.py convention, ring factor on (n-1)/n B / bw). Every output
+    # is declared per-device (P("x")): no replication check, and nothing is moved after the collective.
+    cases = [
+        ("all-gather", lambda x: jax.lax.all_gather(x, "x", tiled=True), elems * 4, 1.0),
+        ("reduce-scatter", lambda x: jax.lax.psum_scatter(x, "x", tiled=True), shard_bytes, 1.0),
+        ("all-reduce", lambda x: jax.lax.psum(x, "x"), shard_bytes, 2.0),
+        ("all-to-all", lambda x: jax.lax.all_to_all(x, "x", 0, 0, tiled=True), shard_bytes, 1.0),
+    ]
+    rows = []
+    for kind, body, b, factor in cases:
+        try:
+            f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+            t = _time(lambda f=f: f(full), reps, warmup_s, min_run_s)
+        except Exception as e:  # noqa: BLE001 - a backend without this collective: record and go on
+            rows.append({"kind": kind, "axis": "x", "devices": n, "error": f"{type(e).__name__}: {e}"[:200]})
+            continue
+        rows.append({"kind": kind, "axis": "x", "devices": n, "bytes": int(b), "seconds": t,
+                     "bytes_per_s": factor * (n - 1) / n * b / t})
+    return rows
+
+
+def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]:
+    devices = jax.devices()
+    dev = devices[0]
+    platform, kind = dev.platform, getattr(dev, "device_kind", dev.platform)
+    on_cpu = platform == "cpu"
+    base = load_hardware(closest_system(kind, platform))
+    if quick or on_cpu:
+        sizes, reps, hbm_bytes, coll_bytes = ((128, 256, 512) if quick else (256, 512, 1024)), 3, 1 << 24, 1 << 20
+        timing = {"warmup_s": 0.0, "min_run_s": 0.0}
+    else:
+        sizes, reps, hbm_bytes, coll_bytes = (1024, 2048, 4096, 8192), 7, 1 << 31, 1 << 28
+        timing = {"warmup_s": 0.5, "min_run_s": 0.02}
+    dtypes = ["bf16", "fp32"] + ([] if on_cpu else ["fp8"])
+    t0 = time.perf_counter()
+
+    matmul: list[dict[str, Any]] = []
+    table: dict[str, list[list[float]]] = {}
+    for dt in dtypes:
+        peak = base.peak_flops.get(dt)
+        for n in sizes:
+            try:
+                s = bench_matmul(n, dt, reps, **timing)
+            except Exception as e:  # noqa: BLE001 - e.g. no fp8 on this backend
+                matmul.append({"dtype": dt, "n": n, "error": f"{type(e).__name__}: {e}"[:200]})
+                break
+            flops = 2 * n ** 3 / s
+            row = {"dtype": dt, "n": n, "seconds": s, "flops_per_s": flops}
+            if peak:
+                row["fraction"] = flops / peak
+                table.setdefault(dt, []).append([n, round(flops / peak, 4)])
+            matmul.append(row)
+    hbm = bench_hbm(hbm_bytes, reps, **timing)
+    colls = bench_collectives(coll_bytes, reps, **timing) if len(devices) > 1 else []
+
+    stamp = datetime.date.today().isoformat()
+    source = f"measured by codesign calibrate on {kind}, {stamp}"
+    gathers = [r["bytes_per_s"] for r in colls if r.get("kind") == "all-gather" and "bytes_per_s" in r]
+    level_bw = base.levels[0].bytes_per_s if base.levels else 0.0
+    collective = gathers[0] / level_bw if gathers and level_bw else base.efficiency.collective
+    if "bf16" not in table:  # the loader needs a bf16 table; keep the catalog's if bf16 failed
+        table["bf16"] = [list(p) for p in base.efficiency.matmul["bf16"]]
+    eff = Efficiency(matmul=table, hbm=hbm / base.chip.hbm_bytes_per_s, collective=collective,
+                     source=source + ("" if gathers else "; collective efficiency from the catalog (one device)"))
+    hw = Hardware(name=f"{base.name}-measured", kind="system", chip=base.chip, efficiency=eff,
+                  devices=len(devices), levels=base.levels,
+                  sources={**dict(base.sources), "efficiency": source},
+                  tpu_generation=base.tpu_generation, memory_reserve_bytes=base.memory_reserve_bytes,
+                  description=f"{base.description} [{source}]")
+    if len(devices) > 1:
+        hw = hw.with_devices(len(devices))
+    measurements = {"device_kind": kind, "platform": platform, "devices": len(devices), "matmul": matmul,
+                    "hbm_bytes_per_s": hbm, "collectives": colls, "wall_s": time.perf_counter() - t0}
+    profile = {**hw.to_json(), "measurements": _plain(measurements)}
+    if out_path:
+        with open(out_path, "w") as f:
+            yaml.safe_dump(profile, f, sort_keys=False)
+    return {**_plain(measurements), "catalog_base": base.name, "source": source, "profile": profile,
+            "out_path": out_path}
+
+
+def _plain(x: Any) -> Any:
+    """Plain Python scalars/containers (YAML safe_dump rejects numpy floats)."""
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x

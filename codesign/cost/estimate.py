@@ -1,0 +1,246 @@
+"""`Estimate`: step time, MFU, tokens/s and memory fit of one candidate, from a CompileReport read as data.
+
+Model (all per device, seconds):
+- compute = max(matmul_flops / (peak[dtype] x matmul_fraction(dtype, n)), bytes_accessed / (HBM x hbm
+  fraction)) + vector, where vector = (flops - matmul_flops + transcendentals) / vector rate. The
+  vector rate is the chip's fp32 (non-tensor-core) peak when the catalog has one (H100: 67 TFLOP/s),
+  else bf16 peak / 16 (assumption: TPU VPUs are ~1/16 of the MXUs). n, the size fed to the
+  efficiency table (measured on square n^3 matmuls), is the cube with the FLOPs of the model's
+  dominant per-device matmul (tokens per device per microbatch x hidden x FFN width / tensor; experts:
+  slots per expert): the table's small-n falloff is per-call overhead, which scales with FLOPs per call.
+  A skinny matmul is capped at 4 x its smallest dim.
+- AdamW's update (4 reads + 3 writes of f32 state per local param) is part of the compiled step, so it
+  is already in bytes_accessed (the analytic report counts it there too): never added again.
+- collectives: each report row timed by `collective_time_on_axes` on the network levels
+  `assign_levels(strategy.mesh, hardware)` gives each mesh axis. Groups are taken from the FULL
+  strategy mesh, so a report compiled on a reduced data axis is scaled back automatically.
+- overlap: all-gathers, reduce-scatters and all-reduces over batch-like axes only (data, fsdp, expert:
+  FSDP weight gathers and gradient reductions) run asynchronously under XLA's latency-hiding scheduler
+  and hide behind compute, up to OVERLAP_FRACTION of it (the first layer's gather and the last
+  layer's reduction have nothing to hide behind, and collective kernels take SMs/HBM bandwidth from
+  the matmuls they overlap). Anything on tensor or sequence (Megatron partial sums, K/V gathers: the
+  next op needs them) and every all-to-all and permute is exposed.
+- pipeline p > 1: the report is ONE stage running all m microbatches. One pipeline tick is
+  stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
+  b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
+  (p - 1) idle ticks, (p - 1)/(m + p - 1) of the step.
+- MFU = arithmetic.train_flops_per_token(cfg, S) x B / (step x devices x bf16 peak).
+- memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
+  gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
+  model, since CPU memory figures are not TPU/GPU figures; evidence says "+analytic-memory". Capacity
+  is `hardware.memory_capacity_bytes` (HBM net of the catalog's runtime reserve).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from codesign import arithmetic
+from codesign.compile.report import CompileReport
+from codesign.config import ModelConfig, Workload
+from codesign.cost.analytic import analytic_report, moe_slots, shape_of
+from codesign.cost.collectives import KINDS, normalize_kind
+from codesign.cost.memory import analytic_memory
+from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
+from codesign.hardware.catalog import FrozenMap, Hardware
+from codesign.sharding.strategy import Strategy
+
+OVERLAP_FRACTION = 0.8
+VECTOR_FRACTION_OF_BF16 = 1 / 16
+_BATCH_LIKE = frozenset({"data", "fsdp", "expert", "pipeline"})
+_HIDEABLE = frozenset({"all-gather", "reduce-scatter", "all-reduce"})
+_NATIVE = {"tpu": ("tpu", "attached"), "gpu": ("gpu", "attached"), "cpu": ("cpu", "attached")}
+
+
+def compute_dtype(workload: Workload) -> str:
+    d = workload.dtype.lower()
+    if "8" in d and ("f" in d or "e4" in d or "e5" in d):
+        return "fp8"
+    return "fp32" if d in ("float32", "fp32", "f32") else "bf16"
+
+
+def matmul_size(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> float:
+    """The efficiency table's n for this candidate (see the module docstring)."""
+    sh = shape_of(cfg, workload, strategy)
+    tp = sh.sizes["tensor"]
+    if cfg.is_moe and cfg.moe_layers >= cfg.dense_layers:
+        m_dim = moe_slots(cfg, sh) / (cfg.n_routed_experts / sh.sizes["expert"])
+        n_dim = cfg.moe_mlp_dim / tp
+    else:
+        m_dim, n_dim = sh.t, cfg.mlp_dim / tp
+    dims = (max(m_dim, 1.0), float(cfg.hidden), max(n_dim, 1.0))
+    return min(math.prod(dims) ** (1 / 3), 4 * min(dims))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    strategy: Strategy
+    step_time_s: float
+    tokens_per_s: float
+    mfu: float
+    memory_per_device_bytes: int
+    memory_capacity_bytes: int
+    fits: bool
+    compute_s: float  # matmul roofline term
+    memory_s: float  # HBM roofline term
+    vector_s: float  # non-matmul FLOPs at the vector rate
+    collective_s: FrozenMap  # kind -> seconds per step, before overlap
+    exposed_collective_s: float
+    pipeline_bubble_s: float
+    evidence: str
+    reasons: tuple[str, ...]
+    placements: FrozenMap  # mesh axis -> {"level", "levels", "reason"}
+
+    @property
+    def breakdown(self) -> dict[str, Any]:
+        return {"compute_s": self.compute_s, "memory_s": self.memory_s, "vector_s": self.vector_s,
+                "collective_s": dict(self.collective_s), "exposed_collective_s": self.exposed_collective_s,
+                "pipeline_bubble_s": self.pipeline_bubble_s}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy.to_json(), "fits": self.fits,
+                "memory_per_device_bytes": self.memory_per_device_bytes,
+                "memory_capacity_bytes": self.memory_capacity_bytes, "step_time_s": self.step_time_s,
+                "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "breakdown": self.breakdown,
+                "evidence": self.evidence, "reasons": list(self.reasons),
+                "placements": {a: dict(p) for a, p in self.placements.items()}}
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:.3g} GB"
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3g} ms"
+
+
+def _axes_of(mesh_axes, group_size: int, placements: dict[str, AxisPlacement], order) -> tuple[str, ...]:
+    axes = tuple(a for a in mesh_axes if a in placements and placements[a].size > 1)
+    if axes or group_size <= 1:
+        return axes
+    prod, picked = 1, []  # no axis names: the innermost axes whose sizes multiply to the group size
+    for a in reversed(order):
+        if placements[a].size > 1:
+            picked.append(a)
+            prod *= placements[a].size
+            if prod >= group_size:
+                break
+    return tuple(reversed(picked))
+
+
+def _kind(kind: str) -> str | None:
+    kind = "all-to-all" if kind == "ragged-all-to-all" else kind
+    try:
+        k = normalize_kind(kind)
+    except (KeyError, ValueError):
+        return None
+    return k if k in KINDS else None
+
+
+def _memory(cfg, workload, strategy, hardware: Hardware, report: CompileReport) -> tuple[float, bool]:
+    """(bytes per device, whether the analytic model supplied them)."""
+    if report.outcome == "oom" and report.oom_required_bytes:
+        return float(report.oom_required_bytes), False
+    native = report.target in _NATIVE.get(hardware.platform, ()) or report.target == "analytic"
+    if native and report.memory is not None and report.memory.peak > 0:
+        return float(report.memory.peak), False
+    return analytic_memory(cfg, workload, strategy).total, True
+
+
+def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
+                         report: CompileReport) -> Estimate:
+    reasons: list[str] = []
+    evidence = report.evidence
+    timing = report
+    if not report.ok:  # no numbers to time: the closed form stands in, and says so
+        timing = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        reasons.append(f"compile {report.outcome}: {report.message[:120]}; step time from the analytic model")
+        if report.outcome != "oom":
+            evidence = "analytic"
+    placements = assign_levels(strategy.mesh, hardware)
+    order = [a for a, _ in strategy.mesh]
+    sizes = strategy.sizes
+    for p in placements.values():
+        if p.size > 1:
+            reasons.append(p.reason)
+    compiled = dict(report.mesh)
+    if compiled and compiled.get("data", 1) != sizes["data"]:
+        reasons.append(f"compiled data={compiled.get('data', 1)} of {sizes['data']}; data-axis groups "
+                       f"scaled to {sizes['data']}")
+
+    # -- compute roofline -----------------------------------------------------------------------
+    dtype = compute_dtype(workload)
+    peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
+    n = matmul_size(cfg, workload, strategy)
+    frac = hardware.efficiency.matmul_fraction(dtype, n)
+    compute_s = timing.matmul_flops / (peak * frac)
+    memory_s = timing.bytes_accessed / (hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm)
+    vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
+    vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
+    busy = max(compute_s, memory_s) + vector_s
+    bound = "matmul-bound" if compute_s >= memory_s else "HBM-bound"
+    reasons.append(f"{bound}: matmuls {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}), "
+                   f"HBM {_ms(memory_s)}")
+
+    # -- collectives -----------------------------------------------------------------------------
+    by_kind: dict[str, float] = {}
+    hideable = exposed = 0.0
+    exposed_by: dict[str, float] = {}
+    for c in timing.collectives:
+        kind = _kind(c.kind)
+        axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
+        if kind is None or not axes:
+            continue
+        t = collective_time_on_axes(kind, c.bytes, axes, placements) * c.count
+        by_kind[kind] = by_kind.get(kind, 0.0) + t
+        if kind in _HIDEABLE and set(axes) <= _BATCH_LIKE:
+            hideable += t
+        else:
+            exposed += t
+            label = f"{'/'.join(axes)} {kind}"
+            exposed_by[label] = exposed_by.get(label, 0.0) + t
+    hidden = min(hideable, OVERLAP_FRACTION * busy)
+    exposed += hideable - hidden
+    if hideable > 0:
+        reasons.append(f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
+                       f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)")
+    for label, t in sorted(exposed_by.items(), key=lambda kv: -kv[1])[:3]:
+        reasons.append(f"{label} exposed: {_ms(t)}")
+    stage_s = busy + exposed
+
+    # -- pipeline --------------------------------------------------------------------------------
+    p, m = sizes["pipeline"], strategy.microbatches
+    bubble = 0.0
+    step = stage_s
+    if p > 1:
+        sh = shape_of(cfg, workload, strategy)
+        p2p = collective_time_on_axes("collective-permute", sh.t * cfg.hidden * 2, ("pipeline",), placements)
+        tick = stage_s / m + 2 * p2p
+        step = (m + p - 1) * tick
+        bubble = (p - 1) * tick
+        by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + 2 * (m + p - 1) * p2p
+        exposed += 2 * (m + p - 1) * p2p
+        reasons.append(f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} of the step")
+
+    # -- memory ----------------------------------------------------------------------------------
+    mem, analytic_mem = _memory(cfg, workload, strategy, hardware, report)
+    cap = hardware.memory_capacity_bytes
+    fits = report.outcome != "oom" and mem <= cap
+    if analytic_mem and report.target != "analytic":
+        evidence += "+analytic-memory"
+        reasons.append(f"memory from the analytic model ({report.target} memory figures are not "
+                       f"{hardware.platform.upper()} figures)")
+    reasons.append(f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}")
+
+    tokens = workload.global_batch * workload.seq_len
+    model_flops = arithmetic.train_flops_per_token(cfg, workload.seq_len) * tokens
+    mfu = model_flops / (step * strategy.n_devices * hardware.peak_flops["bf16"]) if step > 0 else 0.0
+    pl = FrozenMap({a: FrozenMap({"level": "+".join(pp.levels), "levels": tuple(pp.levels), "reason": pp.reason})
+                    for a, pp in placements.items() if pp.size > 1})
+    return Estimate(strategy=strategy, step_time_s=step, tokens_per_s=tokens / step if step > 0 else 0.0,
+                    mfu=mfu, memory_per_device_bytes=int(mem), memory_capacity_bytes=int(cap), fits=fits,
+                    compute_s=compute_s, memory_s=memory_s, vector_s=vector_s, collective_s=FrozenMap(by_kind),
+                    exposed_collective_s=exposed, pipeline_bubble_s=bubble, evidence=evidence,
+                    reasons=tuple(reasons), placements=pl)

@@ -1,0 +1,184 @@
+"""The cost model (codesign.cost.estimate) on synthetic CompileReports and analytic ones."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from codesign import arithmetic
+from codesign.compile.hlo import Collective
+from codesign.compile.report import CompileReport, MemoryStats
+from codesign.config import Workload
+from codesign.cost.analytic import analytic_report, estimate_analytic
+from codesign.cost.estimate import OVERLAP_FRACTION, Estimate, estimate_from_report
+from codesign.cost.memory import analytic_memory
+from codesign.cost.network import assign_levels, collective_time_on_axes
+from codesign.hardware import load_hardware
+from codesign.presets import get_preset
+from codesign.sharding.strategy import Strategy
+
+CFG = get_preset("llama3-8b")
+WL = Workload(global_batch=64, seq_len=2048)
+
+
+def _report(strategy: Strategy, *, target="gpu", flops=2e15, colls=(), peak=10 * 2**30, outcome="ok", **kw):
+    return CompileReport(outcome=outcome, target=target, mesh=tuple(strategy.mesh), flops=flops,
+                         matmul_flops=0.95 * flops, bytes_accessed=flops / 400, collectives=tuple(colls),
+                         memory=MemoryStats(peak=peak), **kw)
+
+
+def _scaled(hw, bw=1.0, flops=1.0):
+    chip = dataclasses.replace(hw.chip, peak_flops={k: v * flops for k, v in hw.chip.peak_flops.items()})
+    levels = tuple(dataclasses.replace(lv, bytes_per_s=lv.bytes_per_s * bw) for lv in hw.levels)
+    return dataclasses.replace(hw, chip=chip, levels=levels)
+
+
+STRATS = ["fsdp=16", "data=2,fsdp=8", "fsdp=2,tensor=8", "data=2,tensor=8", "fsdp=4,sequence=2,tensor=2"]
+
+
+@pytest.mark.parametrize("spec", STRATS)
+def test_more_bandwidth_or_flops_is_never_slower(spec):
+    s = Strategy.parse(spec)
+    hw = load_hardware("h100", devices=16)
+    base = estimate_analytic(CFG, WL, s, hw).step_time_s
+    assert estimate_analytic(CFG, WL, s, _scaled(hw, bw=2.0)).step_time_s <= base
+    assert estimate_analytic(CFG, WL, s, _scaled(hw, flops=2.0)).step_time_s <= base
+    assert estimate_analytic(CFG, WL, s, _scaled(hw, bw=0.5)).step_time_s >= base
+
+
+def test_larger_data_axis_lowers_compute_per_device():
+    wl = Workload(global_batch=128, seq_len=2048)
+    prev = None
+    for n in (8, 16, 32):
+        e = estimate_analytic(CFG, wl, Strategy.parse(f"data={n // 8},fsdp=8"), load_hardware("h100", devices=n))
+        if prev is not None:
+            assert e.compute_s == pytest.approx(prev.compute_s / 2, rel=0.1)
+            assert e.step_time_s < prev.step_time_s
+        prev = e
+
+
+def test_two_node_h100_placements():
+    hw = load_hardware("h100", devices=16)
+    e = estimate_analytic(CFG, WL, Strategy.parse("data=2,tensor=8"), hw)
+    assert e.placements["tensor"]["level"] == "nvlink"
+    assert e.placements["data"]["level"] == "ib"
+    assert any(r.startswith("tensor=8 rides nvlink") for r in e.reasons)
+    e = estimate_analytic(CFG, WL, Strategy.parse("fsdp=16"), hw)
+    assert e.placements["fsdp"]["levels"] == ("nvlink", "ib")
+    assert "pipeline" not in e.placements
+    assert set(e.to_json()["placements"]) == {"fsdp"}
+
+
+def test_tensor_over_ib_is_slower_than_over_nvlink():
+    hw = load_hardware("h100", devices=16)
+    inner = estimate_analytic(CFG, WL, Strategy.parse("data=2,tensor=8"), hw)
+    outer = estimate_analytic(CFG, WL, Strategy.parse("data=2,tensor=8,order=tensor.data"), hw)
+    assert outer.placements["tensor"]["levels"] == ("ib",) or "ib" in outer.placements["tensor"]["levels"]
+    assert outer.exposed_collective_s > inner.exposed_collective_s
+
+
+def test_pipeline_bubble_formula():
+    hw = load_hardware("h100", devices=32)
+    for p, m in ((4, 8), (2, 2), (8, 32)):
+        s = Strategy.parse(f"pipeline={p},fsdp={32 // p},microbatches={m}")
+        flat = estimate_from_report(CFG, WL, s.replace(sizes={"fsdp": 32 // p}, microbatches=m), hw, _report(s))
+        e = estimate_from_report(CFG, WL, s, hw, _report(s))
+        stage = flat.step_time_s
+        assert e.pipeline_bubble_s / e.step_time_s == pytest.approx((p - 1) / (m + p - 1))
+        assert e.step_time_s >= stage * (m + p - 1) / m
+        p2p = e.collective_s["collective-permute"]
+        assert e.step_time_s == pytest.approx(stage * (m + p - 1) / m + p2p)
+        assert p2p > 0 and e.exposed_collective_s >= p2p
+
+
+def test_fits_and_does_not_fit():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=8")
+    cap = hw.memory_capacity_bytes
+    ok = estimate_from_report(CFG, WL, s, hw, _report(s, peak=cap - 1))
+    assert ok.fits and ok.memory_per_device_bytes == cap - 1 and ok.memory_capacity_bytes == cap
+    assert ok.evidence == "gpu-aot"
+    big = estimate_from_report(CFG, WL, s, hw, _report(s, peak=cap + 1))
+    assert not big.fits and any(r.startswith("does not fit") for r in big.reasons)
+    oom = estimate_from_report(CFG, WL, s, hw, _report(s, outcome="oom", flops=0, oom_required_bytes=131e9,
+                                                            message="CompileTimeHbmOom"))
+    assert not oom.fits and oom.memory_per_device_bytes == int(131e9)
+    assert oom.step_time_s > 0  # timed by the analytic model
+    assert any("does not fit: 131 GB" in r for r in oom.reasons)
+
+
+def test_cpu_compile_of_gpu_hardware_uses_analytic_memory():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=8")
+    e = estimate_from_report(CFG, WL, s, hw, _report(s, target="cpu", peak=1))
+    assert e.evidence == "cpu-compile+analytic-memory"
+    assert e.memory_per_device_bytes == int(analytic_memory(CFG, WL, s).total)
+    assert any("analytic model" in r for r in e.reasons)
+    cpu = estimate_from_report(CFG, WL, s, load_hardware("cpu", devices=8), _report(s, target="cpu", peak=123))
+    assert cpu.evidence == "cpu-compile" and cpu.memory_per_device_bytes == 123
+
+
+def test_failed_compile_falls_back_to_analytic():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=8")
+    e = estimate_from_report(CFG, WL, s, hw, _report(s, outcome="error", flops=0, message="boom"))
+    a = estimate_analytic(CFG, WL, s, hw)
+    assert e.evidence == "analytic" and e.step_time_s == pytest.approx(a.step_time_s)
+
+
+def test_overlap_hides_fsdp_but_not_tensor():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=4,tensor=2")
+    coll = {"bytes": 2**30, "group_size": 4, "count": 10, "dtype": "bf16"}
+    fsdp = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[Collective("all-gather", mesh_axes=("fsdp",), **coll)]))
+    t = collective_time_on_axes("all-gather", 2**30, ("fsdp",), assign_levels(s.mesh, hw)) * 10
+    assert fsdp.collective_s["all-gather"] == pytest.approx(t)
+    busy = max(fsdp.compute_s, fsdp.memory_s) + fsdp.vector_s
+    assert fsdp.exposed_collective_s == pytest.approx(max(0.0, t - OVERLAP_FRACTION * busy))
+    tensor = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[
+        Collective("all-reduce", 2**30, 2, ("tensor",), 10, "bf16")]))
+    assert tensor.exposed_collective_s == pytest.approx(tensor.collective_s["all-reduce"])
+    a2a = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[Collective("all-to-all", mesh_axes=("fsdp",), **coll)]))
+    assert a2a.exposed_collective_s == pytest.approx(a2a.collective_s["all-to-all"])
+
+
+def test_reduced_data_axis_is_scaled_back():
+    hw = load_hardware("h100", devices=64)
+    s = Strategy.parse("data=8,fsdp=8")
+    small = tuple((a, 2 if a == "data" else n) for a, n in s.mesh)
+    rep = dataclasses.replace(_report(s, colls=[Collective("all-reduce", 2**28, 2, ("data",), 1, "f32")]), mesh=small)
+    e = estimate_from_report(CFG, WL, s, hw, rep)
+    full = collective_time_on_axes("all-reduce", 2**28, ("data",), assign_levels(s.mesh, hw))
+    assert e.collective_s["all-reduce"] == pytest.approx(full)
+    assert any("compiled data=2 of 8" in r for r in e.reasons)
+
+
+def test_mfu_tokens_and_json_shape():
+    hw = load_hardware("tpu-v5p", devices=64)
+    s = Strategy.parse("fsdp=16,tensor=4")
+    e = estimate_analytic(CFG, WL, s, hw)
+    assert isinstance(e, Estimate) and e.evidence == "analytic"
+    tokens = WL.global_batch * WL.seq_len
+    model = arithmetic.train_flops_per_token(CFG, WL.seq_len) * tokens
+    assert e.mfu == pytest.approx(model / (e.step_time_s * 64 * hw.peak_flops["bf16"]))
+    assert e.tokens_per_s == pytest.approx(tokens / e.step_time_s)
+    assert 0 < e.mfu < 1
+    j = e.to_json()
+    for k in ("strategy", "step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "memory_capacity_bytes",
+              "fits", "breakdown", "evidence", "reasons", "placements"):
+        assert k in j
+    for k in ("compute_s", "memory_s", "collective_s", "exposed_collective_s", "pipeline_bubble_s"):
+        assert k in j["breakdown"]
+    assert set(j["breakdown"]["collective_s"]) <= {"all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                                                    "collective-permute"}
+    hash(e)  # frozen and hashable
+
+
+def test_fp8_workload_uses_fp8_peak():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=8")
+    rep = analytic_report(CFG, WL, s, platform="gpu")
+    bf16 = estimate_from_report(CFG, WL, s, hw, rep)
+    fp8 = estimate_from_report(CFG, dataclasses.replace(WL, dtype="float8_e4m3fn"), s, hw, rep)
+    assert fp8.compute_s < bf16.compute_s
