@@ -24,10 +24,10 @@ def explain(rows: list[dict[str, Any]], chosen: int | None, capacity: int) -> li
     lines += [f"  {r}" for r in win.get("reasons", [])[:4]]
 
     # The fastest layouts that do not fit.
-    faster_oom = [r for r in rows if not r["fits"] and r["step_time_s"] < t_win
+    faster_oom = [r for r in rows if not r["fits"] and r["step_time_s"] < 0.995 * t_win
                   and r.get("compile", {}).get("outcome") not in ("error", "timeout")]
     for r in sorted(faster_oom, key=lambda r: r["step_time_s"])[:2]:
-        lines.append(f"{r['strategy']['spec']} would be {1 - r['step_time_s'] / t_win:.0%} faster but does not fit: "
+        lines.append(f"{r['strategy']['spec']} would be {1 - r['step_time_s'] / t_win:.1%} faster but does not fit: "
                      f"{_gb(r['memory_per_device_bytes'])} > {_gb(capacity)}")
 
     # The best of each other mesh shape (ignoring remat/microbatches), and what holds it back.
@@ -38,7 +38,7 @@ def explain(rows: list[dict[str, Any]], chosen: int | None, capacity: int) -> li
             continue
         seen.add(shape)
         why = next(iter(r.get("reasons", [])), "")
-        lines.append(f"{r['strategy']['spec']} is {r['step_time_s'] / t_win - 1:.0%} slower"
+        lines.append(f"{r['strategy']['spec']} is {r['step_time_s'] / t_win - 1:.1%} slower"
                      + (f": {why}" if why else ""))
 
     for r in rows:
