@@ -98,3 +98,16 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
     return 2.0 * matmul_params_per_token(cfg) + attention_fwd_flops_per_token(cfg, seq_len, causal)
+
+
+def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
+    """(dense, MoE) layers of the heaviest of `stages` pipeline stages: each kind divided, rounded up.
+
+    Uneven splits are allowed (DeepSeek-V3's 61 layers ran on 16 stages); the step is paced by the
+    heaviest stage, so that is the one the compiler and the cost model see.
+    """
+    if stages <= 1:
+        return cfg.dense_layers, cfg.moe_layers
+    dense = -(-cfg.dense_layers // stages) if cfg.dense_layers else 0
+    moe = -(-cfg.moe_layers // stages) if cfg.moe_layers else 0
+    return dense, moe

@@ -79,7 +79,8 @@ def test_enumeration_for_256_devices_is_large_and_valid():
     assert e.rejected["expert parallelism needs an MoE model"] > 0
     moe = enumerate_strategies(get_preset("deepseek-v3"), w, 256)
     assert any(s.sizes["expert"] > 1 for s in moe.valid)
-    assert all(61 % s.sizes["pipeline"] == 0 for s in moe.valid)
+    assert all(s.sizes["pipeline"] <= 58 for s in moe.valid)  # uneven stages allowed, never more than MoE layers
+    assert any(s.sizes["pipeline"] == 16 for s in moe.valid)  # DeepSeek-V3 trained on 16 stages of 61 layers
 
 
 def test_mesh_needs_enough_devices():

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from typing import Any
 
+from codesign.arithmetic import stage_layers
 from codesign.compile.report import CompileReport, MemoryStats
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
@@ -118,8 +119,7 @@ def stage_config(cfg: ModelConfig, stages: int) -> ModelConfig:
     """The layers one of `stages` pipeline stages holds: dense and MoE layers each divided (rounded up)."""
     if stages <= 1:
         return cfg
-    dense = math.ceil(cfg.dense_layers / stages) if cfg.dense_layers else 0
-    moe = math.ceil(cfg.moe_layers / stages) if cfg.moe_layers else 0
+    dense, moe = stage_layers(cfg, stages)
     kw: dict[str, Any] = {"layers": dense + moe}
     if cfg.is_moe:
         kw["first_dense_layers"] = dense

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from codesign.arithmetic import stage_layers
 from codesign.compile.hlo import Collective
 from codesign.compile.report import CompileReport
 from codesign.config import ModelConfig, Workload
@@ -209,7 +210,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
         attn_bwd = [sh.t * lat * ab]
     else:
         attn_bwd = [u] * 3
-    for moe, layers in ((False, cfg.dense_layers / p), (True, cfg.moe_layers / p)):
+    for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         n = layers * m
@@ -230,8 +231,6 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
         if moe:
             if z["expert"] > 1:
                 c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (6 if full else 4), adt)
-            stats = workload.global_batch / m * sh.seq * cfg.n_routed_experts * F32
-            c.add("all-gather", stats, ("data", "fsdp", "expert"), n * (2 if full else 1), "f32")
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
         c.add("all-reduce", u, ("tensor",), 2 * m, adt)
         c.add("all-reduce", sh.t * F32, ("tensor",), 3 * m, "f32")
@@ -249,7 +248,7 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
     fwd = rec = 0.0
     elem = trans = act_elems = score_elems = 0.0
-    for moe, layers in ((False, cfg.dense_layers / p), (True, cfg.moe_layers / p)):
+    for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         f, skip = _layer_mm(cfg, moe, sh)

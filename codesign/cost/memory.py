@@ -36,6 +36,7 @@ import math
 from dataclasses import dataclass
 
 from codesign import axes as A
+from codesign.arithmetic import stage_layers
 from codesign.compile.report import MemoryStats
 from codesign.config import ModelConfig, Workload
 from codesign.sharding.rules import default_rules
@@ -139,7 +140,7 @@ def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, 
     for g in param_groups(cfg):
         spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
-        count = {"dense": cfg.dense_layers / p, "moe": cfg.moe_layers / p, "global": 1.0}[g.where]
+        count = {"dense": stage_layers(cfg, p)[0], "moe": stage_layers(cfg, p)[1], "global": 1.0}[g.where]
         out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
     return tuple(out)
 
@@ -213,7 +214,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     in_flight = min(m, p) if p > 1 else 1
     acts = 0.0
     live = 0.0
-    for moe, layers in ((False, cfg.dense_layers / p), (True, cfg.moe_layers / p)):
+    for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         full, dots = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes)

@@ -64,14 +64,19 @@ class MoE(nnx.Module):
 
         logits = jnp.einsum("gsd,de->gse", x, c(self.router)).astype(jnp.float32)
         probs = jax.nn.sigmoid(logits) if cfg.router == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-        gates, idx = jax.lax.top_k(probs, k)  # [G, S, k]
+        # top-k through a sort along the expert axis: XLA's TopK op is not partitioned along the batch
+        # (on CPU it all-gathers the router probabilities of every shard); a sort is.
+        idx = jnp.argsort(-probs, axis=-1, stable=True)[..., :k]  # [G, S, k]
+        gates = jnp.take_along_axis(probs, idx, axis=-1)
         if cfg.router == "sigmoid" or k > 1:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
 
-        # Switch-style balance loss: E * sum_e (share of routed slots to e) * (mean router prob of e).
-        share = jnp.mean(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=(0, 1, 2))
-        mean_prob = jnp.mean(probs / jnp.sum(probs, axis=-1, keepdims=True), axis=(0, 1))
-        aux = e * jnp.sum(share * mean_prob)
+        # Switch-style balance loss per group, E * sum_e (share of slots to e) * (mean prob of e),
+        # averaged over groups (as GShard). Per-group statistics reduce locally; a global [G,S,E]
+        # mean made XLA all-gather the router probabilities across batch shards.
+        share = jnp.mean(jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=2), axis=1) / k  # [G, E]
+        mean_prob = jnp.mean(probs / jnp.sum(probs, axis=-1, keepdims=True), axis=1)  # [G, E]
+        aux = e * jnp.mean(jnp.sum(share * mean_prob, axis=-1))
 
         slot, table = jax.vmap(lambda i: _route_one_group(i, e, cap))(idx)  # [G,k,S], [G,E*C]
         x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)

@@ -38,8 +38,8 @@ def layout_problem(cfg: ModelConfig, workload: Workload, sizes: dict[str, int], 
         return "expert parallelism needs an MoE model"
     if e > 1 and cfg.n_routed_experts % e:
         return f"experts {cfg.n_routed_experts} not divisible by expert={e}"
-    if p > 1 and (cfg.layers % p or (cfg.is_moe and (cfg.moe_layers % p))):
-        return f"layers {cfg.layers} not divisible into pipeline={p} equal stages"
+    if p > 1 and (p > cfg.layers or (cfg.is_moe and p > cfg.moe_layers)):
+        return f"pipeline={p} has more stages than layers ({cfg.layers})"
     if p > 1 and workload.mode != "train":
         return "pipeline parallelism is costed for training only"
     batch_shards = d * f * e
