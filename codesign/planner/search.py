@@ -29,6 +29,7 @@ from codesign.sharding.strategy import Strategy
 
 REMATS = ("none", "full", "dots")
 MICROBATCHES = (1, 2, 4, 8)
+ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
 
 
 def default_workload(cfg: ModelConfig, n_devices: int, global_batch: int | None = None,
@@ -178,15 +179,20 @@ def plan(req: PlanRequest) -> Plan:
         if _state_bytes_lower_bound(cfg, s) > capacity * (1 - req.headroom):
             rejected["weights+optimizer state alone exceed HBM"] += 1
             continue
-        candidates.extend(_orders(s, hw) if req.axis_orders else [s])
+        candidates.append(s)
     if not candidates:
         reasons = "; ".join(f"{k}: {v}" for k, v in rejected.most_common(4)) or "no factorization"
         raise ConfigError(f"no valid layout of {cfg.name} on {req.n_devices} devices ({reasons}). Try another "
                           f"device count, a global batch divisible by more factors, or fewer constraints")
 
-    # 3. Analytic score for every survivor.
+    # 3. Analytic score for every survivor in the default axis order; then try the other axis
+    #    orders (which mesh axis gets the fastest network level) for the best of them.
     scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in candidates]
     scored.sort(key=lambda sc: _sort_key(sc, req))
+    if req.axis_orders:
+        for sc in scored[:ORDER_SEARCH_TOP]:
+            scored += [Scored(o, estimate_analytic(cfg, w, o, hw)) for o in _orders(sc.strategy, hw)[1:]]
+        scored.sort(key=lambda sc: _sort_key(sc, req))
     n_analytic = len(scored)
 
     # 4-6. Compile down the analytic order until K fitting candidates are verified.
