@@ -139,12 +139,16 @@ def _kind(kind: str) -> str | None:
     return k if k in KINDS else None
 
 
+def _native(report: CompileReport, hardware: Hardware) -> bool:
+    """Whether the report's compiler targets this hardware (its memory and traffic figures apply)."""
+    return report.target in _NATIVE.get(hardware.platform, ()) or report.target == "analytic"
+
+
 def _memory(cfg, workload, strategy, hardware: Hardware, report: CompileReport) -> tuple[float, bool]:
     """(bytes per device, whether the analytic model supplied them)."""
     if report.outcome == "oom" and report.oom_required_bytes:
         return float(report.oom_required_bytes), False
-    native = report.target in _NATIVE.get(hardware.platform, ()) or report.target == "analytic"
-    if native and report.memory is not None and report.memory.peak > 0:
+    if _native(report, hardware) and report.memory is not None and report.memory.peak > 0:
         return float(report.memory.peak), False
     return analytic_memory(cfg, workload, strategy).total, True
 
@@ -176,7 +180,13 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     n = matmul_size(cfg, workload, strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
     compute_s = timing.matmul_flops / (peak * frac)
-    memory_s = timing.bytes_accessed / (hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm)
+    traffic = timing.bytes_accessed
+    if timing is report and not _native(report, hardware):
+        # CPU fusion and f32 lowering do not predict accelerator HBM traffic (the same reason memory
+        # fit comes from the analytic model): FLOPs and collectives come from the compile, bytes do not.
+        traffic = analytic_report(cfg, workload, strategy, platform=hardware.platform).bytes_accessed
+        reasons.append(f"HBM traffic from the analytic model: {report.target} fusion does not transfer")
+    memory_s = traffic / (hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm)
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
     vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
     busy = max(compute_s, memory_s) + vector_s

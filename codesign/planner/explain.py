@@ -32,7 +32,9 @@ def explain(rows: list[dict[str, Any]], chosen: int | None, capacity: int) -> li
 
     # The best of each other mesh shape (ignoring remat/microbatches), and what holds it back.
     seen = {_shape(win)}
-    for r in sorted((r for r in rows if r["fits"]), key=lambda r: r["step_time_s"]):
+    # Only rows measured by the same instrument compare fairly with the winner.
+    peers = [r for r in rows if r["fits"] and r.get("compiled") == win.get("compiled") and r["step_time_s"] >= t_win]
+    for r in sorted(peers, key=lambda r: r["step_time_s"]):
         shape = _shape(r)
         if shape in seen or len(seen) >= 4:
             continue
