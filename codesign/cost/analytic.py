@@ -177,6 +177,7 @@ def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None
     z, m = sh.sizes, sh.m
     wdt, gdt = lw.dtype(lw.weight_bytes), lw.dtype(lw.grad_bytes)
     batchlike = ("data", "fsdp", "expert", "sequence")
+    combined: dict[tuple, float] = {}
     for sp in sharded_params(cfg, strategy):
         name, full = sp.group.name, sp.local_elems
         per_step = sp.count
@@ -194,8 +195,12 @@ def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None
             replicas = [a for a in replicas if a != "expert"]
         if fsdp and name != "embed":
             c.add(lw.scatter_kind, full * z["fsdp"] * lw.grad_bytes, ("fsdp",), per_step * m, gdt)
-        c.add("all-reduce", full * lw.grad_bytes, [a for a in replicas if not (fsdp and a == "fsdp")],
-              per_step * m, gdt)
+        axes = tuple(a for a in replicas if not (fsdp and a == "fsdp"))
+        combined[(axes, per_step * m)] = combined.get((axes, per_step * m), 0.0) + full * lw.grad_bytes
+    # XLA's all-reduce combiner merges the gradient reductions that run together (one layer's, or
+    # the globals') into one collective: one latency per group, not one per param.
+    for (axes, count), nbytes in combined.items():
+        c.add("all-reduce", nbytes, axes, count, gdt)
 
 
 def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:

@@ -7,6 +7,7 @@ that fit are verified, or the list (or `max_compiles`) ends.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import Counter
@@ -97,6 +98,10 @@ def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
     return list(seen.values())
 
 
+def _prime_factors(n: int) -> list[int]:
+    return [p for p in range(2, n + 1) if n % p == 0 and all(p % q for q in range(2, int(p ** 0.5) + 1))]
+
+
 def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
     """f32 params + grads + Adam moments (16 B/param), as finely as this layout can shard them."""
     pc = param_counts(cfg)
@@ -162,8 +167,9 @@ def plan(req: PlanRequest) -> Plan:
 
     t0 = time.perf_counter()
     cfg, w, hw = req.cfg, req.workload, req.hardware
-    if w.global_batch % 1 or w.global_batch < 1:
-        raise ConfigError(f"global batch {w.global_batch} must be a positive integer")
+    if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
+        raise ConfigError(f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
+                          f"data-parallel split exists; use a multiple of {min(_prime_factors(req.n_devices))}")
     target = "analytic" if req.target == "analytic" else resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
 
