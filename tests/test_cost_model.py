@@ -182,3 +182,34 @@ def test_fp8_workload_uses_fp8_peak():
     bf16 = estimate_from_report(CFG, WL, s, hw, rep)
     fp8 = estimate_from_report(CFG, dataclasses.replace(WL, dtype="float8_e4m3fn"), s, hw, rep)
     assert fp8.compute_s < bf16.compute_s
+
+
+def test_compile_without_readable_hlo_keeps_compiler_memory_and_times_analytically():
+    """libtpu can compile a step whose HLO text it then fails to print; the memory analysis still counts."""
+    from codesign.compile.report import CompileReport
+    from codesign.compile.targets import _memory_only_report
+    from codesign.config import Workload
+    from codesign.cost.estimate import estimate_from_report
+    from codesign.hardware import load_hardware
+    from codesign.presets import get_preset
+    from codesign.sharding.strategy import Strategy
+
+    class FakeCompiled:
+        def cost_analysis(self):
+            return {"flops": 1.0e12}
+
+        def memory_analysis(self):
+            class M:
+                argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 40 << 30, 40 << 30, 40 << 30
+                temp_size_in_bytes, generated_code_size_in_bytes = 20 << 30, 0
+            return M()
+
+    hw = load_hardware("tpu-v5p", devices=256)
+    report = _memory_only_report(FakeCompiled(), hw, "tpu", 12.0, RuntimeError("RET_CHECK async-update"), [],
+                                 {"target": "tpu", "mesh": (("fsdp", 256),)})
+    assert report.ok and not report.hlo_analyzed and report.memory.peak == 60 << 30
+    report = CompileReport.from_json(report.to_json())  # survives the cache
+    assert not report.hlo_analyzed
+    est = estimate_from_report(get_preset("llama3.1-70b"), Workload(512, 4096), Strategy.parse("fsdp=256"), hw, report)
+    assert est.memory_per_device_bytes == 60 << 30 and est.fits
+    assert est.evidence == "tpu-aot-memory+analytic-time" and est.step_time_s > 0

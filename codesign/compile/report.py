@@ -57,6 +57,7 @@ class CompileReport:
     oom_available_bytes: int = 0
     hlo_bytes: int = 0
     while_loops: tuple[tuple[str, int, str], ...] = ()
+    hlo_analyzed: bool = True  # False: compiled, but the HLO text could not be read back (see notes)
     notes: tuple[str, ...] = ()  # e.g. "XLA flops 1/61 of ours: explained by 61-trip loop"
     versions: dict[str, str] = field(default_factory=dict)
 

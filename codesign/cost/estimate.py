@@ -163,6 +163,10 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
         reasons.append(f"compile {report.outcome}: {report.message[:120]}; step time from the analytic model")
         if report.outcome != "oom":
             evidence = "analytic"
+    elif not report.hlo_analyzed:  # the compiler's memory stands; its HLO could not be read for timing
+        timing = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
+        evidence = f"{report.evidence}-memory+analytic-time"
     placements = assign_levels(strategy.mesh, hardware)
     order = [a for a, _ in strategy.mesh]
     sizes = strategy.sizes
