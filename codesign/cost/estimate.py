@@ -165,7 +165,6 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
             evidence = "analytic"
     elif not report.hlo_analyzed:  # the compiler's memory stands; its HLO could not be read for timing
         timing = analytic_report(cfg, workload, strategy, platform=hardware.platform)
-        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
         evidence = f"{report.evidence}-memory+analytic-time"
     placements = assign_levels(strategy.mesh, hardware)
     order = [a for a, _ in strategy.mesh]
@@ -253,6 +252,8 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     mfu = model_flops / (step * strategy.n_devices * hardware.peak_flops["bf16"]) if step > 0 else 0.0
     pl = FrozenMap({a: FrozenMap({"level": "+".join(pp.levels), "levels": tuple(pp.levels), "reason": pp.reason})
                     for a, pp in placements.items() if pp.size > 1})
+    if report.ok and not report.hlo_analyzed:
+        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
     return Estimate(strategy=strategy, step_time_s=step, tokens_per_s=tokens / step if step > 0 else 0.0,
                     mfu=mfu, memory_per_device_bytes=int(mem), memory_capacity_bytes=int(cap), fits=fits,
                     compute_s=compute_s, memory_s=memory_s, vector_s=vector_s, collective_s=FrozenMap(by_kind),
