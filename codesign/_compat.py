@@ -6,7 +6,8 @@ Nothing else in codesign may branch on a library version.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np

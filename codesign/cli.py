@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from codesign import runtime
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # noqa: BLE001 - known user errors become one clear line
+    except Exception as e:  # known user errors become one clear line; the rest re-raise
         if _is_user_error(e):
             print(f"codesign {args.command}: error: {e}", file=sys.stderr)
             return 2

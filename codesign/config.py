@@ -123,14 +123,14 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_json(cls, d: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
 
-    def replace(self, **kw) -> "ModelConfig":
+    def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def fingerprint(self) -> str:
@@ -167,5 +167,5 @@ class Workload:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Workload":
+    def from_json(cls, d: dict[str, Any]) -> Workload:
         return cls(**d)

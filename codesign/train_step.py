@@ -214,7 +214,7 @@ class TrainProgram:
     def lower(self):
         return self.step_fn.lower(self.abstract_state, self.abstract_batch)
 
-    def with_strategy(self, strategy: Strategy, mesh: Mesh) -> "TrainProgram":
+    def with_strategy(self, strategy: Strategy, mesh: Mesh) -> TrainProgram:
         return TrainProgram(self.cfg, self.workload, strategy, mesh, rules=None, optimizer=self.opt_cfg,
                             strict=self.strict, attention_impl=self.attention_impl)
 

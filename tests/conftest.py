@@ -11,8 +11,8 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_enable_x64", False)
 

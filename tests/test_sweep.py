@@ -23,8 +23,11 @@ def test_small_sweep_writes_files_and_bad_points_are_rows(tmp_path):
     files = sw.write_outputs(result, str(tmp_path / "out" / "sweep"))
     sw.plot_sweep(result, str(tmp_path / "sweep.png"))
     assert (tmp_path / "sweep.png").stat().st_size > 1000
-    data = json.loads(open(files[0]).read())
-    assert len(data["points"]) == 6 and open(files[1]).read().count("\n") == 7
+    with open(files[0]) as f:
+        data = json.load(f)
+    with open(files[1]) as f:
+        csv_lines = f.read().count("\n")
+    assert len(data["points"]) == 6 and csv_lines == 7
 
     bad = sw.run_sweep(get_preset("llama3-8b"), hw, Workload(64, 2048), 16, {"hbm_bytes": [1_000_000_000]})
     assert bad.points[0]["fits"] is False and bad.points[0]["reason"]
@@ -36,7 +39,7 @@ def test_unknown_knob_is_a_clear_error():
 
 
 def test_hardware_only_points_are_recosted_without_compiling(tmp_path, monkeypatch):
-    import codesign.compile.worker as worker
+    from codesign.compile import worker
 
     monkeypatch.setenv("CODESIGN_CACHE_DIR", str(tmp_path / "cache"))
     calls = []

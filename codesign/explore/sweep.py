@@ -15,8 +15,9 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
@@ -194,7 +195,7 @@ def plot_sweep(result: SweepResult, path: str, metric: str = "mfu") -> None:
 
     knobs = list(result.points[0]["knobs"])
     fig, ax = plt.subplots(figsize=(8, 5))
-    val = lambda p: p.get(metric) if p.get(metric) is not None else math.nan  # noqa: E731
+    val = lambda p: p.get(metric) if p.get(metric) is not None else math.nan
     if len(knobs) == 1:
         k = knobs[0]
         xs = [p["knobs"][k] for p in result.points]

@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         self.qkv_bias, self.theta, self.dtype, self.impl = cfg.qkv_bias, cfg.rope_theta, dtype, impl
 
     def __call__(self, x, positions):
-        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        c = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
         k = jnp.einsum("btd,dkh->btkh", x, c(self.wk))
         v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
@@ -115,7 +115,7 @@ class MLAttention(nnx.Module):
         self.theta, self.dtype, self.impl = cfg.rope_theta, dtype, impl
 
     def __call__(self, x, positions):
-        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        c = lambda p: p[...].astype(self.dtype)
         if self.q_lora:
             q = jnp.einsum("btr,rnh->btnh", self.q_norm(jnp.einsum("btd,dr->btr", x, c(self.wq_a))), c(self.wq_b))
         else:
@@ -147,7 +147,7 @@ class MLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
-        c = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        c = lambda p: p[...].astype(self.dtype)
         up = jnp.einsum("btd,df->btf", x, c(self.w_up))
         if self.gated:
             h = jax.nn.silu(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up

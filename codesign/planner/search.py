@@ -11,9 +11,9 @@ import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable
 
 from codesign.arithmetic import param_counts
 from codesign.axes import MESH_AXES

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding

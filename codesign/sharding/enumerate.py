@@ -9,8 +9,8 @@ planner can report them.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload

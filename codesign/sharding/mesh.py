@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from jax.sharding import Mesh
 
@@ -17,7 +18,7 @@ class MeshSpec:
     axes: tuple[tuple[str, int], ...]  # outermost first: the last axis varies fastest in device order
 
     @classmethod
-    def from_strategy(cls, strategy: Strategy, drop: Sequence[str] = ()) -> "MeshSpec":
+    def from_strategy(cls, strategy: Strategy, drop: Sequence[str] = ()) -> MeshSpec:
         """`drop` removes axes handled outside the SPMD mesh (pipeline stages compile one stage)."""
         return cls(tuple((a, n) for a, n in strategy.mesh if a not in drop))
 

@@ -14,8 +14,8 @@ Mesh axes of size 1 are ignored: sharding over them is a no-op and only clutters
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import yaml
 from jax.sharding import PartitionSpec
@@ -102,7 +102,7 @@ class Rules:
         return [[logical, list(m)] for logical, m in self.table]
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str | Sequence[str] | None]]) -> "Rules":
+    def from_pairs(cls, pairs: Iterable[tuple[str, str | Sequence[str] | None]]) -> Rules:
         table = []
         for logical, mesh_axes in pairs:
             if mesh_axes is None:
@@ -113,7 +113,7 @@ class Rules:
         return cls(tuple(table))
 
     @classmethod
-    def from_file(cls, path: str) -> "Rules":
+    def from_file(cls, path: str) -> Rules:
         """A YAML list of [logical, mesh_axis | [mesh_axes] | null] rows, highest precedence first."""
         try:
             with open(path) as f:

@@ -47,7 +47,7 @@ class Strategy:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
-             order: tuple[str, ...] | None = None, rules_file: str | None = None) -> "Strategy":
+             order: tuple[str, ...] | None = None, rules_file: str | None = None) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
         if unknown:
@@ -64,7 +64,7 @@ class Strategy:
                    _order_given=given and order != MESH_AXES)
 
     @classmethod
-    def parse(cls, spec: str) -> "Strategy":
+    def parse(cls, spec: str) -> Strategy:
         sizes: dict[str, int] = {}
         kw: dict[str, Any] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
@@ -133,7 +133,7 @@ class Strategy:
     def __str__(self) -> str:
         return self.spec
 
-    def replace(self, **kw) -> "Strategy":
+    def replace(self, **kw) -> Strategy:
         sizes = kw.pop("sizes", self.sizes)
         order = kw.pop("order", self.order if self._order_given else None)
         base = dict(remat=self.remat, microbatches=self.microbatches, rules_file=self.rules_file)
@@ -145,7 +145,7 @@ class Strategy:
                 "microbatches": self.microbatches, "spec": self.spec}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Strategy":
+    def from_json(cls, d: dict[str, Any]) -> Strategy:
         if "spec" in d:
             return cls.parse(d["spec"])
         return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1))
