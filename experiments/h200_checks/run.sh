@@ -30,6 +30,17 @@ timeout 120 ${PY:-python3} -m codesign calibrate --out "$OUT/h200_profile.yaml" 
 echo "calibrate rc=$?"; tail -3 "$OUT/calibrate.err"
 HW=h200; [ -s "$OUT/h200_profile.yaml" ] && HW="$OUT/h200_profile.yaml"
 
+# 2b. the cost model's estimate of the same steps, from the GPU's own compile and the calibrated profile
+#     (compare with the median step times of step 2: the cost-model issue's +-10% goal).
+for m in llama_0.89b:8:2048:089_none_bf16 llama_1.75b:4:4096:175_none_bf16; do
+  IFS=: read -r model b s tag <<<"$m"
+  timeout 150 ${PY:-python3} -m codesign compile --model "$D/$model.yaml" --hardware "$HW" --devices 1 \
+    --strategy data=1,remat=none --global-batch "$b" --seq-len "$s" --target attached --json \
+    > "$OUT/estimate_$tag.json" 2> "$OUT/estimate_$tag.err"
+  echo "estimate $tag rc=$?"
+  ${PY:-python3} -c "import json; d=json.load(open('$OUT/estimate_$tag.json')); print('$tag estimated step', d['step_time_s'], d['evidence'])" || true
+done
+
 # 3. estimate vs measure: a single-device plan from the calibrated profile, then validate its top candidates.
 for m in ${VALIDATE_MODELS:-llama_0.89b:llama_0.89b:8:2048}; do
   IFS=: read -r name model b s <<<"$m"
