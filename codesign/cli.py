@@ -20,14 +20,24 @@ class UsageError(ValueError):
     """Bad command-line input; printed as one line, exit status 2."""
 
 
-def _emit(args, payload: Any, render: Callable[[], Any] | None) -> None:
-    if args.json:
-        json.dump(payload, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
-        return
+def print_json(doc: Any) -> None:
+    """`--json`: exactly one JSON document on stdout."""
+    json.dump(doc, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+
+
+def console():
+    """The stdout console for tables: the terminal's width, or 160 columns when piped."""
     from rich.console import Console
 
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _emit(args, payload: Any, render: Callable[[], Any] | None) -> None:
+    if args.json:
+        print_json(payload)
+        return
+    out = console()
     for item in (render() if render else [json.dumps(payload, indent=1, default=str)]):
         out.print(item)
 

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import sys
+from codesign.cli import console, print_json
 
 
 def _progress():
@@ -77,12 +76,9 @@ def cmd_plan(args) -> int:
         doc = result.to_json()
         if export:
             doc["export"] = {"maxtext": export}
-        json.dump(doc, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(doc)
     else:
-        from rich.console import Console
-
-        out = Console(width=None if sys.stdout.isatty() else 160)
+        out = console()
         out.print(plan_table(result, top=args.rows))
         out.print(search_summary(result))
         for line in result.explanation:
@@ -128,14 +124,11 @@ def cmd_compile(args) -> int:
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
     if args.json:
-        json.dump(doc, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(doc)
     else:
-        from rich.console import Console
-
         from codesign.compile.render import report_tables
 
-        out = Console(width=None if sys.stdout.isatty() else 160)
+        out = console()
         for item in report_tables(cfg, strategy, hw, report, est):
             out.print(item)
     return 0 if report.outcome in ("ok", "oom") else 1

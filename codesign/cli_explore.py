@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
+
+from codesign.cli import console, print_json
 
 
 def _models(text: str) -> list[str]:
@@ -13,12 +13,9 @@ def _models(text: str) -> list[str]:
 
 def _print(args, result: dict, render) -> int:
     if args.json:
-        json.dump(result, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
-        from rich.console import Console
-
-        Console(width=None if sys.stdout.isatty() else 160).print(render(result))
+        console().print(render(result))
     return 0
 
 
@@ -70,10 +67,8 @@ def cmd_sweep(args) -> int:
         files.append(args.plot)
     doc = result.to_json()
     if args.json:
-        json.dump(doc, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(doc)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     knobs = list(result.points[0]["knobs"]) if result.points else []
@@ -84,7 +79,7 @@ def cmd_sweep(args) -> int:
         t.add_row(*[str(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
                   f"{p['step_time_s']:.3g} s" if p["step_time_s"] else "-", f"{p['mfu']:.1%}" if p["mfu"] else "-",
                   str(p["fits"]), str(p["recompiled"]), (p.get("reason") or "")[:60])
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = console()
     out.print(t)
     out.print(f"{len(result.points)} points in {result.wall_s:.1f} s; re-costing saved "
               f"{result.recost_saved_s:.1f} s of compiles" + (f"; wrote {', '.join(files)}" if files else ""))
@@ -96,13 +91,11 @@ def cmd_calibrate(args) -> int:
 
     result = run_calibration(args.out, quick=args.quick)
     if args.json:
-        json.dump(result, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(result)
     else:
-        from rich.console import Console
         from rich.pretty import Pretty
 
-        Console(stderr=False).print(Pretty(result))
+        console().print(Pretty(result))
     return 0
 
 

@@ -15,6 +15,8 @@ import json
 import os
 import sys
 
+from codesign.cli import console, print_json
+
 
 class _EmulationAction(argparse.Action):
     """Store the value, then recompute `emulate_devices` = devices per process (CPU emulation)."""
@@ -123,13 +125,11 @@ def cmd_train(args) -> int:
         raise _user_error(e) from None
     result["distributed"] = dist
     if args.json:
-        json.dump(result, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = console()
     t = Table(title=f"{result['model']} · {result['strategy']} · {result['devices']} devices")
     for col in ("step", "loss", "step time", "tokens/s", "MFU"):
         t.add_column(col, justify="right")
@@ -159,13 +159,11 @@ def cmd_validate(args) -> int:
     except TrainError as e:
         raise _user_error(e) from None
     if args.json:
-        json.dump(result, sys.stdout, indent=1, default=str)
-        sys.stdout.write("\n")
+        print_json(result)
         return 0
-    from rich.console import Console
     from rich.table import Table
 
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = console()
     t = Table(title=f"{result['model']} on {result['devices']} × {result['device_kind']}: estimated vs measured")
     for col in ("strategy", "estimated", "measured (median)", "measured / estimated"):
         t.add_column(col, justify="right" if col != "strategy" else "left")
