@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from codesign.cli import console, print_json
 
 
@@ -29,6 +31,8 @@ def _common_model_hw(sp) -> None:
     sp.add_argument("--global-batch", type=int, help="sequences per step (default: 4 per device)")
     sp.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096)")
     sp.add_argument("--target", default="auto", choices=("auto", "analytic", "cpu", "tpu", "gpu", "attached"))
+    sp.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="master-weight dtype (compute is bf16)")
 
 
 def _resolve(args):
@@ -43,7 +47,7 @@ def _resolve(args):
 
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)
-    return cfg, hw, w
+    return cfg, hw, dataclasses.replace(w, param_dtype=args.param_dtype)
 
 
 def cmd_plan(args) -> int:
@@ -120,7 +124,8 @@ def cmd_compile(args) -> int:
 
         report = analytic_report(cfg, w, strategy)
     else:
-        report = compile_in_subprocess(cfg, w, strategy, hw, target, args.timeout, save_hlo=args.save_hlo)
+        report = compile_in_subprocess(cfg, w, strategy, hw, target, args.timeout, save_hlo=args.save_hlo,
+                                       attention_impl=None if args.attention == "xla" else args.attention)
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
     if args.json:
@@ -159,6 +164,8 @@ def register(add) -> None:
     sp.add_argument("--plan", help="take the chosen strategy of this plan file")
     sp.add_argument("--timeout", type=float, default=900)
     sp.add_argument("--save-hlo", help="write the optimized HLO text here")
+    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                    help="attention implementation to compile (cudnn: flash attention on NVIDIA GPUs)")
 
     for module in ("codesign.cli_train", "codesign.cli_explore"):
         try:

@@ -35,7 +35,8 @@ HW=h200; [ -s "$OUT/h200_profile.yaml" ] && HW="$OUT/h200_profile.yaml"
 for m in llama_0.89b:8:2048:089_none_bf16 llama_1.75b:4:4096:175_none_bf16; do
   IFS=: read -r model b s tag <<<"$m"
   timeout 150 ${PY:-python3} -m codesign compile --model "$D/$model.yaml" --hardware "$HW" --devices 1 \
-    --strategy data=1,remat=none --global-batch "$b" --seq-len "$s" --target attached --json \
+    --strategy data=1,remat=none --global-batch "$b" --seq-len "$s" --target attached --attention cudnn \
+    --param-dtype bfloat16 --json \
     > "$OUT/estimate_$tag.json" 2> "$OUT/estimate_$tag.err"
   echo "estimate $tag rc=$?"
   ${PY:-python3} -c "import json; d=json.load(open('$OUT/estimate_$tag.json')); print('$tag estimated step', d['step_time_s'], d['evidence'])" || true
