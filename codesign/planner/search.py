@@ -98,8 +98,8 @@ def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
     return list(seen.values())
 
 
-def _prime_factors(n: int) -> list[int]:
-    return [p for p in range(2, n + 1) if n % p == 0 and all(p % q for q in range(2, int(p ** 0.5) + 1))]
+def _smallest_factor(n: int) -> int:
+    return next(p for p in range(2, n + 1) if n % p == 0)
 
 
 def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
@@ -169,7 +169,7 @@ def plan(req: PlanRequest) -> Plan:
     cfg, w, hw = req.cfg, req.workload, req.hardware
     if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
         raise ConfigError(f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
-                          f"data-parallel split exists; use a multiple of {min(_prime_factors(req.n_devices))}")
+                          f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}")
     target = "analytic" if req.target == "analytic" else resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
 
