@@ -22,6 +22,20 @@ def n_devices() -> int:
     return len(jax.devices())
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_child_env(n_devices: int, drop_prefix: str | None = None) -> dict[str, str]:
+    """Environment for a JAX child process on `n_devices` emulated CPU devices that imports this checkout.
+
+    `drop_prefix` removes inherited variables (e.g. "CODESIGN_") that would change the child's behaviour.
+    """
+    env = {k: v for k, v in os.environ.items() if not (drop_prefix and k.startswith(drop_prefix))}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
 def require_devices(n: int) -> None:
     """Skip the calling test when fewer than n devices exist (with the reason)."""
     have = len(jax.devices())

@@ -17,7 +17,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from codesign.train.checkpoint import Checkpointer, CheckpointError
-from tests.conftest import require_devices
+from tests.conftest import REPO, cpu_child_env, require_devices
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
@@ -182,13 +182,11 @@ def _in_flight_with_data(d, min_bytes):
 
 def test_sigkill_mid_save_leaves_last_complete_step(tmp_path):
     require_devices(8)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
+    env = cpu_child_env(8)
     for attempt in range(3):  # the kill must land while a step is unfinalized; retry a missed window
         d = tmp_path / f"run{attempt}"
         d.mkdir()
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], env=env, cwd=repo,
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], env=env, cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         watchdog = threading.Timer(60, proc.kill)  # bounds the blocking readline below
         watchdog.start()

@@ -2,7 +2,6 @@
 one process with 8 devices."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -12,11 +11,10 @@ import pytest
 
 from codesign import _compat
 from codesign.train.trainer import run_training
-from tests.conftest import require_devices
+from tests.conftest import cpu_child_env, require_devices
 
 pytestmark = pytest.mark.multiprocess
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--model", "tiny-dense", "--strategy", "fsdp=8,remat=full", "--devices", "8", "--steps", "5",
         "--global-batch", "8", "--seq-len", "32", "--lr", "1e-2", "--warmup-steps", "3", "--schedule-steps", "30",
         "--seed", "0", "--json", "--no-progress"]
@@ -35,9 +33,7 @@ def test_two_processes_match_one_process(tmp_path):
                     "cannot form one mesh")
     require_devices(8)
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODESIGN_")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env = cpu_child_env(4, drop_prefix="CODESIGN_")
     procs = []
     for pid in range(2):
         cmd = [sys.executable, "-m", "codesign", "train", *ARGS, "--coordinator", f"localhost:{port}",
