@@ -33,6 +33,8 @@ def _common_model_hw(sp) -> None:
     sp.add_argument("--target", default="auto", choices=("auto", "analytic", "cpu", "tpu", "gpu", "attached"))
     sp.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                     help="master-weight dtype (compute is bf16)")
+    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                    help="attention kernel to cost and compile (cudnn: fused flash attention on NVIDIA GPUs)")
 
 
 def _resolve(args):
@@ -47,7 +49,7 @@ def _resolve(args):
 
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)
-    return cfg, hw, dataclasses.replace(w, param_dtype=args.param_dtype)
+    return cfg, hw, dataclasses.replace(w, param_dtype=args.param_dtype, attention=args.attention)
 
 
 def cmd_plan(args) -> int:
@@ -122,10 +124,9 @@ def cmd_compile(args) -> int:
     if target == "analytic":
         from codesign.cost.analytic import analytic_report
 
-        report = analytic_report(cfg, w, strategy)
+        report = analytic_report(cfg, w, strategy, platform=hw.platform)
     else:
-        report = compile_in_subprocess(cfg, w, strategy, hw, target, args.timeout, save_hlo=args.save_hlo,
-                                       attention_impl=None if args.attention == "xla" else args.attention)
+        report = compile_in_subprocess(cfg, w, strategy, hw, target, args.timeout, save_hlo=args.save_hlo)
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
     if args.json:
@@ -164,8 +165,6 @@ def register(add) -> None:
     sp.add_argument("--plan", help="take the chosen strategy of this plan file")
     sp.add_argument("--timeout", type=float, default=900)
     sp.add_argument("--save-hlo", help="write the optimized HLO text here")
-    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
-                    help="attention implementation to compile (cudnn: flash attention on NVIDIA GPUs)")
 
     for module in ("codesign.cli_train", "codesign.cli_explore"):
         try:

@@ -205,8 +205,8 @@ def register(add) -> None:
     sp.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"))
     sp.add_argument("--seed", type=int, default=0, help="init and data seed")
     sp.add_argument("--metrics", help="append per-step metrics as JSON lines to this file")
-    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn", "auto"),
-                    help="attention kernel: auto = cuDNN on GPU, XLA elsewhere")
+    sp.add_argument("--attention", choices=("xla", "cudnn", "auto"),
+                    help="attention kernel: auto = cuDNN on GPU, XLA elsewhere (default: the plan's, else xla)")
     sp.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master parameter dtype")
     sp.add_argument("--hardware", help="catalog name for the MFU peak (default: from the device kind)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -225,5 +225,6 @@ def register(add) -> None:
     sp.add_argument("--top", type=int, default=3, help="candidates to measure (default 3)")
     sp.add_argument("--steps", type=int, default=5, help="timed steps per candidate (median reported)")
     sp.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn", "auto"))
+    sp.add_argument("--attention", choices=("xla", "cudnn", "auto"),
+                    help="attention kernel to measure (default: the one the plan was costed for)")
     sp.add_argument("--seed", type=int, default=0)

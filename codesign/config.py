@@ -143,6 +143,10 @@ class ModelConfig:
 
 
 WORKLOAD_MODES = ("train", "decode")
+# How attention runs: "xla" materializes the B x N x T x S scores; "cudnn" is a fused flash-attention
+# kernel (jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs): causal tiles skipped, no
+# score traffic. The cost model and the compiled program both follow it.
+ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -152,10 +156,13 @@ class Workload:
     mode: str = "train"
     dtype: str = "bfloat16"  # compute dtype; master params stay float32
     param_dtype: str = "float32"
+    attention: str = "xla"  # see ATTENTION_IMPLS
 
     def __post_init__(self):
         if self.mode not in WORKLOAD_MODES:
             raise ConfigError(f"workload mode {self.mode!r}; use one of {WORKLOAD_MODES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
         if self.global_batch <= 0 or self.seq_len <= 0:
             raise ConfigError(f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
 

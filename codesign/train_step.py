@@ -55,12 +55,13 @@ def _dtype(name: str):
 
 class TrainProgram:
     def __init__(self, cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh: Mesh, *,
-                 rules: Rules | None = None, optimizer: OptimizerConfig | None = None, strict: bool = True,
-                 attention_impl: str | None = None):
+                 rules: Rules | None = None, optimizer: OptimizerConfig | None = None, strict: bool = True):
         self.cfg, self.workload, self.strategy, self.mesh = cfg, workload, strategy, mesh
         self.rules = rules or default_rules(strategy)
         self.opt_cfg = optimizer or OptimizerConfig()
-        self.strict, self.attention_impl = strict, attention_impl
+        self.strict = strict
+        # The attention kernel is part of the workload (the cost model prices the same one).
+        self.attention_impl = None if workload.attention == "xla" else workload.attention
         self.mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
         b = workload.global_batch
         shards = self.strategy.batch_shards
@@ -70,7 +71,7 @@ class TrainProgram:
         if (b // shards) % strategy.microbatches:
             raise StrategyError(f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}")
         self.model_kwargs = dict(dtype=_dtype(workload.dtype), param_dtype=_dtype(workload.param_dtype),
-                                 remat=strategy.remat, attention_impl=attention_impl)
+                                 remat=strategy.remat, attention_impl=self.attention_impl)
 
     # -- abstract structure ------------------------------------------------------------------
     @cached_property
@@ -216,7 +217,7 @@ class TrainProgram:
 
     def with_strategy(self, strategy: Strategy, mesh: Mesh) -> TrainProgram:
         return TrainProgram(self.cfg, self.workload, strategy, mesh, rules=None, optimizer=self.opt_cfg,
-                            strict=self.strict, attention_impl=self.attention_impl)
+                            strict=self.strict)
 
 
 def replace_workload(w: Workload, **kw) -> Workload:

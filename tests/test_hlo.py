@@ -271,3 +271,39 @@ def test_tpu_padded_window_convolutions_count_only_real_taps():
     assert r.outcome == "ok", r.message
     xla = r.xla_cost_analysis["flops"]
     assert 0.8 * xla <= r.matmul_flops <= 1.05 * xla
+
+
+def test_matmul_bytes_are_the_traffic_of_ops_that_contain_a_dot():
+    """A dot and a separate elementwise pass: the split puts the dot's operands and output on the
+    matmul side and the elementwise pass (which cannot fuse into the dot on CPU) on the other."""
+    a, b = jnp.ones((256, 512), jnp.float32), jnp.ones((512, 128), jnp.float32)
+    text = jax.jit(lambda a, b: jnp.sin(a @ b) * 2.0).lower(a, b).compile().as_text()
+    st = analyze_hlo(text)
+    dot_io = 4 * (256 * 512 + 512 * 128 + 256 * 128)
+    assert st.matmul_flops == 2 * 256 * 512 * 128
+    assert 0 < st.matmul_bytes < st.bytes_accessed
+    assert st.matmul_bytes >= dot_io  # at least the dot's own reads and write
+    assert st.bytes_accessed - st.matmul_bytes >= 2 * 4 * 256 * 128  # the sin pass reads and writes
+
+
+_FMHA_HLO = """HloModule fmha, num_partitions=1
+
+ENTRY %main (q: bf16[2,1024,8,128], k: bf16[2,1024,8,128], v: bf16[2,1024,8,128]) -> bf16[2,8,1024,128] {
+  %q = bf16[2,1024,8,128]{3,2,1,0} parameter(0)
+  %k = bf16[2,1024,8,128]{3,2,1,0} parameter(1)
+  %v = bf16[2,1024,8,128]{3,2,1,0} parameter(2)
+  %fwd = (bf16[2,8,1024,128]{3,1,2,0}, f32[2,8,1024]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", backend_config={"cudnn_fmha_backend_config": {"fmha_scale": 0.088, "mask_type": "CAUSAL", "is_flash_attention": true}}
+  %o = bf16[2,8,1024,128]{3,1,2,0} get-tuple-element(%fwd), index=0
+  %bwd = (bf16[2,1024,8,128]{3,2,1,0}, bf16[2,1024,8,128]{3,2,1,0}, bf16[2,1024,8,128]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v, %o), custom_call_target="__cudnn$fmhaSoftmaxBackward", backend_config={"cudnn_fmha_backend_config": {"mask_type": "NO_MASK"}}
+  ROOT %r = bf16[2,8,1024,128]{3,1,2,0} get-tuple-element(%fwd), index=0
+}
+"""
+
+
+def test_cudnn_flash_attention_custom_calls_count_as_matmul_flops():
+    """Hand-written in the format XLA:GPU prints (not captured from a GPU): the forward is 2 dots of
+    2 B N T S H, halved for the causal mask; the backward 5 dots (2.5x), unmasked here."""
+    st = analyze_hlo(_FMHA_HLO)
+    fwd = 4.0 * 2 * 8 * 1024 * 1024 * 128
+    assert st.matmul_flops == pytest.approx(0.5 * fwd + 2.5 * fwd)
+    assert st.matmul_bytes == pytest.approx(st.bytes_accessed)  # both calls are matmul kernels

@@ -99,7 +99,7 @@ def test_resharded_restore_fsdp8_to_data2_tensor4(tmp_path):
     other = Strategy.parse("data=2,tensor=4,remat=full")
     cfg = get_preset("tiny-dense")
     opt = OptimizerConfig(learning_rate=RUN["lr"], warmup_steps=RUN["warmup_steps"], total_steps=30)
-    prog = get_program(cfg, Workload(8, 32), other, build_mesh(other), opt, None)
+    prog = get_program(cfg, Workload(8, 32), other, build_mesh(other), opt)
     step, state, extra = restore_state(prog, ck)  # no init, no compile: read straight into the new layout
     assert step == 2 and extra["strategy"] == FSDP and extra["model_fingerprint"] == cfg.fingerprint()
     assert _leaves_bytes(state["params"]) == _leaves_bytes(saved["state"]["params"])

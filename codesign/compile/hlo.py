@@ -9,14 +9,19 @@ with the induction variable's initial value read from the while operand's tuple.
 Counting rules (all per device, per execution of ENTRY):
 
 * FLOPs: ``dot`` = 2 x output elements x product of lhs contracting dims; ``convolution`` = 2 x output
-  elements x (kernel elements / output features); cuBLAS/cuDNN-style gemm custom-calls like dot.
+  elements x (kernel elements / output features); cuBLAS/cuDNN-style gemm custom-calls like dot;
+  cuDNN flash attention (``__cudnn$fmha*``) 4 x B x N x T x S x H forward and 2.5x that backward (5
+  matmuls to 2: the backward recomputes the scores), halved for a causal mask (cuDNN skips the masked
+  tiles). All of these count as matmul FLOPs.
   Elementwise ops 1 per output element, ``reduce`` 1 per input element, ``reduce-window`` 1 per output
   element per window element. Transcendental ops count in ``transcendentals`` only (as HloCostAnalysis).
   Ops inside fusion computations count (a dot inside a fusion is a dot).
 * Bytes: each top-level instruction of each computation that runs, fusions as one op (operands +
   output). Fusion operands only read through (dynamic-)slices count the slice size, and in-place
   dynamic-update-slice outputs count the update size, as XLA does. Parameter, constant, tuple,
-  get-tuple-element, bitcast and control-flow wrappers count nothing.
+  get-tuple-element, bitcast and control-flow wrappers count nothing. ``matmul_bytes`` is the part
+  moved by top-level ops that contain a matmul (their operand traffic runs under their FLOPs; the rest
+  is memory-bound kernels, which the cost model times separately).
 * Collectives (see :class:`Collective`): async ``-start``/``-done`` pairs count once; collectives
   inside fusions count (TPU wraps reduce-scatter as a fusion of all-reduce + dynamic-slice, which is
   reported as ``reduce-scatter``).
@@ -80,13 +85,14 @@ class HloStats:
     while_loops: tuple[tuple[str, int, str], ...]  # (while instruction name, trip count, source)
     hlo_bytes: int
     skipped_lines: int = 0  # instruction lines the parser could not read (counted, never raised)
+    matmul_bytes: float = 0.0  # the part of bytes_accessed moved by ops that contain a matmul
 
 
 class _Acc:
-    __slots__ = ("bytes", "coll", "flops", "mm", "trans")
+    __slots__ = ("bytes", "coll", "flops", "mm", "mm_bytes", "trans")
 
     def __init__(self) -> None:
-        self.flops = self.mm = self.trans = self.bytes = 0.0
+        self.flops = self.mm = self.trans = self.bytes = self.mm_bytes = 0.0
         self.coll: dict[tuple, float] = {}
 
     def add(self, other: _Acc, k: float = 1.0) -> None:
@@ -94,6 +100,7 @@ class _Acc:
         self.mm += other.mm * k
         self.trans += other.trans * k
         self.bytes += other.bytes * k
+        self.mm_bytes += other.mm_bytes * k
         for key, c in other.coll.items():
             self.coll[key] = self.coll.get(key, 0.0) + c * k
 
@@ -187,6 +194,20 @@ def _gemm_custom_call_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     return 2.0 * _elems(ins.shape) * k
 
 
+def _fmha_flops(ins: hp.Instr, comp: hp.Computation) -> float:
+    """cuDNN flash attention: q [B,T,N,H] and k [B,S,K,H] (JAX's BTNH layout) are operands 0 and 1."""
+    target = hp.attr(ins.attrs, "custom_call_target") or ""
+    if "fmha" not in target.lower() or len(ins.operands) < 2:
+        return 0.0
+    q = hp.array_shapes(_operand_shape(comp, ins.operands[0]))
+    k = hp.array_shapes(_operand_shape(comp, ins.operands[1]))
+    if not q or not k or len(q[0][1]) != 4 or len(k[0][1]) != 4:
+        return 0.0
+    fwd = 4.0 * math.prod(q[0][1]) * k[0][1][1]
+    causal = 0.5 if re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) else 1.0
+    return fwd * causal * (2.5 if "backward" in target.lower() else 1.0)
+
+
 def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     op = ins.opcode
     if op == "dot":
@@ -194,7 +215,7 @@ def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     elif op == "convolution":
         f = _conv_flops(ins, comp)
     elif op == "custom-call":
-        f = _gemm_custom_call_flops(ins, comp)
+        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp)
     else:
         f = 0.0
     if f:
@@ -338,10 +359,14 @@ class _Walker:
             return
         if op == "fusion":
             subs = hp.called(ins.attrs, "calls")
+            mm_before = acc.mm
             for c in subs:
                 acc.add(self.walk(c, True))
             if not fused:
-                acc.bytes += _fusion_bytes(ins, comp, self.m.computations.get(subs[0]) if subs else None)
+                nbytes = _fusion_bytes(ins, comp, self.m.computations.get(subs[0]) if subs else None)
+                acc.bytes += nbytes
+                if acc.mm > mm_before:
+                    acc.mm_bytes += nbytes
             return
         if op in ("call", "async-start"):
             for c in hp.called(ins.attrs, "to_apply") + hp.called(ins.attrs, "calls"):
@@ -354,9 +379,11 @@ class _Walker:
             if branches:  # the costliest branch: an upper bound on one execution
                 acc.add(max(branches, key=lambda b: (b.flops, b.bytes)))
             return
+        mm_before = acc.mm
         _compute(ins, comp, acc)
         if fused or op in _NO_BYTES:
             return
+        bytes_before = acc.bytes
         if kind is not None and start:
             acc.bytes += _operand_bytes(ins, comp) + row[1]
         elif op == "copy-start":
@@ -367,6 +394,8 @@ class _Walker:
             acc.bytes += 2 * hp.shape_bytes(_operand_shape(comp, ins.operands[1]))
         else:
             acc.bytes += _operand_bytes(ins, comp) + hp.shape_bytes(ins.shape)
+        if acc.mm > mm_before:
+            acc.mm_bytes += acc.bytes - bytes_before
 
 
 def _largest_component(pairs: list[tuple[int, int]]) -> int:
@@ -410,5 +439,5 @@ def analyze_hlo(hlo_text: str, mesh_shape: Sequence[tuple[str, int]] | None = No
         for (k, b, g, axes, dt), c in acc.coll.items())
     return HloStats(flops=acc.flops, matmul_flops=acc.mm, transcendentals=acc.trans, bytes_accessed=acc.bytes,
                     collectives=collectives, while_loops=tuple(walker.loops.values()),
-                    hlo_bytes=len(text.encode()), skipped_lines=module.skipped_lines)
+                    hlo_bytes=len(text.encode()), skipped_lines=module.skipped_lines, matmul_bytes=acc.mm_bytes)
 

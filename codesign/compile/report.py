@@ -49,6 +49,7 @@ class CompileReport:
     flops: float = 0.0  # per device, loop-aware (dots + elementwise, XLA's convention)
     matmul_flops: float = 0.0
     bytes_accessed: float = 0.0
+    matmul_bytes: float = 0.0  # the part of bytes_accessed moved by matmul kernels (hidden under their FLOPs)
     transcendentals: float = 0.0
     xla_cost_analysis: dict[str, Any] | None = None
     collectives: tuple[Collective, ...] = ()

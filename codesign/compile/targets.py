@@ -359,7 +359,7 @@ def _memory_only_report(compiled, hardware: Hardware, target: str, compile_s: fl
 
 def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
                       target: str = "auto", *, save_hlo: str | None = None,
-                      max_compile_devices: int | None = None, attention_impl: str | None = None) -> CompileReport:
+                      max_compile_devices: int | None = None) -> CompileReport:
     """Compile one candidate's train step in this process and report what the compiler produced.
 
     Never raises for the candidate: failures are `error` (with stage) or `oom` reports.
@@ -383,7 +383,7 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
         spec = MeshSpec.from_strategy(plan.strategy)
         devices = target_devices(target, hardware, spec.size)
         mesh = spec.build(devices)
-        prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh, attention_impl=attention_impl)
+        prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh)
         state, batch = prog.abstract_state, prog.abstract_batch
         step = prog.step_fn
     except Exception as e:  # noqa: BLE001 - a candidate's failure is data, not an exception
@@ -442,6 +442,6 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
                       compile_s=compile_s, notes=tuple(notes), **base)
     return CompileReport(
         outcome="ok", compile_s=compile_s, flops=stats.flops, matmul_flops=stats.matmul_flops,
-        bytes_accessed=stats.bytes_accessed, transcendentals=stats.transcendentals, xla_cost_analysis=xla,
+        bytes_accessed=stats.bytes_accessed, matmul_bytes=stats.matmul_bytes, transcendentals=stats.transcendentals, xla_cost_analysis=xla,
         collectives=stats.collectives, memory=memory, hlo_bytes=stats.hlo_bytes, while_loops=stats.while_loops,
         notes=tuple(notes), versions=versions(), **base)

@@ -50,20 +50,18 @@ class CompileRequest:
     target: str = "auto"
     save_hlo: str | None = None
     max_compile_devices: int | None = None
-    attention_impl: str | None = None  # jax.nn.dot_product_attention implementation ("cudnn" on GPUs)
 
     def to_json(self) -> dict[str, Any]:
         return {"cfg": self.cfg.to_json(), "workload": self.workload.to_json(),
                 "strategy": self.strategy.to_json(), "hardware": self.hardware.to_json(),
-                "target": self.target, "save_hlo": self.save_hlo, "max_compile_devices": self.max_compile_devices,
-                "attention_impl": self.attention_impl}
+                "target": self.target, "save_hlo": self.save_hlo, "max_compile_devices": self.max_compile_devices}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CompileRequest:
         return cls(cfg=ModelConfig.from_json(d["cfg"]), workload=Workload.from_json(d["workload"]),
                    strategy=Strategy.from_json(d["strategy"]), hardware=Hardware.from_json(d["hardware"]),
                    target=d.get("target", "auto"), save_hlo=d.get("save_hlo"),
-                   max_compile_devices=d.get("max_compile_devices"), attention_impl=d.get("attention_impl"))
+                   max_compile_devices=d.get("max_compile_devices"))
 
 
 def filter_noise(text: str) -> str:
@@ -106,7 +104,7 @@ def child_env(req: CompileRequest, target: str) -> dict[str, str]:
 
 def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
                           target: str = "auto", timeout_s: float = 600.0, save_hlo: str | None = None,
-                          max_compile_devices: int | None = None, attention_impl: str | None = None) -> CompileReport:
+                          max_compile_devices: int | None = None) -> CompileReport:
     """`compile_candidate` in a fresh Python process; never raises for the candidate."""
     from codesign.compile.targets import TargetError, resolve_target
 
@@ -114,7 +112,7 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
         target = resolve_target(target, hardware)
     except TargetError as e:
         return CompileReport(outcome="error", target=str(target), stage="build", message=str(e))
-    req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices, attention_impl)
+    req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices)
     env = child_env(req, target)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "codesign.compile.worker"], stdin=subprocess.PIPE,
@@ -217,8 +215,7 @@ def main() -> int:
     from codesign.compile.targets import compile_candidate
 
     report = compile_candidate(req.cfg, req.workload, req.strategy, req.hardware, req.target,
-                               save_hlo=req.save_hlo, max_compile_devices=req.max_compile_devices,
-                               attention_impl=req.attention_impl)
+                               save_hlo=req.save_hlo, max_compile_devices=req.max_compile_devices)
     real_stdout.write(json.dumps(report.to_json(), default=str) + "\n")
     real_stdout.flush()
     return 0

@@ -8,7 +8,8 @@ device per microbatch = B / (data*fsdp*expert*microbatches), s = S / sequence po
 Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each weight matmul is
 2 x tokens x (weight elements / its tensor and expert shards); weights without a tensor-sharded dim
 (norms, MLA's wq_a/wkv_a, the MoE router) are computed redundantly on every tensor rank. XLA's
-attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer. MoE experts
+attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer; a fused
+flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
 process E x C slots per group (C = ceil(k S capacity_factor / E)), so expert FLOPs scale with capacity,
 not k; their group dim is sharded by data*fsdp only (not sequence). Backward = 2 x forward; remat
 "full" recomputes each layer's forward except the FFN's last matmul (its output only feeds the
@@ -39,8 +40,9 @@ Bytes per element follow the backend's lowering (`Lowering`): XLA:CPU promotes b
 f32 and gathers f32 master weights before the bf16 cast; TPU/GPU move bf16.
 
 Non-matmul FLOPs and transcendentals are coarse per-element counts (constants below, fitted to XLA's
-own HLO op counts on the tiny presets: op counts, not hardware constants); HBM bytes use the
-lowering's traffic per element (see `Lowering`).
+own HLO op counts on the tiny presets: op counts, not hardware constants). HBM bytes: on accelerators
+a kernel-by-kernel count split into matmul-kernel and memory-bound-kernel traffic
+(`_accelerator_traffic`); for XLA:CPU one fitted total (`CPU_TRAFFIC`).
 """
 
 from __future__ import annotations
@@ -72,11 +74,6 @@ class Lowering:
     weight_bytes: int  # FSDP weight all-gathers (f32 master weights)
     grad_bytes: int  # gradient reductions (f32 params)
     scatter_kind: str  # how a reduce-scatter appears in the compiled module
-    # HBM traffic per element (reads + writes), which depends on how well the backend fuses:
-    act_traffic: float  # per activation element per pass (matmul input/output, elementwise chains)
-    weight_traffic: float  # per weight element per use (read f32, write and read the bf16 cast)
-    opt_traffic: float  # per local param for AdamW + global-norm clipping
-    score_traffic: float  # per attention score per pass (XLA attention materializes b x h x s x S)
 
     def dtype(self, nbytes: int) -> str:
         return "f32" if nbytes == 4 else "bf16"
@@ -84,18 +81,15 @@ class Lowering:
 
 # Measured on XLA:CPU (jax 0.10.2): bf16 all-reduces are promoted to f32; weights are gathered before
 # the bf16 convert; reduce-scatter is all-reduce + dynamic-slice.
-# Its traffic constants are a least-squares fit to the HLO walk's bytes on the tiny presets (19
-# layouts, all within 0.8-1.2x): XLA:CPU fuses little, so the AdamW update alone moves ~85 B/param.
-CPU_LOWERING = Lowering("cpu", 4, 4, 4, "all-reduce", act_traffic=36, weight_traffic=13, opt_traffic=84,
-                        score_traffic=56)
+CPU_LOWERING = Lowering("cpu", 4, 4, 4, "all-reduce")
 # libtpu 0.0.52 (v5e:2x4, tiny-dense) moves the bf16 convert before the FSDP all-gathers and reduces
 # gradients in bf16; GPU is assumed to do the same (native bf16 collectives, NCCL reduce-scatter).
-# Traffic from first principles for fused kernels (bytes): AdamW reads param, mu, nu, grad and writes
-# param, mu, nu (7 x 4) plus the clipping norm's read (4); a weight use reads f32 and writes + reads its
-# bf16 cast (8); a bf16 activation is written once and read about three times (8); a score is written
-# in f32, read by the softmax, written as bf16 probs and read by the PV matmul (4 + 4 + 2 + 2).
-ACCEL_LOWERING = Lowering("accelerator", 2, 2, 2, "reduce-scatter", act_traffic=8, weight_traffic=8,
-                          opt_traffic=32, score_traffic=12)
+ACCEL_LOWERING = Lowering("accelerator", 2, 2, 2, "reduce-scatter")
+
+# XLA:CPU's HBM-traffic stand-in (bytes per element), a least-squares fit to the HLO walk's bytes on the
+# tiny presets (19 layouts, all within 0.8-1.2x): XLA:CPU fuses little, so AdamW alone moves ~85 B/param.
+# Only used to compare with CPU compiles; accelerators use `_accelerator_traffic`'s kernel count.
+CPU_TRAFFIC = {"act": 36, "weight": 13, "opt": 84, "score": 56, "logit": 24}
 
 
 def lowering_for(platform: str | None) -> Lowering:
@@ -133,8 +127,16 @@ def moe_slots(cfg: ModelConfig, sh: Shape) -> float:
     return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.cap
 
 
+def _attn_widths(cfg: ModelConfig, tp: int) -> tuple[float, float, float, float]:
+    """Per-device (q, k, v, attention-output) widths per token of one attention layer."""
+    n, qk, v = cfg.heads / tp, cfg.qk_head_dim, cfg.attn_v_head_dim
+    kvh = n if cfg.attention == "mla" else cfg.kv_heads / tp  # MLA up-projects a key/value per head
+    return n * qk, kvh * qk, kvh * v, n * v
+
+
 def _layer_mm(cfg: ModelConfig, moe: bool, sh: Shape) -> tuple[float, float]:
-    """(forward matmul FLOPs, FLOPs of the matmuls remat never recomputes) of one layer, per microbatch."""
+    """(forward FLOPs of the weight matmuls, FLOPs of the matmuls remat never recomputes) of one layer,
+    per microbatch. The attention core (QK^T, PV) is `_attention_core`."""
     tp = sh.sizes["tensor"]
     d, n, t = cfg.hidden, cfg.heads, sh.t
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
@@ -144,7 +146,7 @@ def _layer_mm(cfg: ModelConfig, moe: bool, sh: Shape) -> tuple[float, float]:
         attn = q + d * (r + rope) + r * n * (cfg.qk_nope_head_dim + v) / tp + n * v * d / tp
     else:
         attn = d * (n + 2 * cfg.kv_heads) * qk / tp + n * v * d / tp
-    fl = 2 * t * attn + 2 * sh.b * (n / tp) * sh.s * sh.seq * (qk + v)
+    fl = 2 * t * attn
     mats = 3 if cfg.ffn_activation == "swiglu" else 2
     if not moe:
         return fl + 2 * t * mats * d * cfg.mlp_dim / tp, 2 * t * cfg.mlp_dim / tp * d
@@ -153,6 +155,95 @@ def _layer_mm(cfg: ModelConfig, moe: bool, sh: Shape) -> tuple[float, float]:
     fl += 2 * t * d * e + 2 * moe_slots(cfg, sh) * 3 * d * cfg.moe_mlp_dim / tp  # router, routed experts
     fl += 2 * t * k * d + 2 * t * mats * d * shared  # combine einsum, shared expert
     return fl, 2 * t * k * d + 2 * t * shared * d
+
+
+def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
+    """Whether the step runs a fused flash kernel: cudnn was asked for and q, k and v share one head
+    dim (MLA's narrower value head takes the einsum path, see `models.layers.causal_attention`)."""
+    return workload.attention == "cudnn" and cfg.qk_head_dim == cfg.attn_v_head_dim
+
+
+def _attention_core(cfg: ModelConfig, workload: Workload, remat: str, sh: Shape) -> float:
+    """Matmul FLOPs of one layer's attention core (QK^T and PV) per microbatch, forward + backward +
+    recompute. XLA computes the full S x S scores (masked): 2 dots forward, 4 backward, and the forward
+    again under remat full/dots_nobatch. A fused flash kernel (cudnn) skips the causal half, its
+    backward runs 5 dots (it recomputes the scores), and any remat recomputes its forward (the kernel
+    is a custom call, not a dot that the dots policies would save)."""
+    fwd = 2 * sh.b * (cfg.heads / sh.sizes["tensor"]) * sh.s * sh.seq * (cfg.qk_head_dim + cfg.attn_v_head_dim)
+    if uses_flash(cfg, workload):
+        return 0.5 * fwd * (1 + 2.5 + (1 if remat != "none" else 0))
+    return fwd * (3 + (1 if remat in ("full", "dots_nobatch") else 0))
+
+
+def _ffn_width(cfg: ModelConfig, moe: bool, tp: int) -> float:
+    """Per-device FFN width per token (MoE: shared experts plus the routed slots a token fills)."""
+    if not moe:
+        return cfg.mlp_dim / tp
+    return (cfg.moe_mlp_dim * cfg.n_shared_experts
+            + cfg.experts_per_token * cfg.moe_mlp_dim * cfg.capacity_factor) / tp
+
+
+def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape) -> tuple[float, float]:
+    """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
+    GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
+    XLA fusing each elementwise chain between two matmuls into one kernel (bf16, 2 bytes):
+      forward: two residual-add + RMSNorm fusions (read x and the branch, write x and x_norm: 8d each),
+               RoPE on q and k (read + write: 4(q+k)), the FFN activation (gated: read gate and up,
+               write h: 6F; ungated 4F);
+      backward: two norm backwards (read dy, x and the residual grad, write dx: 8d each), RoPE's (4(q+k)),
+               the activation's (gated: read dh, gate, up, write dgate, dup: 10F; ungated 6F);
+      remat none additionally writes and rereads the activation's saved output (4F); remat full runs
+      the forward kernels twice.
+    XLA attention: per score, the softmax reads the f32 scores and writes bf16 probabilities (6 per
+    forward pass) and its backward reads P and dP and writes dS (8); the score dots' own reads and
+    writes are matmul traffic. A flash kernel keeps scores on chip: only q, k, v, o and their
+    gradients, all matmul traffic. Per step: cross-entropy reads the bf16 logits twice and writes
+    their gradient (8 per logit); f32 master weights are cast to bf16 at each use (read 4, write 2);
+    AdamW + the clipping norm read param, grad, mu, nu and grad again and write param, mu, nu (8 x the
+    param bytes; optax keeps mu and nu in the param dtype); microbatches accumulate f32 gradients
+    (read + write 8); the embedding lookup and its scatter-add gradient.
+    Matmul kernels: every weight matmul reads its input and weight and writes its output in each of
+    forward (and recompute), input-gradient and weight-gradient passes."""
+    z, m, tp, p = sh.sizes, sh.m, sh.sizes["tensor"], strategy.size("pipeline")
+    bf, d, t = 2, cfg.hidden, sh.t
+    remat = strategy.remat
+    fwd_passes = 2 if remat == "full" else 1
+    gated_ffn = cfg.ffn_activation == "swiglu"
+    mm_elems = other = 0.0  # per microbatch
+    for moe, layers in zip((False, True), stage_layers(cfg, p)):
+        if layers <= 0:
+            continue
+        qw, kw, vw, ow = _attn_widths(cfg, tp)
+        width = _ffn_width(cfg, moe, tp)
+        gated = gated_ffn or moe
+        io = t * ((d + qw + kw + vw) + (ow + d) + (d + (2 if gated else 1) * width) + (width + d))
+        mm_elems += layers * io * (fwd_passes + 2)
+        fwd = 16 * d + 4 * (qw + kw) + (6 if gated else 4) * width
+        bwd = 16 * d + 4 * (qw + kw) + (10 if gated else 6) * width
+        per_token = fwd * fwd_passes + bwd + (4 * width if remat == "none" else 0)
+        other += layers * t * per_token
+        if moe:  # dispatch gather and combine scatter of the routed tokens, forward and backward
+            other += layers * 4 * moe_slots(cfg, sh) * d * bf * (fwd_passes + 1)
+        scores = sh.b * (cfg.heads / tp) * sh.s * sh.seq
+        if uses_flash(cfg, workload):
+            mm_elems += layers * t * (qw + kw + vw + ow) * (fwd_passes + 2 + (1 if remat != "none" else 0))
+        else:
+            core_fwd = fwd_passes + (1 if remat == "dots_nobatch" else 0)
+            mm_elems += layers * scores * (6 * core_fwd + 10) / bf  # f32 score writes counted as 2 bf16
+            other += layers * scores * (6 * core_fwd + 8)
+    logits = t * cfg.vocab_size / tp
+    mm_elems += 3 * t * (d + cfg.vocab_size / tp)  # LM head: forward, input grad, weight grad
+    other += 8 * logits + 14 * t * d  # cross-entropy; embedding lookup and its scatter-add gradient
+    params = sharded_params(cfg, strategy)
+    local = sum(sp.local_elems * sp.count for sp in params)
+    gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
+    pb = 2 if workload.param_dtype in ("bfloat16", "bf16") else F32
+    mm_w = bf * gathered * (fwd_passes + 2)  # weight reads (forward, recompute, input grad), dW writes
+    cast = (F32 + bf) * gathered * (fwd_passes + 1) if pb == F32 else 0.0
+    accumulate = 2 * F32 * local if m > 1 else 0.0
+    matmul_bytes = m * (bf * mm_elems + mm_w)
+    memory_bound = m * (bf * other + cast + accumulate) + 8 * pb * local
+    return matmul_bytes, memory_bound
 
 
 class _Coll:
@@ -251,20 +342,19 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     sh = shape_of(cfg, workload, strategy)
     z, m, p = sh.sizes, sh.m, strategy.size("pipeline")
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
-    fwd = rec = 0.0
+    flash = uses_flash(cfg, workload)
+    fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         f, skip = _layer_mm(cfg, moe, sh)
         fwd += layers * f
-        scores = sh.b * (cfg.heads / tp) * sh.s * sh.seq
+        core += layers * _attention_core(cfg, workload, strategy.remat, sh)
+        scores = 0.0 if flash else sh.b * (cfg.heads / tp) * sh.s * sh.seq  # flash: inside its kernel
         if strategy.remat == "full":
             rec += layers * (f - skip)
-        elif strategy.remat == "dots_nobatch":
-            rec += layers * 2 * scores * (cfg.qk_head_dim + cfg.attn_v_head_dim)
-        width = (cfg.moe_mlp_dim * cfg.n_shared_experts + cfg.experts_per_token * cfg.moe_mlp_dim * cfg.capacity_factor
-                 if moe else cfg.mlp_dim) / tp
+        width = _ffn_width(cfg, moe, tp)
         passes = 3 + (1 if strategy.remat != "none" else 0)
         elem += layers * passes * (ELEM_PER_RESIDUAL * sh.t * cfg.hidden + ELEM_PER_FFN * sh.t * width
                                    + ELEM_PER_SCORE * scores)
@@ -272,15 +362,21 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
         act_elems += layers * passes * sh.t * (4 * cfg.hidden + mats * width)
         score_elems += layers * passes * scores
     head = 2 * sh.t * cfg.hidden * cfg.vocab_size / tp
-    matmul = 3 * (fwd + head) + rec
+    matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * cfg.vocab_size / tp
     local_params = sum(sp.local_elems * sp.count for sp in sharded_params(cfg, strategy))
-    gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1)
-                   for sp in sharded_params(cfg, strategy))
     flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
-    w_uses = 4 if strategy.remat == "full" else 3
-    nbytes = (m * (lw.act_traffic * act_elems + lw.score_traffic * score_elems + 6 * F32 * logits
-                   + lw.weight_traffic * w_uses * gathered) + lw.opt_traffic * local_params)
+    if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
+        gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1)
+                       for sp in sharded_params(cfg, strategy))
+        w_uses = 4 if strategy.remat == "full" else 3
+        tr = CPU_TRAFFIC
+        nbytes = (m * (tr["act"] * act_elems + tr["score"] * score_elems + tr["logit"] * logits
+                       + tr["weight"] * w_uses * gathered) + tr["opt"] * local_params)
+        matmul_bytes = 0.0
+    else:
+        matmul_bytes, memory_bound = _accelerator_traffic(cfg, workload, strategy, sh)
+        nbytes = matmul_bytes + memory_bound
 
     coll = _Coll(strategy)
     _weights_and_grads(cfg, strategy, sh, lw, coll)
@@ -289,7 +385,7 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     notes = ["analytic: closed-form estimate of one pipeline stage" if p > 1 else "analytic: closed-form estimate",
              f"lowering: {lw.name}"]
     return CompileReport(outcome="ok", target="analytic", mesh=tuple((a, n) for a, n in strategy.mesh if a != "pipeline"),
-                         flops=flops, matmul_flops=m * matmul, bytes_accessed=nbytes,
+                         flops=flops, matmul_flops=m * matmul, bytes_accessed=nbytes, matmul_bytes=matmul_bytes,
                          transcendentals=m * (trans + logits), collectives=coll.collectives(),
                          memory=mem.as_stats(), notes=tuple(notes))
 

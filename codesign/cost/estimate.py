@@ -1,10 +1,17 @@
 """`Estimate`: step time, MFU, tokens/s and memory fit of one candidate, from a CompileReport read as data.
 
 Model (all per device, seconds):
-- compute = max(matmul_flops / (peak[dtype] x matmul_fraction(dtype, n)), bytes_accessed / (HBM x hbm
-  fraction)) + vector, where vector = (flops - matmul_flops + transcendentals) / vector rate. The
-  vector rate is the chip's fp32 (non-tensor-core) peak when the catalog has one (H100: 67 TFLOP/s),
-  else bf16 peak / 16 (assumption: TPU VPUs are ~1/16 of the MXUs). n, the size fed to the
+- busy = matmul kernels + memory-bound kernels, because a chip runs its kernels (fusions) one after
+  another: the roofline's max() holds per kernel, not across the whole step (an elementwise fusion
+  waiting on HBM cannot hide behind a matmul that ran before it).
+    matmul kernels = max(matmul_flops / (peak[dtype] x matmul_fraction(dtype, n)),
+                         matmul_bytes / (HBM x hbm fraction))
+    memory-bound kernels = max((bytes_accessed - matmul_bytes) / (HBM x hbm fraction), vector)
+  where vector = (flops - matmul_flops + transcendentals) / vector rate. matmul_bytes is the traffic
+  of the ops that contain a matmul (the HLO walk and the analytic model both split it out; a report
+  without the split counts all its bytes as memory-bound). The vector rate is the chip's fp32
+  (non-tensor-core) peak when the catalog has one (H100: 67 TFLOP/s), else bf16 peak / 16
+  (assumption: TPU VPUs are ~1/16 of the MXUs). Flash-attention kernels count as matmul FLOPs. n, the size fed to the
   efficiency table (measured on square n^3 matmuls), is the cube with the FLOPs of the model's
   dominant per-device matmul (tokens per device per microbatch x hidden x FFN width / tensor; experts:
   slots per expert): the table's small-n falloff is per-call overhead, which scales with FLOPs per call.
@@ -83,15 +90,20 @@ class Estimate:
     memory_per_device_bytes: int
     memory_capacity_bytes: int
     fits: bool
-    compute_s: float  # matmul roofline term
-    memory_s: float  # HBM roofline term
-    vector_s: float  # non-matmul FLOPs at the vector rate
+    compute_s: float  # matmul kernels: max(FLOPs at the matmul rate, their own HBM traffic)
+    memory_s: float  # memory-bound kernels' HBM traffic
+    vector_s: float  # non-matmul FLOPs at the vector rate (overlaps memory_s: same kernels)
     collective_s: FrozenMap  # kind -> seconds per step, before overlap
     exposed_collective_s: float
     pipeline_bubble_s: float
     evidence: str
     reasons: tuple[str, ...]
     placements: FrozenMap  # mesh axis -> {"level", "levels", "reason"}
+
+    @property
+    def busy_s(self) -> float:
+        """Time the chip is busy computing: matmul kernels, then the memory-bound kernels."""
+        return self.compute_s + max(self.memory_s, self.vector_s)
 
     @property
     def breakdown(self) -> dict[str, Any]:
@@ -182,20 +194,22 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     n = matmul_size(cfg, workload, strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
-    compute_s = timing.matmul_flops / (peak * frac)
-    traffic = timing.bytes_accessed
+    traffic, mm_traffic = timing.bytes_accessed, timing.matmul_bytes
     if timing is report and not _native(report, hardware):
         # CPU fusion and f32 lowering do not predict accelerator HBM traffic (the same reason memory
         # fit comes from the analytic model): FLOPs and collectives come from the compile, bytes do not.
-        traffic = analytic_report(cfg, workload, strategy, platform=hardware.platform).bytes_accessed
+        closed = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        traffic, mm_traffic = closed.bytes_accessed, closed.matmul_bytes
         reasons.append(f"HBM traffic from the analytic model: {report.target} fusion does not transfer")
-    memory_s = traffic / (hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm)
+    hbm_rate = hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm
+    compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
+    memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
     vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
-    busy = max(compute_s, memory_s) + vector_s
-    bound = "matmul-bound" if compute_s >= memory_s else "HBM-bound"
-    reasons.append(f"{bound}: matmuls {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}), "
-                   f"HBM {_ms(memory_s)}")
+    busy = compute_s + max(memory_s, vector_s)
+    reasons.append(f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
+                   f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
+                   f"({_gb(traffic - mm_traffic)} of HBM traffic)")
 
     # -- collectives -----------------------------------------------------------------------------
     by_kind: dict[str, float] = {}

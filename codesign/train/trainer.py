@@ -130,13 +130,12 @@ _PROGRAMS: OrderedDict = OrderedDict()
 _PROGRAM_CACHE_SIZE = 4
 
 
-def get_program(cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh, optimizer: OptimizerConfig,
-                attention: str | None) -> TrainProgram:
-    key = (cfg, workload, strategy, mesh, optimizer, attention)
+def get_program(cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh,
+                optimizer: OptimizerConfig) -> TrainProgram:
+    key = (cfg, workload, strategy, mesh, optimizer)
     prog = _PROGRAMS.pop(key, None)
     if prog is None:
-        prog = TrainProgram(cfg, workload, strategy, mesh, strict=False, optimizer=optimizer,
-                            attention_impl=attention)
+        prog = TrainProgram(cfg, workload, strategy, mesh, strict=False, optimizer=optimizer)
     _PROGRAMS[key] = prog
     while len(_PROGRAMS) > _PROGRAM_CACHE_SIZE:
         _PROGRAMS.popitem(last=False)
@@ -319,7 +318,7 @@ def run_training(model: str | ModelConfig, *, steps: int, plan: str | dict | Non
                  keep: int = 3, global_batch: int | None = None, seq_len: int | None = None,
                  lr: float = 3e-4, warmup_steps: int = 10, schedule_steps: int | None = None,
                  data: str = "synthetic", data_dtype: str = "uint16", seed: int = 0,
-                 metrics: str | None = None, attention: str = "xla", param_dtype: str | None = None,
+                 metrics: str | None = None, attention: str | None = None, param_dtype: str | None = None,
                  hardware: str | None = None, progress: bool = False, return_state: bool = False,
                  log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train `model` with one layout on the attached devices; see the module docstring.
@@ -341,7 +340,8 @@ def run_training(model: str | ModelConfig, *, steps: int, plan: str | dict | Non
         raise StrategyError(f"--devices {devices} given, but {attached} devices are attached"
                             + (" (on a real accelerator --devices must equal the attached count)"
                                if jax.default_backend() != "cpu" else ""))
-    impl = attention_impl(attention)
+    impl = attention_impl(attention or workload.attention)  # default: the plan's (xla for --strategy)
+    workload = dataclasses.replace(workload, attention=impl or "xla")
     peak = peak_flops(workload.dtype, hardware)  # a bad --hardware fails before anything compiles
     factory = make_source_factory(data, cfg, workload, seed, data_dtype)  # a missing file fails here
     fingerprint = cfg.fingerprint()
@@ -352,7 +352,7 @@ def run_training(model: str | ModelConfig, *, steps: int, plan: str | dict | Non
 
     opt = OptimizerConfig(learning_rate=lr, warmup_steps=warmup_steps, total_steps=schedule_steps or steps or 1)
     mesh = build_mesh(strat)
-    prog = get_program(cfg, workload, strat, mesh, opt, impl)
+    prog = get_program(cfg, workload, strat, mesh, opt)
     dropped = [str(d) for d in prog.dropped_rules]
     if lead:
         say(f"training {cfg.name} with {strat.spec} on {attached} {jax.devices()[0].device_kind} devices "

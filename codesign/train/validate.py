@@ -10,6 +10,7 @@ question a planner must get right is the order, not the absolute numbers).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -84,7 +85,7 @@ def measure(prog: TrainProgram, steps: int, warmup: int, seed: int = 0) -> dict[
 
 
 def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, steps: int = 5,
-                   warmup: int = 2, attention: str = "xla", seed: int = 0,
+                   warmup: int = 2, attention: str | None = None, seed: int = 0,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the plan's top `top` runnable candidates; see the module docstring.
 
@@ -103,7 +104,11 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
     data = load_plan(plan) if not isinstance(plan, dict) else plan
     workload = Workload(**{**workload_fields(data.get("workload", {})), "mode": "train"})
     attached = jax.device_count()
-    impl = attention_impl(attention)
+    impl = attention_impl(attention or workload.attention)  # default: the kernel the plan was costed for
+    if impl != (None if workload.attention == "xla" else workload.attention):
+        say(f"note: the plan was costed for {workload.attention} attention; measuring {impl or 'xla'} "
+            f"(plan with --attention {impl or 'xla'} to compare like with like)")
+    workload = dataclasses.replace(workload, attention=impl or "xla")
     rows, skipped = [], []
     for cand in data["candidates"]:
         if len(rows) >= top:
@@ -124,7 +129,7 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
             say(f"skip {spec}: {reason}")
             continue
         try:
-            prog = get_program(cfg, workload, strategy, build_mesh(strategy), OptimizerConfig(), impl)
+            prog = get_program(cfg, workload, strategy, build_mesh(strategy), OptimizerConfig())
             say(f"measuring {spec} ({warmup} warm-up + {steps} timed steps)")
             m = measure(prog, steps, warmup, seed)
         except StrategyError as e:

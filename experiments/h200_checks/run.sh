@@ -29,6 +29,9 @@ run_train 089_dots_f32 llama_0.89b 8 2048 dots float32
 timeout 120 ${PY:-python3} -m codesign calibrate --out "$OUT/h200_profile.yaml" --json > "$OUT/calibrate.json" 2> "$OUT/calibrate.err"
 echo "calibrate rc=$?"; tail -3 "$OUT/calibrate.err"
 HW=h200; [ -s "$OUT/h200_profile.yaml" ] && HW="$OUT/h200_profile.yaml"
+# the closed form against the shared probe's measured steps, with this machine's fresh profile
+${PY:-python3} experiments/h200_estimate_vs_probe/run.py --hardware h200 --hardware "$HW" > "$OUT/probe_compare.md" 2>&1
+grep "###" "$OUT/probe_compare.md"; cp experiments/h200_estimate_vs_probe/results.json "$OUT/probe_compare.json" 2>/dev/null
 
 # 2b. the cost model's estimate of the same steps, from the GPU's own compile and the calibrated profile
 #     (compare with the median step times of step 2: the cost-model issue's +-10% goal).
@@ -46,10 +49,10 @@ done
 for m in ${VALIDATE_MODELS:-llama_0.89b:llama_0.89b:8:2048}; do
   IFS=: read -r name model b s <<<"$m"
   timeout 120 ${PY:-python3} -m codesign plan --model "$D/$model.yaml" --hardware "$HW" --devices 1 --global-batch "$b" \
-    --seq-len "$s" --target analytic --fix microbatches=1 --out "$OUT/plan_$name.json" --json > /dev/null 2> "$OUT/plan_$name.err"
+    --seq-len "$s" --target analytic --attention cudnn --param-dtype bfloat16 --fix microbatches=1 --out "$OUT/plan_$name.json" --json > /dev/null 2> "$OUT/plan_$name.err"
   echo "plan $name rc=$?"
   timeout 240 ${PY:-python3} -m codesign validate --model "$D/$model.yaml" --plan "$OUT/plan_$name.json" --top 3 --steps 8 \
-    --warmup 2 --attention cudnn --json > "$OUT/validate_$name.json" 2> "$OUT/validate_$name.err"
+    --warmup 2 --json > "$OUT/validate_$name.json" 2> "$OUT/validate_$name.err"
   echo "validate $name rc=$?"; tail -2 "$OUT/validate_$name.err"
   ${PY:-python3} -c "import json; d=json.load(open('$OUT/validate_$name.json')); [print(r['spec'], r['estimated_step_time_s'], r['measured_step_time_s'], r['ratio']) for r in d['rows']]; print('rank corr', d.get('rank_correlation'))" || true
 done
