@@ -35,6 +35,9 @@ def test_calibrate_on_cpu_writes_a_loadable_profile(tmp_path):
     assert hw.devices == len(jax.devices()) and hw.platform == "cpu"
     assert [n for n, _ in hw.efficiency.matmul["bf16"]] == [128, 256, 512]
     assert 0 < hw.efficiency.hbm and 0 < hw.efficiency.collective
+    sustained = result["sustained_matmul"]
+    assert sustained["n"] == 512 and sustained["flops_per_s"] > 0
+    assert hw.efficiency.sustained == min(1.0, sustained["relative_to_table"]) and 0 < hw.efficiency.sustained <= 1
     with open(path) as f:
         assert "measurements" in yaml.safe_load(f)
     # The profile drives the cost model like a catalog entry does.
@@ -49,3 +52,19 @@ def test_closest_system():
     assert closest_system("TPU v5 lite", "tpu") == "tpu-v5e"
     assert closest_system("TPU v5p", "tpu") == "tpu-v5p"
     assert closest_system("cpu", "cpu") == "cpu"
+
+
+def test_sustained_factor_scales_matmul_time(tmp_path):
+    """A profile whose sustained matmul rate is half its short runs' doubles matmul-bound time."""
+    import dataclasses
+
+    import pytest
+
+    from codesign.hardware.catalog import HardwareError
+
+    hw = load_hardware("h200", devices=1)
+    slow = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, sustained=0.5))
+    args = (get_preset("llama3-8b"), Workload(8, 4096), Strategy.parse("data=1"))
+    assert estimate_analytic(*args, slow).compute_s == pytest.approx(2 * estimate_analytic(*args, hw).compute_s)
+    with pytest.raises(HardwareError, match="sustained"):
+        dataclasses.replace(hw.efficiency, sustained=1.5)

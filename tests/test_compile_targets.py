@@ -301,3 +301,23 @@ def test_worker_timeout_and_crash(tmp_path, monkeypatch):
                        progress_callback=lambda i, req, rep: seen.append(i))
     assert [x.outcome for x in out] == ["error", "error"] and sorted(seen) == [0, 1]
     assert os.path.exists(str(crash))
+
+
+def test_cpu_compile_for_gpu_hardware_prices_accelerator_collectives():
+    """XLA:CPU moves f32 gradients by all-reduce; a GPU moves bf16 by reduce-scatter. A CPU compile of
+    GPU hardware is priced with the closed form's GPU collectives and cross-checked against them."""
+    from codesign.cost.analytic import analytic_report, estimate_analytic
+    from codesign.cost.estimate import estimate_from_report
+
+    cfg, s = get_preset("tiny-dense"), Strategy.parse("fsdp=8")
+    rep = _compile("tiny-dense", "fsdp=8")
+    gpu = load_hardware("h100", devices=8)
+    e = estimate_from_report(cfg, W, s, gpu, rep)
+    assert dict(e.collective_s) == pytest.approx(dict(estimate_analytic(cfg, W, s, gpu).collective_s))
+    compiled = sum(c.bytes * c.count for c in rep.collectives)
+    accel = sum(c.bytes * c.count for c in analytic_report(cfg, W, s, platform="gpu").collectives)
+    assert compiled > 1.5 * accel  # what the CPU lowering would have charged the GPU
+    line = next(r for r in e.reasons if r.startswith("compiled collectives"))
+    assert 0.85 <= float(line.split("x")[0].split()[-1]) <= 1.15 and "outside" not in line
+    native = estimate_from_report(cfg, W, s, load_hardware("cpu", devices=8), rep)  # cpu on cpu: as compiled
+    assert not any(r.startswith("compiled collectives") for r in native.reasons)

@@ -18,6 +18,12 @@ Model (all per device, seconds):
   A skinny matmul is capped at 4 x its smallest dim.
 - AdamW's update (4 reads + 3 writes of f32 state per local param) is part of the compiled step, so it
   is already in bytes_accessed (the analytic report counts it there too): never added again.
+- a CPU compile standing in for GPU/TPU hardware: XLA:CPU reduces gradients in f32 and writes a
+  reduce-scatter as all-reduce + dynamic-slice, so its collectives would overstate accelerator
+  traffic ~2-4x; like HBM traffic and memory, they come from the closed form in the hardware's
+  lowering (bf16, reduce-scatter). The compile still supplies FLOPs and validity, and its collectives
+  are checked against the closed form's CPU lowering: the ratio is a reason line, flagged when off by
+  more than STRUCTURE_TOLERANCE (the tests pin the two within 15% on the tiny presets).
 - collectives: each report row timed by `collective_time_on_axes` on the network levels
   `assign_levels(strategy.mesh, hardware)` gives each mesh axis. Groups are taken from the FULL
   strategy mesh, so a report compiled on a reduced data axis is scaled back automatically.
@@ -55,6 +61,7 @@ from codesign.hardware.catalog import FrozenMap, Hardware
 from codesign.sharding.strategy import Strategy
 
 OVERLAP_FRACTION = 0.8
+STRUCTURE_TOLERANCE = 0.25
 VECTOR_FRACTION_OF_BF16 = 1 / 16
 _BATCH_LIKE = frozenset({"data", "fsdp", "expert", "pipeline"})
 _HIDEABLE = frozenset({"all-gather", "reduce-scatter", "all-reduce"})
@@ -165,6 +172,21 @@ def _memory(cfg, workload, strategy, hardware: Hardware, report: CompileReport) 
     return analytic_memory(cfg, workload, strategy).total, True
 
 
+def _collective_check(cfg, workload, strategy, report: CompileReport) -> str | None:
+    """The compiled collective bytes against the closed form's CPU lowering of the same program."""
+    if report.data_scale > 1:  # compiled on a reduced mesh: not the same program as the closed form's
+        return None
+    closed = analytic_report(cfg, workload, strategy, platform="cpu")
+    got = sum(c.bytes * c.count for c in report.collectives)
+    want = sum(c.bytes * c.count for c in closed.collectives)
+    if want <= 0:
+        return None if got <= 0 else f"the compile has {_gb(got)} of collectives the closed form does not expect"
+    ratio = got / want
+    flag = "" if abs(ratio - 1) <= STRUCTURE_TOLERANCE else \
+        " (outside the tested agreement: the closed form may miss a collective; see `codesign compile --json`)"
+    return f"compiled collectives {ratio:.2f}x the closed form's (CPU lowering){flag}"
+
+
 def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
                          report: CompileReport) -> Estimate:
     reasons: list[str] = []
@@ -194,13 +216,17 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     n = matmul_size(cfg, workload, strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
-    traffic, mm_traffic = timing.bytes_accessed, timing.matmul_bytes
+    traffic, mm_traffic, collectives = timing.bytes_accessed, timing.matmul_bytes, timing.collectives
     if timing is report and not _native(report, hardware):
-        # CPU fusion and f32 lowering do not predict accelerator HBM traffic (the same reason memory
-        # fit comes from the analytic model): FLOPs and collectives come from the compile, bytes do not.
+        # CPU fusion and f32 lowering predict neither accelerator HBM traffic nor collective sizes (the
+        # same reason memory fit comes from the analytic model): FLOPs come from the compile.
         closed = analytic_report(cfg, workload, strategy, platform=hardware.platform)
-        traffic, mm_traffic = closed.bytes_accessed, closed.matmul_bytes
-        reasons.append(f"HBM traffic from the analytic model: {report.target} fusion does not transfer")
+        traffic, mm_traffic, collectives = closed.bytes_accessed, closed.matmul_bytes, closed.collectives
+        reasons.append(f"HBM traffic and collectives from the analytic model in {hardware.platform.upper()} "
+                       f"lowering: {report.target} fusion and f32 all-reduces do not transfer")
+        check = _collective_check(cfg, workload, strategy, report)
+        if check:
+            reasons.append(check)
     hbm_rate = hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm
     compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
     memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
@@ -215,7 +241,7 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     by_kind: dict[str, float] = {}
     hideable = exposed = 0.0
     exposed_by: dict[str, float] = {}
-    for c in timing.collectives:
+    for c in collectives:
         kind = _kind(c.kind)
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:

@@ -125,21 +125,31 @@ class Chip:
 @dataclass(frozen=True)
 class Efficiency:
     """Achievable fractions of peak. matmul: dtype -> ((n, fraction), ...) for n x n x n matmuls,
-    ascending n, interpolated in log2(n) and clamped at the ends; dtypes without a table use bf16's."""
+    ascending n, interpolated in log2(n) and clamped at the ends; dtypes without a table use bf16's.
+    sustained: matmul throughput when the chip is kept busy for a second or more, relative to the
+    table's short runs at the same size (power-limited clocks drop under sustained load); it scales
+    every matmul fraction. 1.0 = not measured."""
 
     matmul: Mapping[str, tuple[tuple[int, float], ...]]
     hbm: float
     collective: float
     source: str = ""
+    sustained: float = 1.0
 
     def __post_init__(self):
         table = {k: tuple(sorted((int(n), float(f)) for n, f in pts)) for k, pts in self.matmul.items()}
         if "bf16" not in table or any(not pts for pts in table.values()):
             raise HardwareError("Efficiency.matmul needs a non-empty 'bf16' table")
         object.__setattr__(self, "matmul", _fm(table))
+        if not 0 < self.sustained <= 1:
+            raise HardwareError(f"Efficiency.sustained must be in (0, 1], got {self.sustained}")
 
     def matmul_fraction(self, dtype: str = "bf16", n: float = 8192) -> float:
         pts = self.matmul.get(dtype) or self.matmul["bf16"]
+        return self.sustained * self._interpolate(pts, n)
+
+    @staticmethod
+    def _interpolate(pts, n: float) -> float:
         if n <= pts[0][0]:
             return pts[0][1]
         for (n0, f0), (n1, f1) in itertools.pairwise(pts):
@@ -150,7 +160,7 @@ class Efficiency:
 
     def to_json(self) -> dict[str, Any]:
         return {"matmul": {k: [list(p) for p in v] for k, v in self.matmul.items()}, "hbm": self.hbm,
-                "collective": self.collective, "source": self.source}
+                "collective": self.collective, "source": self.source, "sustained": self.sustained}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Efficiency:
@@ -301,7 +311,7 @@ def _default_eff(chip: Chip) -> str:
 def _efficiency(cat: dict[str, Any], key: str) -> Efficiency:
     e = cat["efficiency"][key]
     return Efficiency(matmul=e["matmul"], hbm=float(e["hbm"]), collective=float(e["collective"]),
-                      source=e["source"])
+                      source=e["source"], sustained=float(e.get("sustained", 1.0)))
 
 
 def _chip(cat: dict[str, Any], name: str) -> Chip:
