@@ -81,12 +81,12 @@ def markdown(results: dict[str, list[dict]]) -> str:
         ratios = [r["ratio"] for r in rows]
         inside = sum(abs(x - 1) <= 0.10 for x in ratios)
         rho = spearman([r["estimated_s"] for r in rows], [r["measured_s"] for r in rows])
-        lines += [f"### `--hardware {hw}`: estimated / measured median {statistics.median(ratios):.2f}, "
-                  f"range {min(ratios):.2f}-{max(ratios):.2f}, {inside} of {len(rows)} within +-10%, "
-                  f"rank correlation {rho:.2f}", "",
-                  "| model | batch | attention | remat | params | measured ms | estimated ms | est/meas | "
-                  "measured MFU | matmul kernels ms | memory-bound kernels ms |",
-                  "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        title = (f"### `--hardware {hw}`: estimated / measured median {statistics.median(ratios):.2f}, "
+                 f"range {min(ratios):.2f}-{max(ratios):.2f}, {inside} of {len(rows)} within +-10%, "
+                 f"rank correlation {rho:.2f}")
+        header = ("| model | batch | attention | remat | params | measured ms | estimated ms | est/meas | "
+                  "measured MFU | matmul kernels ms | memory-bound kernels ms |")
+        lines += [title, "", header, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(f"| {r['model']} | {r['batch']} | {r['attention']} | {r['remat']} | {r['param_dtype']} | "
                          f"{r['measured_s'] * 1e3:.1f} | {r['estimated_s'] * 1e3:.1f} | {r['ratio']:.2f} | "
