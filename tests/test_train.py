@@ -114,6 +114,21 @@ def test_resharded_restore_fsdp8_to_data2_tensor4(tmp_path):
 
 
 # -- errors ---------------------------------------------------------------------------------------------
+def test_cudnn_plan_on_cpu_names_the_fix(tmp_path):
+    """A plan costed for cuDNN attention carries it into train; on CPU that is refused with the fix."""
+    from codesign.config import ConfigError
+
+    path = tmp_path / "cudnn.json"
+    _plan(tmp_path / "p.json", [(FSDP, 0.01)])
+    doc = json.loads((tmp_path / "p.json").read_text())
+    doc["workload"]["attention"] = "cudnn"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="cuDNN attention needs an NVIDIA GPU.*--attention xla"):
+        run_training("tiny-dense", plan=str(path), steps=1)
+    out = run_training("tiny-dense", plan=str(path), steps=1, attention="xla")
+    assert out["attention"] == "xla"
+
+
 def test_plan_device_mismatch(tmp_path):
     plan = _plan(tmp_path / "p4.json", [("fsdp=4,remat=full", 0.01)], devices=4)
     with pytest.raises(StrategyError, match="plan needs 4 devices, 8 attached"):

@@ -17,7 +17,8 @@ Counting rules (all per device, per execution of ENTRY):
   element per window element. Transcendental ops count in ``transcendentals`` only (as HloCostAnalysis).
   Ops inside fusion computations count (a dot inside a fusion is a dot).
 * Bytes: each top-level instruction of each computation that runs, fusions as one op (operands +
-  output). Fusion operands only read through (dynamic-)slices count the slice size, and in-place
+  output). Fusion operands only read through (dynamic-)slices count the slice size (TPU's async
+  ``slice-start`` likewise: read and write of the slice, its ``-done`` nothing), and in-place
   dynamic-update-slice outputs count the update size, as XLA does. Parameter, constant, tuple,
   get-tuple-element, bitcast and control-flow wrappers count nothing. ``matmul_bytes`` is the part
   moved by top-level ops that contain a matmul (their operand traffic runs under their FLOPs; the rest
@@ -49,7 +50,7 @@ _ELEMENTWISE = frozenset({
 _NO_BYTES = frozenset({
     "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
     "async-start", "async-update", "async-done", "after-all", "partition-id", "replica-id", "add-dependency",
-    "opt-barrier", "domain", "copy-done", "send-done", "recv-done"})
+    "opt-barrier", "domain", "copy-done", "send-done", "recv-done", "slice-done"})
 _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                 "ragged-all-to-all", "send", "recv")
 
@@ -390,6 +391,11 @@ class _Walker:
             acc.bytes += 2 * _operand_bytes(ins, comp)
         elif op == "dynamic-slice":
             acc.bytes += 2 * hp.shape_bytes(ins.shape)
+        elif op == "slice-start":  # TPU async slice: ((operand), slice, context); it moves the slice only
+            shapes = hp.array_shapes(ins.shape)
+            if len(shapes) > len(ins.operands):
+                dtype, dims = shapes[len(ins.operands)]
+                acc.bytes += 2 * hp.dtype_bytes(dtype) * math.prod(dims)
         elif op == "dynamic-update-slice" and len(ins.operands) > 1:
             acc.bytes += 2 * hp.shape_bytes(_operand_shape(comp, ins.operands[1]))
         else:

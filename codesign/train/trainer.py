@@ -120,8 +120,12 @@ def attention_impl(choice: str) -> str | None:
     """`--attention`: xla -> XLA's default path; cudnn -> cuDNN flash attention; auto -> cudnn on GPU."""
     if choice not in ATTENTION_CHOICES:
         raise ConfigError(f"--attention {choice!r}; use one of {ATTENTION_CHOICES}")
+    backend = jax.default_backend()
     if choice == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else None
+        return "cudnn" if backend == "gpu" else None
+    if choice == "cudnn" and backend != "gpu":
+        raise ConfigError(f"cuDNN attention needs an NVIDIA GPU, and this run is on {backend}; the plan may "
+                          f"have been costed for one. Pass --attention xla (or auto) to run here")
     return None if choice == "xla" else choice
 
 
