@@ -170,6 +170,11 @@ class Workload:
     def tokens(self) -> int:
         return self.global_batch * self.seq_len
 
+    @property
+    def attention_impl(self) -> str | None:
+        """`implementation=` for jax.nn.dot_product_attention (None: XLA's own)."""
+        return None if self.attention == "xla" else self.attention
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -61,7 +61,7 @@ class TrainProgram:
         self.opt_cfg = optimizer or OptimizerConfig()
         self.strict = strict
         # The attention kernel is part of the workload (the cost model prices the same one).
-        self.attention_impl = None if workload.attention == "xla" else workload.attention
+        self.attention_impl = workload.attention_impl
         self.mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
         b = workload.global_batch
         shards = self.strategy.batch_shards

@@ -105,7 +105,7 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
     workload = Workload(**{**workload_fields(data.get("workload", {})), "mode": "train"})
     attached = jax.device_count()
     impl = attention_impl(attention or workload.attention)  # default: the kernel the plan was costed for
-    if impl != (None if workload.attention == "xla" else workload.attention):
+    if impl != workload.attention_impl:
         say(f"note: the plan was costed for {workload.attention} attention; measuring {impl or 'xla'} "
             f"(plan with --attention {impl or 'xla'} to compare like with like)")
     workload = dataclasses.replace(workload, attention=impl or "xla")
