@@ -87,16 +87,11 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    from rich.pretty import Pretty
+
     from codesign.calibrate import run_calibration
 
-    result = run_calibration(args.out, quick=args.quick)
-    if args.json:
-        print_json(result)
-    else:
-        from rich.pretty import Pretty
-
-        console().print(Pretty(result))
-    return 0
+    return _print(args, run_calibration(args.out, quick=args.quick), Pretty)
 
 
 def register(add) -> None:

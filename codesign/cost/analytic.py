@@ -183,7 +183,8 @@ def _ffn_width(cfg: ModelConfig, moe: bool, tp: int) -> float:
             + cfg.experts_per_token * cfg.moe_mlp_dim * cfg.capacity_factor) / tp
 
 
-def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape) -> tuple[float, float]:
+def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape, local: float,
+                         gathered: float) -> tuple[float, float]:
     """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
     GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
     XLA fusing each elementwise chain between two matmuls into one kernel (bf16, 2 bytes):
@@ -203,8 +204,9 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
     param bytes; optax keeps mu and nu in the param dtype); microbatches accumulate f32 gradients
     (read + write 8); the embedding lookup and its scatter-add gradient.
     Matmul kernels: every weight matmul reads its input and weight and writes its output in each of
-    forward (and recompute), input-gradient and weight-gradient passes."""
-    z, m, tp, p = sh.sizes, sh.m, sh.sizes["tensor"], strategy.size("pipeline")
+    forward (and recompute), input-gradient and weight-gradient passes. `local` and `gathered` are the
+    param elements per device, sharded and after the FSDP gathers."""
+    m, tp, p = sh.m, sh.sizes["tensor"], strategy.size("pipeline")
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
     fwd_passes = 2 if remat == "full" else 1
@@ -234,9 +236,6 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
     logits = t * cfg.vocab_size / tp
     mm_elems += 3 * t * (d + cfg.vocab_size / tp)  # LM head: forward, input grad, weight grad
     other += 8 * logits + 14 * t * d  # cross-entropy; embedding lookup and its scatter-add gradient
-    params = sharded_params(cfg, strategy)
-    local = sum(sp.local_elems * sp.count for sp in params)
-    gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     pb = 2 if workload.param_dtype in ("bfloat16", "bf16") else F32
     mm_w = bf * gathered * (fwd_passes + 2)  # weight reads (forward, recompute, input grad), dW writes
     cast = (F32 + bf) * gathered * (fwd_passes + 1) if pb == F32 else 0.0
@@ -364,18 +363,18 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     head = 2 * sh.t * cfg.hidden * cfg.vocab_size / tp
     matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * cfg.vocab_size / tp
-    local_params = sum(sp.local_elems * sp.count for sp in sharded_params(cfg, strategy))
+    params = sharded_params(cfg, strategy)
+    local_params = sum(sp.local_elems * sp.count for sp in params)
+    gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
     if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
-        gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1)
-                       for sp in sharded_params(cfg, strategy))
         w_uses = 4 if strategy.remat == "full" else 3
         tr = CPU_TRAFFIC
         nbytes = (m * (tr["act"] * act_elems + tr["score"] * score_elems + tr["logit"] * logits
                        + tr["weight"] * w_uses * gathered) + tr["opt"] * local_params)
         matmul_bytes = 0.0
     else:
-        matmul_bytes, memory_bound = _accelerator_traffic(cfg, workload, strategy, sh)
+        matmul_bytes, memory_bound = _accelerator_traffic(cfg, workload, strategy, sh, local_params, gathered)
         nbytes = matmul_bytes + memory_bound
 
     coll = _Coll(strategy)

@@ -109,8 +109,7 @@ class Estimate:
 
     @property
     def busy_s(self) -> float:
-        """Time the chip is busy computing: matmul kernels, then the memory-bound kernels."""
-        return self.compute_s + max(self.memory_s, self.vector_s)
+        return busy_time(self.compute_s, self.memory_s, self.vector_s)
 
     @property
     def breakdown(self) -> dict[str, Any]:
@@ -125,6 +124,12 @@ class Estimate:
                 "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "breakdown": self.breakdown,
                 "evidence": self.evidence, "reasons": list(self.reasons),
                 "placements": {a: dict(p) for a, p in self.placements.items()}}
+
+
+def busy_time(compute_s: float, memory_s: float, vector_s: float) -> float:
+    """Time the chip is busy computing: matmul kernels, then the memory-bound kernels (whose HBM
+    traffic and vector work overlap inside each kernel)."""
+    return compute_s + max(memory_s, vector_s)
 
 
 def _gb(x: float) -> str:
@@ -232,7 +237,7 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
     vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
-    busy = compute_s + max(memory_s, vector_s)
+    busy = busy_time(compute_s, memory_s, vector_s)
     reasons.append(f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
                    f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
                    f"({_gb(traffic - mm_traffic)} of HBM traffic)")
