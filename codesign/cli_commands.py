@@ -99,8 +99,8 @@ def cmd_plan(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from codesign.compile.targets import resolve_target
-    from codesign.compile.worker import compile_in_subprocess
+    from codesign.compile.measure import measure_one
+    from codesign.compile.worker import CompileRequest
     from codesign.cost.estimate import estimate_from_report
     from codesign.planner.plan_file import chosen_candidate, load_plan
     from codesign.sharding.strategy import Strategy
@@ -120,13 +120,8 @@ def cmd_compile(args) -> int:
 
         raise StrategyError(f"strategy {strategy.spec} uses {strategy.n_devices} devices but --devices is "
                             f"{args.devices}; make the mesh sizes multiply to {args.devices}")
-    target = resolve_target(args.target, hw) if args.target != "analytic" else "analytic"
-    if target == "analytic":
-        from codesign.cost.analytic import analytic_report
-
-        report = analytic_report(cfg, w, strategy, platform=hw.platform)
-    else:
-        report = compile_in_subprocess(cfg, w, strategy, hw, target, args.timeout, save_hlo=args.save_hlo)
+    report = measure_one(CompileRequest(cfg, w, strategy, hw, args.target, save_hlo=args.save_hlo),
+                         timeout_s=args.timeout)
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
     if args.json:

@@ -1,4 +1,4 @@
-"""The closed-form report (codesign.cost.analytic) against what XLA really compiles, and the memory model."""
+"""The closed-form report (codesign.closed_form) against what XLA really compiles, and the memory model."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import jax
 import pytest
 
 from codesign.arithmetic import param_counts
+from codesign.closed_form import analytic_memory, analytic_report, sharded_params
 from codesign.compile.hlo import analyze_hlo
 from codesign.config import Workload
-from codesign.cost.analytic import analytic_report, estimate_analytic
-from codesign.cost.memory import analytic_memory, param_groups, sharded_params
+from codesign.cost.estimate import estimate_analytic
 from codesign.hardware import load_hardware
 from codesign.presets import get_preset, preset_names
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.mesh import MeshSpec
+from codesign.sharding.param_table import param_groups
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
 from tests.conftest import require_devices

@@ -9,7 +9,7 @@ import yaml
 
 from codesign.calibrate import closest_system, run_calibration
 from codesign.config import Workload
-from codesign.cost.analytic import estimate_analytic
+from codesign.cost.estimate import estimate_analytic
 from codesign.hardware import load_hardware
 from codesign.presets import get_preset
 from codesign.sharding.strategy import Strategy

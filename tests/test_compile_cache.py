@@ -1,19 +1,22 @@
-"""The on-disk compile cache: hits on rerun, keys, damaged entries, outcomes never cached, concurrency."""
+"""The on-disk compile cache and the measuring loop in front of it: hits on rerun, keys that follow the
+package source, damaged entries, outcomes never cached, concurrency, reuse, the analytic target."""
 
 import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 
 from codesign.compile import cache as C
 from codesign.compile import worker
-from codesign.compile.cache import CompileCache, cache_key, compile_cached
-from codesign.compile.hlo import Collective
-from codesign.compile.report import CompileReport, MemoryStats
-from codesign.compile.targets import compile_candidate
+from codesign.compile import measure as M
+from codesign.compile.cache import CompileCache, cache_key, source_digest
+from codesign.compile.worker import CompileRequest
 from codesign.config import Workload
 from codesign.hardware.catalog import load_hardware
 from codesign.presets import get_preset
+from codesign.report import Collective, CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
 W = Workload(global_batch=8, seq_len=32)
@@ -35,13 +38,21 @@ def _report(outcome="ok", **kw) -> CompileReport:
     return CompileReport(**base)
 
 
-class Counting:
-    def __init__(self, fn):
-        self.fn, self.calls = fn, 0
+def _req(cfg=CFG, w=W, s=S, target="cpu", hw=HW, **kw) -> CompileRequest:
+    return CompileRequest(cfg, w, s, hw, target, **kw)
 
-    def __call__(self, *a, **k):
+
+class FakeWorker:
+    """Stands in for the worker subprocess: counts the compiles the loop really starts."""
+
+    def __init__(self, monkeypatch, make=lambda *a: _report()):
+        self.calls = 0
+        self.make = make
+        monkeypatch.setattr(M, "compile_in_subprocess", self)
+
+    def __call__(self, cfg, workload, strategy, hardware, target, timeout_s, save_hlo=None, mcd=None):
         self.calls += 1
-        return self.fn(*a, **k)
+        return self.make(cfg, workload, strategy, hardware, target)
 
 
 def test_report_json_round_trip():
@@ -51,27 +62,36 @@ def test_report_json_round_trip():
 
 def test_rerun_hits_the_cache_without_compiling(tmp_path):
     cache = CompileCache(tmp_path)
-    fn = Counting(compile_candidate)
-    cfg1 = CFG.replace(layers=1)
-    first = compile_cached(cfg1, W, S, HW, "cpu", cache=cache, compile_fn=fn)
+    stats = M.MeasureStats()
+    first = M.measure([_req(cfg=CFG.replace(layers=1))], cache=cache, timeout_s=300, stats=stats)[0]
     assert first.outcome == "ok", first.message
-    again = compile_cached(cfg1, W, S, HW, "cpu", cache=cache, compile_fn=fn)
-    assert fn.calls == 1 and cache.hits == 1 and cache.misses == 1
+    again = M.measure([_req(cfg=CFG.replace(layers=1))], cache=cache, stats=stats)[0]
+    assert stats.compiled == 1 and stats.cache_hits == 1 and cache.hits == 1 and cache.misses == 1
     assert again == first
 
 
-def test_truncated_entry_is_dropped_and_recomputed(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "not-utf8", "empty", "directory"])
+def test_damaged_entry_is_a_miss_and_recompiled(tmp_path, monkeypatch, damage):
     cache = CompileCache(tmp_path)
-    fn = Counting(lambda *a, **k: _report())
-    compile_cached(CFG, W, S, HW, "cpu", cache=cache, compile_fn=fn)
-    key = cache_key(CFG, W, S, "cpu", HW)
+    fake = FakeWorker(monkeypatch)
+    M.measure([_req()], cache=cache)
+    key = cache_key(_req())
     path = cache.path(key)
     data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    assert cache.get(key) is None and cache.corrupt == 1 and not path.exists()
-    r = compile_cached(CFG, W, S, HW, "cpu", cache=cache, compile_fn=fn)
-    assert fn.calls == 2 and r == _report()
-    assert cache.get(key) == _report()  # valid again
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "not-utf8":
+        path.write_bytes(b"\xff\xfe\x00garbage\x80" * 10)
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:
+        path.unlink()
+        path.mkdir()
+    assert cache.get(key) is None and cache.misses == 2  # the first measure's miss, and this one
+    r = M.measure([_req()], cache=cache)[0]
+    assert fake.calls == 2 and r == _report()
+    if damage != "directory":
+        assert cache.get(key) == _report()  # valid again
 
 
 def test_tampered_entry_fails_its_checksum(tmp_path):
@@ -93,20 +113,45 @@ def test_outcomes_cached_except_timeout(tmp_path):
     assert cache.get("t" * 8) is None
 
 
-def test_key_covers_what_changes_a_compile():
-    k = cache_key(CFG, W, S, "cpu", HW)
-    assert k == cache_key(CFG.replace(source="elsewhere"), W, S, "cpu", HW)  # provenance only
+def test_key_covers_what_changes_a_compile(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    k = cache_key(_req())
+    assert k == cache_key(_req(cfg=CFG.replace(source="elsewhere")))  # provenance only
     different = [
-        cache_key(CFG.replace(hidden=128), W, S, "cpu", HW),
-        cache_key(CFG, Workload(global_batch=16, seq_len=32), S, "cpu", HW),
-        cache_key(CFG, W, Strategy.parse("data=2,remat=none"), "cpu", HW),
-        cache_key(CFG, W, S, "tpu", HW),
-        cache_key(CFG, W, S, "cpu", load_hardware("tpu-v6e", 4)),
-        cache_key(CFG, W, S, "cpu", HW, max_compile_devices=1),
+        cache_key(_req(cfg=CFG.replace(hidden=128))),
+        cache_key(_req(w=Workload(global_batch=16, seq_len=32))),
+        cache_key(_req(s=Strategy.parse("data=2,remat=none"))),
+        cache_key(_req(target="tpu")),
+        cache_key(_req(hw=load_hardware("tpu-v6e", 4))),
+        cache_key(_req(max_compile_devices=1)),
+        cache_key(_req(), code="0" * 16),
     ]
     assert k not in different and len(set(different)) == len(different)
     with pytest.raises(ValueError, match="resolved target"):
-        cache_key(CFG, W, S, "auto", HW)
+        cache_key(_req(target="auto"))
+    # XLA flags change the compiled program; the emulated device count is set per request, so it does not.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert cache_key(_req()) == k
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=true")
+    assert cache_key(_req()) != k
+
+
+def test_a_changed_model_file_changes_the_key(tmp_path):
+    """The digest covers the whole package: editing a model (not only compile/) must miss the cache."""
+    import codesign
+
+    copy = tmp_path / "codesign"
+    shutil.copytree(Path(codesign.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_digest(copy)
+    assert before == source_digest(Path(codesign.__file__).parent)
+    for rel in ("models/layers.py", "sharding/rules.py", "_compat.py"):
+        f = copy / rel
+        original = f.read_text()
+        f.write_text(original + "\n# a change\n")
+        assert source_digest(copy) != before, rel
+        f.write_text(original)
+    assert source_digest(copy) == before
+    assert cache_key(_req(), code=source_digest(copy)) == cache_key(_req(), code=before)
 
 
 def test_default_directory_follows_the_environment(tmp_path, monkeypatch):
@@ -130,20 +175,64 @@ def test_concurrent_writers_leave_a_valid_entry(tmp_path):
     assert not list(tmp_path.glob("*/*.tmp"))
 
 
-def test_compile_many_serves_hits_without_starting_workers(tmp_path, monkeypatch):
+def test_measure_serves_hits_and_reuse_without_starting_workers(tmp_path, monkeypatch):
     cache = CompileCache(tmp_path)
-    reqs = [worker.CompileRequest(CFG, W, Strategy.parse(s), HW, "cpu") for s in ("data=2", "fsdp=2")]
+    reqs = [_req(s=Strategy.parse(s)) for s in ("data=2", "fsdp=2")]
     for r in reqs:
-        cache.put(cache_key(r.cfg, r.workload, r.strategy, "cpu", r.hardware), _report(notes=(r.strategy.spec,)))
-
-    def boom(*a, **k):
-        raise AssertionError("a worker was started for a cached candidate")
-
-    monkeypatch.setattr(worker, "compile_in_subprocess", boom)
+        cache.put(cache_key(r), _report(notes=(r.strategy.spec,)))
+    fake = FakeWorker(monkeypatch)
     seen = []
-    out = worker.compile_many(reqs, workers=2, cache=cache, progress_callback=lambda i, q, rep: seen.append(i))
-    assert [r.notes for r in out] == [("data=2,remat=full",), ("fsdp=2,remat=full",)]
-    assert sorted(seen) == [0, 1] and cache.hits == 2
+    reuse = {"tensor=2,remat=full": _report(notes=("reused",))}
+    out = M.measure(reqs + [_req(s=Strategy.parse("tensor=2"))], workers=2, cache=cache, reuse=reuse,
+                    progress=lambda i, rep: seen.append(i))
+    assert [r.notes for r in out] == [("data=2,remat=full",), ("fsdp=2,remat=full",), ("reused",)]
+    assert sorted(seen) == [0, 1, 2] and cache.hits == 2 and fake.calls == 0
+
+
+def test_analytic_target_is_answered_in_process_and_never_cached(tmp_path, monkeypatch):
+    from codesign.closed_form import analytic_report
+
+    cache = CompileCache(tmp_path)
+    fake = FakeWorker(monkeypatch)
+    r = M.measure([_req(target="analytic")], cache=cache)[0]
+    assert fake.calls == 0 and not list(tmp_path.rglob("*.json"))
+    want = analytic_report(CFG, W, S, platform=HW.platform)
+    assert (r.target, r.flops, r.collectives) == ("analytic", want.flops, want.collectives)
+
+
+def test_timeouts_are_rows_not_cached(tmp_path, monkeypatch):
+    cache = CompileCache(tmp_path)
+    fake = FakeWorker(monkeypatch, make=lambda *a: _report("timeout"))
+    assert M.measure([_req()], cache=cache)[0].outcome == "timeout"
+    assert M.measure([_req()], cache=cache)[0].outcome == "timeout" and fake.calls == 2
+
+
+def test_interrupt_kills_running_compiles_and_keeps_finished_ones(tmp_path, monkeypatch):
+    """Ctrl-C during a search: what finished is cached, the running workers are ended at once."""
+    cache = CompileCache(tmp_path)
+    killed = []
+    monkeypatch.setattr(M, "kill_running_workers", lambda: killed.append(True))
+
+    def make(cfg, workload, strategy, hardware, target):
+        if strategy.spec.startswith("fsdp"):
+            raise KeyboardInterrupt
+        return _report(notes=(strategy.spec,))
+
+    FakeWorker(monkeypatch, make=make)
+    reqs = [_req(s=Strategy.parse("data=2")), _req(s=Strategy.parse("fsdp=2"))]
+    with pytest.raises(KeyboardInterrupt):
+        M.measure(reqs, workers=1, cache=cache)
+    assert killed
+    assert cache.get(cache_key(reqs[0])).notes == ("data=2,remat=full",)
+    assert cache.get(cache_key(reqs[1])) is None
+
+
+def test_unknown_executor_and_missing_ray_are_one_line_errors(monkeypatch):
+    with pytest.raises(M.ExecutorError, match="unknown executor"):
+        M.make_executor("slurm", 1)
+    monkeypatch.setitem(__import__("sys").modules, "ray", None)
+    with pytest.raises(M.ExecutorError, match=r"pip install"):
+        M.make_executor("ray", 1)
 
 
 def test_code_digest_is_stable():

@@ -10,9 +10,10 @@ import pytest
 
 from codesign import arithmetic as ar
 from codesign.compile import targets as T
-from codesign.compile.report import CompileReport
+from codesign.report import CompileReport
 from codesign.compile.targets import compile_candidate, parse_oom, plan_compile, resolve_target
-from codesign.compile.worker import CompileRequest, compile_in_subprocess, compile_many
+from codesign.compile.measure import measure
+from codesign.compile.worker import CompileRequest, compile_in_subprocess
 from codesign.config import Workload
 from codesign.hardware.catalog import load_hardware
 from codesign.presets import get_preset
@@ -297,8 +298,8 @@ def test_worker_timeout_and_crash(tmp_path, monkeypatch):
     r = compile_in_subprocess(cfg, W, s, hw, "cpu", timeout_s=30)
     assert r.outcome == "error" and "SIGSEGV" in r.message and "something broke" in r.message
     seen = []
-    out = compile_many([CompileRequest(cfg, W, s, hw, "cpu")] * 2, workers=2, timeout_s=30,
-                       progress_callback=lambda i, req, rep: seen.append(i))
+    out = measure([CompileRequest(cfg, W, s, hw, "cpu")] * 2, workers=2, timeout_s=30,
+                  progress=lambda i, rep: seen.append(i))
     assert [x.outcome for x in out] == ["error", "error"] and sorted(seen) == [0, 1]
     assert os.path.exists(str(crash))
 
@@ -306,8 +307,8 @@ def test_worker_timeout_and_crash(tmp_path, monkeypatch):
 def test_cpu_compile_for_gpu_hardware_prices_accelerator_collectives():
     """XLA:CPU moves f32 gradients by all-reduce; a GPU moves bf16 by reduce-scatter. A CPU compile of
     GPU hardware is priced with the closed form's GPU collectives and cross-checked against them."""
-    from codesign.cost.analytic import analytic_report, estimate_analytic
-    from codesign.cost.estimate import estimate_from_report
+    from codesign.closed_form import analytic_report
+    from codesign.cost.estimate import estimate_analytic, estimate_from_report
 
     cfg, s = get_preset("tiny-dense"), Strategy.parse("fsdp=8")
     rep = _compile("tiny-dense", "fsdp=8")

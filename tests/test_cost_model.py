@@ -7,15 +7,13 @@ import dataclasses
 import pytest
 
 from codesign import arithmetic
-from codesign.compile.hlo import Collective
-from codesign.compile.report import CompileReport, MemoryStats
+from codesign.closed_form import analytic_memory, analytic_report
 from codesign.config import Workload
-from codesign.cost.analytic import analytic_report, estimate_analytic
-from codesign.cost.estimate import OVERLAP_FRACTION, Estimate, estimate_from_report
-from codesign.cost.memory import analytic_memory
+from codesign.cost.estimate import OVERLAP_FRACTION, Estimate, estimate_analytic, estimate_from_report
 from codesign.cost.network import assign_levels, collective_time_on_axes
 from codesign.hardware import load_hardware
 from codesign.presets import get_preset
+from codesign.report import Collective, CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
 CFG = get_preset("llama3-8b")
@@ -185,12 +183,12 @@ def test_fp8_workload_uses_fp8_peak():
 
 def test_compile_without_readable_hlo_keeps_compiler_memory_and_times_analytically():
     """libtpu can compile a step whose HLO text it then fails to print; the memory analysis still counts."""
-    from codesign.compile.report import CompileReport
     from codesign.compile.targets import _memory_only_report
     from codesign.config import Workload
     from codesign.cost.estimate import estimate_from_report
     from codesign.hardware import load_hardware
     from codesign.presets import get_preset
+    from codesign.report import CompileReport
     from codesign.sharding.strategy import Strategy
 
     class FakeCompiled:

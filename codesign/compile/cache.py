@@ -3,13 +3,15 @@
 Key: sha256 over the model's architecture (`ModelConfig.fingerprint()`), the workload, the strategy
 spec, the resolved target, `max_compile_devices`, the hardware fields a compile depends on (name,
 platform, chip, HBM and its reserve, TPU generation), the compiler stack's versions (jax, jaxlib,
-libtpu, the CUDA plugin) and a digest of codesign's own compile/analysis sources (a fixed HLO walker
-must not serve stale numbers).
+libtpu, the CUDA plugin), the XLA flags in force (`XLA_FLAGS`, `LIBTPU_INIT_ARGS`; the emulated
+device count is left out, since the worker sets it per request) and a digest of the source of the
+whole `codesign` package: a change to a model, a rule, a remat policy or the HLO walker changes the
+compiled program or its reading, so it must never be served an old report.
 
 One entry = one JSON file ``<dir>/<key[:2]>/<key>.json`` holding ``{"key", "checksum", "report"}``,
 written to a temp file in the same directory and `os.replace`d (atomic on POSIX and Windows). A
-corrupt or truncated entry (bad JSON, wrong key, checksum mismatch, unreadable report) is deleted and
-counts as a miss, so the caller recompiles. `timeout` outcomes are never stored (a rerun with more
+corrupt or truncated entry (bad JSON, non-UTF-8 bytes, wrong key, checksum mismatch, unreadable
+report) is deleted and counts as a miss, so the caller recompiles. `timeout` outcomes are never stored (a rerun with more
 time may succeed); ok, oom and error are.
 """
 
@@ -19,20 +21,18 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
-from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from codesign.compile.report import CompileReport
-from codesign.config import ModelConfig, Workload
+from codesign.compile.worker import CompileRequest
 from codesign.hardware.catalog import Hardware
-from codesign.sharding.strategy import Strategy
+from codesign.report import CompileReport
 
-CACHE_SCHEMA = "codesign.compile-cache/v1"
-_SOURCES = ("compile/targets.py", "compile/hlo.py", "compile/hlo_parse.py", "compile/xla_cost.py",
-            "compile/report.py", "train_step.py")
+CACHE_SCHEMA = "codesign.compile-cache/v2"
+_FLAG_ENV = ("XLA_FLAGS", "LIBTPU_INIT_ARGS")
+_DEVICE_COUNT_FLAG = re.compile(r"--xla_force_host_platform_device_count=\d+")
 
 
 def default_cache_dir() -> Path:
@@ -40,16 +40,31 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "codesign" / "compile"
 
 
+def source_digest(root: str | os.PathLike | None = None) -> str:
+    """sha256 over every source and data file of the package at `root` (default: this codesign)."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted(base.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".yaml", ".json", ".txtpb", ".txt") \
+                and "__pycache__" not in path.parts:
+            h.update(path.relative_to(base).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=1)
 def _code_digest() -> str:
-    h = hashlib.sha256()
-    root = resources.files("codesign")
-    for rel in _SOURCES:
-        try:
-            h.update(root.joinpath(rel).read_bytes())
-        except (FileNotFoundError, OSError):
-            h.update(rel.encode())
-    return h.hexdigest()[:16]
+    return source_digest()
+
+
+def xla_flags() -> dict[str, str]:
+    """The compiler flags in force, as they shape the compiled program (device count excluded)."""
+    out = {}
+    for name in _FLAG_ENV:
+        value = " ".join(_DEVICE_COUNT_FLAG.sub("", os.environ.get(name, "")).split())
+        if value:
+            out[name] = value
+    return out
 
 
 def hardware_key(hardware: Hardware) -> dict[str, Any]:
@@ -59,17 +74,16 @@ def hardware_key(hardware: Hardware) -> dict[str, Any]:
             "tpu_generation": hardware.tpu_generation}
 
 
-def cache_key(cfg: ModelConfig, workload: Workload, strategy: Strategy, target: str, hardware: Hardware,
-              max_compile_devices: int | None = None, extra: dict[str, Any] | None = None) -> str:
-    """`target` must be resolved (not "auto"): auto may mean another compiler on another machine."""
+def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
+    """The request's target must be resolved (not "auto"): auto may mean another compiler elsewhere."""
     from codesign.compile.targets import versions
 
-    if target == "auto":
+    if req.target == "auto":
         raise ValueError("cache_key needs a resolved target; call resolve_target(target, hardware) first")
-    payload = {"schema": CACHE_SCHEMA, "model": cfg.fingerprint(), "workload": workload.to_json(),
-               "strategy": strategy.spec, "target": target, "max_compile_devices": max_compile_devices,
-               "hardware": hardware_key(hardware), "versions": versions(), "code": _code_digest(),
-               "extra": extra or {}}
+    payload = {"schema": CACHE_SCHEMA, "model": req.cfg.fingerprint(), "workload": req.workload.to_json(),
+               "strategy": req.strategy.spec, "target": req.target, "max_compile_devices": req.max_compile_devices,
+               "hardware": hardware_key(req.hardware), "versions": versions(), "flags": xla_flags(),
+               "code": code or _code_digest()}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -90,15 +104,12 @@ class CompileCache:
     def get(self, key: str) -> CompileReport | None:
         p = self.path(key)
         try:
-            raw = p.read_text()
-        except (FileNotFoundError, NotADirectoryError):
-            self.misses += 1
-            return None
-        except OSError:
+            raw = p.read_bytes()
+        except OSError:  # missing, a directory, unreadable: a miss either way
             self.misses += 1
             return None
         try:
-            entry = json.loads(raw)
+            entry = json.loads(raw.decode("utf-8"))
             if entry.get("key") != key or entry.get("checksum") != _checksum(entry["report"]):
                 raise ValueError("key or checksum mismatch")
             report = CompileReport.from_json(entry["report"])
@@ -114,27 +125,30 @@ class CompileCache:
         return report
 
     def put(self, key: str, report: CompileReport) -> bool:
-        """Store a report (atomically); returns False for outcomes that are never cached (timeout)."""
+        """Store a report (atomically); False for outcomes never cached (timeout) or an unwritable cache
+        (a cache that cannot be written must not end a search: the report is still returned)."""
         if report.outcome == "timeout":
             return False
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
         rj = report.to_json()
         data = json.dumps({"key": key, "checksum": _checksum(rj), "report": rj}, default=str)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=p.parent)
+        tmp = None
         try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key[:12]}.", suffix=".tmp", dir=p.parent)
             with os.fdopen(fd, "w") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, p)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        return True
+            return True
+        except OSError:
+            if tmp is not None:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            return False
 
     def clear(self) -> None:
         for f in self.directory.glob("*/*.json"):
@@ -147,23 +161,3 @@ class CompileCache:
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt}
 
-
-def compile_cached(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
-                   target: str = "auto", *, cache: CompileCache | None,
-                   compile_fn: Callable[..., CompileReport] | None = None,
-                   max_compile_devices: int | None = None, **kw: Any) -> CompileReport:
-    """A cached compile: look up, else compile with `compile_fn` (default: in-process
-    `compile_candidate`; pass `worker.compile_in_subprocess` for isolation) and store the result."""
-    from codesign.compile.targets import compile_candidate, resolve_target
-
-    target = resolve_target(target, hardware)
-    fn = compile_fn or compile_candidate
-    if cache is None:
-        return fn(cfg, workload, strategy, hardware, target, max_compile_devices=max_compile_devices, **kw)
-    key = cache_key(cfg, workload, strategy, target, hardware, max_compile_devices)
-    hit = cache.get(key)
-    if hit is not None:
-        return hit
-    report = fn(cfg, workload, strategy, hardware, target, max_compile_devices=max_compile_devices, **kw)
-    cache.put(key, report)
-    return report

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codesign.compile import hlo_parse as hp
+from codesign.report import Collective
 
 _TRANSCENDENTAL = frozenset({
     "exponential", "exp", "log", "tanh", "logistic", "rsqrt", "sqrt", "cbrt", "power", "sine", "cosine",
@@ -56,27 +57,6 @@ _COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "col
 
 
 @dataclass(frozen=True)
-class Collective:
-    """One kind of collective the step runs, per device.
-
-    ``bytes`` is the buffer each device contributes or receives: for all-gather the OUTPUT (gathered)
-    size, for reduce-scatter the INPUT (unscattered) size, for all-reduce, all-to-all and
-    collective-permute the buffer size (sum over tuple elements), for send/recv the data buffer.
-    ``group_size`` is the devices per replica group (for collective-permute: the largest connected
-    set of sources and targets). ``mesh_axes`` are the mesh axes whose coordinate varies inside a group
-    (empty when no mesh shape was given). ``count`` is how often it runs per step: identical rows are
-    merged and each occurrence contributes the product of its enclosing loops' trip counts.
-    """
-
-    kind: str
-    bytes: int
-    group_size: int
-    mesh_axes: tuple[str, ...]
-    count: int
-    dtype: str
-
-
-@dataclass(frozen=True)
 class HloStats:
     flops: float
     matmul_flops: float
@@ -87,6 +67,13 @@ class HloStats:
     hlo_bytes: int
     skipped_lines: int = 0  # instruction lines the parser could not read (counted, never raised)
     matmul_bytes: float = 0.0  # the part of bytes_accessed moved by ops that contain a matmul
+    # Instructions parsed but not understood by the walk ("opcode name: error"), each one left uncounted.
+    skipped_instructions: tuple[str, ...] = ()
+
+    @property
+    def skipped(self) -> int:
+        """Everything the walk could not count: unparsed lines and unreadable instructions."""
+        return self.skipped_lines + len(self.skipped_instructions)
 
 
 class _Acc:
@@ -290,6 +277,7 @@ class _Walker:
         self.memo: dict[tuple[str, bool], _Acc] = {}
         self.loops: dict[str, tuple[str, int, str]] = {}
         self.active: set[str] = set()
+        self.skipped: list[str] = []
 
     # -- collectives ------------------------------------------------------------------------
     def _axes_of(self, groups: list[list[int]]) -> tuple[str, ...]:
@@ -338,8 +326,9 @@ class _Walker:
         for ins in comp.instrs:
             try:
                 self._instr(ins, comp, fused, acc)
-            except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError):
-                continue
+            except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError) as e:
+                # Counted and named, never silent: a parser gap would otherwise quietly lower FLOPs.
+                self.skipped.append(f"{ins.opcode} {ins.name}: {type(e).__name__}")
         self.active.discard(name)
         self.memo[key] = acc
         return acc
@@ -445,5 +434,6 @@ def analyze_hlo(hlo_text: str, mesh_shape: Sequence[tuple[str, int]] | None = No
         for (k, b, g, axes, dt), c in acc.coll.items())
     return HloStats(flops=acc.flops, matmul_flops=acc.mm, transcendentals=acc.trans, bytes_accessed=acc.bytes,
                     collectives=collectives, while_loops=tuple(walker.loops.values()),
-                    hlo_bytes=len(text.encode()), skipped_lines=module.skipped_lines, matmul_bytes=acc.mm_bytes)
+                    hlo_bytes=len(text.encode()), skipped_lines=module.skipped_lines, matmul_bytes=acc.mm_bytes,
+                    skipped_instructions=tuple(walker.skipped))
 

@@ -43,12 +43,15 @@ from importlib import metadata, resources
 from typing import Any
 
 from codesign.arithmetic import stage_layers
-from codesign.compile.report import CompileReport, MemoryStats
+from codesign.closed_form import analytic_report
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
+from codesign.report import CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
-TARGETS = ("cpu", "tpu", "gpu", "attached")
+# "analytic" is the closed form (codesign.closed_form): an instrument like the compilers, run in-process.
+TARGETS = ("analytic", "cpu", "tpu", "gpu", "attached")
+COMPILERS = ("cpu", "tpu", "gpu", "attached")
 DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
 GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
 # catalog chip name -> GpuTargetConfig text proto in codesign/data/gpu_targets
@@ -369,6 +372,10 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
     except TargetError as e:
         return _error("build", e, target=str(target))
     t_start = time.perf_counter()
+    if target == "analytic":
+        report = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        return dataclasses.replace(report, compile_s=time.perf_counter() - t_start, full_mesh=strategy.mesh,
+                                   pipeline_stages=strategy.size("pipeline"), versions=versions())
     try:
         plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
     except (TargetError, ValueError) as e:
@@ -428,8 +435,9 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
         xla = normalize_cost_analysis(raw)
         memory = _memory(compiled, hardware.memory_capacity_bytes)
         notes += _flops_notes(stats, xla)
-        if stats.skipped_lines:
-            notes.append(f"HLO parser skipped {stats.skipped_lines} lines")
+        if stats.skipped:
+            notes.append(f"HLO walk skipped {stats.skipped} lines/instructions "
+                         f"({', '.join(stats.skipped_instructions[:3]) or 'unparsed lines'})")
         if memory and memory.capacity and memory.peak > memory.capacity:
             notes.append(f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity "
                          f"{memory.capacity / 2**30:.2f} GiB (the {target} compiler did not reject it)")
@@ -442,6 +450,20 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
                       compile_s=compile_s, notes=tuple(notes), **base)
     return CompileReport(
         outcome="ok", compile_s=compile_s, flops=stats.flops, matmul_flops=stats.matmul_flops,
-        bytes_accessed=stats.bytes_accessed, matmul_bytes=stats.matmul_bytes, transcendentals=stats.transcendentals, xla_cost_analysis=xla,
-        collectives=stats.collectives, memory=memory, hlo_bytes=stats.hlo_bytes, while_loops=stats.while_loops,
-        notes=tuple(notes), versions=versions(), **base)
+        bytes_accessed=stats.bytes_accessed, matmul_bytes=stats.matmul_bytes,
+        transcendentals=stats.transcendentals, xla_cost_analysis=xla, collectives=stats.collectives,
+        memory=memory, hlo_bytes=stats.hlo_bytes, while_loops=stats.while_loops, notes=tuple(notes),
+        versions=versions(), skipped_instructions=stats.skipped,
+        skipped_examples=stats.skipped_instructions[:8],
+        closed_form_collective_ratio=_closed_form_ratio(plan, target, stats.collectives), **base)
+
+
+def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:
+    """A CPU compile's collective bytes against the closed form's CPU lowering of the same program: the
+    structure check that lets the cost model trust the closed form's accelerator collectives."""
+    if target != "cpu" or plan.data_scale > 1:
+        return None  # a reduced data axis changes group sizes the closed form does not see
+    closed = analytic_report(plan.cfg, plan.workload, plan.strategy, platform="cpu")
+    want = sum(c.bytes * c.count for c in closed.collectives)
+    got = sum(c.bytes * c.count for c in collectives)
+    return got / want if want > 0 else None

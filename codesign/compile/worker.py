@@ -9,29 +9,29 @@ libraries print goes to stderr (fd 1 is pointed at fd 2 while it runs).
 
 A crash (segfault, non-zero exit, unreadable output) becomes an `error` report carrying the tail of
 the child's stderr (libtpu/absl noise lines filtered out); exceeding `timeout_s` kills the child's
-whole process group and becomes a `timeout` report. `compile_many` drives up to `workers` such
-children at once from a thread pool.
+whole process group and becomes a `timeout` report. `codesign.compile.measure` drives these
+children (cache, reuse, executors, progress); `kill_running_workers` ends them all on Ctrl-C.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# Light imports only: this module is also the child's entry point, and JAX must not start before
-# main() has configured the environment (the parent sets it too).
-from codesign.compile.report import CompileReport
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
+
+# Light imports only: this module is also the child's entry point, and JAX must not start before
+# main() has configured the environment (the parent sets it too).
+from codesign.report import CompileReport
 from codesign.sharding.strategy import Strategy
 
 _NOISE = re.compile(
@@ -39,6 +39,8 @@ _NOISE = re.compile(
     r"^=== Source Location Trace|^learning/|^Failed to find host bounds|TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|"
     r"ALLOW_MULTIPLE_LIBTPU_LOAD|^I\d{4} |^W\d{4} .*(libtpu|tpu))")
 STDERR_TAIL_LINES = 40
+_RUNNING: set[subprocess.Popen] = set()  # live worker children, so that Ctrl-C can end them at once
+_RUNNING_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -118,6 +120,8 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
     proc = subprocess.Popen([sys.executable, "-m", "codesign.compile.worker"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
                             text=True)
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     try:
         out, err = proc.communicate(json.dumps(req.to_json()), timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -130,7 +134,11 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
     except BaseException:
         _kill_group(proc)
         raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     wall = time.perf_counter() - t0
+
     if proc.returncode != 0:
         rc = proc.returncode
         what = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() \
@@ -147,6 +155,14 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
                              full_mesh=strategy.mesh)
 
 
+def kill_running_workers() -> None:
+    """End every live worker child (and its process group) now: Ctrl-C must not wait for compiles."""
+    with _RUNNING_LOCK:
+        procs = list(_RUNNING)
+    for proc in procs:
+        _kill_group(proc)
+
+
 def _kill_group(proc: subprocess.Popen) -> None:
     try:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -155,51 +171,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
             proc.kill()
         except ProcessLookupError:
             pass
-
-
-def compile_many(requests: Sequence[CompileRequest], workers: int = 2, timeout_s: float = 600.0,
-                 progress_callback: Callable[[int, CompileRequest, CompileReport], None] | None = None,
-                 cache=None) -> list[CompileReport]:
-    """Compile each request in its own subprocess, up to `workers` at once; reports in request order.
-
-    `cache` (a CompileCache) is consulted first and filled after; `progress_callback(index, request,
-    report)` is called as each finishes (cache hits included), from the calling thread.
-    """
-    from codesign.compile.cache import cache_key
-    from codesign.compile.targets import TargetError, resolve_target
-
-    reports: list[CompileReport | None] = [None] * len(requests)
-    keys: dict[int, str] = {}
-    todo: list[int] = []
-    for i, r in enumerate(requests):
-        if cache is not None:
-            try:
-                keys[i] = cache_key(r.cfg, r.workload, r.strategy, resolve_target(r.target, r.hardware), r.hardware,
-                                    r.max_compile_devices)
-            except TargetError:
-                keys.pop(i, None)
-            hit = cache.get(keys[i]) if i in keys else None
-            if hit is not None:
-                reports[i] = hit
-                if progress_callback:
-                    progress_callback(i, r, hit)
-                continue
-        todo.append(i)
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        futures = {}
-        for i in todo:
-            r = requests[i]
-            futures[pool.submit(compile_in_subprocess, r.cfg, r.workload, r.strategy, r.hardware, r.target,
-                                timeout_s, r.save_hlo, r.max_compile_devices)] = i
-        for fut in cf.as_completed(futures):
-            i = futures[fut]
-            rep = fut.result()
-            reports[i] = rep
-            if cache is not None and i in keys:
-                cache.put(keys[i], rep)
-            if progress_callback:
-                progress_callback(i, requests[i], rep)
-    return [r for r in reports if r is not None]
 
 
 # ---------------------------------------------------------------------------------------------- child

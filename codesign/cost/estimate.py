@@ -51,19 +51,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from codesign import arithmetic
-from codesign.compile.report import CompileReport
+from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
 from codesign.config import ModelConfig, Workload
-from codesign.cost.analytic import analytic_report, moe_slots, shape_of
 from codesign.cost.collectives import KINDS, normalize_kind
-from codesign.cost.memory import analytic_memory
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
 from codesign.hardware.catalog import FrozenMap, Hardware
+from codesign.report import CompileReport
 from codesign.sharding.strategy import Strategy
 
 OVERLAP_FRACTION = 0.8
 STRUCTURE_TOLERANCE = 0.25
 VECTOR_FRACTION_OF_BF16 = 1 / 16
-_BATCH_LIKE = frozenset({"data", "fsdp", "expert", "pipeline"})
 _HIDEABLE = frozenset({"all-gather", "reduce-scatter", "all-reduce"})
 _NATIVE = {"tpu": ("tpu", "attached"), "gpu": ("gpu", "attached"), "cpu": ("cpu", "attached")}
 
@@ -133,7 +131,7 @@ def busy_time(compute_s: float, memory_s: float, vector_s: float) -> float:
 
 
 def _gb(x: float) -> str:
-    return f"{x / 1e9:.3g} GB"
+    return f"{x / 2**30:.3g} GiB"
 
 
 def _ms(x: float) -> str:
@@ -164,85 +162,107 @@ def _kind(kind: str) -> str | None:
 
 
 def _native(report: CompileReport, hardware: Hardware) -> bool:
-    """Whether the report's compiler targets this hardware (its memory and traffic figures apply)."""
+    """Whether the report's instrument targets this hardware (its memory and traffic figures apply)."""
     return report.target in _NATIVE.get(hardware.platform, ()) or report.target == "analytic"
 
 
-def _memory(cfg, workload, strategy, hardware: Hardware, report: CompileReport) -> tuple[float, bool]:
-    """(bytes per device, whether the analytic model supplied them)."""
-    if report.outcome == "oom" and report.oom_required_bytes:
-        return float(report.oom_required_bytes), False
-    if _native(report, hardware) and report.memory is not None and report.memory.peak > 0:
-        return float(report.memory.peak), False
-    return analytic_memory(cfg, workload, strategy).total, True
+@dataclass
+class _Inputs:
+    """What one estimate reads: the report, and the closed form standing in where the report cannot.
+
+    The closed form (in the hardware's lowering) is computed at most once per candidate, and not at
+    all when the report is the closed form's own or a native compile that was read back.
+    """
+
+    cfg: ModelConfig
+    workload: Workload
+    strategy: Strategy
+    hardware: Hardware
+    report: CompileReport
+    _closed: CompileReport | None = None
+
+    @property
+    def closed(self) -> CompileReport:
+        if self._closed is None:
+            r = self.report
+            same = r.target == "analytic" and r.lowering == lowering_for(self.hardware.platform).name
+            self._closed = r if same else analytic_report(self.cfg, self.workload, self.strategy,
+                                                          platform=self.hardware.platform)
+        return self._closed
+
+    @property
+    def native(self) -> bool:
+        return _native(self.report, self.hardware)
 
 
-def _collective_check(cfg, workload, strategy, report: CompileReport) -> str | None:
-    """The compiled collective bytes against the closed form's CPU lowering of the same program."""
-    if report.data_scale > 1:  # compiled on a reduced mesh: not the same program as the closed form's
-        return None
-    closed = analytic_report(cfg, workload, strategy, platform="cpu")
-    got = sum(c.bytes * c.count for c in report.collectives)
-    want = sum(c.bytes * c.count for c in closed.collectives)
-    if want <= 0:
-        return None if got <= 0 else f"the compile has {_gb(got)} of collectives the closed form does not expect"
-    ratio = got / want
-    flag = "" if abs(ratio - 1) <= STRUCTURE_TOLERANCE else \
-        " (outside the tested agreement: the closed form may miss a collective; see `codesign compile --json`)"
-    return f"compiled collectives {ratio:.2f}x the closed form's (CPU lowering){flag}"
+@dataclass(frozen=True)
+class _Roofline:
+    compute_s: float
+    memory_s: float
+    vector_s: float
+    reasons: tuple[str, ...]
+    evidence: str
+    collectives: tuple
+
+    @property
+    def busy(self) -> float:
+        return busy_time(self.compute_s, self.memory_s, self.vector_s)
 
 
-def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
-                         report: CompileReport) -> Estimate:
-    reasons: list[str] = []
-    evidence = report.evidence
-    timing = report
+def _roofline(x: _Inputs) -> _Roofline:
+    """Matmul kernels + memory-bound kernels, from the report or, where it has none, the closed form."""
+    report, hardware, reasons = x.report, x.hardware, []
+    evidence, timing = report.evidence, report
     if not report.ok:  # no numbers to time: the closed form stands in, and says so
-        timing = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        timing = x.closed
         reasons.append(f"compile {report.outcome}: {report.message[:120]}; step time from the analytic model")
         if report.outcome != "oom":
             evidence = "analytic"
     elif not report.hlo_analyzed:  # the compiler's memory stands; its HLO could not be read for timing
-        timing = analytic_report(cfg, workload, strategy, platform=hardware.platform)
+        timing = x.closed
         evidence = f"{report.evidence}-memory+analytic-time"
-    placements = assign_levels(strategy.mesh, hardware)
-    order = [a for a, _ in strategy.mesh]
-    sizes = strategy.sizes
-    for p in placements.values():
-        if p.size > 1:
-            reasons.append(p.reason)
-    compiled = dict(report.mesh)
-    if compiled and compiled.get("data", 1) != sizes["data"]:
-        reasons.append(f"compiled data={compiled.get('data', 1)} of {sizes['data']}; data-axis groups "
-                       f"scaled to {sizes['data']}")
-
-    # -- compute roofline -----------------------------------------------------------------------
-    dtype = compute_dtype(workload)
-    peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
-    n = matmul_size(cfg, workload, strategy)
-    frac = hardware.efficiency.matmul_fraction(dtype, n)
+        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
     traffic, mm_traffic, collectives = timing.bytes_accessed, timing.matmul_bytes, timing.collectives
-    if timing is report and not _native(report, hardware):
+    if timing is report and not x.native:
         # CPU fusion and f32 lowering predict neither accelerator HBM traffic nor collective sizes (the
         # same reason memory fit comes from the analytic model): FLOPs come from the compile.
-        closed = analytic_report(cfg, workload, strategy, platform=hardware.platform)
-        traffic, mm_traffic, collectives = closed.bytes_accessed, closed.matmul_bytes, closed.collectives
+        traffic, mm_traffic, collectives = x.closed.bytes_accessed, x.closed.matmul_bytes, x.closed.collectives
         reasons.append(f"HBM traffic and collectives from the analytic model in {hardware.platform.upper()} "
                        f"lowering: {report.target} fusion and f32 all-reduces do not transfer")
-        check = _collective_check(cfg, workload, strategy, report)
-        if check:
-            reasons.append(check)
+        if report.closed_form_collective_ratio is not None:
+            ratio = report.closed_form_collective_ratio
+            flag = "" if abs(ratio - 1) <= STRUCTURE_TOLERANCE else \
+                " (outside the tested agreement: the closed form may miss a collective; see `codesign compile --json`)"
+            reasons.append(f"compiled collectives {ratio:.2f}x the closed form's (CPU lowering){flag}")
+    if timing.skipped_instructions:
+        reasons.append(f"HLO walk could not read {timing.skipped_instructions} instructions "
+                       f"({', '.join(timing.skipped_examples[:3])}): FLOPs and bytes may be undercounted")
+    dtype = compute_dtype(x.workload)
+    peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
+    n = matmul_size(x.cfg, x.workload, x.strategy)
+    frac = hardware.efficiency.matmul_fraction(dtype, n)
     hbm_rate = hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm
     compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
     memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
     vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
-    busy = busy_time(compute_s, memory_s, vector_s)
     reasons.append(f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
                    f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
                    f"({_gb(traffic - mm_traffic)} of HBM traffic)")
+    return _Roofline(compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives))
 
-    # -- collectives -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Network:
+    by_kind: dict[str, float]
+    exposed: float
+    reasons: tuple[str, ...]
+
+
+def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, AxisPlacement]) -> _Network:
+    """Each collective timed on the network levels of its mesh axes; batch-axis ones hide behind compute."""
+    order = [a for a, _ in x.strategy.mesh]
+    hideable_axes = frozenset(x.strategy.batch_axes) | {"pipeline"}
     by_kind: dict[str, float] = {}
     hideable = exposed = 0.0
     exposed_by: dict[str, float] = {}
@@ -253,7 +273,7 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
             continue
         t = collective_time_on_axes(kind, c.bytes, axes, placements) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
-        if kind in _HIDEABLE and set(axes) <= _BATCH_LIKE:
+        if kind in _HIDEABLE and set(axes) <= hideable_axes:
             hideable += t
         else:
             exposed += t
@@ -261,46 +281,78 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
             exposed_by[label] = exposed_by.get(label, 0.0) + t
     hidden = min(hideable, OVERLAP_FRACTION * busy)
     exposed += hideable - hidden
+    reasons = []
     if hideable > 0:
         reasons.append(f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
                        f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)")
     for label, t in sorted(exposed_by.items(), key=lambda kv: -kv[1])[:3]:
         reasons.append(f"{label} exposed: {_ms(t)}")
-    stage_s = busy + exposed
+    return _Network(by_kind, exposed, tuple(reasons))
 
-    # -- pipeline --------------------------------------------------------------------------------
-    p, m = sizes["pipeline"], strategy.microbatches
-    bubble = 0.0
-    step = stage_s
-    if p > 1:
-        sh = shape_of(cfg, workload, strategy)
-        p2p = collective_time_on_axes("collective-permute", sh.t * cfg.hidden * 2, ("pipeline",), placements)
-        tick = stage_s / m + 2 * p2p
-        step = (m + p - 1) * tick
-        bubble = (p - 1) * tick
-        by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + 2 * (m + p - 1) * p2p
-        exposed += 2 * (m + p - 1) * p2p
-        reasons.append(f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} of the step")
 
-    # -- memory ----------------------------------------------------------------------------------
-    mem, analytic_mem = _memory(cfg, workload, strategy, hardware, report)
+def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, float, tuple[str, ...]]:
+    """(step, bubble, point-to-point seconds) of p stages running m microbatches each."""
+    p, m = x.strategy.size("pipeline"), x.strategy.microbatches
+    if p <= 1:
+        return stage_s, 0.0, 0.0, ()
+    sh = shape_of(x.cfg, x.workload, x.strategy)
+    p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
+    tick = stage_s / m + 2 * p2p
+    step = (m + p - 1) * tick
+    bubble = (p - 1) * tick
+    return step, bubble, 2 * (m + p - 1) * p2p, (f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} "
+                                                 "of the step",)
+
+
+def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
+    """(bytes per device, reasons, whether the closed form supplied them)."""
+    report = x.report
+    if report.outcome == "oom" and report.oom_required_bytes:
+        return float(report.oom_required_bytes), (), False
+    if x.native and report.memory is not None and report.memory.peak > 0:
+        return float(report.memory.peak), (), False
+    return float(x.closed.memory.peak), (f"memory from the analytic model ({report.target} memory figures are "
+                                         f"not {x.hardware.platform.upper()} figures)",), True
+
+
+def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
+                         report: CompileReport) -> Estimate:
+    """Price one report: roofline -> collectives -> pipeline bubble -> memory -> reasons."""
+    x = _Inputs(cfg, workload, strategy, hardware, report)
+    placements = assign_levels(strategy.mesh, hardware)
+    reasons = [p.reason for p in placements.values() if p.size > 1]
+    compiled = dict(report.mesh)
+    if compiled and compiled.get("data", 1) != strategy.size("data"):
+        reasons.append(f"compiled data={compiled.get('data', 1)} of {strategy.size('data')}; data-axis groups "
+                       f"scaled to {strategy.size('data')}")
+
+    roof = _roofline(x)
+    net = _collectives(x, roof.collectives, roof.busy, placements)
+    step, bubble, p2p, pipe_reasons = _pipeline(x, roof.busy + net.exposed, placements)
+    by_kind, exposed = dict(net.by_kind), net.exposed
+    if p2p:
+        by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + p2p
+        exposed += p2p
+    mem, mem_reasons, closed_mem = _memory(x)
     cap = hardware.memory_capacity_bytes
     fits = report.outcome != "oom" and mem <= cap
-    if analytic_mem and report.target != "analytic":
-        evidence += "+analytic-memory"
-        reasons.append(f"memory from the analytic model ({report.target} memory figures are not "
-                       f"{hardware.platform.upper()} figures)")
-    reasons.append(f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}")
+    evidence = roof.evidence + ("+analytic-memory" if closed_mem and report.target != "analytic" else "")
+    reasons += [*roof.reasons, *net.reasons, *pipe_reasons, *mem_reasons,
+                f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}"]
 
     tokens = workload.global_batch * workload.seq_len
     model_flops = arithmetic.train_flops_per_token(cfg, workload.seq_len) * tokens
     mfu = model_flops / (step * strategy.n_devices * hardware.peak_flops["bf16"]) if step > 0 else 0.0
     pl = FrozenMap({a: FrozenMap({"level": "+".join(pp.levels), "levels": tuple(pp.levels), "reason": pp.reason})
                     for a, pp in placements.items() if pp.size > 1})
-    if report.ok and not report.hlo_analyzed:
-        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
     return Estimate(strategy=strategy, step_time_s=step, tokens_per_s=tokens / step if step > 0 else 0.0,
                     mfu=mfu, memory_per_device_bytes=int(mem), memory_capacity_bytes=int(cap), fits=fits,
-                    compute_s=compute_s, memory_s=memory_s, vector_s=vector_s, collective_s=FrozenMap(by_kind),
-                    exposed_collective_s=exposed, pipeline_bubble_s=bubble, evidence=evidence,
-                    reasons=tuple(reasons), placements=pl)
+                    compute_s=roof.compute_s, memory_s=roof.memory_s, vector_s=roof.vector_s,
+                    collective_s=FrozenMap(by_kind), exposed_collective_s=exposed, pipeline_bubble_s=bubble,
+                    evidence=evidence, reasons=tuple(reasons), placements=pl)
+
+
+def estimate_analytic(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware) -> Estimate:
+    """The estimate of the closed-form report in the hardware's lowering (the planner's prescreen)."""
+    return estimate_from_report(cfg, workload, strategy, hardware,
+                                analytic_report(cfg, workload, strategy, platform=hardware.platform))

@@ -12,19 +12,17 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
 from codesign.arithmetic import param_counts
 from codesign.axes import MESH_AXES
-from codesign.compile.report import CompileReport
 from codesign.config import ConfigError, ModelConfig, Workload
-from codesign.cost.analytic import estimate_analytic
-from codesign.cost.estimate import Estimate, estimate_from_report
+from codesign.cost.estimate import Estimate, estimate_analytic, estimate_from_report
 from codesign.hardware.catalog import Hardware
 from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
 from codesign.planner.plan_file import Plan
+from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.strategy import Strategy
 
@@ -60,6 +58,7 @@ class PlanRequest:
     axis_orders: bool = True
     cache_dir: str | None = None
     use_cache: bool = True
+    executor: str = "local"  # the measuring loop's executor: "local" worker processes or "ray"
     # Reports from earlier plans of the same model/workload/target (a sweep over hardware knobs):
     # a strategy found here is re-costed under this request's hardware instead of recompiled.
     reuse: dict[str, CompileReport] | None = None
@@ -113,47 +112,29 @@ def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
     return 16 * pc.total / dense_shards
 
 
-def _compile_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_far: int, total: int) -> int:
-    """Compile `batch` in parallel worker processes, filling `.report` and re-costing each. Returns cache hits."""
-    from codesign.compile.cache import CompileCache, cache_key
-    from codesign.compile.worker import compile_in_subprocess
+def _measure_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_far: int, total: int,
+                   cache) -> int:
+    """Measure `batch` with the one measuring loop, filling `.report` and re-costing each. Returns the
+    reports served without compiling (reuse map or cache)."""
+    from codesign.compile.measure import MeasureStats, measure
+    from codesign.compile.worker import CompileRequest
 
-    cache = CompileCache(req.cache_dir) if req.use_cache else None
-    hits = 0
-    todo = []
-    for sc in batch:
-        if req.reuse is not None and sc.strategy.spec in req.reuse:
-            sc.report = req.reuse[sc.strategy.spec]
-            hits += 1
-            continue
-        key = cache_key(req.cfg, req.workload, sc.strategy, target, req.hardware, req.max_compile_devices)
-        hit = cache.get(key) if cache else None
-        if hit is not None:
-            hits += 1
-            sc.report = hit
-        else:
-            todo.append((sc, key))
-    done = done_so_far + hits
-    if req.progress:
-        req.progress("compiling", done, total)
-    if todo:
-        with ThreadPoolExecutor(max_workers=max(1, req.workers)) as pool:
-            futs = {pool.submit(compile_in_subprocess, req.cfg, req.workload, sc.strategy, req.hardware, target,
-                                req.timeout_s, max_compile_devices=req.max_compile_devices): (sc, key)
-                    for sc, key in todo}
-            for fut in as_completed(futs):
-                sc, key = futs[fut]
-                sc.report = fut.result()
-                if cache is not None and sc.report.outcome != "timeout":
-                    cache.put(key, sc.report)
-                if req.reuse is not None:
-                    req.reuse[sc.strategy.spec] = sc.report
-                done += 1
-                if req.progress:
-                    req.progress("compiling", done, total)
-    for sc in batch:
-        sc.estimate = estimate_from_report(req.cfg, req.workload, sc.strategy, req.hardware, sc.report)
-    return hits
+    stats = MeasureStats()
+    done = [done_so_far]
+
+    def progress(i: int, report: CompileReport) -> None:
+        done[0] += 1
+        if req.progress:
+            req.progress("compiling", done[0], total)
+
+    requests = [CompileRequest(req.cfg, req.workload, sc.strategy, req.hardware, target,
+                               max_compile_devices=req.max_compile_devices) for sc in batch]
+    reports = measure(requests, workers=req.workers, timeout_s=req.timeout_s, cache=cache, reuse=req.reuse,
+                      progress=progress, executor=req.executor, stats=stats)
+    for sc, report in zip(batch, reports):
+        sc.report = report
+        sc.estimate = estimate_from_report(req.cfg, req.workload, sc.strategy, req.hardware, report)
+    return stats.served_without_compiling
 
 
 def _sort_key(sc: Scored, req: PlanRequest):
@@ -170,7 +151,7 @@ def plan(req: PlanRequest) -> Plan:
     if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
         raise ConfigError(f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
                           f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}")
-    target = "analytic" if req.target == "analytic" else resolve_target(req.target, hw)
+    target = resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
@@ -201,21 +182,27 @@ def plan(req: PlanRequest) -> Plan:
         scored.sort(key=lambda sc: _sort_key(sc, req))
     n_analytic = len(scored)
 
-    # 4-6. Compile down the analytic order until K fitting candidates are verified.
+    # 4-6. Measure down the analytic order on the target until K fitting candidates are verified
+    #      (on the analytic target this re-reads the closed form: microseconds, nothing compiled).
+    from codesign.compile.cache import CompileCache
+
+    cache = CompileCache(req.cache_dir) if req.use_cache else None
     compiled = 0
     hits = 0
-    if target != "analytic":
-        limit = len(scored) if req.exhaustive else (req.max_compiles or max(3 * req.top_k, req.top_k + 4))
-        want = len(scored) if req.exhaustive else req.top_k
-        i = 0
-        while i < len(scored) and compiled < limit:
-            verified = sum(1 for sc in scored[:i] if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity))
-            if verified >= want:
-                break
-            batch = scored[i: i + min(max(1, req.workers), want - verified, limit - compiled)]
-            hits += _compile_batch(req, target, batch, compiled, min(limit, len(scored)))
-            compiled += len(batch)
-            i += len(batch)
+    limit = len(scored) if req.exhaustive else (req.max_compiles or max(3 * req.top_k, req.top_k + 4))
+    want = len(scored) if req.exhaustive else req.top_k
+    total = min(limit, len(scored))
+    i = 0
+    while i < len(scored) and compiled < limit:
+        verified = sum(1 for sc in scored[:i] if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity))
+        if verified >= want:
+            break
+        batch = scored[i: i + min(max(1, req.workers), want - verified, limit - compiled)]
+        hits += _measure_batch(req, target, batch, compiled, total, cache)
+        compiled += len(batch)
+        i += len(batch)
+    if req.progress:  # the search may stop early: the bar ends where the work ended
+        req.progress("compiling", compiled, compiled)
 
     # 5. Rank: verified candidates that fit first, then the rest of the analytic order.
     verified_fit = [sc for sc in scored if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity)]

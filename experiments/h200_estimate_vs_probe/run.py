@@ -21,7 +21,7 @@ from pathlib import Path
 
 from codesign.arithmetic import train_flops_per_token
 from codesign.config import ModelConfig, Workload
-from codesign.cost.analytic import estimate_analytic
+from codesign.cost.estimate import estimate_analytic
 from codesign.hardware import load_hardware
 from codesign.sharding.strategy import Strategy
 

@@ -1,9 +1,4 @@
-"""Analytic memory per device, and the closed-form param table that the analytic cost model shares.
-
-`param_groups(cfg)` lists every param the Flax models in `codesign.models` build (one layer's shape, its
-logical axes, and which stack it lives in); a test pins its total to `arithmetic.param_counts`.
-`sharded_params` resolves each through the strategy's rules (non-strict, as the planner does) so that
-the shard factor of every param is the one `TrainProgram` would use.
+"""Closed-form memory per device, read from the param table in `params.py`.
 
 Memory formula (bytes per device; P = local param elements = sum of elems / shards over all params):
     params     4 P  (float32 master weights; `Workload.param_dtype`)
@@ -31,118 +26,17 @@ sharded by expert and the FFN width by tensor).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
-from codesign import axes as A
 from codesign.arithmetic import stage_layers
-from codesign.compile.report import MemoryStats
+from codesign.closed_form.params import sharded_params, spmd_sizes
 from codesign.config import ModelConfig, Workload
-from codesign.sharding.rules import default_rules
+from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
 
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
-
-
-@dataclass(frozen=True)
-class ParamGroup:
-    name: str
-    shape: tuple[int, ...]  # one layer's shape (no leading layer axis)
-    logical: tuple[str | None, ...]
-    where: str  # "dense" | "moe" (per layer of that stack) | "global" (once)
-
-    @property
-    def elems(self) -> int:
-        return math.prod(self.shape)
-
-
-def _attention(cfg: ModelConfig) -> list[tuple]:
-    d, n = cfg.hidden, cfg.heads
-    if cfg.attention != "mla":
-        k, h = cfg.kv_heads, cfg.head_dim
-        out = [("attn.wq", (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM)),
-               ("attn.wk", (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM)),
-               ("attn.wv", (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM)),
-               ("attn.wo", (n, h, d), (A.HEADS, A.HEAD_DIM, A.EMBED))]
-        if cfg.qkv_bias:
-            out += [("attn.bq", (n, h), (A.HEADS, A.HEAD_DIM)), ("attn.bk", (k, h), (A.KV_HEADS, A.HEAD_DIM)),
-                    ("attn.bv", (k, h), (A.KV_HEADS, A.HEAD_DIM))]
-        return out
-    qk, rope = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_rope_head_dim
-    if cfg.q_lora_rank:
-        out = [("attn.wq_a", (d, cfg.q_lora_rank), (A.EMBED, A.Q_LORA)),
-               ("attn.q_norm", (cfg.q_lora_rank,), (A.Q_LORA,)),
-               ("attn.wq_b", (cfg.q_lora_rank, n, qk), (A.Q_LORA, A.HEADS, A.HEAD_DIM))]
-    else:
-        out = [("attn.wq", (d, n, qk), (A.EMBED, A.HEADS, A.HEAD_DIM))]
-    return out + [
-        ("attn.wkv_a", (d, cfg.kv_lora_rank + rope), (A.EMBED, A.KV_LORA)),
-        ("attn.kv_norm", (cfg.kv_lora_rank,), (A.KV_LORA,)),
-        ("attn.wkv_b", (cfg.kv_lora_rank, n, cfg.qk_nope_head_dim + cfg.v_head_dim), (A.KV_LORA, A.HEADS, A.HEAD_DIM)),
-        ("attn.wo", (n, cfg.v_head_dim, d), (A.HEADS, A.HEAD_DIM, A.EMBED))]
-
-
-def _mlp(cfg: ModelConfig, prefix: str, width: int) -> list[tuple]:
-    d = cfg.hidden
-    out = [(f"{prefix}.w_gate", (d, width), (A.EMBED, A.MLP))] if cfg.ffn_activation == "swiglu" else []
-    return out + [(f"{prefix}.w_up", (d, width), (A.EMBED, A.MLP)), (f"{prefix}.w_down", (width, d), (A.MLP, A.EMBED))]
-
-
-@functools.lru_cache(maxsize=256)
-def param_groups(cfg: ModelConfig) -> tuple[ParamGroup, ...]:
-    """Every param of the model (mirrors codesign/models/*.py)."""
-    d = cfg.hidden
-    common = [("attn_norm", (d,), (A.EMBED,)), ("ffn_norm", (d,), (A.EMBED,))] + _attention(cfg)
-    out = []
-    if cfg.dense_layers:
-        out += [ParamGroup(n, s, lg, "dense") for n, s, lg in common + _mlp(cfg, "mlp", cfg.mlp_dim)]
-    if cfg.moe_layers:
-        e, f = cfg.n_routed_experts, cfg.moe_mlp_dim
-        moe = [("moe.router", (d, e), (A.EMBED, None)),
-               ("moe.w_gate", (e, d, f), (A.EXPERT, A.EMBED, A.MLP)),
-               ("moe.w_up", (e, d, f), (A.EXPERT, A.EMBED, A.MLP)),
-               ("moe.w_down", (e, f, d), (A.EXPERT, A.MLP, A.EMBED))]
-        if cfg.n_shared_experts:
-            moe += _mlp(cfg, "moe.shared", f * cfg.n_shared_experts)
-        out += [ParamGroup(n, s, lg, "moe") for n, s, lg in common + moe]
-    out.append(ParamGroup("embed", (cfg.vocab_size, d), (A.VOCAB, A.EMBED), "global"))
-    out.append(ParamGroup("final_norm", (d,), (A.EMBED,), "global"))
-    if not cfg.tie_embeddings:
-        out.append(ParamGroup("lm_head", (d, cfg.vocab_size), (A.EMBED, A.VOCAB), "global"))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class ShardedParam:
-    group: ParamGroup
-    count: float  # copies per device program: layers of its stack (per pipeline stage), 1 for global
-    axes: tuple[str, ...]  # mesh axes that shard it (after non-strict resolution)
-    shards: int
-
-    @property
-    def local_elems(self) -> float:
-        return self.group.elems / self.shards
-
-
-def spmd_sizes(strategy: Strategy) -> dict[str, int]:
-    """The SPMD mesh of one pipeline stage: every axis but `pipeline`."""
-    return {a: n for a, n in strategy.mesh if a != "pipeline"}
-
-
-@functools.lru_cache(maxsize=4096)
-def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, ...]:
-    rules = default_rules(strategy)
-    sizes = spmd_sizes(strategy)
-    p = strategy.size("pipeline")
-    out = []
-    for g in param_groups(cfg):
-        spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
-        axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
-        count = {"dense": stage_layers(cfg, p)[0], "moe": stage_layers(cfg, p)[1], "global": 1.0}[g.where]
-        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
-    return tuple(out)
 
 
 @dataclass(frozen=True)

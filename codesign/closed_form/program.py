@@ -1,4 +1,4 @@
-"""Closed-form CompileReport: what XLA would emit for one (model, workload, strategy), without compiling.
+"""The closed form as an instrument: the CompileReport what XLA would emit for one (model, workload, strategy), without compiling.
 
 Microseconds per candidate, so the planner can rank thousands of layouts and compile only the best.
 Everything is per device per step, for ONE pipeline stage (layers / pipeline; the embedding and the LM
@@ -51,10 +51,10 @@ import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
-from codesign.compile.hlo import Collective
-from codesign.compile.report import CompileReport
+from codesign.closed_form.memory import F32, analytic_memory
+from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes
 from codesign.config import ModelConfig, Workload
-from codesign.cost.memory import F32, analytic_memory, sharded_params, spmd_sizes
+from codesign.report import Collective, CompileReport
 from codesign.sharding.strategy import Strategy
 
 # Elementwise op counts (FLOPs per element), fitted to XLA's HLO op counts on the tiny presets.
@@ -94,37 +94,6 @@ CPU_TRAFFIC = {"act": 36, "weight": 13, "opt": 84, "score": 56, "logit": 24}
 
 def lowering_for(platform: str | None) -> Lowering:
     return CPU_LOWERING if platform == "cpu" else ACCEL_LOWERING
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Per-device sizes of one strategy: what every formula above is written in."""
-
-    b: float  # rows per device per microbatch
-    s: float  # positions per device
-    seq: int  # full sequence length
-    m: int  # microbatches
-    sizes: dict
-    cap: int  # MoE expert capacity per group
-
-    @property
-    def t(self) -> float:
-        return self.b * self.s
-
-
-def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
-    sizes = spmd_sizes(strategy)
-    m = strategy.microbatches
-    b = workload.global_batch / (sizes["data"] * sizes["fsdp"] * sizes["expert"] * m)
-    cap = max(1, math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor
-                           / cfg.n_routed_experts)) if cfg.is_moe else 0
-    return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap)
-
-
-def moe_slots(cfg: ModelConfig, sh: Shape) -> float:
-    """Dispatched token slots per device per microbatch: (E/expert) x (B/(data*fsdp*m)) x C."""
-    z = sh.sizes
-    return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.cap
 
 
 def _attn_widths(cfg: ModelConfig, tp: int) -> tuple[float, float, float, float]:
@@ -386,12 +355,5 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     return CompileReport(outcome="ok", target="analytic", mesh=tuple((a, n) for a, n in strategy.mesh if a != "pipeline"),
                          flops=flops, matmul_flops=m * matmul, bytes_accessed=nbytes, matmul_bytes=matmul_bytes,
                          transcendentals=m * (trans + logits), collectives=coll.collectives(),
-                         memory=mem.as_stats(), notes=tuple(notes))
+                         memory=mem.as_stats(), notes=tuple(notes), lowering=lw.name)
 
-
-def estimate_analytic(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware):
-    """`estimate_from_report` on the closed-form report, with the hardware platform's lowering."""
-    from codesign.cost.estimate import estimate_from_report  # estimate imports this module
-
-    return estimate_from_report(cfg, workload, strategy, hardware,
-                                analytic_report(cfg, workload, strategy, platform=hardware.platform))

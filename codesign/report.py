@@ -10,7 +10,27 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from codesign.compile.hlo import Collective
+
+@dataclass(frozen=True)
+class Collective:
+    """One kind of collective the step runs, per device.
+
+    ``bytes`` is the buffer each device contributes or receives: for all-gather the OUTPUT (gathered)
+    size, for reduce-scatter the INPUT (unscattered) size, for all-reduce, all-to-all and
+    collective-permute the buffer size (sum over tuple elements), for send/recv the data buffer.
+    ``group_size`` is the devices per replica group (for collective-permute: the largest connected
+    set of sources and targets). ``mesh_axes`` are the mesh axes whose coordinate varies inside a group
+    (empty when no mesh shape was given). ``count`` is how often it runs per step: identical rows are
+    merged and each occurrence contributes the product of its enclosing loops' trip counts.
+    """
+
+    kind: str
+    bytes: int
+    group_size: int
+    mesh_axes: tuple[str, ...]
+    count: int
+    dtype: str
+
 
 OUTCOMES = ("ok", "oom", "error", "timeout")
 # Evidence labels (DESIGN.md): which instrument produced the numbers.
@@ -59,6 +79,13 @@ class CompileReport:
     hlo_bytes: int = 0
     while_loops: tuple[tuple[str, int, str], ...] = ()
     hlo_analyzed: bool = True  # False: compiled, but the HLO text could not be read back (see notes)
+    # HLO instructions the walk could not read (never dropped silently: counted, a few named).
+    skipped_instructions: int = 0
+    skipped_examples: tuple[str, ...] = ()
+    # The closed form's instrument: how it lowers collectives ("cpu" | "accelerator"); "" for compilers.
+    lowering: str = ""
+    # A compile's collective bytes / the closed form's for the same program and lowering (None: not checked).
+    closed_form_collective_ratio: float | None = None
     notes: tuple[str, ...] = ()  # e.g. "XLA flops 1/61 of ours: explained by 61-trip loop"
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -78,6 +105,7 @@ class CompileReport:
         d["collectives"] = [dataclasses.asdict(c) for c in self.collectives]
         d["while_loops"] = [list(w) for w in self.while_loops]
         d["notes"] = list(self.notes)
+        d["skipped_examples"] = list(self.skipped_examples)
         d["evidence"] = self.evidence
         return d
 
@@ -92,4 +120,5 @@ class CompileReport:
             Collective(**{**c, "mesh_axes": tuple(c["mesh_axes"])}) for c in d.get("collectives") or ())
         d["while_loops"] = tuple(tuple(w) for w in d.get("while_loops") or ())
         d["notes"] = tuple(d.get("notes") or ())
+        d["skipped_examples"] = tuple(d.get("skipped_examples") or ())
         return cls(**d)

@@ -1,0 +1,83 @@
+"""The closed form's view of a model on a layout: every param with its logical axes and shard
+factor, and the per-device shape of one microbatch.
+
+`sharded_params` resolves each through the strategy's rules (non-strict, as the planner does) so that
+the shard factor of every param is the one `TrainProgram` would use. The closed-form report
+(`program.py`) and the memory model (`memory.py`) both read this one table.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+from codesign.arithmetic import stage_layers
+from codesign.config import ModelConfig, Workload
+from codesign.sharding.param_table import ParamGroup, param_groups
+from codesign.sharding.rules import default_rules
+from codesign.sharding.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class ShardedParam:
+    group: ParamGroup
+    count: float  # copies per device program: layers of its stack (per pipeline stage), 1 for global
+    axes: tuple[str, ...]  # mesh axes that shard it (after non-strict resolution)
+    shards: int
+
+    @property
+    def local_elems(self) -> float:
+        return self.group.elems / self.shards
+
+
+def spmd_sizes(strategy: Strategy) -> dict[str, int]:
+    """The SPMD mesh of one pipeline stage: every axis but `pipeline`."""
+    return {a: n for a, n in strategy.mesh if a != "pipeline"}
+
+
+@functools.lru_cache(maxsize=4096)
+def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, ...]:
+    rules = default_rules(strategy)
+    sizes = spmd_sizes(strategy)
+    p = strategy.size("pipeline")
+    out = []
+    for g in param_groups(cfg):
+        spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
+        axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
+        count = {"dense": stage_layers(cfg, p)[0], "moe": stage_layers(cfg, p)[1], "global": 1.0}[g.where]
+        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Per-device sizes of one strategy: what every formula above is written in."""
+
+    b: float  # rows per device per microbatch
+    s: float  # positions per device
+    seq: int  # full sequence length
+    m: int  # microbatches
+    sizes: dict
+    cap: int  # MoE expert capacity per group
+
+    @property
+    def t(self) -> float:
+        return self.b * self.s
+
+
+def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
+    sizes = spmd_sizes(strategy)
+    m = strategy.microbatches
+    b = workload.global_batch / (sizes["data"] * sizes["fsdp"] * sizes["expert"] * m)
+    cap = max(1, math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor
+                           / cfg.n_routed_experts)) if cfg.is_moe else 0
+    return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap)
+
+
+def moe_slots(cfg: ModelConfig, sh: Shape) -> float:
+    """Dispatched token slots per device per microbatch: (E/expert) x (B/(data*fsdp*m)) x C."""
+    z = sh.sizes
+    return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.cap
+
+
