@@ -103,7 +103,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
                 per_layer[sp.group.where] = per_layer.get(sp.group.where, 0.0) + sp.local_elems * sizes["fsdp"]
         gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
 
-    b = workload.global_batch / (sizes["data"] * sizes["fsdp"] * sizes["expert"] * m)
+    b = workload.global_batch / (strategy.batch_shards * m)
     s = workload.seq_len / sizes["sequence"]
     in_flight = min(m, p) if p > 1 else 1
     acts = 0.0

@@ -69,7 +69,7 @@ class Shape:
 def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
     sizes = spmd_sizes(strategy)
     m = strategy.microbatches
-    b = workload.global_batch / (sizes["data"] * sizes["fsdp"] * sizes["expert"] * m)
+    b = workload.global_batch / (strategy.batch_shards * m)
     cap = max(1, math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor
                            / cfg.n_routed_experts)) if cfg.is_moe else 0
     return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap)

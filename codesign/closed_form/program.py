@@ -235,7 +235,6 @@ class _Coll:
 def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None:
     z, m = sh.sizes, sh.m
     wdt, gdt = lw.dtype(lw.weight_bytes), lw.dtype(lw.grad_bytes)
-    batchlike = ("data", "fsdp", "expert", "sequence")
     combined: dict[tuple, float] = {}
     for sp in sharded_params(cfg, strategy):
         name, full = sp.group.name, sp.local_elems
@@ -249,7 +248,7 @@ def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None
                 c.add("all-gather", gathered, ("fsdp",), 1, wdt)  # hoisted out of the microbatch loop
         # Gradient reductions: over every batch-like axis that does not shard this param; expert
         # weights receive their tokens by all-to-all, so the expert axis is not a replica for them.
-        replicas = [a for a in batchlike if z[a] > 1 and a not in sp.axes]
+        replicas = [a for a in strategy.token_axes if z[a] > 1 and a not in sp.axes]
         if name.startswith("moe.w_"):
             replicas = [a for a in replicas if a != "expert"]
         if fsdp and name != "embed":

@@ -131,7 +131,7 @@ def busy_time(compute_s: float, memory_s: float, vector_s: float) -> float:
 
 
 def _gb(x: float) -> str:
-    return f"{x / 2**30:.3g} GiB"
+    return f"{x / 1e9:.3g} GB"
 
 
 def _ms(x: float) -> str:

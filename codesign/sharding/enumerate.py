@@ -2,7 +2,8 @@
 
 A layout is a factorization of N over the mesh axes. It is valid when the model can use each
 axis (expert parallelism only for MoE, pipeline only when layers divide) and every dimension the
-default rules shard divides by its mesh axes. Rejections are counted by reason so that the
+rules shard divides by its mesh axes (asked of the rules themselves, so a `rules=FILE` table is
+checked as written). Rejections are counted by reason so that the
 planner can report them.
 """
 
@@ -14,7 +15,9 @@ from dataclasses import dataclass, field
 
 from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload
-from codesign.sharding.strategy import Strategy
+from codesign.sharding.param_table import param_groups
+from codesign.sharding.rules import Rules, default_rules
+from codesign.sharding.strategy import Strategy, batch_shards
 
 
 def divisors(n: int) -> list[int]:
@@ -31,30 +34,35 @@ def factorizations(n: int, k: int) -> Iterator[tuple[int, ...]]:
             yield (d,) + rest
 
 
-def layout_problem(cfg: ModelConfig, workload: Workload, sizes: dict[str, int], microbatches: int = 1) -> str | None:
-    """Why this mesh cannot run the model (None when it can). Checks the dims the default rules shard."""
-    p, d, f, e, s, t = (sizes.get(a, 1) for a in ("pipeline", "data", "fsdp", "expert", "sequence", "tensor"))
+def layout_problem(cfg: ModelConfig, workload: Workload, sizes: dict[str, int], microbatches: int = 1,
+                   rules: Rules | None = None) -> str | None:
+    """Why this mesh cannot run the model (None when it can).
+
+    Which weight dimensions must divide by which mesh axes is the rules' business, so it is asked of
+    the rules the layout will run with (`rules`, default: the defaults for this mesh): every param of
+    the model is resolved, and a dimension a rule shards but cannot divide rejects the layout unless
+    the rules let that logical axis replicate (`Rules.may_replicate`).
+    """
+    p, e, s = (sizes.get(a, 1) for a in ("pipeline", "expert", "sequence"))
     if e > 1 and not cfg.is_moe:
         return "expert parallelism needs an MoE model"
-    if e > 1 and cfg.n_routed_experts % e:
-        return f"experts {cfg.n_routed_experts} not divisible by expert={e}"
     if p > 1 and (p > cfg.layers or (cfg.is_moe and p > cfg.moe_layers)):
         return f"pipeline={p} has more stages than layers ({cfg.layers})"
     if p > 1 and workload.mode != "train":
         return "pipeline parallelism is costed for training only"
-    batch_shards = d * f * e
-    if workload.global_batch % (batch_shards * microbatches):
-        return f"global batch {workload.global_batch} not divisible by data*fsdp*expert*microbatches={batch_shards * microbatches}"
+    shards = batch_shards(sizes)
+    if workload.global_batch % (shards * microbatches):
+        return (f"global batch {workload.global_batch} not divisible by data*fsdp*expert*microbatches="
+                f"{shards * microbatches}")
     if workload.seq_len % s:
         return f"seq_len {workload.seq_len} not divisible by sequence={s}"
-    if cfg.heads % t:
-        return f"heads {cfg.heads} not divisible by tensor={t}"
-    widths = ([cfg.mlp_dim] if cfg.dense_layers else []) + ([cfg.moe_mlp_dim] if cfg.is_moe else [])
-    for w in widths:
-        if w % t:
-            return f"FFN width {w} not divisible by tensor={t}"
-    if cfg.hidden % f:
-        return f"hidden {cfg.hidden} not divisible by fsdp={f}"
+    rules = rules if rules is not None else default_rules()
+    spmd = {a: n for a, n in sizes.items() if a != "pipeline"}
+    for g in param_groups(cfg):
+        _, dropped = rules.resolve(g.logical, g.shape, spmd, path=g.name, strict=False)
+        for d in dropped:
+            if d.logical not in rules.may_replicate:
+                return f"{d.logical} not divisible by {d.mesh_axis} ({d.path}: {d.reason})"
     return None
 
 
@@ -69,19 +77,21 @@ class Enumeration:
 
 
 def _reason_key(reason: str) -> str:
-    return reason.split(" not divisible")[0] + (" not divisible" if "not divisible" in reason else "")
+    """Reasons grouped for the report: "heads not divisible by tensor", not one row per size."""
+    return reason.split(" (")[0] if " not divisible by " in reason else reason
 
 
 def enumerate_strategies(cfg: ModelConfig, workload: Workload, n_devices: int, *,
                          remats: Sequence[str] = ("full",), microbatches: Iterable[int] = (1,),
-                         axes: Sequence[str] = MESH_AXES) -> Enumeration:
-    """Every factorization of n_devices over `axes` x remat x microbatches, split into valid/rejected."""
+                         axes: Sequence[str] = MESH_AXES, rules: Rules | None = None) -> Enumeration:
+    """Every factorization of n_devices over `axes` x remat x microbatches, split into valid/rejected.
+    `rules`: the table the layouts will run with (default: the default rules)."""
     out = Enumeration()
     mbs = tuple(microbatches)
     for sizes_t in factorizations(n_devices, len(axes)):
         sizes = dict(zip(axes, sizes_t))
         for mb in mbs:
-            problem = layout_problem(cfg, workload, sizes, mb)
+            problem = layout_problem(cfg, workload, sizes, mb, rules)
             if problem:
                 out.rejected[_reason_key(problem)] += len(remats)
                 continue

@@ -42,6 +42,9 @@ class Dropped:
 @dataclass(frozen=True)
 class Rules:
     table: tuple[tuple[str, tuple[str, ...]], ...]
+    # Logical axes a layout may leave replicated when their mesh axes do not divide them (the
+    # enumerator rejects any other non-divisible dimension). Empty for a user's rules file: as written.
+    may_replicate: frozenset[str] = frozenset()
 
     def __post_init__(self):
         for logical, mesh_axes in self.table:
@@ -102,7 +105,8 @@ class Rules:
         return [[logical, list(m)] for logical, m in self.table]
 
     @classmethod
-    def from_pairs(cls, pairs: Iterable[tuple[str, str | Sequence[str] | None]]) -> Rules:
+    def from_pairs(cls, pairs: Iterable[tuple[str, str | Sequence[str] | None]],
+                   may_replicate: Iterable[str] = ()) -> Rules:
         table = []
         for logical, mesh_axes in pairs:
             if mesh_axes is None:
@@ -110,7 +114,7 @@ class Rules:
             elif isinstance(mesh_axes, str):
                 mesh_axes = (mesh_axes,)
             table.append((logical, tuple(mesh_axes)))
-        return cls(tuple(table))
+        return cls(tuple(table), frozenset(may_replicate))
 
     @classmethod
     def from_file(cls, path: str) -> Rules:
@@ -123,6 +127,11 @@ class Rules:
         if not isinstance(rows, list) or not all(isinstance(r, (list, tuple)) and len(r) == 2 for r in rows):
             raise RulesError(f"rules file {path!r}: expected a YAML list of [logical_axis, mesh_axes] pairs")
         return cls.from_pairs((str(a), b) for a, b in rows)
+
+
+# KV heads replicate across tensor ranks when tensor > kv_heads (as Megatron does for GQA), and an
+# embedding whose vocabulary the tensor axis does not divide is replicated rather than padded.
+DEFAULT_MAY_REPLICATE = frozenset({"kv_heads", "vocab"})
 
 
 def default_rules(strategy: Strategy | None = None) -> Rules:
@@ -150,4 +159,4 @@ def default_rules(strategy: Strategy | None = None) -> Rules:
         ("kv_lora", None),
         ("expert", "expert"),
         ("layers", None),
-    ])
+    ], may_replicate=DEFAULT_MAY_REPLICATE)

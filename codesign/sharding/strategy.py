@@ -16,6 +16,12 @@ from typing import Any
 from codesign.axes import MESH_AXES
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_nobatch")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def batch_shards(sizes: dict[str, int]) -> int:
+    """How many ways a mesh of these axis sizes splits the global batch."""
+    return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
 
 
 class StrategyError(ValueError):
@@ -108,15 +114,21 @@ class Strategy:
     def order(self) -> tuple[str, ...]:
         return tuple(a for a, _ in self.mesh)
 
+    # The one definition of "batch-like": every other module asks the strategy.
     @property
     def batch_axes(self) -> tuple[str, ...]:
         """Mesh axes that split the global batch (the expert axis doubles as data outside MoE blocks)."""
-        return ("data", "fsdp", "expert")
+        return BATCH_AXES
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        """Mesh axes whose devices hold different tokens: the batch axes and `sequence` (context
+        parallelism). A param not sharded over one of them has its gradient reduced over it."""
+        return BATCH_AXES + ("sequence",)
 
     @property
     def batch_shards(self) -> int:
-        s = self.sizes
-        return s["data"] * s["fsdp"] * s["expert"]
+        return batch_shards(self.sizes)
 
     @property
     def spec(self) -> str:
