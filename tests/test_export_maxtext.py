@@ -50,6 +50,7 @@ CASES = [  # model, hardware, devices, spec, global batch
     ("tiny-dense", "cpu", 8, "fsdp=2,sequence=4,remat=dots", 8),
     ("mixtral-8x7b", "h100", 64, "expert=8,fsdp=2,tensor=4,remat=dots_nobatch,microbatches=2", 64),
     ("tiny-dense", "cpu", 8, "pipeline=2,fsdp=4,remat=full,microbatches=4", 8),
+    ("deepseek-v3", "h800", 256, "pipeline=2,data=2,expert=64,remat=full,microbatches=8", 512),
 ]
 
 
@@ -101,6 +102,17 @@ def test_inexpressible_pipeline_is_refused_in_one_line():
     plan, hw = _plan("tiny-dense", "pipeline=2,fsdp=4,remat=full,microbatches=3", 6, hw="cpu", devices=8)
     with pytest.raises(ConfigError, match="num_pipeline_microbatches"):
         maxtext_export(plan, hw)
+    plan, hw = _plan("llama3-8b", "pipeline=3,data=2,tensor=8,remat=full,microbatches=3", 48, devices=48)
+    with pytest.raises(ConfigError, match="divide the 32 pipelined layers"):
+        maxtext_export(plan, hw)
+
+
+def test_deepseek_pipeline_counts_only_the_moe_layers():
+    # MaxText pipelines a DeepSeek model's MoE layers; the dense prefix stays outside the pipeline.
+    plan, hw = _plan("deepseek-v3", "pipeline=2,data=2,expert=64,remat=full,microbatches=8", 512, hw="h800",
+                     devices=256)
+    o = maxtext_export(plan, hw).overrides
+    assert o["num_layers_per_pipeline_stage"] == (61 - 3) // 2 and o["model_name"] == "deepseek3-671b"
 
 
 def test_notes_are_comments_and_the_text_is_key_value_lines():

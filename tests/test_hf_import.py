@@ -51,6 +51,8 @@ PUBLISHED = [
     ("qwen3-30b-a3b", "qwen3_moe", 30.5e9, 3.3e9, 0.05e9,
      "Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated (figures truncated, see below)"),
     ("gemma-2-27b", "gemma2", 27.2e9, None, 0.05e9, "Gemma 2 (arXiv 2408.00118): the 27B model, 27.2B"),
+    ("gemma-7b", "gemma", 8.54e9, None, 0.005e9,
+     "Gemma (arXiv 2403.08295): 7B model, 786,825,216 embedding + 7,751,248,896 non-embedding = 8.54B"),
     ("qwen2-57b-a14b", "qwen2_moe", 57e9, 14e9, 0.5e9,
      "Qwen2 technical report (arXiv 2407.10671): Qwen2-57B-A14B, 57B total, 14B activated"),
     ("qwen1.5-moe-a2.7b", "qwen2_moe", 14.3e9, 2.7e9, 0.05e9,
@@ -95,6 +97,9 @@ def test_exact_published_counts():
     left_out = 2 * gemma.hidden * gemma.layers
     assert pc.total - pc.embedding - pc.lm_head + left_out == 26_047_480_320
     assert any(f"{left_out:,} parameters" in n for n in gemma.notes)
+    # Gemma paper, parameter-count table: the 7B model's non-embedding parameters (no sandwich norms: exact).
+    g7 = param_counts(load_model_config(_path("gemma-7b")))
+    assert g7.total - g7.embedding - g7.lm_head == 7_751_248_896 and g7.lm_head == 0  # tied
     qwen = param_counts(load_model_config(_path("qwen3-30b-a3b")))  # card: 29.9B non-embedding
     assert 29.9e9 <= qwen.total - qwen.embedding - qwen.lm_head < 30.0e9
 
