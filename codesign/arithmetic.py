@@ -47,7 +47,7 @@ def attention_params(cfg: ModelConfig) -> int:
 
 
 def ffn_params(cfg: ModelConfig, width: int) -> int:
-    mats = 3 if cfg.ffn_activation == "swiglu" else 2
+    mats = 3 if cfg.ffn_activation == "swiglu" else 2  # the gated form (SwiGLU or GeGLU) has a gate matrix
     return mats * cfg.hidden * width
 
 

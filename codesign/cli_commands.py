@@ -55,7 +55,8 @@ def _resolve(args):
 def cmd_plan(args) -> int:
     from codesign.planner import PlanRequest, plan
     from codesign.planner.constraints import parse_constraints, parse_fix
-    from codesign.planner.render import maxtext_overrides, plan_table, plot_pareto, search_summary
+    from codesign.planner.export_maxtext import maxtext_export
+    from codesign.planner.render import plan_table, plot_pareto, search_summary
 
     cfg, hw, w = _resolve(args)
     req = PlanRequest(cfg=cfg, hardware=hw, workload=w, n_devices=args.devices, target=args.target,
@@ -77,11 +78,11 @@ def cmd_plan(args) -> int:
         result.save(args.out)
     if args.plot:
         plot_pareto(result, args.plot)
-    export = maxtext_overrides(result, hw) if args.export == "maxtext" else None
+    export = maxtext_export(result, hw) if args.export == "maxtext" else None
     if args.json:
         doc = result.to_json()
         if export:
-            doc["export"] = {"maxtext": export}
+            doc["export"] = {"maxtext": export.overrides, "maxtext_notes": list(export.notes)}
         print_json(doc)
     else:
         out = console()
@@ -90,9 +91,7 @@ def cmd_plan(args) -> int:
         for line in result.explanation:
             out.print(line, markup=False)
         if export:
-            out.print("MaxText overrides:")
-            for k, v in export.items():
-                out.print(f"  {k}={v}", markup=False)
+            out.print("MaxText overrides:\n" + export.to_text(), markup=False, soft_wrap=True)
         if args.out:
             out.print(f"plan written to {args.out}")
     return 0 if result.chosen is not None else 1

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 ATTENTION_KINDS = ("mha", "gqa", "mla")
+# The FFN's form: "swiglu" is the gated form (gate, up, down: three matrices), "gelu" the plain one (up, down).
 FFN_ACTIVATIONS = ("swiglu", "gelu")
+# The gated form's gate nonlinearity: silu (SwiGLU, Llama) or gelu (GeGLU, Gemma; tanh approximation).
+# Same shapes and matmul FLOPs either way, so everything that sizes or prices the FFN reads only
+# `ffn_activation`.
+GATE_ACTIVATIONS = ("silu", "gelu")
 ROUTERS = ("softmax", "sigmoid")
 
 
@@ -33,6 +38,7 @@ class ModelConfig:
     mlp_dim: int = 0  # dense FFN width (also the first_dense_layers' width in MoE models)
     attention: str = "gqa"
     ffn_activation: str = "swiglu"
+    ffn_gate_activation: str = "silu"  # see GATE_ACTIVATIONS; only meaningful for the gated form
     qkv_bias: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
@@ -60,8 +66,13 @@ class ModelConfig:
     published_active_excludes_embedding: bool = False
     published_rounding: float = 0.0  # half a unit of the published figure's last digit (37B -> 0.5e9)
     source: str = ""
+    # What an import left out or approximated (e.g. a Hugging Face feature that changes neither the
+    # parameter count nor the FLOPs materially), one sentence each. Provenance: not in the fingerprint.
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if isinstance(self.notes, list):  # from JSON
+            object.__setattr__(self, "notes", tuple(self.notes))
         if self.kv_heads == 0:
             object.__setattr__(self, "kv_heads", self.heads)
         if self.head_dim == 0 and self.heads:
@@ -101,6 +112,8 @@ class ModelConfig:
         need(self.attention in ATTENTION_KINDS, f"attention={self.attention!r}; use one of {ATTENTION_KINDS}")
         need(self.ffn_activation in FFN_ACTIVATIONS,
              f"ffn_activation={self.ffn_activation!r}; use one of {FFN_ACTIVATIONS}")
+        need(self.ffn_gate_activation in GATE_ACTIVATIONS,
+             f"ffn_gate_activation={self.ffn_gate_activation!r}; use one of {GATE_ACTIVATIONS}")
         need(self.router in ROUTERS, f"router={self.router!r}; use one of {ROUTERS}")
         for f in ("vocab_size", "hidden", "layers", "heads"):
             need(getattr(self, f) > 0, f"{f} must be positive")
@@ -115,6 +128,10 @@ class ModelConfig:
                  f"experts_per_token={self.experts_per_token} must be in 1..n_routed_experts")
             need(self.moe_mlp_dim > 0, "MoE needs moe_mlp_dim > 0")
             need(0 <= self.first_dense_layers < self.layers, "first_dense_layers must be < layers")
+            # The experts (codesign.models.moe) are SwiGLU only; anything else would be counted one way
+            # and built another.
+            need(self.ffn_activation == "swiglu" and self.ffn_gate_activation == "silu",
+                 "MoE experts are SwiGLU only; use ffn_activation='swiglu', ffn_gate_activation='silu'")
         if self.dense_layers:
             need(self.mlp_dim > 0, "mlp_dim must be positive for dense FFN layers")
 
@@ -134,11 +151,17 @@ class ModelConfig:
         return dataclasses.replace(self, **kw)
 
     def fingerprint(self) -> str:
-        """A stable text key (for caches): every architectural field, provenance excluded."""
+        """A stable text key (for caches and checkpoints): every architectural field, provenance excluded.
+
+        Fields added later are left out while at their default, so existing fingerprints (cache keys,
+        checkpoint metadata) stay byte-identical.
+        """
         d = self.to_json()
         for k in ("published_params_total", "published_params_active", "source",
-                  "published_active_excludes_embedding", "published_rounding"):
+                  "published_active_excludes_embedding", "published_rounding", "notes"):
             d.pop(k)
+        if d["ffn_gate_activation"] == "silu":
+            d.pop("ffn_gate_activation")
         return json.dumps(d, sort_keys=True)
 
 

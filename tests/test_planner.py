@@ -85,7 +85,8 @@ def test_maxtext_export_splits_axes_into_ici_and_dcn(tmp_path):
                       constraints=parse_constraints("data=2,tensor=8"))
     out = maxtext_overrides(plan(req), hw)
     assert out["ici_tensor_parallelism"] == 8 and out["dcn_data_parallelism"] == 2
-    assert out["per_device_batch_size"] == 4
+    # MaxText trains on int(devices * per_device_batch_size) * gradient_accumulation_steps sequences.
+    assert int(16 * out["per_device_batch_size"]) * out["gradient_accumulation_steps"] == 64
 
 
 def test_large_moe_plan_uses_expert_parallelism():

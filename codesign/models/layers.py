@@ -135,7 +135,7 @@ class MLAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU (gate, up, down) or GELU (up, down) feed-forward."""
+    """Gated (gate, up, down: SwiGLU, or GeGLU when ffn_gate_activation='gelu') or GELU (up, down) FFN."""
 
     def __init__(self, cfg: ModelConfig, width: int, *, rngs: nnx.Rngs, dtype, param_dtype):
         d = cfg.hidden
@@ -144,13 +144,15 @@ class MLP(nnx.Module):
             self.w_gate = param(rngs, (d, width), (A.EMBED, A.MLP), param_dtype)
         self.w_up = param(rngs, (d, width), (A.EMBED, A.MLP), param_dtype)
         self.w_down = param(rngs, (width, d), (A.MLP, A.EMBED), param_dtype)
+        self.gate_gelu = cfg.ffn_gate_activation == "gelu"
         self.dtype = dtype
 
     def __call__(self, x):
         c = lambda p: p[...].astype(self.dtype)
         up = jnp.einsum("btd,df->btf", x, c(self.w_up))
         if self.gated:
-            h = jax.nn.silu(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up
+            act = jax.nn.gelu if self.gate_gelu else jax.nn.silu
+            h = act(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up
         else:
             h = jax.nn.gelu(up)
         h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))

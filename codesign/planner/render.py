@@ -1,11 +1,9 @@
-"""Presenting a plan: the ranked table, the Pareto plot, and MaxText config overrides."""
+"""Presenting a plan: the ranked table and the Pareto plot (MaxText overrides: `export_maxtext`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from codesign.hardware.catalog import Hardware
-from codesign.sharding.strategy import Strategy
+# The MaxText export lives in its own module; importable from here for existing callers.
+from codesign.planner.export_maxtext import maxtext_export, maxtext_overrides  # noqa: F401
 
 
 def plan_table(plan, top: int | None = None):
@@ -77,42 +75,3 @@ def plot_pareto(plan, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-_MAXTEXT_REMAT = {"none": "minimal", "dots": "minimal", "dots_nobatch": "minimal", "full": "full"}
-_MAXTEXT_AXES = {"data": "data", "fsdp": "fsdp", "tensor": "tensor", "sequence": "sequence",
-                 "expert": "expert", "pipeline": "pipeline"}
-
-
-def maxtext_overrides(plan, hardware: Hardware) -> dict[str, Any]:
-    """The chosen plan as MaxText config overrides: ici_* inside the fast domain, dcn_* across it."""
-    from codesign.cost.network import assign_levels
-
-    if plan.best is None:
-        raise ValueError("the plan has no candidate that fits; nothing to export")
-    s = Strategy.parse(plan.best["strategy"]["spec"])
-    placements = assign_levels(s.mesh, hardware.with_devices(s.n_devices) if hardware.devices != s.n_devices
-                               else hardware)
-    out: dict[str, Any] = {}
-    for axis, name in _MAXTEXT_AXES.items():
-        size = s.sizes[axis]
-        p = placements.get(axis)
-        if size == 1 or p is None:
-            ici, dcn = 1, 1
-        elif p.hierarchical:
-            ici, dcn = p.inner_group_size, p.outer_group_count
-        elif p.level_indices and min(p.level_indices) > 0:
-            ici, dcn = 1, size
-        else:
-            ici, dcn = size, 1
-        out[f"ici_{name}_parallelism"] = ici
-        out[f"dcn_{name}_parallelism"] = dcn
-    w = plan.workload
-    out["per_device_batch_size"] = w["global_batch"] / s.n_devices
-    out["max_target_length"] = w["seq_len"]
-    out["remat_policy"] = _MAXTEXT_REMAT[s.remat]
-    out["gradient_accumulation_steps"] = s.microbatches
-    if s.remat in ("none", "dots"):
-        out["_note"] = (f"codesign remat={s.remat} has no exact MaxText policy; 'minimal' (saves matmul outputs "
-                        "without batch dims) is the closest")
-    return out
