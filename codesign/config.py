@@ -172,6 +172,31 @@ WORKLOAD_MODES = ("train", "decode")
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
+# Short names users type, mapped to the dtype names numpy/ml_dtypes know.
+_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
+                  "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn", "fp4": "float4_e2m1fn"}
+
+
+def dtype_bytes(name: str) -> float:
+    """Bytes per element of a dtype name ("bfloat16", "bf16", "fp8", "int4", ...): from the dtype itself
+    (numpy + ml_dtypes, which jax ships), so sub-byte types count their real bits."""
+    import ml_dtypes
+    import numpy as np
+
+    key = _DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    try:
+        dt = np.dtype(getattr(ml_dtypes, key)) if hasattr(ml_dtypes, key) else np.dtype(key)
+    except TypeError:
+        raise ConfigError(f"unknown dtype {name!r}; use a numpy/ml_dtypes name such as float32, bfloat16, "
+                          f"float8_e4m3fn, int8, int4, or a short name ({', '.join(_DTYPE_ALIASES)})") from None
+    for info in (ml_dtypes.finfo, ml_dtypes.iinfo):
+        try:
+            return info(dt).bits / 8
+        except (TypeError, ValueError):
+            continue
+    return float(dt.itemsize)
+
+
 @dataclass(frozen=True)
 class Workload:
     global_batch: int = 8
@@ -188,6 +213,16 @@ class Workload:
             raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
         if self.global_batch <= 0 or self.seq_len <= 0:
             raise ConfigError(f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
+
+    @property
+    def param_bytes(self) -> float:
+        return dtype_bytes(self.param_dtype)
+
+    @property
+    def optimizer_state_dtype(self) -> str:
+        """AdamW's two moments. optax keeps them in the params' dtype (no `mu_dtype`), and so does the
+        train step: the memory model, the closed form and `TrainProgram` all read this one property."""
+        return self.param_dtype
 
     @property
     def tokens(self) -> int:

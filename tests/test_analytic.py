@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
 
 import jax
@@ -118,16 +117,14 @@ def test_pipeline_stage_is_a_fraction_of_the_model():
     assert four.memory.peak < one.memory.peak
 
 
-def test_analytic_is_fast_enough_to_prescreen():
+def test_analytic_prescreen_costs_every_candidate():
+    """The prescreen's speed is measured in experiments/planner_benchmark; here: it answers for all."""
     cfg, wl = get_preset("llama3.1-70b"), Workload(global_batch=512, seq_len=4096)
     hw = load_hardware("tpu-v5p")
     strategies = enumerate_strategies(cfg, wl, 256).valid[:200]
-    estimate_analytic(cfg, wl, strategies[0], hw)
-    t = time.perf_counter()
     est = [estimate_analytic(cfg, wl, s, hw) for s in strategies]
-    per = (time.perf_counter() - t) / len(strategies)
-    assert per < 0.02, f"{per * 1e3:.1f} ms per candidate"
-    assert all(e.step_time_s > 0 for e in est)
+    assert all(e.step_time_s > 0 and e.memory_per_device_bytes > 0 for e in est)
+    assert len({round(e.step_time_s, 9) for e in est}) > len(est) // 4  # layouts are told apart
 
 
 @pytest.mark.tpu

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import jax
 import yaml
 
@@ -17,9 +15,7 @@ from codesign.sharding.strategy import Strategy
 
 def test_calibrate_on_cpu_writes_a_loadable_profile(tmp_path):
     path = tmp_path / "measured.yaml"
-    t = time.perf_counter()
     result = run_calibration(str(path), quick=True)
-    assert time.perf_counter() - t < 30
     assert result["platform"] == "cpu" and result["devices"] == len(jax.devices())
     good = [r for r in result["matmul"] if "flops_per_s" in r]
     assert {r["dtype"] for r in good} == {"bf16", "fp32"} and all(r["flops_per_s"] > 0 for r in good)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form.params import sharded_params, spmd_sizes
-from codesign.config import ModelConfig, Workload
+from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
 
@@ -93,7 +93,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     params = sharded_params(cfg, strategy)
     local = sum(sp.local_elems * sp.count for sp in params)
     m, p = strategy.microbatches, strategy.size("pipeline")
-    pbytes = 2 if workload.param_dtype in ("bfloat16", "bf16") else F32
+    pbytes = workload.param_bytes
     grads = local * pbytes * (2 if m > 1 else 1)
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
@@ -125,5 +125,5 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     if strategy.remat != "none":
         acts += live
     logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
-    return MemoryEstimate(params=local * pbytes, grads=grads, optimizer=2 * local * F32, gathered=gathered,
+    return MemoryEstimate(params=local * pbytes, grads=grads, optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype), gathered=gathered,
                           activations=acts, logits=logits)

@@ -205,7 +205,7 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
     logits = t * cfg.vocab_size / tp
     mm_elems += 3 * t * (d + cfg.vocab_size / tp)  # LM head: forward, input grad, weight grad
     other += 8 * logits + 14 * t * d  # cross-entropy; embedding lookup and its scatter-add gradient
-    pb = 2 if workload.param_dtype in ("bfloat16", "bf16") else F32
+    pb = workload.param_bytes
     mm_w = bf * gathered * (fwd_passes + 2)  # weight reads (forward, recompute, input grad), dW writes
     cast = (F32 + bf) * gathered * (fwd_passes + 1) if pb == F32 else 0.0
     accumulate = 2 * F32 * local if m > 1 else 0.0

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from codesign import arithmetic
-from codesign.config import ConfigError, ModelConfig
-from codesign.explore.kv_cache import dtype_bytes, kv_bytes_per_token, resolve_model
+from codesign.config import ConfigError, ModelConfig, dtype_bytes
+from codesign.explore.kv_cache import kv_bytes_per_token, resolve_model
 from codesign.hardware.catalog import Hardware, load_hardware
 
 DEFAULT_CONTEXTS = tuple(1024 * 2 ** i for i in range(8))  # 1K .. 128K

@@ -18,14 +18,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
-from codesign.config import ConfigError, ModelConfig
-
-DTYPE_BYTES: dict[str, float] = {
-    "fp32": 4, "float32": 4, "f32": 4,
-    "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-    "fp8": 1, "float8": 1, "int8": 1,
-    "fp4": 0.5, "int4": 0.5,
-}
+from codesign.config import ConfigError, ModelConfig, dtype_bytes
 
 # The paper's Table 1 (BF16, 1 KB = 1000 bytes): model -> (KB per token, ratio to DeepSeek-V3).
 PAPER_TABLE1: dict[str, tuple[float, float]] = {
@@ -33,13 +26,6 @@ PAPER_TABLE1: dict[str, tuple[float, float]] = {
     "qwen2.5-72b": (327.680, 4.66),
     "llama3.1-405b": (516.096, 7.28),
 }
-
-
-def dtype_bytes(dtype: str) -> float:
-    try:
-        return DTYPE_BYTES[dtype.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown cache dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}") from None
 
 
 def resolve_model(model: str | ModelConfig) -> ModelConfig:
