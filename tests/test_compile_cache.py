@@ -237,3 +237,21 @@ def test_unknown_executor_and_missing_ray_are_one_line_errors(monkeypatch):
 
 def test_code_digest_is_stable():
     assert C._code_digest() == C._code_digest() and len(C._code_digest()) == 16
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_ray_executor_gives_the_same_reports_as_local_workers(tmp_path):
+    """The same request on a local Ray instance and in a local worker: the same numbers; a timeout is
+    still a row."""
+    ray = pytest.importorskip("ray")
+    req = _req(cfg=CFG.replace(layers=1))
+    local = M.measure([req], timeout_s=300)[0]
+    try:
+        out = M.measure([req, _req(s=Strategy.parse("fsdp=2"))], executor="ray", workers=2, timeout_s=300)
+        late = M.measure([req], executor="ray", timeout_s=0.01)[0]
+    finally:
+        ray.shutdown()
+    assert local.outcome == out[0].outcome == "ok", out[0].message
+    assert (out[0].flops, out[0].collectives, out[0].memory) == (local.flops, local.collectives, local.memory)
+    assert out[1].outcome == "ok" and dict(out[1].mesh)["fsdp"] == 2
+    assert late.outcome == "timeout"
