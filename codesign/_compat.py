@@ -6,7 +6,8 @@ Nothing else in codesign may branch on a library version.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -43,6 +44,12 @@ def get_topology_desc(platform: str, **kwargs):
     return topologies.get_topology_desc(platform=platform, **kwargs)
 
 
+def param_logical_axes(variable) -> tuple | None:
+    """The logical axis names an NNX param carries: `out_sharding` (Flax >= 0.12) or `sharding_names`."""
+    meta = variable.get_metadata()
+    return meta.get("out_sharding") or meta.get("sharding_names")
+
+
 def remat_policy(name: str):
     """jax.checkpoint policy for a codesign remat name (None means: do not rematerialize)."""
     cp = jax.checkpoint_policies
@@ -76,3 +83,62 @@ def enable_cpu_collectives(implementation: str = "gloo") -> bool:
         return False
     jax.config.update("jax_cpu_collectives_implementation", implementation)
     return True
+
+
+# ---------------------------------------------------------------------------------------------- XLA's answers
+# What compiled.cost_analysis() / memory_analysis() return differs by backend and JAX version:
+# * jax 0.10 (CPU, TPU): a dict with "flops", "bytes accessed" (with a space), per-operand
+#   "bytes accessed0{}"/"bytes accessedout{}", "transcendentals", "utilization0{}"...; TPU adds
+#   "optimal_seconds", sometimes negative (a sentinel);
+# * some versions/backends: a list with one entry per executable;
+# * the deviceless GPU compiler: None; a real GPU: negative "optimal_seconds".
+# These numbers count a while-loop body once and FLOPs before optimization (jax-ml/jax#13956), so they
+# are a cross-check only; codesign.compile.hlo is the primary count.
+
+def first_executable(raw: Any) -> Any:
+    """cost_analysis()/memory_analysis() of the (first) executable, whether the API returns one or a list."""
+    if isinstance(raw, (list, tuple)):
+        items = [d for d in raw if d]
+        return items[0] if items else None
+    return raw
+
+
+_KEYS = {
+    "flops": ("flops",),
+    "bytes_accessed": ("bytes accessed", "bytes_accessed"),
+    "transcendentals": ("transcendentals",),
+    "optimal_seconds": ("optimal_seconds", "optimal seconds"),
+}
+
+
+def _number(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
+
+
+def normalize_cost_analysis(raw: Any) -> dict[str, float | None] | None:
+    """Flat ``{flops, bytes_accessed, transcendentals, optimal_seconds, utilization*...}`` or None.
+
+    The four main keys are always present; a missing, negative or non-finite value is ``None``.
+    ``utilization*`` keys are kept raw. Returns None when nothing usable came back (``None``, an
+    empty dict/list, or only sentinels).
+    """
+    raw = first_executable(raw)
+    if not isinstance(raw, Mapping):
+        return None
+    out: dict[str, float | None] = {}
+    for key, names in _KEYS.items():
+        out[key] = next((v for n in names if (v := _number(raw.get(n))) is not None), None)
+    for k, v in raw.items():
+        if isinstance(k, str) and k.startswith("utilization"):
+            try:
+                out[k] = float(v)
+            except (TypeError, ValueError):
+                continue
+    if all(out[k] is None for k in _KEYS):
+        return None
+    return out
+

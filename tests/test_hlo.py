@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from codesign._compat import normalize_cost_analysis
 from codesign.compile import hlo_parse
 from codesign.compile.hlo import analyze_hlo
-from codesign.compile.xla_cost import normalize_cost_analysis
 from tests.conftest import require_devices
 
 B, D, L = 32, 256, 6

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from typing import Any
 
+from codesign import _compat
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import analytic_report
 from codesign.config import ModelConfig, Workload
@@ -307,13 +308,9 @@ def parse_oom(message: str) -> tuple[int, int] | None:
 # ---------------------------------------------------------------------------------------------- compile
 
 def _memory(compiled, capacity: int) -> MemoryStats | None:
-    m = compiled.memory_analysis()
+    m = _compat.first_executable(compiled.memory_analysis())
     if m is None:
         return None
-    if isinstance(m, (list, tuple)):
-        m = m[0] if m else None
-        if m is None:
-            return None
     arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
     alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
     code = int(getattr(m, "generated_code_size_in_bytes", 0) or 0)
@@ -344,7 +341,7 @@ def _error(stage: str, exc: BaseException | str, **kw) -> CompileReport:
 def _memory_only_report(compiled, hardware: Hardware, target: str, compile_s: float, exc: BaseException,
                         notes: list[str], base: dict) -> CompileReport:
     """A compile whose HLO text cannot be read back: memory analysis only; the cost model times it."""
-    from codesign.compile.xla_cost import normalize_cost_analysis
+    from codesign._compat import normalize_cost_analysis
 
     try:
         xla = normalize_cost_analysis(compiled.cost_analysis())
@@ -412,8 +409,8 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
         return _error("compile", e, compile_s=time.perf_counter() - t_start, notes=tuple(notes), **base)
     compile_s = time.perf_counter() - t_start
     try:
+        from codesign._compat import normalize_cost_analysis
         from codesign.compile.hlo import analyze_hlo
-        from codesign.compile.xla_cost import normalize_cost_analysis
 
         try:
             text = compiled.as_text()

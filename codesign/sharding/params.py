@@ -9,19 +9,19 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codesign import _compat
 from codesign.sharding.rules import Dropped, Rules
 
 
 def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    """"blocks/attn/wq" for a tree path (jax.tree_util.keystr, with "/" between keys)."""
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def logical_axes(abstract_state: nnx.State) -> dict:
     """Pure-dict tree (same structure as nnx.to_pure_dict) of each param's logical axis names."""
     def names(v):
-        meta = v.get_metadata()
-        axes = meta.get("out_sharding") or meta.get("sharding_names") or (None,) * len(v.shape)
-        return tuple(axes)
+        return tuple(_compat.param_logical_axes(v) or (None,) * len(v.shape))
 
     tree = jax.tree.map(names, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
