@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from codesign.cli import console, print_json
+from codesign.cli._common import console, print_json
 
 
 def _models(text: str) -> list[str]:
@@ -48,7 +48,7 @@ def cmd_decode(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from codesign.cli_commands import _progress
+    from codesign.cli._common import progress as _progress
     from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
