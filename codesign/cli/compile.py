@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from codesign.cli._common import UsageError, add_model_hw_args, console, print_json, resolve_model_hw
+from codesign.cli._common import (
+    UsageError,
+    add_model_hw_args,
+    console,
+    print_json,
+    resolve_model_hw,
+    resolve_target,
+)
 
 
 def cmd_compile(args) -> int:
-    from codesign.compile.targets import resolve_target
     from codesign.compile.worker import compile_in_subprocess
     from codesign.cost.estimate import estimate_from_report
     from codesign.planner.plan_file import chosen_candidate, load_plan
@@ -23,7 +29,11 @@ def cmd_compile(args) -> int:
     if strategy.n_devices != args.devices:
         raise StrategyError(f"strategy {strategy.spec} uses {strategy.n_devices} devices but --devices is "
                             f"{args.devices}; make the mesh sizes multiply to {args.devices}")
-    target = resolve_target(args.target, hw) if args.target != "analytic" else "analytic"
+    target = resolve_target(args, hw)
+    if strategy.rules_file:  # a broken rules= file is one line here, not an error inside the compile worker
+        from codesign.sharding.rules import default_rules
+
+        default_rules(strategy)
     if target == "analytic":
         from codesign.cost.analytic import analytic_report
 

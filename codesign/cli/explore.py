@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
-from codesign.cli._common import console, print_json
+from codesign.cli._common import check_output_paths, console, print_json, print_wide
 
 
 def _models(text: str) -> list[str]:
@@ -53,12 +54,13 @@ def cmd_sweep(args) -> int:
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
     from codesign.planner import default_workload
+    from codesign.units import fmt_knob
 
+    check_output_paths(args.plot)
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices)
     w = dataclasses.replace(default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload)
-    bar, update = _progress()
-    with bar:
+    with _progress() as update:
         result = run_sweep(cfg, hw, w, args.devices, parse_vary(args.vary), verify=args.verify, target=args.target,
                            progress=update)
     files = write_outputs(result, args.out) if args.out else []
@@ -74,24 +76,25 @@ def cmd_sweep(args) -> int:
     knobs = list(result.points[0]["knobs"]) if result.points else []
     t = Table(title=f"sweep: {cfg.name} on {args.devices}× {hw.name}")
     for col in knobs + ["best layout", "step time", "MFU", "fits", "recompiled", "reason"]:
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "best layout")  # a layout is copied whole into --strategy
     for p in result.points:
-        t.add_row(*[str(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
+        t.add_row(*[fmt_knob(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
                   f"{p['step_time_s']:.3g} s" if p["step_time_s"] else "-", f"{p['mfu']:.1%}" if p["mfu"] else "-",
-                  str(p["fits"]), str(p["recompiled"]), (p.get("reason") or "")[:60])
+                  fmt_knob(p["fits"]), fmt_knob(p["recompiled"]), (p.get("reason") or "")[:60])
+    print_wide(t)
     out = console()
-    out.print(t)
     out.print(f"{len(result.points)} points in {result.wall_s:.1f} s; re-costing saved "
               f"{result.recost_saved_s:.1f} s of compiles" + (f"; wrote {', '.join(files)}" if files else ""))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from rich.pretty import Pretty
+    from codesign.calibrate import cpu_warning, render_calibration, run_calibration
 
-    from codesign.calibrate import run_calibration
-
-    return _print(args, run_calibration(args.out, quick=args.quick), Pretty)
+    result = run_calibration(args.out, quick=args.quick)
+    if args.json and cpu_warning(result):  # the table shows it; with --json stdout holds only the document
+        print(cpu_warning(result), file=sys.stderr)
+    return _print(args, result, render_calibration)
 
 
 def register(add) -> None:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from codesign.cli._common import add_model_hw_args, console, print_json, progress, resolve_model_hw
+from codesign.cli._common import (
+    add_model_hw_args,
+    check_output_paths,
+    console,
+    print_json,
+    print_wide,
+    progress,
+    resolve_model_hw,
+    resolve_target,
+)
 
 
 def cmd_plan(args) -> int:
@@ -11,6 +20,8 @@ def cmd_plan(args) -> int:
     from codesign.planner.render import maxtext_overrides, plan_table, plot_pareto, search_summary
 
     cfg, hw, w = resolve_model_hw(args)
+    resolve_target(args, hw)  # fail fast: cuDNN without a GPU target, a conflicting XLA_FLAGS device count
+    check_output_paths(args.out, args.plot)  # not after minutes of compiling
     req = PlanRequest(cfg=cfg, hardware=hw, workload=w, n_devices=args.devices, target=args.target,
                       top_k=args.compile_top, timeout_s=args.timeout, exhaustive=args.exhaustive,
                       constraints=parse_constraints(args.strategy_filter) + parse_fix(args.fix),
@@ -18,9 +29,8 @@ def cmd_plan(args) -> int:
                       use_cache=not args.no_cache, cache_dir=args.cache_dir)
     if args.workers:
         req.workers = args.workers
-    bar, update = progress()
-    req.progress = update
-    with bar:
+    with progress() as update:
+        req.progress = update
         result = plan(req)
     if args.top:
         result.candidates = result.candidates[: args.top]
@@ -38,7 +48,7 @@ def cmd_plan(args) -> int:
         print_json(doc)
     else:
         out = console()
-        out.print(plan_table(result, top=args.rows))
+        print_wide(plan_table(result, top=args.rows))
         out.print(search_summary(result))
         for line in result.explanation:
             out.print(line, markup=False)
