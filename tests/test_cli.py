@@ -102,6 +102,28 @@ def test_plan_file_with_chosen_out_of_range_is_one_line(tmp_path, capsys):
     assert rc == 2 and "p.json" in line and "chosen is 3" in line
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["plan", *TINY, "--global-batch", "0"], "argument --global-batch: expected a positive integer, got '0'"),
+    (["plan", *TINY, "--top", "0"], "argument --top: expected a positive integer"),
+    (["plan", *TINY, "--headroom", "1.5"], "argument --headroom: expected a fraction in [0, 1)"),
+    (["plan", "--model", "tiny-dense", "--hardware", "cpu"], "required: --devices"),
+    (["explore", "decode", "--contexts", "1024,a"], "argument --contexts: expected a positive integer, got 'a'"),
+    (["nothing"], "invalid choice: 'nothing'"),
+])
+def test_argument_errors_are_one_line(capsys, argv, needle):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(err) == 1 and needle in err[0] and "--help" in err[0], err
+
+
+def test_save_hlo_needs_a_compiler_target(capsys):
+    rc, _, err = _run(capsys, ["compile", *TINY, "--strategy", "fsdp=8", "--target", "analytic",
+                               "--save-hlo", "x.hlo"])
+    assert rc == 2 and "--save-hlo needs a compiler target" in _one_error_line(err, "compile")
+
+
 def test_missing_plan_file_is_one_line(tmp_path, capsys):
     rc, _, err = _run(capsys, ["compile", *TINY, "--plan", str(tmp_path / "nope.json"), "--target", "analytic"])
     line = _one_error_line(err, "compile")

@@ -35,8 +35,16 @@ def version() -> str:
     return f"codesign {v('codesign')} (jax {v('jax')}, jaxlib {v('jaxlib')}, flax {v('flax')})"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line; the usage it would print is one `--help` away.
+    Subcommand parsers are of this class too (add_subparsers takes the parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="codesign", description="Pick the parallelism layout before you rent the pod.")
+    p = _Parser(prog="codesign", description="Pick the parallelism layout before you rent the pod.")
     p.add_argument("--version", action="version", version=version())
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -100,12 +100,50 @@ def progress() -> ProgressBar:
     return ProgressBar()
 
 
+# argparse types: a bad number is an argparse error (one line, exit 2) before anything runs.
+def _number(kind, text: str, ok, want: str):
+    import argparse
+    import math
+
+    try:
+        v = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+    if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+    return v
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v > 0, "a positive integer")
+
+
+def nonneg_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: v > 0, "a positive number")
+
+
+def nonneg_float(text: str) -> float:
+    return _number(float, text, lambda v: v >= 0, "a number >= 0")
+
+
+def fraction(text: str) -> float:
+    return _number(float, text, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+
+
+def int_list(text: str) -> list[int]:
+    return [positive_int(t.strip()) for t in text.split(",") if t.strip()]
+
+
 def add_model_hw_args(sp) -> None:
     sp.add_argument("--model", required=True, help="preset name, YAML ModelConfig, or HF config.json")
     sp.add_argument("--hardware", required=True, help="catalog name (see `codesign hardware`) or YAML profile")
-    sp.add_argument("--devices", type=int, required=True, help="device count N")
-    sp.add_argument("--global-batch", type=int, help="sequences per step (default: 4 per device)")
-    sp.add_argument("--seq-len", type=int, help="tokens per sequence (default 4096)")
+    sp.add_argument("--devices", type=positive_int, required=True, help="device count N")
+    sp.add_argument("--global-batch", type=positive_int, help="sequences per step (default: 4 per device)")
+    sp.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 4096)")
     sp.add_argument("--target", default="auto", choices=("auto", "analytic", "cpu", "tpu", "gpu", "attached"),
                     help="where to compile: auto = tpu/gpu deviceless compilers when installed, else cpu; "
                          "analytic = closed form only")

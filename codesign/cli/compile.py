@@ -5,7 +5,9 @@ from __future__ import annotations
 from codesign.cli._common import (
     UsageError,
     add_model_hw_args,
+    check_output_paths,
     console,
+    positive_float,
     print_json,
     resolve_model_hw,
     resolve_target,
@@ -30,6 +32,9 @@ def cmd_compile(args) -> int:
         raise StrategyError(f"strategy {strategy.spec} uses {strategy.n_devices} devices but --devices is "
                             f"{args.devices}; make the mesh sizes multiply to {args.devices}")
     target = resolve_target(args, hw)
+    if args.save_hlo and target == "analytic":
+        raise UsageError("--save-hlo needs a compiler target; the analytic target compiles nothing (use --target cpu)")
+    check_output_paths(args.save_hlo)
     if strategy.rules_file:  # a broken rules= file is one line here, not an error inside the compile worker
         from codesign.sharding.rules import default_rules
 
@@ -58,5 +63,5 @@ def register(add) -> None:
     add_model_hw_args(sp)
     sp.add_argument("--strategy", help="strategy spec, e.g. fsdp=8,tensor=4,remat=full")
     sp.add_argument("--plan", help="take the chosen strategy of this plan file")
-    sp.add_argument("--timeout", type=float, default=900)
+    sp.add_argument("--timeout", type=positive_float, default=900, help="compile timeout, seconds")
     sp.add_argument("--save-hlo", help="write the optimized HLO text here")

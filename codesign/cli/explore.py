@@ -5,7 +5,16 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from codesign.cli._common import check_output_paths, console, print_json, print_wide
+from codesign.cli._common import (
+    check_output_paths,
+    console,
+    int_list,
+    nonneg_float,
+    positive_float,
+    positive_int,
+    print_json,
+    print_wide,
+)
 
 
 def _models(text: str) -> list[str]:
@@ -43,8 +52,7 @@ def cmd_ep_tpot(args) -> int:
 def cmd_decode(args) -> int:
     from codesign.explore.decode import decode_throughput, render_decode
 
-    contexts = [int(c) for c in args.contexts.split(",")]
-    return _print(args, decode_throughput(args.model, args.hardware, contexts, devices=args.devices),
+    return _print(args, decode_throughput(args.model, args.hardware, args.contexts, devices=args.devices),
                   render_decode)
 
 
@@ -91,6 +99,7 @@ def cmd_sweep(args) -> int:
 def cmd_calibrate(args) -> int:
     from codesign.calibrate import cpu_warning, render_calibration, run_calibration
 
+    check_output_paths(args.out)  # before the benchmarks, not after
     result = run_calibration(args.out, quick=args.quick)
     if args.json and cpu_warning(result):  # the table shows it; with --json stdout holds only the document
         print(cpu_warning(result), file=sys.stderr)
@@ -113,36 +122,36 @@ def register(add) -> None:
 
     p = sub_add("flops", cmd_flops, "training FLOPs per token, analytic and compiled")
     p.add_argument("--models", default="deepseek-v2,deepseek-v3,qwen2.5-72b,llama3.1-405b")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=positive_int, default=4096)
     p.add_argument("--no-compile", action="store_true", help="analytic column only")
 
     p = sub_add("ep-tpot", cmd_ep_tpot, "decode TPOT bound from expert-parallel all-to-all")
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800,gb200-nvl72")
-    p.add_argument("--tokens-per-device", dest="tokens_per_device", type=int)
-    p.add_argument("--dispatch-bytes", dest="dispatch_bytes", type=float, help="bytes/element (FP8 = 1)")
-    p.add_argument("--combine-bytes", dest="combine_bytes", type=float, help="bytes/element (BF16 = 2)")
-    p.add_argument("--hidden", type=int, help="hidden size (default: the model's; the paper rounds to 7000)")
-    p.add_argument("--experts-per-token", dest="experts_per_token", type=int, help="routed + shared")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--all-to-alls-per-layer", dest="all_to_alls_per_layer", type=int)
-    p.add_argument("--ep-devices", dest="ep_devices", type=int)
+    p.add_argument("--tokens-per-device", dest="tokens_per_device", type=positive_int)
+    p.add_argument("--dispatch-bytes", dest="dispatch_bytes", type=positive_float, help="bytes/element (FP8 = 1)")
+    p.add_argument("--combine-bytes", dest="combine_bytes", type=positive_float, help="bytes/element (BF16 = 2)")
+    p.add_argument("--hidden", type=positive_int, help="hidden size (default: the model's; the paper rounds to 7000)")
+    p.add_argument("--experts-per-token", dest="experts_per_token", type=positive_int, help="routed + shared")
+    p.add_argument("--layers", type=positive_int)
+    p.add_argument("--all-to-alls-per-layer", dest="all_to_alls_per_layer", type=positive_int)
+    p.add_argument("--ep-devices", dest="ep_devices", type=positive_int)
     p.add_argument("--level", help="force a network level by name")
-    p.add_argument("--bytes-per-s", dest="bytes_per_s", type=float, help="override per-GPU bandwidth")
-    p.add_argument("--latency-s", dest="latency_s", type=float, help="override per-collective latency")
+    p.add_argument("--bytes-per-s", dest="bytes_per_s", type=positive_float, help="override per-GPU bandwidth")
+    p.add_argument("--latency-s", dest="latency_s", type=nonneg_float, help="override per-collective latency")
 
     p = sub_add("decode", cmd_decode, "memory-bound decode throughput per GPU vs context (MLA/GQA/MHA)")
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800")
-    p.add_argument("--devices", type=int, default=32)
-    p.add_argument("--contexts", default="1024,4096,16384,65536,131072")
+    p.add_argument("--devices", type=positive_int, default=32)
+    p.add_argument("--contexts", type=int_list, default="1024,4096,16384,65536,131072", help="context lengths")
 
     p = sub_add("sweep", cmd_sweep, "vary hardware/model knobs and re-plan at each point")
     p.add_argument("--model", required=True)
     p.add_argument("--hardware", required=True)
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--devices", type=positive_int, required=True)
+    p.add_argument("--global-batch", type=positive_int)
+    p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--workload", default="train", choices=("train", "decode"))
     p.add_argument("--vary", action="append", default=[], help="knob=v1,v2,… (repeatable; see README)")
     p.add_argument("--verify", action="store_true", help="compile-verify each point's top candidates")

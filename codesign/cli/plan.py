@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
 from codesign.cli._common import (
     add_model_hw_args,
     check_output_paths,
     console,
+    fraction,
+    nonneg_int,
+    positive_float,
+    positive_int,
     print_json,
     print_wide,
     progress,
@@ -40,6 +46,9 @@ def cmd_plan(args) -> int:
         result.save(args.out)
     if args.plot:
         plot_pareto(result, args.plot)
+    if args.export and result.best is None:  # nothing to export; the exit status (1) already says no fit
+        print(f"note: no candidate fits, so --export {args.export} has nothing to export", file=sys.stderr)
+        args.export = None
     export = maxtext_overrides(result, hw) if args.export == "maxtext" else None
     if args.json:
         doc = result.to_json()
@@ -64,16 +73,16 @@ def cmd_plan(args) -> int:
 def register(add) -> None:
     sp = add("plan", cmd_plan, "search layouts, verify the best with the compiler, write a plan")
     add_model_hw_args(sp)
-    sp.add_argument("--top", type=int, help="keep only the first K ranked candidates in the output")
-    sp.add_argument("--rows", type=int, default=15, help="table rows to print (default 15)")
-    sp.add_argument("--compile-top", type=int, default=4, help="candidates that fit to verify by compiling")
-    sp.add_argument("--workers", type=int, help="parallel compile processes (default: CPU cores)")
-    sp.add_argument("--timeout", type=float, default=600, help="per-candidate compile timeout, seconds")
+    sp.add_argument("--top", type=positive_int, help="keep only the first K ranked candidates in the output")
+    sp.add_argument("--rows", type=positive_int, default=15, help="table rows to print (default 15)")
+    sp.add_argument("--compile-top", type=nonneg_int, default=4, help="candidates that fit to verify by compiling")
+    sp.add_argument("--workers", type=positive_int, help="parallel compile processes (default: CPU cores)")
+    sp.add_argument("--timeout", type=positive_float, default=600, help="per-candidate compile timeout, seconds")
     sp.add_argument("--strategy-filter", help='constraints, e.g. "tensor<=8,pipeline=1,remat!=none"')
     sp.add_argument("--fix", help='knobs already decided, e.g. "remat=full,tensor=8"')
-    sp.add_argument("--headroom", type=float, default=0.0, help="extra fraction of HBM to keep free")
+    sp.add_argument("--headroom", type=fraction, default=0.0, help="extra fraction of HBM to keep free")
     sp.add_argument("--exhaustive", action="store_true", help="compile every valid candidate")
-    sp.add_argument("--max-compile-devices", type=int, help="shrink pure data replicas above this mesh size")
+    sp.add_argument("--max-compile-devices", type=positive_int, help="shrink pure data replicas above this mesh size")
     sp.add_argument("--out", help="write the plan JSON here")
     sp.add_argument("--plot", help="write a step-time vs memory PNG with the Pareto front")
     sp.add_argument("--export", choices=("maxtext",), help="print the chosen plan as MaxText overrides")

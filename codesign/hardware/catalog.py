@@ -233,9 +233,6 @@ class Hardware:
             raise HardwareError(f"hardware {self.name!r}: tpu_generation must be a string such as 'v5p'")
         _number(self, "devices", int, 0)
         _number(self, "memory_reserve_bytes", int, 0)
-        if self.memory_reserve_bytes >= self.chip.hbm_bytes:
-            raise HardwareError(f"hardware {self.name!r}: memory_reserve_bytes ({self.memory_reserve_bytes}) leaves "
-                                f"no HBM (hbm_bytes {self.chip.hbm_bytes})")
         object.__setattr__(self, "levels", tuple(self.levels))
         object.__setattr__(self, "sources", _sources(self.sources, f"hardware {self.name!r}"))
 
@@ -464,6 +461,9 @@ def load_hardware(name_or_path: str | os.PathLike, devices: int | None = None) -
                                 f"{_PROFILE_SHAPE}")
         try:
             hw = Hardware.from_json(data)
+            if hw.memory_capacity_bytes <= 0:  # (a sweep may shrink HBM below the reserve; a profile may not)
+                raise HardwareError(f"memory_reserve_bytes ({hw.memory_reserve_bytes}) leaves no HBM "
+                                    f"(hbm_bytes {hw.hbm_bytes})")
             return hw if devices is None else hw.with_devices(int(devices))
         except HardwareError as e:  # name the file: the user has to edit it
             raise HardwareError(f"hardware profile {key!r}: {e}") from None
