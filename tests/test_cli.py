@@ -242,8 +242,16 @@ def test_plan_table_never_cuts_the_strategy_and_uses_gib(tiny_plan, capsys):
     assert " GB " not in out
 
 
-def test_pipeline_pick_says_train_cannot_run_it():
+def test_pipeline_pick_says_train_cannot_run_it(tiny_plan):
+    import copy
+
     from codesign.planner.explain import explain
+    from codesign.planner.render import plan_table
+
+    p = copy.deepcopy(tiny_plan)
+    assert plan_table(p).caption is None  # tiny-dense on 8 CPUs picks no pipeline
+    p.candidates[p.chosen]["strategy"]["spec"] = "pipeline=2,fsdp=4,remat=full"
+    assert "cannot run this pick yet" in plan_table(p).caption
 
     def row(spec, t, fits=True):
         mesh = dict(kv.split("=") for kv in spec.split(",") if not kv.startswith("remat"))
