@@ -192,6 +192,63 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
             "out_path": out_path}
 
 
+def cpu_warning(result: dict[str, Any]) -> str | None:
+    """The caveat a CPU measurement needs: its numbers describe the host, not any accelerator."""
+    if result.get("platform") != "cpu":
+        return None
+    return ("warning: calibrate measured the host CPU (no GPU or TPU is attached, or JAX was pinned to the CPU); "
+            "this profile describes this machine's CPU, not an accelerator - do not plan GPU/TPU runs with it")
+
+
+def render_calibration(result: dict[str, Any]):
+    """`codesign calibrate` for people: what was measured, as fractions of the catalog's peaks."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from codesign.units import fmt_bytes, fmt_si
+
+    parts: list[Any] = []
+    warning = cpu_warning(result)
+    if warning:
+        parts.append(Text(warning, style="bold yellow"))
+    parts.append(Text(f"{result['devices']} × {result['device_kind']} ({result['platform']}), compared with the "
+                      f"catalog's {result['catalog_base']}; {result['wall_s']:.1f} s"))
+    t = Table(title="matmul (n × n × n)")
+    for col in ("dtype", "n", "time", "throughput", "of peak"):
+        t.add_column(col, justify="left" if col == "dtype" else "right")
+    for r in result["matmul"]:
+        if "error" in r:
+            t.add_row(r["dtype"], str(r["n"]), "-", "-", r["error"][:60])
+            continue
+        t.add_row(r["dtype"], str(r["n"]), f"{r['seconds'] * 1e3:.3g} ms", fmt_si(r["flops_per_s"], "FLOP/s"),
+                  f"{r['fraction']:.1%}" if "fraction" in r else "-")
+    parts.append(t)
+    eff = result["profile"]["efficiency"]
+    s = result.get("sustained_matmul")
+    lines = [f"HBM streaming: {fmt_si(result['hbm_bytes_per_s'], 'B/s')} ({eff['hbm']:.1%} of the datasheet)"]
+    if s:
+        lines.append(f"sustained bf16 matmul (n={s['n']}, >= 1 s runs): {fmt_si(s['flops_per_s'], 'FLOP/s')}, "
+                     f"{s['relative_to_table']:.2f}× the short runs (efficiency.sustained {eff['sustained']:.2f})")
+    parts.append(Text("\n".join(lines)))
+    if result["collectives"]:
+        c = Table(title=f"collectives over {result['devices']} devices")
+        for col in ("kind", "bytes", "time", "bandwidth / device"):
+            c.add_column(col, justify="left" if col == "kind" else "right")
+        for r in result["collectives"]:
+            if "error" in r:
+                c.add_row(r["kind"], "-", "-", r["error"][:60])
+            else:
+                c.add_row(r["kind"], fmt_bytes(r["bytes"]), f"{r['seconds'] * 1e3:.3g} ms",
+                          fmt_si(r["bytes_per_s"], "B/s"))
+        parts.append(c)
+    else:
+        parts.append(Text("collectives: one device, nothing to measure (collective efficiency kept from the catalog)"))
+    parts.append(Text(f"profile written to {result['out_path']} (use it as --hardware {result['out_path']})"
+                      if result.get("out_path") else "no profile written (pass --out FILE to keep one)"))
+    return Group(*parts)
+
+
 def _plain(x: Any) -> Any:
     """Plain Python scalars/containers (YAML safe_dump rejects numpy floats)."""
     if isinstance(x, dict):

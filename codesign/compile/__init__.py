@@ -1,5 +1,4 @@
-"""Compiling candidate layouts with XLA and reading back what the compiler produced.
-
-``hlo`` walks post-optimization HLO text loop-aware (FLOPs, bytes, collectives per step);
-``xla_cost`` normalizes ``compiled.cost_analysis()`` across backends and versions.
+"""Measuring candidate layouts: the compile targets (XLA for cpu, tpu, gpu, attached devices, and the
+closed form as `analytic`), the loop-aware HLO walk, the worker processes, the on-disk cache, and the one
+measuring loop (`measure`) that every caller goes through.
 """

@@ -21,6 +21,7 @@ from typing import Any
 
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
+from codesign.units import fmt_knob
 
 HARDWARE_KNOBS = ("scaleup_size", "scaleup_bw", "scaleout_bw", "hbm_bytes", "hbm_bw", "flops_scale", "dtype")
 MODEL_KNOBS = ("attention", "experts", "top_k")
@@ -185,15 +186,6 @@ def write_outputs(result: SweepResult, out_prefix: str) -> list[str]:
     return [out_prefix + ".json", out_prefix + ".csv"]
 
 
-def _label(v: Any) -> str:
-    """Knob values as people write them: 25e9 -> 25G."""
-    if isinstance(v, (int, float)) and abs(v) >= 1e3:
-        for div, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-            if abs(v) >= div:
-                return f"{v / div:g}{suffix}"
-    return str(v)
-
-
 def plot_sweep(result: SweepResult, path: str, metric: str = "mfu") -> None:
     """A line chart for one varied knob, a heatmap (with the chosen layout written in) for two."""
     import matplotlib
@@ -209,7 +201,7 @@ def plot_sweep(result: SweepResult, path: str, metric: str = "mfu") -> None:
         k = knobs[0]
         xs = [p["knobs"][k] for p in result.points]
         ax.plot(range(len(xs)), [val(p) for p in result.points], "-o")
-        ax.set_xticks(range(len(xs)), [_label(x) for x in xs])
+        ax.set_xticks(range(len(xs)), [fmt_knob(x) for x in xs])
         ax.set_xlabel(k)
         ax.set_ylabel(metric)
         for i, p in enumerate(result.points):
@@ -223,8 +215,8 @@ def plot_sweep(result: SweepResult, path: str, metric: str = "mfu") -> None:
             grid[v1.index(p["knobs"][k1]), v2.index(p["knobs"][k2])] = val(p)
         im = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis")
         fig.colorbar(im, ax=ax, label=metric)
-        ax.set_yticks(range(len(v1)), [_label(v) for v in v1])
-        ax.set_xticks(range(len(v2)), [_label(v) for v in v2])
+        ax.set_yticks(range(len(v1)), [fmt_knob(v) for v in v1])
+        ax.set_xticks(range(len(v2)), [fmt_knob(v) for v in v2])
         ax.set_ylabel(k1)
         ax.set_xlabel(k2)
         for p in result.points:

@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
+from codesign.config import ConfigError
 from codesign.hardware.topology import TopologyError, split_slices
+from codesign.userfiles import read_yaml
 
 GiB = 1 << 30
 _KINDS = ("chip", "system")
@@ -31,8 +33,26 @@ _PLATFORMS = ("gpu", "tpu", "cpu")
 _TOPOLOGIES = ("switch", "torus")
 
 
-class HardwareError(ValueError):
+class HardwareError(ConfigError):
     """An unknown hardware name, a malformed profile, or a device count the hardware cannot have."""
+
+
+_PROFILE_SHAPE = ("a hardware profile is a YAML mapping of Hardware fields, as `codesign calibrate --out FILE` "
+                  "writes it (or use a catalog name from `codesign hardware`)")
+
+
+def _number(owner: object, field_name: str, kind: type, lo: float | None = None, lo_open: bool = False):
+    """`owner.field_name` as a finite int/float (a profile may hold strings, nulls, NaN); set in place."""
+    v = getattr(owner, field_name)
+    label = f"{type(owner).__name__} {getattr(owner, 'name', '')!r}".replace(" ''", "")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise HardwareError(f"{label}: {field_name} must be a finite number, got {v!r}")
+    if kind is int and v != int(v):
+        raise HardwareError(f"{label}: {field_name} must be a whole number, got {v!r}")
+    v = kind(v)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise HardwareError(f"{label}: {field_name} must be {'>' if lo_open else '>='} {lo:g}, got {v!r}")
+    object.__setattr__(owner, field_name, v)
 
 
 class FrozenMap(dict):
@@ -71,10 +91,18 @@ class NetworkLevel:
     source: str = ""
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not isinstance(self.source, str):
+            raise HardwareError(f"level {self.name!r}: name and source must be strings")
         if self.topology not in _TOPOLOGIES:
             raise HardwareError(f"level {self.name!r}: topology must be one of {_TOPOLOGIES}")
-        if self.bytes_per_s <= 0 or self.latency_s < 0:
-            raise HardwareError(f"level {self.name!r}: bytes_per_s must be > 0 and latency_s >= 0")
+        _number(self, "bytes_per_s", float, 0, lo_open=True)
+        _number(self, "latency_s", float, 0)
+        _number(self, "group_size", int, 0)
+        _number(self, "max_group_size", int, 0)
+        if not isinstance(self.torus_dims, (list, tuple)) or not isinstance(self.wraps, (list, tuple)):
+            raise HardwareError(f"level {self.name!r}: torus_dims and wraps must be lists")
+        if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.torus_dims):
+            raise HardwareError(f"level {self.name!r}: torus_dims must be positive integers, got {self.torus_dims}")
         object.__setattr__(self, "torus_dims", tuple(int(d) for d in self.torus_dims))
         object.__setattr__(self, "wraps", tuple(bool(w) for w in self.wraps))
         if len(self.wraps) != len(self.torus_dims):
@@ -107,10 +135,20 @@ class Chip:
     sources: Mapping[str, str] = field(default_factory=FrozenMap)  # field -> where the number comes from
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise HardwareError(f"chip name must be a string, got {self.name!r}")
         if self.platform not in _PLATFORMS:
             raise HardwareError(f"chip {self.name!r}: platform must be one of {_PLATFORMS}")
+        if not isinstance(self.peak_flops, Mapping) or not self.peak_flops:
+            raise HardwareError(f"chip {self.name!r}: peak_flops must map dtype names to FLOP/s, e.g. {{bf16: 9.89e14}}")
+        for k, v in self.peak_flops.items():
+            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) \
+                    or not math.isfinite(v) or v <= 0:
+                raise HardwareError(f"chip {self.name!r}: peak_flops {k!r}: {v!r} is not a positive finite number")
         object.__setattr__(self, "peak_flops", _fm({k: float(v) for k, v in self.peak_flops.items()}))
-        object.__setattr__(self, "sources", _fm(self.sources))
+        _number(self, "hbm_bytes", int, 0, lo_open=True)
+        _number(self, "hbm_bytes_per_s", float, 0, lo_open=True)
+        object.__setattr__(self, "sources", _sources(self.sources, f"chip {self.name!r}"))
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "platform": self.platform, "peak_flops": dict(self.peak_flops),
@@ -137,10 +175,16 @@ class Efficiency:
     sustained: float = 1.0
 
     def __post_init__(self):
-        table = {k: tuple(sorted((int(n), float(f)) for n, f in pts)) for k, pts in self.matmul.items()}
+        if not isinstance(self.matmul, Mapping):
+            raise HardwareError("Efficiency.matmul must map dtype names to [[n, fraction], ...] tables")
+        table = {k: tuple(sorted(_matmul_point(k, p) for p in pts)) for k, pts in self.matmul.items()}
         if "bf16" not in table or any(not pts for pts in table.values()):
             raise HardwareError("Efficiency.matmul needs a non-empty 'bf16' table")
         object.__setattr__(self, "matmul", _fm(table))
+        for name in ("hbm", "collective", "sustained"):
+            _number(self, name, float, 0, lo_open=True)
+        if not isinstance(self.source, str):
+            raise HardwareError(f"Efficiency.source must be a string, got {self.source!r}")
         if not 0 < self.sustained <= 1:
             raise HardwareError(f"Efficiency.sustained must be in (0, 1], got {self.sustained}")
 
@@ -181,10 +225,16 @@ class Hardware:
     description: str = ""
 
     def __post_init__(self):
+        if not isinstance(self.name, str) or not isinstance(self.description, str):
+            raise HardwareError(f"hardware name and description must be strings, got {self.name!r}")
         if self.kind not in _KINDS:
             raise HardwareError(f"hardware {self.name!r}: kind must be one of {_KINDS}")
+        if self.tpu_generation is not None and not isinstance(self.tpu_generation, str):
+            raise HardwareError(f"hardware {self.name!r}: tpu_generation must be a string such as 'v5p'")
+        _number(self, "devices", int, 0)
+        _number(self, "memory_reserve_bytes", int, 0)
         object.__setattr__(self, "levels", tuple(self.levels))
-        object.__setattr__(self, "sources", _fm(self.sources))
+        object.__setattr__(self, "sources", _sources(self.sources, f"hardware {self.name!r}"))
 
     @property
     def platform(self) -> str:
@@ -260,20 +310,40 @@ class Hardware:
                        sources=d.get("sources", {}), tpu_generation=d.get("tpu_generation"),
                        memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
                        description=d.get("description", ""))
+        except HardwareError:
+            raise
         except KeyError as e:
             raise HardwareError(f"hardware profile is missing field {e.args[0]!r}") from None
-        except TypeError as e:
-            raise HardwareError(f"malformed hardware profile: {e}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:
+            # A field of the wrong shape (a list where a mapping belongs, a string where a number does).
+            raise HardwareError(f"malformed hardware profile: {' '.join(str(e).split())}") from None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 
 def _known(cls, d: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(d, Mapping):
+        raise HardwareError(f"{what} must be a mapping of its fields, got {d!r:.60}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise HardwareError(f"unknown {what} fields {unknown}; known fields: {sorted(names)}")
     return dict(d)
+
+
+def _sources(d: Any, what: str) -> FrozenMap:
+    if not isinstance(d, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
+        raise HardwareError(f"{what}: sources must map field names to strings (where each number comes from)")
+    return _fm(d)
+
+
+def _matmul_point(dtype: Any, p: Any) -> tuple[int, float]:
+    """One [n, fraction] row of an efficiency table."""
+    ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in p)
+    if not ok or p[0] < 1 or p[1] <= 0:
+        raise HardwareError(f"Efficiency.matmul[{dtype!r}]: row {p!r} must be [n >= 1, fraction of peak > 0]")
+    return int(p[0]), float(p[1])
 
 
 def _group(level: NetworkLevel, devices: int) -> int:
@@ -385,13 +455,18 @@ def load_hardware(name_or_path: str | os.PathLike, devices: int | None = None) -
     if key in hardware_names():
         hw = _build(key)
     elif os.path.isfile(key):
-        with open(key) as f:
-            data = yaml.safe_load(f)  # JSON is YAML too
+        data = read_yaml(key, "hardware profile", HardwareError, _PROFILE_SHAPE)  # JSON is YAML too
         if not isinstance(data, dict):
-            raise HardwareError(f"{key}: a hardware profile must be a mapping of Hardware fields")
-        hw = Hardware.from_json(data)
-        if devices is None:
-            return hw
+            raise HardwareError(f"hardware profile {key!r} holds a {type(data).__name__}, not a mapping; "
+                                f"{_PROFILE_SHAPE}")
+        try:
+            hw = Hardware.from_json(data)
+            if hw.memory_capacity_bytes <= 0:  # (a sweep may shrink HBM below the reserve; a profile may not)
+                raise HardwareError(f"memory_reserve_bytes ({hw.memory_reserve_bytes}) leaves no HBM "
+                                    f"(hbm_bytes {hw.hbm_bytes})")
+            return hw if devices is None else hw.with_devices(int(devices))
+        except HardwareError as e:  # name the file: the user has to edit it
+            raise HardwareError(f"hardware profile {key!r}: {e}") from None
     else:
         raise HardwareError(f"unknown hardware {key!r}; known names: {', '.join(hardware_names())}; "
                             f"a path to a YAML hardware profile (as written by `codesign calibrate`) "

@@ -17,14 +17,18 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-import yaml
 from jax.sharding import PartitionSpec
 
 from codesign.axes import ALL_AXES, MESH_AXES
+from codesign.config import ConfigError
 from codesign.sharding.strategy import Strategy
+from codesign.userfiles import read_yaml
+
+_RULES_SHAPE = ("a rules file is a YAML list of [logical_axis, mesh_axis | [mesh_axes] | null] rows, highest "
+                "precedence first, e.g. [[embed, fsdp], [mlp, tensor], [head_dim, null]]")
 
 
-class RulesError(ValueError):
+class RulesError(ConfigError):
     """A logical->mesh resolution that cannot be honoured; the message names the param."""
 
 
@@ -119,14 +123,19 @@ class Rules:
     @classmethod
     def from_file(cls, path: str) -> Rules:
         """A YAML list of [logical, mesh_axis | [mesh_axes] | null] rows, highest precedence first."""
+        rows = read_yaml(path, "rules file", RulesError, _RULES_SHAPE)
+        if not isinstance(rows, list) or not rows:
+            raise RulesError(f"rules file {path!r} holds {type(rows).__name__ if rows else 'nothing'}; {_RULES_SHAPE}")
+        for i, r in enumerate(rows):
+            ok = isinstance(r, list) and len(r) == 2 and isinstance(r[0], str) and (
+                r[1] is None or isinstance(r[1], str)
+                or (isinstance(r[1], list) and all(isinstance(m, str) for m in r[1])))
+            if not ok:
+                raise RulesError(f"rules file {path!r} row {i + 1} is {r!r:.80}; {_RULES_SHAPE}")
         try:
-            with open(path) as f:
-                rows = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise RulesError(f"rules file {path!r} not found") from None
-        if not isinstance(rows, list) or not all(isinstance(r, (list, tuple)) and len(r) == 2 for r in rows):
-            raise RulesError(f"rules file {path!r}: expected a YAML list of [logical_axis, mesh_axes] pairs")
-        return cls.from_pairs((str(a), b) for a, b in rows)
+            return cls.from_pairs((a, b) for a, b in rows)
+        except RulesError as e:  # name the file: the user has to edit it
+            raise RulesError(f"rules file {path!r}: {e}") from None
 
 
 # KV heads replicate across tensor ranks when tensor > kv_heads (as Megatron does for GQA), and an

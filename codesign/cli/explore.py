@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
-from codesign.cli import console, print_json
+from codesign.cli._common import (
+    check_output_paths,
+    console,
+    int_list,
+    nonneg_float,
+    positive_float,
+    positive_int,
+    print_json,
+    print_wide,
+)
 
 
 def _models(text: str) -> list[str]:
@@ -42,23 +52,23 @@ def cmd_ep_tpot(args) -> int:
 def cmd_decode(args) -> int:
     from codesign.explore.decode import decode_throughput, render_decode
 
-    contexts = [int(c) for c in args.contexts.split(",")]
-    return _print(args, decode_throughput(args.model, args.hardware, contexts, devices=args.devices),
+    return _print(args, decode_throughput(args.model, args.hardware, args.contexts, devices=args.devices),
                   render_decode)
 
 
 def cmd_sweep(args) -> int:
-    from codesign.cli_commands import _progress
+    from codesign.cli._common import progress as _progress
     from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
     from codesign.planner import default_workload
+    from codesign.units import fmt_knob
 
+    check_output_paths(args.plot)
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices)
     w = dataclasses.replace(default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload)
-    bar, update = _progress()
-    with bar:
+    with _progress() as update:
         result = run_sweep(cfg, hw, w, args.devices, parse_vary(args.vary), verify=args.verify, target=args.target,
                            progress=update)
     files = write_outputs(result, args.out) if args.out else []
@@ -74,24 +84,26 @@ def cmd_sweep(args) -> int:
     knobs = list(result.points[0]["knobs"]) if result.points else []
     t = Table(title=f"sweep: {cfg.name} on {args.devices}× {hw.name}")
     for col in knobs + ["best layout", "step time", "MFU", "fits", "recompiled", "reason"]:
-        t.add_column(col)
+        t.add_column(col, no_wrap=col == "best layout")  # a layout is copied whole into --strategy
     for p in result.points:
-        t.add_row(*[str(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
+        t.add_row(*[fmt_knob(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
                   f"{p['step_time_s']:.3g} s" if p["step_time_s"] else "-", f"{p['mfu']:.1%}" if p["mfu"] else "-",
-                  str(p["fits"]), str(p["recompiled"]), (p.get("reason") or "")[:60])
+                  fmt_knob(p["fits"]), fmt_knob(p["recompiled"]), (p.get("reason") or "")[:60])
+    print_wide(t)
     out = console()
-    out.print(t)
     out.print(f"{len(result.points)} points in {result.wall_s:.1f} s; re-costing saved "
               f"{result.recost_saved_s:.1f} s of compiles" + (f"; wrote {', '.join(files)}" if files else ""))
     return 0
 
 
 def cmd_calibrate(args) -> int:
-    from rich.pretty import Pretty
+    from codesign.calibrate import cpu_warning, render_calibration, run_calibration
 
-    from codesign.calibrate import run_calibration
-
-    return _print(args, run_calibration(args.out, quick=args.quick), Pretty)
+    check_output_paths(args.out)  # before the benchmarks, not after
+    result = run_calibration(args.out, quick=args.quick)
+    if args.json and cpu_warning(result):  # the table shows it; with --json stdout holds only the document
+        print(cpu_warning(result), file=sys.stderr)
+    return _print(args, result, render_calibration)
 
 
 def register(add) -> None:
@@ -110,36 +122,36 @@ def register(add) -> None:
 
     p = sub_add("flops", cmd_flops, "training FLOPs per token, analytic and compiled")
     p.add_argument("--models", default="deepseek-v2,deepseek-v3,qwen2.5-72b,llama3.1-405b")
-    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--seq-len", type=positive_int, default=4096)
     p.add_argument("--no-compile", action="store_true", help="analytic column only")
 
     p = sub_add("ep-tpot", cmd_ep_tpot, "decode TPOT bound from expert-parallel all-to-all")
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800,gb200-nvl72")
-    p.add_argument("--tokens-per-device", dest="tokens_per_device", type=int)
-    p.add_argument("--dispatch-bytes", dest="dispatch_bytes", type=float, help="bytes/element (FP8 = 1)")
-    p.add_argument("--combine-bytes", dest="combine_bytes", type=float, help="bytes/element (BF16 = 2)")
-    p.add_argument("--hidden", type=int, help="hidden size (default: the model's; the paper rounds to 7000)")
-    p.add_argument("--experts-per-token", dest="experts_per_token", type=int, help="routed + shared")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--all-to-alls-per-layer", dest="all_to_alls_per_layer", type=int)
-    p.add_argument("--ep-devices", dest="ep_devices", type=int)
+    p.add_argument("--tokens-per-device", dest="tokens_per_device", type=positive_int)
+    p.add_argument("--dispatch-bytes", dest="dispatch_bytes", type=positive_float, help="bytes/element (FP8 = 1)")
+    p.add_argument("--combine-bytes", dest="combine_bytes", type=positive_float, help="bytes/element (BF16 = 2)")
+    p.add_argument("--hidden", type=positive_int, help="hidden size (default: the model's; the paper rounds to 7000)")
+    p.add_argument("--experts-per-token", dest="experts_per_token", type=positive_int, help="routed + shared")
+    p.add_argument("--layers", type=positive_int)
+    p.add_argument("--all-to-alls-per-layer", dest="all_to_alls_per_layer", type=positive_int)
+    p.add_argument("--ep-devices", dest="ep_devices", type=positive_int)
     p.add_argument("--level", help="force a network level by name")
-    p.add_argument("--bytes-per-s", dest="bytes_per_s", type=float, help="override per-GPU bandwidth")
-    p.add_argument("--latency-s", dest="latency_s", type=float, help="override per-collective latency")
+    p.add_argument("--bytes-per-s", dest="bytes_per_s", type=positive_float, help="override per-GPU bandwidth")
+    p.add_argument("--latency-s", dest="latency_s", type=nonneg_float, help="override per-collective latency")
 
     p = sub_add("decode", cmd_decode, "memory-bound decode throughput per GPU vs context (MLA/GQA/MHA)")
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800")
-    p.add_argument("--devices", type=int, default=32)
-    p.add_argument("--contexts", default="1024,4096,16384,65536,131072")
+    p.add_argument("--devices", type=positive_int, default=32)
+    p.add_argument("--contexts", type=int_list, default="1024,4096,16384,65536,131072", help="context lengths")
 
     p = sub_add("sweep", cmd_sweep, "vary hardware/model knobs and re-plan at each point")
     p.add_argument("--model", required=True)
     p.add_argument("--hardware", required=True)
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--global-batch", type=int)
-    p.add_argument("--seq-len", type=int)
+    p.add_argument("--devices", type=positive_int, required=True)
+    p.add_argument("--global-batch", type=positive_int)
+    p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--workload", default="train", choices=("train", "decode"))
     p.add_argument("--vary", action="append", default=[], help="knob=v1,v2,… (repeatable; see README)")
     p.add_argument("--verify", action="store_true", help="compile-verify each point's top candidates")

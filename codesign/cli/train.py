@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from codesign.cli import console, print_json
+from codesign.cli._common import console, print_json
 
 
 class _EmulationAction(argparse.Action):
@@ -86,7 +86,7 @@ def _stdout_to_stderr():
 
 
 def _user_error(e: Exception) -> Exception:
-    from codesign.cli import UsageError
+    from codesign.cli._common import UsageError
 
     return UsageError(str(e))
 
