@@ -102,7 +102,7 @@ def test_fits_and_does_not_fit():
                                                             message="CompileTimeHbmOom"))
     assert not oom.fits and oom.memory_per_device_bytes == int(131e9)
     assert oom.step_time_s > 0  # timed by the analytic model
-    assert any("does not fit: 131 GB" in r for r in oom.reasons)
+    assert any("does not fit: 122 GiB" in r for r in oom.reasons)  # 131e9 bytes
 
 
 def test_cpu_compile_of_gpu_hardware_uses_analytic_memory():

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-
-def _gb(x: float) -> str:
-    return f"{x / 1e9:.2f} GB"
+from codesign.units import fmt_bytes as _gb
 
 
 def report_tables(cfg, strategy, hardware, report, estimate) -> list:

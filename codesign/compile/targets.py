@@ -349,8 +349,8 @@ def _memory_only_report(compiled, hardware: Hardware, target: str, compile_s: fl
         xla = None
     memory = _memory(compiled, hardware.memory_capacity_bytes)
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    notes = list(notes) + [f"hlo-unavailable: {type(exc).__name__}: {first}; FLOPs and collectives not read "
-                           "from the HLO (the cost model times this candidate analytically)"]
+    notes = list(notes) + [(f"hlo-unavailable: {type(exc).__name__}: {first}; FLOPs and collectives not read "
+                           "from the HLO (the cost model times this candidate analytically)")]
     if memory and memory.capacity and memory.peak > memory.capacity:
         notes.append(f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity {memory.capacity / 2**30:.2f} GiB")
     return CompileReport(outcome="ok", compile_s=compile_s, xla_cost_analysis=xla, memory=memory,

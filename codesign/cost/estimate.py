@@ -58,6 +58,7 @@ from codesign.cost.network import AxisPlacement, assign_levels, collective_time_
 from codesign.hardware.catalog import FrozenMap, Hardware
 from codesign.report import CompileReport
 from codesign.sharding.strategy import Strategy
+from codesign.units import fmt_bytes as _gb
 
 OVERLAP_FRACTION = 0.8
 STRUCTURE_TOLERANCE = 0.25
@@ -128,10 +129,6 @@ def busy_time(compute_s: float, memory_s: float, vector_s: float) -> float:
     """Time the chip is busy computing: matmul kernels, then the memory-bound kernels (whose HBM
     traffic and vector work overlap inside each kernel)."""
     return compute_s + max(memory_s, vector_s)
-
-
-def _gb(x: float) -> str:
-    return f"{x / 1e9:.3g} GB"
 
 
 def _ms(x: float) -> str:
@@ -300,8 +297,8 @@ def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, flo
     tick = stage_s / m + 2 * p2p
     step = (m + p - 1) * tick
     bubble = (p - 1) * tick
-    return step, bubble, 2 * (m + p - 1) * p2p, (f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} "
-                                                 "of the step",)
+    return step, bubble, 2 * (m + p - 1) * p2p, ((f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} "
+                                                 "of the step"),)
 
 
 def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
@@ -311,8 +308,8 @@ def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
         return float(report.oom_required_bytes), (), False
     if x.native and report.memory is not None and report.memory.peak > 0:
         return float(report.memory.peak), (), False
-    return float(x.closed.memory.peak), (f"memory from the analytic model ({report.target} memory figures are "
-                                         f"not {x.hardware.platform.upper()} figures)",), True
+    return float(x.closed.memory.peak), ((f"memory from the analytic model ({report.target} memory figures are "
+                                         f"not {x.hardware.platform.upper()} figures)"),), True
 
 
 def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
