@@ -239,3 +239,10 @@ class Workload:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Workload:
         return cls(**d)
+
+
+def default_workload(cfg: ModelConfig, n_devices: int, global_batch: int | None = None,
+                     seq_len: int | None = None) -> Workload:
+    """The preset's default workload: 4 sequences per device of 4096 tokens (64 for tiny test models)."""
+    tiny = cfg.name.startswith("tiny")
+    return Workload(global_batch=global_batch or max(8, 4 * n_devices), seq_len=seq_len or (64 if tiny else 4096))

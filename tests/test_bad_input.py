@@ -26,7 +26,7 @@ from codesign.axes import ALL_AXES, MESH_AXES
 from codesign.cli import user_error_types
 from codesign.hardware import load_hardware
 from codesign.hardware.catalog import Hardware
-from codesign.planner.plan_file import PLAN_SCHEMA, chosen_candidate, load_plan
+from codesign.plan_file import PLAN_SCHEMA, chosen_candidate, load_plan
 from codesign.sharding.rules import Rules
 from codesign.sharding.strategy import Strategy
 from codesign.userfiles import finite_json

@@ -16,7 +16,7 @@ import pytest
 from codesign.config import ConfigError
 from codesign.hardware import load_hardware
 from codesign.planner.export_maxtext import maxtext_export
-from codesign.planner.plan_file import Plan
+from codesign.plan_file import Plan
 from codesign.presets import get_preset
 
 KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "maxtext_base_keys.txt")

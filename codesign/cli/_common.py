@@ -213,7 +213,7 @@ def check_output_paths(*paths: str | None) -> None:
 def resolve_model_hw(args):
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
-    from codesign.planner import default_workload
+    from codesign.config import default_workload
 
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices)

@@ -18,7 +18,7 @@ def cmd_compile(args) -> int:
     from codesign.compile.measure import measure_one
     from codesign.compile.worker import CompileRequest
     from codesign.cost.estimate import estimate_from_report
-    from codesign.planner.plan_file import chosen_candidate, load_plan
+    from codesign.plan_file import chosen_candidate, load_plan
     from codesign.sharding.strategy import Strategy, StrategyError
 
     cfg, hw, w = resolve_model_hw(args)

@@ -61,7 +61,7 @@ def cmd_sweep(args) -> int:
     from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
-    from codesign.planner import default_workload
+    from codesign.config import default_workload
     from codesign.units import fmt_knob
 
     check_output_paths(args.plot)

@@ -1,6 +1,7 @@
 """The planner: search layouts, verify the best with the compiler, explain, and write a plan."""
 
-from codesign.planner.plan_file import PLAN_SCHEMA, Plan, load_plan
-from codesign.planner.search import PlanRequest, default_workload, plan
+from codesign.config import default_workload
+from codesign.plan_file import PLAN_SCHEMA, Plan, load_plan
+from codesign.planner.search import PlanRequest, plan
 
 __all__ = ["PLAN_SCHEMA", "Plan", "PlanRequest", "default_workload", "load_plan", "plan"]

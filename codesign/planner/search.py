@@ -19,9 +19,9 @@ from codesign.axes import MESH_AXES
 from codesign.config import ConfigError, ModelConfig, Workload
 from codesign.cost.estimate import Estimate, estimate_analytic, estimate_from_report
 from codesign.hardware.catalog import Hardware
+from codesign.plan_file import Plan
 from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
-from codesign.planner.plan_file import Plan
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.strategy import Strategy
@@ -29,13 +29,6 @@ from codesign.sharding.strategy import Strategy
 REMATS = ("none", "full", "dots")
 MICROBATCHES = (1, 2, 4, 8)
 ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
-
-
-def default_workload(cfg: ModelConfig, n_devices: int, global_batch: int | None = None,
-                     seq_len: int | None = None) -> Workload:
-    """The preset's default workload: 4 sequences per device of 4096 tokens (64 for tiny test models)."""
-    tiny = cfg.name.startswith("tiny")
-    return Workload(global_batch=global_batch or max(8, 4 * n_devices), seq_len=seq_len or (64 if tiny else 4096))
 
 
 @dataclass

@@ -73,7 +73,7 @@ def resolve_layout(model: str | ModelConfig, *, plan: str | dict | None = None, 
     if (plan is None) == (strategy is None):
         raise TrainError("give exactly one of --plan FILE or --strategy SPEC")
     if plan is not None:
-        from codesign.planner.plan_file import chosen_candidate, load_plan
+        from codesign.plan_file import chosen_candidate, load_plan
 
         data = load_plan(plan) if isinstance(plan, (str, os.PathLike)) else plan
         spec = chosen_candidate(data)["strategy"]["spec"]
@@ -91,7 +91,7 @@ def resolve_layout(model: str | ModelConfig, *, plan: str | dict | None = None, 
     if seq_len:
         base["seq_len"] = int(seq_len)
     if "global_batch" not in base or "seq_len" not in base:
-        from codesign.planner.search import default_workload
+        from codesign.config import default_workload
 
         dflt = default_workload(cfg, n_devices or strat.n_devices)
         base.setdefault("global_batch", dflt.global_batch)

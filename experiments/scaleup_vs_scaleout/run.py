@@ -15,7 +15,7 @@ import os
 
 from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
 from codesign.hardware import load_hardware
-from codesign.planner import default_workload
+from codesign.config import default_workload
 from codesign.presets import get_preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -38,6 +38,15 @@ class Plan:
                 "search": {**self.search, "rejected": self.rejected}, "candidates": self.candidates,
                 "chosen": self.chosen, "explanation": self.explanation}
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Plan:
+        """The inverse of `to_json` (the analytic point cloud `scored` is not saved, so it comes back empty)."""
+        search = dict(d["search"])
+        rejected = search.pop("rejected", {})
+        return cls(model=d["model"], hardware=d["hardware"], workload=d["workload"], search=search,
+                   candidates=d["candidates"], chosen=d["chosen"], explanation=list(d.get("explanation", [])),
+                   rejected=rejected)
+
     def save(self, path: str) -> None:
         """Atomic write: an interrupted save never leaves a half-written plan behind. Strict JSON (a
         non-finite number is null), with the permissions the user's umask gives a new file (mkstemp
