@@ -10,6 +10,7 @@ import glob
 import os
 import re
 import sys
+from collections.abc import MutableMapping
 
 from codesign.config import ConfigError
 
@@ -28,26 +29,46 @@ def nvidia_gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*"))
 
 
-def host_device_flag() -> int | None:
-    """The host device count the user's XLA_FLAGS asks for (the last occurrence wins, as in XLA)."""
+def emulate_cpu_devices(env: MutableMapping[str, str], n: int) -> MutableMapping[str, str]:
+    """The one place that asks JAX for `n` emulated CPU devices (`env`: os.environ, or a child's copy).
+
+    Through `JAX_NUM_CPU_DEVICES`, JAX's own setting (it wins over XLA's host-count flag, which is
+    removed so that only one number is ever in force).
+    """
+    flags = _HOST_COUNT_FLAG.sub("", env.get("XLA_FLAGS", "")).strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
+    else:
+        env.pop("XLA_FLAGS", None)
+    env["JAX_NUM_CPU_DEVICES"] = str(int(n))
+    return env
+
+
+def host_device_requests() -> dict[str, int]:
+    """Host device counts the user's environment asks for, by where they were set: JAX_NUM_CPU_DEVICES
+    and XLA_FLAGS' host-count flag (the last occurrence wins, as in XLA)."""
+    out = {}
+    raw = os.environ.get("JAX_NUM_CPU_DEVICES")
     found = _HOST_COUNT_FLAG.findall(os.environ.get("XLA_FLAGS", ""))
-    if not found:
-        return None
-    try:
-        return int(found[-1])
-    except ValueError:
-        raise EnvironmentConflict(f"XLA_FLAGS has --xla_force_host_platform_device_count={found[-1]!r}, not a "
-                                  f"number; fix or remove it (codesign sets the host device count itself)") from None
+    for where, value in (("JAX_NUM_CPU_DEVICES", raw), ("XLA_FLAGS --xla_force_host_platform_device_count",
+                                                        found[-1] if found else None)):
+        if not value:
+            continue
+        try:
+            out[where] = int(value)
+        except ValueError:
+            raise EnvironmentConflict(f"{where}={value!r} is not a number; fix or unset it (codesign sets the "
+                                      f"host device count itself)") from None
+    return out
 
 
 def check_host_device_flag(devices: int, what: str) -> None:
-    """Refuse to override a host device count the user set in XLA_FLAGS to a different number."""
-    user = host_device_flag()
-    if user is not None and user != devices:
-        raise EnvironmentConflict(
-            f"XLA_FLAGS asks for {user} host devices (--xla_force_host_platform_device_count={user}) but "
-            f"{what} emulates {devices}; remove that flag from XLA_FLAGS (codesign sets the "
-            f"count itself) or use --devices {user}")
+    """Refuse to override a host device count the user set to a different number."""
+    for where, user in host_device_requests().items():
+        if user != devices:
+            raise EnvironmentConflict(
+                f"the environment asks for {user} host devices ({where}) but {what} emulates {devices}; remove "
+                f"that setting (codesign sets the count itself) or use --devices {user}")
 
 
 def configure(cpu_devices: int | None = None, use_accelerator: bool = False) -> None:
@@ -72,8 +93,7 @@ def configure(cpu_devices: int | None = None, use_accelerator: bool = False) -> 
     if cpu_devices:
         if on_host:  # on an accelerator the host device count is moot
             check_host_device_flag(cpu_devices, "this run")
-        flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cpu_devices}".strip()
+        emulate_cpu_devices(os.environ, cpu_devices)
 
 
 def silence_tpu_runtime_noise() -> None:

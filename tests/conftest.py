@@ -5,10 +5,10 @@ import os
 N_TEST_DEVICES = 8
 
 # Must happen before the first `import jax` anywhere in the test process.
+from codesign.runtime import emulate_cpu_devices
+
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_TEST_DEVICES}"
-).strip()
+emulate_cpu_devices(os.environ, N_TEST_DEVICES)
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax
@@ -31,8 +31,8 @@ def cpu_child_env(n_devices: int, drop_prefix: str | None = None) -> dict[str, s
     `drop_prefix` removes inherited variables (e.g. "CODESIGN_") that would change the child's behaviour.
     """
     env = {k: v for k, v in os.environ.items() if not (drop_prefix and k.startswith(drop_prefix))}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={n_devices}",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    emulate_cpu_devices(env, n_devices)
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
     return env
 
 

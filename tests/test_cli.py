@@ -165,6 +165,7 @@ def test_cudnn_without_a_gpu_target_fails_fast(capsys):
 def test_xla_flags_host_device_count_is_not_silently_replaced(monkeypatch, capsys):
     from codesign import runtime
 
+    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)  # the test process's own setting (conftest)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
     rc, _, err = _run(capsys, ["plan", *TINY, "--target", "cpu"])
     line = _one_error_line(err, "plan")

@@ -2,7 +2,7 @@
 
 `compile_in_subprocess` runs ``python -m codesign.compile.worker`` with one request as JSON on stdin.
 The child's environment is set before JAX starts there: ``JAX_PLATFORMS=cpu``, for the cpu target
-``--xla_force_host_platform_device_count=N`` (N = the devices actually compiled: one pipeline stage,
+N emulated devices through `runtime.emulate_cpu_devices` (N = the devices actually compiled: one pipeline stage,
 a reduced data axis), silenced libtpu host discovery, and libtpu's multi-process lock lifted so that
 parallel TPU compiles do not collide. The child writes the report JSON to the real stdout; anything
 libraries print goes to stderr (fd 1 is pointed at fd 2 while it runs).
@@ -77,6 +77,7 @@ def _tail(text: str, n: int = STDERR_TAIL_LINES) -> str:
 def child_env(req: CompileRequest, target: str) -> dict[str, str]:
     """The child's environment, fixed before its JAX starts."""
     from codesign.compile.targets import plan_compile
+    from codesign.runtime import emulate_cpu_devices
 
     env = dict(os.environ)
     if target != "attached":  # deviceless and emulated compiles never touch an accelerator
@@ -86,18 +87,14 @@ def child_env(req: CompileRequest, target: str) -> dict[str, str]:
     env.setdefault("GRPC_VERBOSITY", "ERROR")
     if target == "tpu":
         env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", "")).strip()
+    n = 1
     if target == "cpu":
         try:
             n = plan_compile(req.cfg, req.workload, req.strategy, target, req.hardware,
                              req.max_compile_devices).n_devices
         except ValueError:
             n = 1  # the child reports the planning error itself
-        flags = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-    if flags:
-        env["XLA_FLAGS"] = flags
-    else:
-        env.pop("XLA_FLAGS", None)
+    emulate_cpu_devices(env, n)
     # The child must import this very codesign (a checkout run without installing it, too).
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
