@@ -85,6 +85,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     Imported here, after `runtime.configure`, because some of these modules import JAX.
     tests/test_bad_input.py checks that each `*Error(ValueError)` class in codesign is covered.
     """
+    from codesign.compile.measure import ExecutorError
     from codesign.compile.targets import TargetError
     from codesign.config import ConfigError
     from codesign.explore.sweep import SweepError
@@ -97,7 +98,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from codesign.train.trainer import TrainError
 
     return (UsageError, ConfigError, StrategyError, RulesError, HardwareError, TopologyError, TargetError,
-            SweepError, CheckpointError, DistributedError, TrainError)
+            SweepError, CheckpointError, DistributedError, TrainError, ExecutorError)
 
 
 def _is_user_error(e: BaseException) -> bool:

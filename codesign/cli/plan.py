@@ -33,7 +33,11 @@ def cmd_plan(args) -> int:
                       top_k=args.compile_top, timeout_s=args.timeout, exhaustive=args.exhaustive,
                       constraints=parse_constraints(args.strategy_filter) + parse_fix(args.fix),
                       headroom=args.headroom, max_compile_devices=args.max_compile_devices,
-                      use_cache=not args.no_cache, cache_dir=args.cache_dir)
+                      use_cache=not args.no_cache, cache_dir=args.cache_dir, executor=args.executor)
+    if args.executor == "ray":  # fail fast, before the analytic search, when Ray is not installed
+        from codesign.compile.measure import make_executor
+
+        make_executor("ray", 1)
     if args.workers:
         req.workers = args.workers
     with progress() as update:
@@ -76,6 +80,9 @@ def register(add) -> None:
     sp.add_argument("--rows", type=positive_int, default=15, help="table rows to print (default 15)")
     sp.add_argument("--compile-top", type=nonneg_int, default=4, help="candidates that fit to verify by compiling")
     sp.add_argument("--workers", type=positive_int, help="parallel compile processes (default: CPU cores)")
+    sp.add_argument("--executor", choices=("local", "ray"), default="local",
+                    help="where compiles run: local worker processes, or tasks on a Ray cluster (RAY_ADDRESS; "
+                         'pip install -e ".[ray]")')
     sp.add_argument("--timeout", type=positive_float, default=600, help="per-candidate compile timeout, seconds")
     sp.add_argument("--strategy-filter", help='constraints, e.g. "tensor<=8,pipeline=1,remat!=none"')
     sp.add_argument("--fix", help='knobs already decided, e.g. "remat=full,tensor=8"')
