@@ -76,3 +76,9 @@ def enable_cpu_collectives(implementation: str = "gloo") -> bool:
         return False
     jax.config.update("jax_cpu_collectives_implementation", implementation)
     return True
+
+
+def orbax_tree_metadata(item_metadata: Any) -> Any:
+    """The array tree of Orbax's StandardCheckpointHandler metadata: newer Orbax wraps it in a
+    `TreeMetadata` (`.tree`), older versions return the tree itself."""
+    return getattr(item_metadata, "tree", item_metadata)
