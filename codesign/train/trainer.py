@@ -18,7 +18,7 @@ Non-finite numbers. `--nan-policy stop` (default) stops at the first step whose 
 Infinity, saving nothing from it: the checkpoints already on disk are the newest good ones, and the
 Checkpointer refuses any non-finite state. `skip` runs a guarded step that keeps the previous params
 and optimizer state when the loss or the updated state is non-finite (it costs one extra copy of the
-state in device memory), counts the skipped batches, and stops after MAX_CONSECUTIVE_SKIPS in a row.
+state in device memory), counts the skipped batches, and stops after loop.MAX_CONSECUTIVE_SKIPS in a row.
 Rows and metrics lines carry non-finite numbers as null, named in `"nonfinite"` (strict JSON).
 
 Throughput: step i's time runs from step i-1's completion to step i's (the next batch is prepared on
@@ -31,41 +31,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import os
 import sys
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from codesign.arithmetic import train_flops_per_token
 from codesign.config import ConfigError, ModelConfig, Workload
 from codesign.hardware.device_kind import catalog_match
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy, StrategyError
-from codesign.train.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointError, NonFiniteState
+from codesign.train.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointError
 from codesign.train.data import BatchMaker, make_source_factory
+from codesign.train.errors import NonFiniteLoss, TrainError  # noqa: F401 - NonFiniteLoss: raised via loop
+from codesign.train.loop import NAN_POLICIES, LoopSpec, guarded_step, run_loop, scalar, summarize
 from codesign.train_step import OptimizerConfig, TrainProgram
 
 ATTENTION_CHOICES = ("xla", "cudnn", "auto")
 PARAM_DTYPES = ("float32", "bfloat16")
-NAN_POLICIES = ("stop", "skip")
-MAX_CONSECUTIVE_SKIPS = 10  # a run that only produces NaN is broken, not unlucky
-
-
-class TrainError(ValueError):
-    """A training run that cannot start or continue as asked (bad resume, checkpoint dir in use...)."""
-
-
-class NonFiniteLoss(TrainError):
-    """Training stopped at a step whose loss or state was NaN or Infinity; nothing of it was saved."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,16 +215,6 @@ def peak_flops(compute_dtype: str, hardware: str | None = None) -> dict[str, Any
             "device_kind": kind, "note": note}
 
 
-# -- strict JSON -------------------------------------------------------------------------------------
-def finite_row(row: dict[str, Any]) -> dict[str, Any]:
-    """`row` with NaN/Infinity floats replaced by None and their keys listed under "nonfinite" (strict
-    JSON parsers reject NaN, and a metrics consumer must be told rather than see a silent gap)."""
-    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-    if not bad:
-        return row
-    return {**{k: (None if k in bad else v) for k, v in row.items()}, "nonfinite": bad}
-
-
 # -- checkpoints -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _quiet_absl():
@@ -303,44 +280,6 @@ def optimizer_for(run: TrainRun, saved: dict[str, Any] | None) -> tuple[Optimize
 
 
 # -- the run -----------------------------------------------------------------------------------------
-def _scalar(x: jax.Array) -> float:
-    """A replicated scalar's value, also when the array spans several processes."""
-    return float(np.asarray(x.addressable_shards[0].data))
-
-
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-    task = bar.add_task("train", total=total, completed=start, info="compiling...")
-    return bar, task
-
-
-def _all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.ones((), jnp.bool_)
-
-
-def guarded_step(prog: TrainProgram) -> Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Array]]]:
-    """`--nan-policy skip`: prog's step, but the params and optimizer state stay as they were when the
-    loss or any updated leaf is non-finite; the step counter advances either way (it is the data
-    position). out["applied"] says which happened."""
-    replicated = jax.sharding.NamedSharding(prog.mesh, jax.sharding.PartitionSpec())
-
-    def step(state, batch):
-        new, out = prog.step_fn(state, batch)
-        ok = jnp.isfinite(out["loss"]) & _all_finite(new)
-        kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
-        return {**kept, "step": new["step"]}, {**out, "applied": ok}
-
-    return jax.jit(step, in_shardings=(prog.state_shardings, prog.batch_sharding),
-                   out_shardings=(prog.state_shardings, replicated), donate_argnums=(0,))
-
-
 @dataclasses.dataclass
 class _Session:
     """What a run resolved before its first step (internal to run_training)."""
@@ -408,8 +347,8 @@ def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker, opt: Op
         batches.restore(got.extra.get("data", {}))
     except ValueError as e:
         raise TrainError(str(e)) from None
-    if int(_scalar(got.state["step"])) != got.step:
-        raise CheckpointError(f"checkpoint step {got.step} holds state step {int(_scalar(got.state['step']))}")
+    if int(scalar(got.state["step"])) != got.step:
+        raise CheckpointError(f"checkpoint step {got.step} holds state step {int(scalar(got.state['step']))}")
     if s.lead:
         saved_opt = got.extra.get("optimizer")
         if saved_opt and saved_opt != dataclasses.asdict(opt):
@@ -419,128 +358,11 @@ def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker, opt: Op
     return got.step, got.state, set_aside
 
 
-def _stop_message(step: int, what: str, ck: Checkpointer | None) -> str:
-    if ck is None:
-        kept = "no --checkpoint-dir was given, so nothing was saved"
-    else:
-        ck.wait()
-        steps = ck.all_steps()
-        kept = (f"the checkpoints in {ck.directory} (steps {steps}) are intact; --resume continues from "
-                f"step {steps[-1]}" if steps else f"nothing was saved in {ck.directory}")
-    return (f"step {step}: {what}; stopped without saving it ({kept}). Lower --lr, check --data, or pass "
-            f"--nan-policy skip to skip such batches")
-
-
-@dataclasses.dataclass
-class _Loop:
-    """The step loop's bookkeeping: rows, saves, skips, metrics file and progress bar."""
-
-    s: _Session
-    ck: Checkpointer | None
-    flops_per_step: float
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    saved: list[int] = dataclasses.field(default_factory=list)
-    skipped: list[int] = dataclasses.field(default_factory=list)
-    in_a_row: int = 0
-    mfile: Any = None
-    bar: Any = None
-
-    def record(self, step: int, loss: float, dt: float, first: bool, applied: bool) -> None:
-        s = self.s
-        peak = s.peak["peak_flops_per_device"]
-        tps = None if first else s.workload.tokens / dt
-        mfu = None if first or not peak else self.flops_per_step / (dt * s.attached * peak)
-        row = {"step": step, "loss": loss, "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt, "compile": first}
-        if s.run.nan_policy == "skip":
-            row["skipped"] = not applied
-        row = finite_row(row)
-        self.rows.append(row)
-        if self.mfile:
-            self.mfile.write(json.dumps({**row, "time": time.time()}, allow_nan=False) + "\n")
-            self.mfile.flush()
-        if self.bar:
-            info = f"loss {loss:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "") + (
-                f"  MFU {mfu:.1%}" if mfu is not None else "") + (
-                f"  skipped {len(self.skipped)}" if self.skipped else "")
-            self.bar[0].update(self.bar[1], completed=step, info=info)
-
-    def check(self, step: int, loss: float, applied: bool) -> None:
-        """Stop (policy stop) or count (policy skip) a non-finite step."""
-        if self.s.run.nan_policy == "stop":
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(_stop_message(step, f"loss is {loss}", self.ck))
-            return
-        if applied:
-            self.in_a_row = 0
-            return
-        self.skipped.append(step)
-        self.in_a_row += 1
-        if self.s.lead:
-            self.s.say(f"warning: step {step}: loss {loss}, non-finite update skipped ({len(self.skipped)} so far)")
-        if self.in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteLoss(_stop_message(step, f"{self.in_a_row} steps in a row were non-finite", self.ck))
-
-    def save(self, step: int, state: Any, extra: dict[str, Any], last: bool) -> None:
-        if self.ck is None:
-            return
-        try:
-            if self.ck.save(step, state, extra, force=last):
-                self.saved.append(step)
-        except NonFiniteState as e:
-            raise NonFiniteLoss(_stop_message(step, f"the state is non-finite ({e})", self.ck)) from None
-
-
-def _train_loop(s: _Session, prog: TrainProgram, batches: BatchMaker, ck: Checkpointer | None,
-                opt: OptimizerConfig, start: int, state: Any) -> tuple[Any, _Loop]:
-    run = s.run
-    step_fn = guarded_step(prog) if run.nan_policy == "skip" else prog.step_fn
-
-    def extra_at(step: int, loss: float) -> dict[str, Any]:
-        return {"data": batches.state_at(step), "strategy": s.strategy.spec, FINGERPRINT_KEY: s.cfg.fingerprint(),
-                "model": s.cfg.name, "workload": s.workload.to_json(), "optimizer": dataclasses.asdict(opt),
-                "seed": run.seed, "loss": loss}
-
-    loop = _Loop(s, ck, train_flops_per_token(s.cfg, s.workload.seq_len) * s.workload.tokens)
-    loop.mfile = open(run.metrics, "a") if (run.metrics and s.lead) else None  # noqa: SIM115 - closed below
-    loop.bar = _progress(run.steps, min(start, run.steps), run.progress and s.lead)
-    try:
-        if loop.bar:
-            loop.bar[0].start()
-        batch = batches(start) if start < run.steps else None
-        t_prev = time.perf_counter()
-        for i in range(start, run.steps):
-            state, out = step_fn(state, batch)
-            batch = batches(i + 1) if i + 1 < run.steps else None  # host work overlaps the device step
-            loss = _scalar(out["loss"])  # waits for the step
-            applied = bool(_scalar(out["applied"])) if "applied" in out else math.isfinite(loss)
-            t = time.perf_counter()
-            loop.record(i + 1, loss, t - t_prev, i == start, applied)
-            loop.check(i + 1, loss, applied)
-            # A skipped step saves the kept state; its (non-finite) loss is not metadata.
-            loop.save(i + 1, state, extra_at(i + 1, loss if applied else None), last=i + 1 == run.steps)
-            t_prev = time.perf_counter()  # a checkpoint's device-to-host copy is not step time
-        if ck is not None:
-            ck.wait()
-    finally:
-        if loop.bar:
-            loop.bar[0].stop()
-        if loop.mfile:
-            loop.mfile.close()
-    return state, loop
-
-
-def _summary(s: _Session, loop: _Loop) -> dict[str, Any]:
-    timed = [r for r in loop.rows if not r["compile"]]
-    mean_dt = sum(r["step_time_s"] for r in timed) / len(timed) if timed else None
-    peak = s.peak["peak_flops_per_device"]
-    return {
-        "timed_steps": len(timed),
-        "mean_step_time_s": mean_dt,
-        "tokens_per_s": s.workload.tokens / mean_dt if mean_dt else None,
-        "mfu": loop.flops_per_step / (mean_dt * s.attached * peak) if mean_dt and peak else None,
-        "compile_step_time_s": loop.rows[0]["step_time_s"] if loop.rows and loop.rows[0]["compile"] else None,
-        "skipped_steps": loop.skipped,
-    }
+def _loop_spec(s: _Session) -> LoopSpec:
+    return LoopSpec(steps=s.run.steps, nan_policy=s.run.nan_policy, tokens_per_step=s.workload.tokens,
+                    flops_per_step=train_flops_per_token(s.cfg, s.workload.seq_len) * s.workload.tokens,
+                    devices=s.attached, peak_flops_per_device=s.peak["peak_flops_per_device"],
+                    metrics=s.run.metrics, progress=s.run.progress, lead=s.lead)
 
 
 def run_training(run: TrainRun, *, return_state: bool = False,
@@ -567,11 +389,19 @@ def run_training(run: TrainRun, *, return_state: bool = False,
         for d in dropped:
             s.say(f"  rule dropped: {d}")
     batches = BatchMaker(s.factory, s.workload.global_batch, s.workload.seq_len, prog.batch_sharding)
+
+    def extra_at(step: int, loss: float | None) -> dict[str, Any]:
+        return {"data": batches.state_at(step), "strategy": s.strategy.spec, FINGERPRINT_KEY: s.cfg.fingerprint(),
+                "model": s.cfg.name, "workload": s.workload.to_json(), "optimizer": dataclasses.asdict(opt),
+                "seed": run.seed, "loss": loss}
+
+    spec = _loop_spec(s)
     ck = (Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
           if s.ckdir else None)
     try:
         start, state, set_aside = _initial_state(s, prog, batches, opt, ck)
-        state, loop = _train_loop(s, prog, batches, ck, opt, start, state)
+        step_fn = guarded_step(prog) if run.nan_policy == "skip" else prog.step_fn
+        done = run_loop(spec, step_fn, batches, state, start, ck, extra_at, s.say)
     finally:
         if ck is not None:
             ck.close()
@@ -588,17 +418,17 @@ def run_training(run: TrainRun, *, return_state: bool = False,
         "attention": s.attention,
         "optimizer": dataclasses.asdict(opt),
         "nan_policy": run.nan_policy,
-        "steps": loop.rows,
-        "checkpoint": [{"step": k, "path": os.path.join(s.ckdir, str(k))} for k in loop.saved if k in kept],
+        "steps": done.rows,
+        "checkpoint": [{"step": k, "path": os.path.join(s.ckdir, str(k))} for k in done.saved if k in kept],
         "resumed_from": start if s.resume_step is not None else None,
         "set_aside": set_aside,
-        "final_step": loop.rows[-1]["step"] if loop.rows else start,
-        "summary": _summary(s, loop),
+        "final_step": done.rows[-1]["step"] if done.rows else start,
+        "summary": summarize(spec, done),
         "mfu_basis": s.peak,
         "train_flops_per_token": train_flops_per_token(s.cfg, s.workload.seq_len),
         "dropped_rules": dropped,
         "data": run.data,
     }
     if return_state:
-        result["state"] = state
+        result["state"] = done.state
     return result

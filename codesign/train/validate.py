@@ -102,14 +102,8 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
     from codesign.config import Workload
     from codesign.model_io import load_model_config
     from codesign.planner.plan_file import load_plan
-    from codesign.train.trainer import (
-        TrainError,
-        attention_impl,
-        build_mesh,
-        finite_row,
-        get_program,
-        workload_fields,
-    )
+    from codesign.train.loop import finite_row
+    from codesign.train.trainer import TrainError, attention_impl, build_mesh, get_program, workload_fields
 
     say = log or (lambda m: print(m, file=sys.stderr))
     if steps < 1 or warmup < 0 or top < 1:
