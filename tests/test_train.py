@@ -10,6 +10,8 @@ import glob
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,7 @@ from codesign.train.trainer import (
 )
 from codesign.train.validate import spearman
 from codesign.train_step import OptimizerConfig
-from tests.conftest import require_devices
+from tests.conftest import REPO, cpu_child_env, require_devices
 
 RUN = {"global_batch": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 3, "schedule_steps": 30, "seed": 0}
 FSDP = "fsdp=8,remat=full"
@@ -387,3 +389,16 @@ def test_validate_refuses_what_it_cannot_measure(tmp_path, capsys):
         err = captured.err.strip().splitlines()
         assert rc == 2 and message in err[-1] and err[-1].startswith("codesign validate: error:"), captured.err
         assert captured.out == "" and not [line for line in err if line.startswith("skip ")]
+
+
+def test_validate_devices_below_the_plan_is_one_line(tmp_path):
+    """The issue's case in a fresh process: `validate --devices 4` on an 8-device plan used to exit 0 with
+    an empty table and a "skip" line per candidate."""
+    plan = _plan(tmp_path / "p8.json", [(FSDP, 0.01), ("data=8,remat=full", 0.02)])
+    proc = subprocess.run([sys.executable, "-m", "codesign", "validate", "--model", "tiny-dense", "--plan", plan,
+                           "--devices", "4"], check=False, env=cpu_child_env(4), cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.strip() == (f"codesign validate: error: plan {plan} is a plan for 8 devices, but 4 are "
+                                   f"attached; run validate with --devices 8 (CPU emulation), or make a plan for "
+                                   f"4 devices")
