@@ -24,6 +24,7 @@ from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train import trainer
 from codesign.train.checkpoint import Checkpointer, CheckpointError
 from codesign.train.trainer import (
+    NonFiniteLoss,
     TrainError,
     TrainRun,
     build_mesh,
@@ -198,17 +199,18 @@ def _abstract_of(ck, step):
 
 # -- non-finite steps ---------------------------------------------------------------------------------------
 class _Poisoned:
-    """A TrainProgram whose step turns the loss and every param NaN at step `at` (1-based), as an
-    overflow or a bad batch would: a blow-up at a known step, through the trainer's real code paths."""
+    """A TrainProgram whose step turns every param NaN at step `at` (1-based), and the loss too unless
+    `loss=False` (an update that overflows while the loss it was computed from is still finite): a
+    blow-up at a known step, through the trainer's real code paths."""
 
-    def __init__(self, prog, at):
+    def __init__(self, prog, at, loss=True):
         self._prog = prog
 
         def step(state, batch):
             new, out = prog.step_fn(state, batch)
             bad = state["step"] + 1 == at
             params = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), new["params"])
-            return {**new, "params": params}, {"loss": jnp.where(bad, jnp.nan, out["loss"])}
+            return {**new, "params": params}, {"loss": jnp.where(bad & loss, jnp.nan, out["loss"])}
 
         self.step_fn = jax.jit(step)
 
@@ -218,9 +220,9 @@ class _Poisoned:
 
 @pytest.fixture
 def poison_at(monkeypatch):
-    def install(step):
+    def install(step, loss=True):
         real = trainer.get_program
-        monkeypatch.setattr(trainer, "get_program", lambda *a, **kw: _Poisoned(real(*a, **kw), step))
+        monkeypatch.setattr(trainer, "get_program", lambda *a, **kw: _Poisoned(real(*a, **kw), step, loss))
     return install
 
 
@@ -246,6 +248,17 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, capsys, monk
     monkeypatch.undo()
     resumed = train(strategy=FSDP, steps=6, checkpoint_dir=str(ck), resume=True)
     assert resumed["resumed_from"] == 4 and _losses(resumed) == _losses(train(strategy=FSDP, steps=6))[4:]
+
+
+def test_non_finite_update_with_a_finite_loss_is_not_saved(tmp_path, poison_at):
+    """The loss of step 2 is finite but its update is not: the save of step 2 is refused, the run stops."""
+    poison_at(2, loss=False)
+    ck = tmp_path / "ck"
+    with pytest.raises(NonFiniteLoss, match=r"step 2: NaN or Infinity in params/.* and \d+ more leaves; stopped "
+                                            r"without saving it \(the checkpoints in .* \(steps \[1\]\) are intact"):
+        train(strategy=FSDP, steps=3, checkpoint_dir=str(ck), save_every=1)
+    with Checkpointer(ck, read_only=True) as c:
+        assert c.all_steps() == [1]
 
 
 def test_nan_policy_skip_keeps_the_previous_state(tmp_path, capsys, poison_at):

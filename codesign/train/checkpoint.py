@@ -66,6 +66,10 @@ class CheckpointCorrupt(CheckpointError):
 class NonFiniteState(CheckpointError):
     """A save was refused because the state (or the metadata) holds NaN or Infinity."""
 
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths  # the offending leaves (or metadata keys)
+
 
 @dataclasses.dataclass(frozen=True)
 class Restored:
@@ -164,13 +168,14 @@ def _extra_sha256(extra: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(extra, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
+def _first_line(e: BaseException, limit: int = 200) -> str:
     text = str(e).strip().splitlines()
     line = text[0] if text else type(e).__name__
+    line = line.split(". See full TensorStore details")[0]  # the rest is a multi-line spec dump
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _names(paths: list[str], n: int = 5) -> str:
+def _names(paths: list[str], n: int = 3) -> str:
     return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
@@ -269,7 +274,8 @@ class Checkpointer:
         except ValueError:
             bad = [k for k, v in extra.items() if isinstance(v, float) and not np.isfinite(v)]
             raise NonFiniteState(f"step {step}: refusing to save a checkpoint whose metadata holds a "
-                                 f"non-finite number ({_names(bad) or 'nested'}); {self._untouched()}") from None
+                                 f"non-finite number ({_names(bad) or 'nested'}); {self._untouched()}",
+                                 bad) from None
         if INTEGRITY_KEY in extra:
             raise ValueError(f"checkpoint extra may not use the reserved key {INTEGRITY_KEY!r}")
         if not force and not self._mgr.should_save(step):
@@ -282,7 +288,7 @@ class Checkpointer:
         digests, nonfinite = inspect_state(state)
         if nonfinite:
             raise NonFiniteState(f"step {step}: refusing to save a checkpoint with NaN or Infinity in "
-                                 f"{_names(nonfinite)}; {self._untouched()}")
+                                 f"{_names(nonfinite)}; {self._untouched()}", nonfinite)
         record = {"algorithm": DIGEST_ALGORITHM, "leaves": digests, "extra_sha256": _extra_sha256(extra)}
         return self._mgr.save(
             step,

@@ -160,7 +160,9 @@ class _Recorder:
             if self.ck.save(step, state, extra, force=last):
                 self.out.saved.append(step)
         except NonFiniteState as e:
-            raise NonFiniteLoss(stop_message(step, f"the state is non-finite ({e})", self.ck)) from None
+            what = "NaN or Infinity in " + (", ".join(e.paths[:3]) + (f" and {len(e.paths) - 3} more leaves"
+                                                                      if len(e.paths) > 3 else ""))
+            raise NonFiniteLoss(stop_message(step, what, self.ck)) from None
 
 
 def run_loop(spec: LoopSpec, step_fn: Callable, batches: Callable[[int], jax.Array], state: Any, start: int,

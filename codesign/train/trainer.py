@@ -328,7 +328,7 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
                     factory, ckdir, resume_step, saved, say, jax.process_index() == 0)
 
 
-def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker, opt: OptimizerConfig,
+def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker,
                    ck: Checkpointer | None) -> tuple[int, Any, list[dict[str, Any]]]:
     """(first step, state, unreadable steps set aside): the newest good checkpoint or a fresh init."""
     if s.resume_step is None:
@@ -350,10 +350,6 @@ def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker, opt: Op
     if int(scalar(got.state["step"])) != got.step:
         raise CheckpointError(f"checkpoint step {got.step} holds state step {int(scalar(got.state['step']))}")
     if s.lead:
-        saved_opt = got.extra.get("optimizer")
-        if saved_opt and saved_opt != dataclasses.asdict(opt):
-            s.say(f"note: optimizer settings differ from the checkpoint's ({saved_opt} saved); the "
-                  f"continued run is not the same as an uninterrupted one")
         s.say(f"resumed from step {got.step} ({got.extra.get('strategy', '?')} -> {s.strategy.spec})")
     return got.step, got.state, set_aside
 
@@ -399,7 +395,7 @@ def run_training(run: TrainRun, *, return_state: bool = False,
     ck = (Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
           if s.ckdir else None)
     try:
-        start, state, set_aside = _initial_state(s, prog, batches, opt, ck)
+        start, state, set_aside = _initial_state(s, prog, batches, ck)
         step_fn = guarded_step(prog) if run.nan_policy == "skip" else prog.step_fn
         done = run_loop(spec, step_fn, batches, state, start, ck, extra_at, s.say)
     finally:
