@@ -314,6 +314,10 @@ def test_plan_device_mismatch(tmp_path):
         train(strategy="pipeline=2,fsdp=4", steps=1)
     with pytest.raises(TrainError, match="--nan-policy 'sometimes'"):
         train(strategy=FSDP, steps=1, nan_policy="sometimes")
+    with pytest.raises(TrainError, match="--lr must be a positive finite number, got nan"):
+        train(strategy=FSDP, steps=1, lr=float("nan"))
+    with pytest.raises(TrainError, match="--keep must be >= 1, got 0"):
+        train(strategy=FSDP, steps=1, keep=0)
 
 
 def test_missing_token_file(tmp_path):

@@ -30,9 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import hashlib
 import json
+import logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
@@ -166,6 +170,55 @@ def inspect_state(tree: Any) -> tuple[dict[str, str], list[str]]:
 
 def _extra_sha256(extra: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(extra, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+_READ_ECHOES = ("Encountered error while reading array", "Event loop is closed")
+
+
+def _is_read_echo(e: BaseException | None) -> bool:
+    return e is not None and any(m in str(e) for m in _READ_ECHOES)
+
+
+class _EchoLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_read_echo(record.exc_info[1] if record.exc_info else None)
+
+
+_ECHO_LOG_FILTER = _EchoLogFilter()
+_echoes_dropped = 0
+
+
+def _echo_dropping_hook(previous):
+    def hook(unraisable):
+        global _echoes_dropped
+        if _is_read_echo(unraisable.exc_value):
+            _echoes_dropped += 1
+        else:
+            previous(unraisable)
+
+    hook.drops_read_echoes = True
+    return hook
+
+
+def _collect_read_echoes(settle_s: float = 0.5, max_wait_s: float = 5.0) -> None:
+    """Orbax reads every array concurrently and re-raises the first failure at once, closing its event
+    loop; the other reads fail again later, as unraisable exceptions: their coroutines when garbage-
+    collected ("Exception ignored in", "Task exception was never retrieved"), their TensorStore
+    callbacks when they complete ("Event loop is closed"). Those are echoes of the error already
+    reported: from the first failure on, this process drops them (only those two messages), and here
+    we wait until they stop (none new for `settle_s`), so that no traceback follows the one-line report."""
+    if not getattr(sys.unraisablehook, "drops_read_echoes", False):
+        sys.unraisablehook = _echo_dropping_hook(sys.unraisablehook)
+    logging.getLogger("asyncio").addFilter(_ECHO_LOG_FILTER)  # a no-op when already added
+    start = last = time.monotonic()
+    seen = -1
+    while time.monotonic() - start < max_wait_s:
+        gc.collect()
+        if _echoes_dropped != seen:
+            seen, last = _echoes_dropped, time.monotonic()
+        elif time.monotonic() - last >= settle_s:
+            break
+        time.sleep(0.05)
 
 
 def _first_line(e: BaseException, limit: int = 200) -> str:
@@ -336,12 +389,16 @@ class Checkpointer:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
+        failure = None
         try:
             state = self._mgr.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
             )["state"]
         except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated data
-            raise CheckpointCorrupt(f"step {step}: array data unreadable ({_first_line(e)})") from None
+            failure = _first_line(e)
+        if failure is not None:  # outside `except`: the exception's frames no longer hold the failed reads
+            _collect_read_echoes()
+            raise CheckpointCorrupt(f"step {step}: array data unreadable ({failure})")
         digests, nonfinite = inspect_state(state)
         if record is not None:
             saved = record.get("leaves") or {}

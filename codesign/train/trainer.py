@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import sys
 from collections import OrderedDict
@@ -308,6 +309,12 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
         raise TrainError(f"--nan-policy {run.nan_policy!r}; use one of {NAN_POLICIES}")
     if run.resume and not run.checkpoint_dir:
         raise TrainError("--resume needs --checkpoint-dir")
+    if run.lr is not None and not (math.isfinite(run.lr) and run.lr > 0):
+        raise TrainError(f"--lr must be a positive finite number, got {run.lr}")
+    for flag, value, least in (("--warmup-steps", run.warmup_steps, 0), ("--schedule-steps", run.schedule_steps, 1),
+                               ("--save-every", run.save_every, 1), ("--keep", run.keep, 1)):
+        if value is not None and value < least:
+            raise TrainError(f"{flag} must be >= {least}, got {value}")
     attached = jax.device_count()
     layout = resolve_layout(run.model, plan=run.plan, strategy=run.strategy, global_batch=run.global_batch,
                             seq_len=run.seq_len, param_dtype=run.param_dtype, n_devices=attached)
