@@ -142,3 +142,7 @@ def normalize_cost_analysis(raw: Any) -> dict[str, float | None] | None:
         return None
     return out
 
+def orbax_tree_metadata(item_metadata: Any) -> Any:
+    """The array tree of Orbax's StandardCheckpointHandler metadata: newer Orbax wraps it in a
+    `TreeMetadata` (`.tree`), older versions return the tree itself."""
+    return getattr(item_metadata, "tree", item_metadata)

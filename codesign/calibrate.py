@@ -36,20 +36,9 @@ from jax.sharding import PartitionSpec as P
 
 from codesign import _compat
 from codesign.hardware.catalog import Efficiency, Hardware, load_hardware
+from codesign.hardware.device_kind import closest_system
 
-# Catalog system for a device kind: the first substring that matches (lower case) wins.
-_KIND_TO_SYSTEM = (("h200", "h200"), ("h100", "h100"), ("h800", "h800"), ("a100", "a100"), ("b200", "b200"),
-                   ("gb200", "gb200-nvl72"), ("v5p", "tpu-v5p"), ("v5 lite", "tpu-v5e"), ("v5e", "tpu-v5e"),
-                   ("v6", "tpu-v6e"), ("v4", "tpu-v4"))
 _DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
-
-
-def closest_system(device_kind: str, platform: str) -> str:
-    k = device_kind.lower()
-    for key, name in _KIND_TO_SYSTEM:
-        if key in k:
-            return name
-    return {"gpu": "h100", "tpu": "tpu-v5p"}.get(platform, "cpu")
 
 
 def _time(fn: Callable[[], Any], reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0,

@@ -1,7 +1,12 @@
-"""Checkpointer: roundtrip, keep-last-N, resharded restore, compatibility errors, crash safety."""
+"""Checkpointer: roundtrip, keep-last-N, resharded restore, compatibility errors, crash safety, and the
+fault drill: non-finite saves refused, corrupt steps (flipped bytes, truncated data, broken metadata)
+detected on restore and skipped for the newest good one."""
 
+import glob
 import inspect
+import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -16,7 +21,14 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from codesign.train.checkpoint import Checkpointer, CheckpointError
+from codesign.train.checkpoint import (
+    INTEGRITY_KEY,
+    CheckpointCorrupt,
+    Checkpointer,
+    CheckpointError,
+    NonFiniteState,
+    inspect_state,
+)
 from tests.conftest import REPO, cpu_child_env, require_devices
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
@@ -72,6 +84,18 @@ def test_roundtrip_bit_exact(tmp_path):
     again = Checkpointer(tmp_path / "ck", read_only=True)
     assert again.latest_step() == 4 and again.read_extra() == extra
     again.close()
+
+
+def test_restored_extra_hides_the_integrity_record(tmp_path):
+    mesh = _mesh((8,), ("fsdp",))
+    with Checkpointer(tmp_path, save_every=1) as ck:
+        ck.save(1, _state(mesh), {"model_fingerprint": "m"})
+        ck.wait()
+        saved = json.loads((tmp_path / "1" / "meta" / "metadata").read_text())
+        assert set(saved[INTEGRITY_KEY]["leaves"]) == {"params/w", "params/emb", "opt/0", "opt/1"}
+        assert ck.read_extra(1) == {"model_fingerprint": "m"}
+        with pytest.raises(ValueError, match="reserved key"):
+            ck.save(2, _state(mesh), {INTEGRITY_KEY: 1})
 
 
 def test_keep_last_n(tmp_path):
@@ -230,3 +254,154 @@ def test_sigkill_mid_save_leaves_last_complete_step(tmp_path):
         writer.save(partial_step, got.state, {"model_fingerprint": "big"})  # the lost step can be redone
     with Checkpointer(d, read_only=True) as reader:
         assert reader.latest_step() == partial_step
+
+
+# -- the fault drill ------------------------------------------------------------------------------------
+def _drill_state(mesh, step):
+    """Random values (incompressible, so data files are not inlined in OCDBT's b-tree), distinct per step."""
+    sh = NamedSharding(mesh, P("fsdp"))
+    return {"w": jax.device_put(jax.random.normal(jax.random.key(step), (512, 256), jnp.float32), sh),
+            "b": jax.device_put(jax.random.normal(jax.random.key(100 + step), (64,), jnp.bfloat16), sh),
+            "count": jax.device_put(jnp.int32(step), NamedSharding(mesh, P()))}
+
+
+def _drill_dir(tmp_path, steps=(1, 2, 3)):
+    mesh = _mesh((8,), ("fsdp",))
+    d = tmp_path / "ck"
+    with Checkpointer(d, save_every=1, keep=10) as ck:
+        for step in steps:
+            ck.save(step, _drill_state(mesh, step), {"model_fingerprint": "m", "data": {"next_step": step}})
+    return d, mesh
+
+
+def _largest_data_file(step_dir):
+    files = glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+    return pathlib.Path(max(files, key=os.path.getsize))
+
+
+def _flip_bytes(step_dir):
+    path = _largest_data_file(step_dir)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # 64 bytes, as in the issue's drill
+    path.write_bytes(bytes(data))
+
+
+def _truncate(step_dir):
+    path = _largest_data_file(step_dir)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def _break_json(rel):
+    def corrupt(step_dir):
+        path = pathlib.Path(step_dir, rel)
+        text = path.read_text()
+        path.write_text(text[: len(text) // 2])  # cut mid-document: no longer valid JSON
+    return corrupt
+
+
+def _edit_metadata(step_dir):
+    """Valid JSON, wrong content: the data loader position changed behind the checkpoint's back."""
+    path = pathlib.Path(step_dir, "meta", "metadata")
+    doc = json.loads(path.read_text())
+    doc["data"]["next_step"] += 1
+    path.write_text(json.dumps(doc))
+
+
+FAULTS = {
+    "flipped-bytes": (_flip_bytes, "does not match the digest saved with it"),
+    "truncated-data": (_truncate, "array data unreadable"),
+    "broken-meta-json": (_break_json("meta/metadata"), "metadata unreadable"),
+    "broken-array-metadata": (_break_json("state/_METADATA"), "array metadata unreadable"),
+    "edited-meta": (_edit_metadata, "metadata does not match the checksum"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_corrupt_latest_step_falls_back_to_newest_good(tmp_path, fault):
+    d, mesh = _drill_dir(tmp_path)
+    corrupt, reason = FAULTS[fault]
+    corrupt(str(d / "3"))
+    abstract = _abstract(_drill_state(mesh, 0), _same_shardings(_drill_state(mesh, 0)))
+    with Checkpointer(d, read_only=True) as ck:
+        got = ck.restore(None, abstract, model_fingerprint="m")
+        assert got.step == 2 and got.verified and got.extra["data"] == {"next_step": 2}
+        assert [s for s, _ in got.skipped] == [3] and reason in got.skipped[0][1], got.skipped
+        _assert_bit_equal(got.state, _drill_state(mesh, 2))
+        with pytest.raises(CheckpointCorrupt, match=f"step 3: .*{reason}"):  # asked for by number: no fallback
+            ck.restore(3, abstract)
+    assert sorted(os.listdir(d)) == ["1", "2", "3"]  # nothing deleted
+
+
+def test_no_good_step_is_one_error(tmp_path):
+    d, mesh = _drill_dir(tmp_path, steps=(1, 2))
+    _flip_bytes(str(d / "2"))
+    _truncate(str(d / "1"))
+    abstract = _abstract(_drill_state(mesh, 0), _same_shardings(_drill_state(mesh, 0)))
+    with Checkpointer(d, read_only=True) as ck, pytest.raises(
+            CheckpointCorrupt, match="no readable checkpoint in .*step 2: .*digest.*step 1: .*array data unreadable") as e:
+        ck.restore(None, abstract)
+    assert [s for s, _ in e.value.skipped] == [2, 1] and "\n" not in str(e.value)
+
+
+def test_set_aside_keeps_the_bytes_and_frees_the_step(tmp_path):
+    d, mesh = _drill_dir(tmp_path)
+    _flip_bytes(str(d / "3"))
+    before = sorted(os.listdir(d / "3"))
+    with Checkpointer(d, save_every=1, keep=2) as ck:
+        moved = ck.set_aside(3)
+        assert moved == str(d / "3.unreadable") and sorted(os.listdir(moved)) == before
+        assert ck.all_steps() == [1, 2]
+        ck.save(3, _drill_state(mesh, 3), {"model_fingerprint": "m"})  # the step number is free again
+        ck.save(4, _drill_state(mesh, 4), {"model_fingerprint": "m"})
+        ck.wait()
+        assert ck.all_steps() == [3, 4]  # keep=2 rotated 1 and 2 away, never the set-aside copy
+    assert os.path.isdir(moved)
+
+
+def test_non_finite_state_is_never_saved(tmp_path):
+    d, mesh = _drill_dir(tmp_path, steps=(1,))
+    before = sorted(os.listdir(d))
+    good = _drill_state(mesh, 2)
+    with Checkpointer(d, save_every=1, keep=1) as ck:
+        nan_w = dict(good, w=good["w"].at[7, 3].set(jnp.nan))
+        with pytest.raises(NonFiniteState, match=r"step 2: refusing .* NaN or Infinity in w; the checkpoints in .* "
+                                                 r"\(steps \[1\]\) are untouched"):
+            ck.save(2, nan_w, {"model_fingerprint": "m"})
+        inf_b = dict(good, b=good["b"].at[0].set(jnp.inf))  # bf16 leaves are checked too
+        with pytest.raises(NonFiniteState, match="in b;"):
+            ck.save(2, inf_b, {"model_fingerprint": "m"})
+        with pytest.raises(NonFiniteState, match=r"metadata holds a non-finite number \(loss\)"):
+            ck.save(2, good, {"model_fingerprint": "m", "loss": float("nan")})
+        ck.wait()
+        assert ck.all_steps() == [1]  # keep=1 never rotated the good step away
+    assert sorted(os.listdir(d)) == before
+
+
+def test_digest_is_sharding_independent_and_position_sensitive():
+    mesh = _mesh((8,), ("fsdp",))
+    x = jax.random.normal(jax.random.key(0), (64, 32), jnp.float32)
+    a = {"x": jax.device_put(x, NamedSharding(mesh, P("fsdp")))}
+    other = jax.make_mesh((2, 4), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
+    b = {"x": jax.device_put(x, NamedSharding(other, P("tensor", "data")))}
+    assert inspect_state(a) == inspect_state(b)
+    swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])  # same multiset of values, other positions
+    one_bit = jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, jnp.uint32).at[5, 5].add(1), jnp.float32)
+    for changed in (swapped, one_bit):
+        assert inspect_state({"x": changed})[0] != inspect_state(a)[0]
+    assert inspect_state({"x": x.at[1, 1].set(jnp.nan)})[1] == ["x"]
+
+
+def test_checkpoint_without_integrity_record_restores_unverified(tmp_path):
+    """A step written before digests existed still restores (finite-checked), flagged unverified."""
+    d, mesh = _drill_dir(tmp_path, steps=(1,))
+    path = d / "1" / "meta" / "metadata"
+    doc = json.loads(path.read_text())
+    del doc[INTEGRITY_KEY]
+    path.write_text(json.dumps(doc))
+    abstract = _abstract(_drill_state(mesh, 0), _same_shardings(_drill_state(mesh, 0)))
+    with Checkpointer(d, read_only=True) as ck:
+        got = ck.restore(None, abstract)
+    assert got.step == 1 and got.verified is False and got.skipped == ()
+    _assert_bit_equal(got.state, _drill_state(mesh, 1))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from codesign import _compat
-from codesign.train.trainer import run_training
+from codesign.train.trainer import TrainRun, run_training
 from tests.conftest import cpu_child_env, require_devices
 
 pytestmark = pytest.mark.multiprocess
@@ -59,8 +59,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert multi == [s["loss"] for s in docs[1]["steps"]]
 
     # The same run in this (single) process with 8 devices.
-    single = run_training("tiny-dense", strategy="fsdp=8,remat=full", steps=5, global_batch=8, seq_len=32,
-                          lr=1e-2, warmup_steps=3, schedule_steps=30, seed=0)
+    single = run_training(TrainRun("tiny-dense", strategy="fsdp=8,remat=full", steps=5, global_batch=8, seq_len=32,
+                                   lr=1e-2, warmup_steps=3, schedule_steps=30, seed=0))
     ref = [s["loss"] for s in single["steps"]]
     assert len(multi) == len(ref) == 5
     np.testing.assert_allclose(multi, ref, rtol=1e-6, atol=0)

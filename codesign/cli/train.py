@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -108,19 +109,15 @@ def _distributed(args) -> dict | None:
 def cmd_train(args) -> int:
     dist = _distributed(args)  # before JAX touches a device
     from codesign.train.checkpoint import CheckpointError
-    from codesign.train.trainer import TrainError, run_training
+    from codesign.train.trainer import TrainError, TrainRun, run_training
 
     if args.devices is not None and args.devices < 1:
         raise _user_error(ValueError(f"--devices must be positive, got {args.devices}"))
+    run = TrainRun(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainRun) if f.name != "progress"},
+                   progress=not args.no_progress)
     try:
         with _stdout_to_stderr():
-            result = run_training(
-                args.model, steps=args.steps, plan=args.plan, strategy=args.strategy, devices=args.devices,
-                checkpoint_dir=args.checkpoint_dir, resume=args.resume, save_every=args.save_every,
-                keep=args.keep, global_batch=args.global_batch, seq_len=args.seq_len, lr=args.lr,
-                warmup_steps=args.warmup_steps, schedule_steps=args.schedule_steps, data=args.data,
-                data_dtype=args.data_dtype, seed=args.seed, metrics=args.metrics, attention=args.attention,
-                param_dtype=args.param_dtype, hardware=args.hardware, progress=not args.no_progress)
+            result = run_training(run)
     except (TrainError, CheckpointError) as e:
         raise _user_error(e) from None
     result["distributed"] = dist
@@ -134,7 +131,8 @@ def cmd_train(args) -> int:
     for col in ("step", "loss", "step time", "tokens/s", "MFU"):
         t.add_column(col, justify="right")
     for r in result["steps"]:
-        t.add_row(str(r["step"]), f"{r['loss']:.4f}", f"{r['step_time_s'] * 1e3:.1f} ms"
+        loss = "skipped" if r.get("skipped") else "-" if r["loss"] is None else f"{r['loss']:.4f}"
+        t.add_row(str(r["step"]), loss, f"{r['step_time_s'] * 1e3:.1f} ms"
                   + (" (compile)" if r["compile"] else ""),
                   f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
                   f"{r['mfu']:.1%}" if r["mfu"] is not None else "-")
@@ -144,6 +142,8 @@ def cmd_train(args) -> int:
         mfu = f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"
         out.print(f"mean over {s['timed_steps']} steps (compile step excluded): {s['mean_step_time_s'] * 1e3:.1f} ms, "
                   f"{s['tokens_per_s']:,.0f} tokens/s, MFU {mfu} ({basis['note']})", markup=False)
+    if s["skipped_steps"]:
+        out.print(f"skipped {len(s['skipped_steps'])} non-finite steps: {s['skipped_steps']}", markup=False)
     for c in result["checkpoint"]:
         out.print(f"checkpoint step {c['step']}: {c['path']}", markup=False)
     return 0
@@ -172,9 +172,12 @@ def cmd_validate(args) -> int:
                   f"{r['ratio']:.2f}" if r["ratio"] is not None else "-")
     out.print(t)
     rho = result["rank_correlation"]
-    out.print(f"Spearman rank correlation (estimated vs measured order): {'n/a' if rho is None else f'{rho:.2f}'}")
-    for s in result["skipped"]:
-        out.print(f"skipped {s['spec']}: {s['reason']}", markup=False)
+    out.print(f"Spearman rank correlation (estimated vs measured order): "
+              f"{result['rank_correlation_note'] if rho is None else f'{rho:.2f}'}", markup=False)
+    if result["skipped"]:
+        out.print(f"{len(result['skipped'])} candidates skipped (--json lists them with the reason)", markup=False)
+    if result["caveat"]:
+        out.print(f"note: {result['caveat']}", markup=False)
     return 0
 
 
@@ -195,12 +198,17 @@ def register(add) -> None:
     sp.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --checkpoint-dir")
     sp.add_argument("--save-every", type=int, help="checkpoint every K steps (default: only the last step)")
     sp.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
+    sp.add_argument("--nan-policy", choices=("stop", "skip"), default="stop",
+                    help="a NaN/Inf loss or update: stop (default; exit 2, nothing of it saved) or skip that "
+                         "batch's update and go on (at most 10 in a row; costs one more copy of the state)")
     sp.add_argument("--global-batch", type=int, help="sequences per step (default: the plan's)")
     sp.add_argument("--seq-len", type=int, help="tokens per sequence (default: the plan's)")
-    sp.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (AdamW, warmup + cosine)")
-    sp.add_argument("--warmup-steps", type=int, default=10)
+    sp.add_argument("--lr", type=float, help="peak learning rate (AdamW, warmup + cosine; default 3e-4, or the "
+                                                 "checkpoint's with --resume)")
+    sp.add_argument("--warmup-steps", type=int, help="default 10, or the checkpoint's with --resume")
     sp.add_argument("--schedule-steps", type=int,
-                    help="learning-rate schedule length (default: --steps); fix it to split a run bit-exactly")
+                    help="learning-rate schedule length (default: --steps, or the checkpoint's with --resume, so "
+                         "a run resumed to a larger --steps keeps its schedule)")
     sp.add_argument("--data", default="synthetic", help="'synthetic' or a flat token file (PATH.bin)")
     sp.add_argument("--data-dtype", default="uint16", choices=("uint16", "uint32"))
     sp.add_argument("--seed", type=int, default=0, help="init and data seed")

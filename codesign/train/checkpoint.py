@@ -1,37 +1,78 @@
-"""Checkpointing of any pytree of jax.Arrays, on Orbax's CheckpointManager.
+"""Checkpointing of any pytree of jax.Arrays, on Orbax's CheckpointManager, that cannot poison itself.
 
 Each step directory holds two items: `state` (the array pytree, `StandardSave`, OCDBT/Tensorstore) and
-`meta` (JSON: data-loader state, plan spec, model fingerprint, ...). Saves are asynchronous: `save`
-returns once the arrays are copied off the devices and the write continues in a background thread.
+`meta` (JSON: data-loader state, plan spec, model fingerprint, ..., plus an integrity record). Saves are
+asynchronous: `save` returns once the arrays are copied off the devices and the write continues in a
+background thread.
 
 Crash safety comes from Orbax: a step is written to `<step>.orbax-checkpoint-tmp-<ts>/` and renamed to
 `<step>/` only once complete, and step listing ignores the temporary directories. So a process killed
 mid-save leaves the previous complete step as the latest; a writer (not `read_only`) removes such
 leftovers when it opens the directory.
 
+Integrity. Orbax 0.12 has no integrity option for array data: OCDBT checks a CRC only on its b-tree
+nodes, so flipped bytes in a data file restore silently as wrong numbers. So `save` writes a digest of
+every array (two position-keyed 32-bit hash sums, computed on the devices, independent of the sharding)
+and a SHA-256 of the metadata into the `meta` item, and `restore` recomputes and compares them.
+`save` refuses a state with a non-finite float anywhere (`NonFiniteState`) and metadata holding NaN or
+Infinity, so every step on disk is one worth resuming from.
+
 Restore takes an abstract pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=...)`; Orbax reads each
 array straight into the requested sharding, so the mesh and PartitionSpecs may differ from the ones
 saved. Before reading any array we check the model fingerprint and every leaf's shape and dtype, and
-raise `CheckpointError` on a mismatch. Nothing is ever deleted or overwritten on an error.
+raise `CheckpointError` on a mismatch. A latest step that cannot be read back as saved (unreadable
+metadata or data, digest mismatch, non-finite values) is skipped for the newest good one, and the
+skipped steps are reported in `Restored.skipped`. Nothing is ever deleted or overwritten on an error;
+`set_aside` renames an unreadable step out of the way so that its step number can be saved again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import gc
+import hashlib
 import json
+import logging
 import os
+import sys
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as ocm
 
+from codesign import _compat
+
 FINGERPRINT_KEY = "model_fingerprint"
+INTEGRITY_KEY = "_integrity"  # reserved key of the saved metadata; `read_extra` strips it
+DIGEST_ALGORITHM = "fmix32x2/v1"
+SET_ASIDE_SUFFIX = ".unreadable"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint exists but does not fit this run (model fingerprint, leaf shapes or dtypes)."""
+    """A checkpoint exists but does not fit this run (model fingerprint, leaf shapes or dtypes), or
+    cannot be written as asked."""
+
+
+class CheckpointCorrupt(CheckpointError):
+    """A step on disk cannot be read back as it was saved (unreadable files or a digest mismatch)."""
+
+    def __init__(self, message: str, skipped: tuple[tuple[int, str], ...] = ()):
+        super().__init__(message)
+        self.skipped = skipped
+
+
+class NonFiniteState(CheckpointError):
+    """A save was refused because the state (or the metadata) holds NaN or Infinity."""
+
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths  # the offending leaves (or metadata keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,24 +80,160 @@ class Restored:
     step: int
     state: Any  # pytree of jax.Arrays with the requested shardings
     extra: dict[str, Any]  # the JSON metadata saved with the step
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey / FlattenedIndexKey
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
+    skipped: tuple[tuple[int, str], ...] = ()  # newer steps that were unreadable: (step, why)
+    verified: bool = True  # False: saved before digests were written (checked for finiteness only)
 
 
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     """'a/b/0'-style path -> leaf; the same string for a dict, list, tuple or nnx.State container,
     because Orbax's metadata tree comes back as plain dicts and lists whatever was saved."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {"/".join(_key_str(k) for k in path): leaf for path, leaf in flat}
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
+
+
+# -- digests and finiteness, computed on the devices -------------------------------------------------
+def _fmix(h: jax.Array) -> jax.Array:
+    """murmur3's 32-bit finalizer: a bijection in which every input bit flips about half the output."""
+    h = h ^ (h >> 16)
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32 words (one per element; two per element of an 8-byte dtype)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[np.dtype(x.dtype).itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _positions(shape: tuple[int, ...]) -> jax.Array:
+    """Row-major flat index of every element (mod 2^32), built from per-axis iotas so that each shard
+    computes its own part."""
+    pos = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
+        stride *= shape[axis]
+    return pos
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """uint32[2]: sums over elements of fmix(word ^ fmix(position + seed)). Sums mod 2^32 do not depend
+    on the reduction order, so the digest is the same under any sharding; keying by position catches
+    swapped elements; two seeds leave a 2^-64 chance that a corruption goes unnoticed."""
+    w = _words(x)
+    pos = _positions(w.shape)
+    return jnp.stack([jnp.sum(_fmix(w ^ _fmix(pos + np.uint32(seed))), dtype=jnp.uint32)
+                      for seed in (0x9E3779B9, 0x7F4A7C15)])
+
+
+def _finite(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.ones((), jnp.bool_)
+
+
+def _inspect_impl(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    digests = jnp.stack([_digest(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+    finite = jnp.stack([_finite(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.bool_)
+    return digests, finite
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect_fn(out_sharding: NamedSharding | None):
+    return jax.jit(_inspect_impl, out_shardings=out_sharding)
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value, also when it spans several processes."""
+    return np.asarray(x.addressable_shards[0].data)
+
+
+def inspect_state(tree: Any) -> tuple[dict[str, str], list[str]]:
+    """({leaf path: 16-hex-digit digest}, [paths of float leaves holding NaN or Infinity])."""
+    by_path = _leaves_by_path(tree)
+    leaves = list(by_path.values())
+    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)),
+                None)
+    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    digests, finite = _inspect_fn(out)(leaves)
+    digests, finite = _host_value(digests), _host_value(finite)
+    paths = list(by_path)
+    return ({p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, digests)},
+            [p for p, ok in zip(paths, finite) if not ok])
+
+
+def _extra_sha256(extra: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(extra, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+_READ_ECHOES = ("Encountered error while reading array", "Event loop is closed")
+
+
+def _is_read_echo(e: BaseException | None) -> bool:
+    return e is not None and any(m in str(e) for m in _READ_ECHOES)
+
+
+class _EchoLogFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _is_read_echo(record.exc_info[1] if record.exc_info else None)
+
+
+_ECHO_LOG_FILTER = _EchoLogFilter()
+_echoes_dropped = 0
+
+
+def _echo_dropping_hook(previous):
+    def hook(unraisable):
+        global _echoes_dropped
+        if _is_read_echo(unraisable.exc_value):
+            _echoes_dropped += 1
+        else:
+            previous(unraisable)
+
+    hook.drops_read_echoes = True
+    return hook
+
+
+def _collect_read_echoes(settle_s: float = 0.5, max_wait_s: float = 5.0) -> None:
+    """Orbax reads every array concurrently and re-raises the first failure at once, closing its event
+    loop; the other reads fail again later, as unraisable exceptions: their coroutines when garbage-
+    collected ("Exception ignored in", "Task exception was never retrieved"), their TensorStore
+    callbacks when they complete ("Event loop is closed"). Those are echoes of the error already
+    reported: from the first failure on, this process drops them (only those two messages), and here
+    we wait until they stop (none new for `settle_s`), so that no traceback follows the one-line report."""
+    if not getattr(sys.unraisablehook, "drops_read_echoes", False):
+        sys.unraisablehook = _echo_dropping_hook(sys.unraisablehook)
+    logging.getLogger("asyncio").addFilter(_ECHO_LOG_FILTER)  # a no-op when already added
+    start = last = time.monotonic()
+    seen = -1
+    while time.monotonic() - start < max_wait_s:
+        gc.collect()
+        if _echoes_dropped != seen:
+            seen, last = _echoes_dropped, time.monotonic()
+        elif time.monotonic() - last >= settle_s:
+            break
+        time.sleep(0.05)
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    line = line.split(". See full TensorStore details")[0]  # the rest is a multi-line spec dump
+    return line if len(line) <= limit else line[:limit] + "..."
+
+
+def _names(paths: list[str], n: int = 3) -> str:
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 class Checkpointer:
-    """Async, keep-last-N checkpoints of a state pytree plus JSON metadata."""
+    """Async, keep-last-N checkpoints of a state pytree plus JSON metadata, verified on restore."""
 
     def __init__(self, directory: str | os.PathLike, save_every: int = 1, keep: int = 3,
                  async_save: bool = True, *, read_only: bool = False):
@@ -70,6 +247,8 @@ class Checkpointer:
             save_decision_policy=ocm.AnySavePolicy(
                 [ocm.FixedIntervalPolicy(self.save_every), ocm.PreemptionCheckpointingPolicy()]
             ),
+            # Rotation deletes only after a newer step is finalized, and every saved step passed the
+            # finiteness check, so the newest good step is never the one removed.
             preservation_policy=ocm.LatestN(self.keep),  # `max_to_keep` is deprecated in 0.12
             enable_async_checkpointing=async_save,
             # The writer owns the directory, so it may remove unfinalized leftovers of a crashed run;
@@ -96,58 +275,140 @@ class Checkpointer:
         return self._mgr.latest_step()
 
     def read_extra(self, step: int | None = None) -> dict[str, Any]:
-        """The JSON metadata of `step` (default: latest), without touching the arrays."""
-        step = self._resolve(step)
-        meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        return dict(meta or {})
+        """The JSON metadata of `step` (default: latest), without touching the arrays. Raises
+        CheckpointCorrupt when it is unreadable or does not match the checksum saved with it."""
+        extra, _ = self._read_meta(self._resolve(step))
+        return extra
+
+    def newest_readable_extra(self) -> tuple[int | None, dict[str, Any] | None]:
+        """(step, metadata) of the newest step whose metadata reads back intact; (None, None) if none."""
+        for step in reversed(self.all_steps()):
+            try:
+                return step, self.read_extra(step)
+            except CheckpointCorrupt:
+                continue
+        return None, None
+
+    def _read_meta(self, step: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(metadata without the integrity record, the integrity record or None for older saves)."""
+        try:
+            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # noqa: BLE001 - JSON, file and Orbax errors alike: the step is unreadable
+            raise CheckpointCorrupt(f"step {step}: metadata unreadable ({_first_line(e)})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointCorrupt(f"step {step}: metadata is not a JSON object")
+        meta = dict(meta)
+        record = meta.pop(INTEGRITY_KEY, None)
+        if record is not None:
+            if not isinstance(record, dict) or record.get("algorithm") != DIGEST_ALGORITHM:
+                raise CheckpointCorrupt(f"step {step}: integrity record unreadable or of an unknown algorithm")
+            try:
+                ok = record.get("extra_sha256") == _extra_sha256(meta)
+            except ValueError:  # NaN in metadata that claims to be checked: it was altered
+                ok = False
+            if not ok:
+                raise CheckpointCorrupt(f"step {step}: metadata does not match the checksum saved with it")
+        return meta, record
 
     # -- save ----------------------------------------------------------------------------------------
     def save(self, step: int, state: Any, extra: dict[str, Any], *, force: bool = False) -> bool:
         """Start an async save of `state` and `extra` if `step` is a multiple of save_every (or `force`).
 
         Returns whether a save started. Steps at or below the latest saved one are skipped (Orbax never
-        overwrites a step). The first save into a directory that already holds another model's
-        checkpoints raises CheckpointError instead of mixing the runs (keep-last-N would delete theirs).
+        overwrites a step). Raises NonFiniteState, writing nothing, when a float leaf of `state` or a
+        number in `extra` is NaN or Infinity. The first save into a directory that already holds another
+        model's checkpoints raises CheckpointError instead of mixing the runs (keep-last-N would delete
+        theirs).
         """
         try:
-            json.dumps(extra)
+            json.dumps(extra, allow_nan=False)
         except TypeError as e:  # fail here, not in Orbax's background thread
             raise TypeError(f"checkpoint extra must be JSON-serializable: {e}") from None
+        except ValueError:
+            bad = [k for k, v in extra.items() if isinstance(v, float) and not np.isfinite(v)]
+            raise NonFiniteState(f"step {step}: refusing to save a checkpoint whose metadata holds a "
+                                 f"non-finite number ({_names(bad) or 'nested'}); {self._untouched()}",
+                                 bad) from None
+        if INTEGRITY_KEY in extra:
+            raise ValueError(f"checkpoint extra may not use the reserved key {INTEGRITY_KEY!r}")
         if not force and not self._mgr.should_save(step):
             return False
         if not self._guarded:
-            latest = self.latest_step()
+            latest, saved = self.newest_readable_extra()
             if latest is not None:
-                self._check_fingerprint(latest, self.read_extra(latest), extra.get(FINGERPRINT_KEY))
+                self._check_fingerprint(latest, saved, extra.get(FINGERPRINT_KEY))
             self._guarded = True
+        digests, nonfinite = inspect_state(state)
+        if nonfinite:
+            raise NonFiniteState(f"step {step}: refusing to save a checkpoint with NaN or Infinity in "
+                                 f"{_names(nonfinite)}; {self._untouched()}", nonfinite)
+        record = {"algorithm": DIGEST_ALGORITHM, "leaves": digests, "extra_sha256": _extra_sha256(extra)}
         return self._mgr.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(extra)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    meta=ocp.args.JsonSave({**extra, INTEGRITY_KEY: record})),
             force=force,
         )
+
+    def _untouched(self) -> str:
+        steps = self.all_steps()
+        return (f"the checkpoints in {self.directory} (steps {steps}) are untouched" if steps
+                else f"nothing was written to {self.directory}")
 
     # -- restore -------------------------------------------------------------------------------------
     def restore(self, step: int | None, abstract_state: Any, *,
                 model_fingerprint: str | None = None) -> Restored:
-        """Read `step` (default: latest) into the shardings of `abstract_state`.
+        """Read `step` (default: the newest good one) into the shardings of `abstract_state`, verified.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...))`
         (jax.Arrays work too); the mesh may differ from the one saved. With `model_fingerprint`, the saved
-        one must match.
+        one must match. With `step=None`, steps that cannot be read back as saved are skipped for the
+        next older one (listed in `Restored.skipped`); an explicit step that fails raises
+        CheckpointCorrupt, and so does a directory with no good step.
         """
         self.wait()  # a step of ours still being written is not readable yet
-        step = self._resolve(step)
-        extra = self.read_extra(step)
+        candidates = [self._resolve(step)] if step is not None else list(reversed(self.all_steps()))
+        if not candidates:
+            raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
+        skipped: list[tuple[int, str]] = []
+        for s in candidates:
+            try:
+                got = self._restore_one(s, abstract_state, model_fingerprint)
+            except CheckpointCorrupt as e:
+                skipped.append((s, str(e)))
+                continue
+            return dataclasses.replace(got, skipped=tuple(skipped))
+        why = "; ".join(reason for _, reason in skipped)
+        raise CheckpointCorrupt(f"no readable checkpoint in {self.directory}: {why}", tuple(skipped))
+
+    def _restore_one(self, step: int, abstract_state: Any, model_fingerprint: str | None) -> Restored:
+        extra, record = self._read_meta(step)
         if model_fingerprint is not None:
             self._check_fingerprint(step, extra, model_fingerprint)
         self._check_leaves(step, abstract_state)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
-        state = self._mgr.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-        )["state"]
-        return Restored(step=step, state=state, extra=extra)
+        failure = None
+        try:
+            state = self._mgr.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )["state"]
+        except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated data
+            failure = _first_line(e)
+        if failure is not None:  # outside `except`: the exception's frames no longer hold the failed reads
+            _collect_read_echoes()
+            raise CheckpointCorrupt(f"step {step}: array data unreadable ({failure})")
+        digests, nonfinite = inspect_state(state)
+        if record is not None:
+            saved = record.get("leaves") or {}
+            bad = sorted(p for p in digests if saved.get(p) != digests[p])
+            if bad:
+                raise CheckpointCorrupt(f"step {step}: data does not match the digest saved with it "
+                                        f"({_names(bad)})")
+        if nonfinite:  # only possible for steps saved before the finiteness check existed
+            raise CheckpointCorrupt(f"step {step}: NaN or Infinity in {_names(nonfinite)}")
+        return Restored(step=step, state=state, extra=extra, verified=record is not None)
 
     def _resolve(self, step: int | None) -> int:
         steps = self.all_steps()
@@ -171,8 +432,12 @@ class Checkpointer:
             )
 
     def _check_leaves(self, step: int, abstract_state: Any) -> None:
-        meta = self._mgr.item_metadata(step)["state"]
-        saved = _leaves_by_path(getattr(meta, "tree", meta))
+        try:
+            meta = _compat.orbax_tree_metadata(self._mgr.item_metadata(step)["state"])
+            saved = _leaves_by_path(meta)
+            shapes = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in saved.items()}
+        except Exception as e:  # noqa: BLE001 - broken or missing array metadata, whatever raised
+            raise CheckpointCorrupt(f"step {step}: array metadata unreadable ({_first_line(e)})") from None
         wanted = _leaves_by_path(abstract_state)
         where = f"checkpoint {self.directory} step {step}"
         missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
@@ -185,14 +450,34 @@ class Checkpointer:
             if getattr(want, "sharding", None) is None:
                 raise ValueError(f"abstract_state leaf {path!r} has no sharding; give every leaf one "
                                  f"(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)))")
-            got = saved[path]
-            w = (tuple(want.shape), np.dtype(want.dtype))
-            g = (tuple(got.shape), np.dtype(got.dtype))
+            w, g = (tuple(want.shape), np.dtype(want.dtype)), shapes[path]
             if w != g:
                 raise CheckpointError(
                     f"{where}: leaf {path!r} expected shape {w[0]} dtype {w[1]}, found shape {g[0]} "
                     f"dtype {g[1]} in the checkpoint"
                 )
+
+    # -- unreadable steps ----------------------------------------------------------------------------
+    def set_aside(self, step: int) -> str:
+        """Rename an unreadable step to `<step>.unreadable[-N]` (never deleted: the user may want its
+        bytes) so that training can save that step number again; returns the new path."""
+        if self.read_only:
+            raise CheckpointError(f"set_aside({step}) needs a writable Checkpointer")
+        self.wait()
+        src = os.path.join(self.directory, str(int(step)))
+        dst = src + SET_ASIDE_SUFFIX
+        n = 1
+        while os.path.exists(dst):
+            n += 1
+            dst = f"{src}{SET_ASIDE_SUFFIX}-{n}"
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"codesign-set-aside-{step}")
+        self._mgr.reload()  # Orbax caches the step list: forget the renamed step
+        return dst
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def wait(self) -> None:

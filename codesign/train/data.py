@@ -13,6 +13,7 @@ per-process rows into one global `jax.Array` sharded over the data-parallel mesh
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -232,3 +233,57 @@ class TokenFileSource(_Source):
                 f"the file was tokenized with a different vocabulary or is read with the wrong dtype"
             )
         return raw.astype(np.int32)
+
+
+# -- what the trainer and validate read: one global batch array per step ------------------------------
+def make_source_factory(data: str, vocab_size: int, seq_len: int, global_batch: int, seed: int,
+                        data_dtype: str = "uint16") -> Callable[[int, int], _Source]:
+    """(process_index, process_count) -> source. Builds one eagerly so a bad path fails now."""
+    if data == "synthetic":
+        def factory(pi: int, pc: int) -> _Source:
+            return SyntheticSource(vocab_size, seq_len, global_batch, seed, process_index=pi, process_count=pc)
+    else:
+        def factory(pi: int, pc: int) -> _Source:
+            return TokenFileSource(data, seq_len, global_batch, seed, dtype=data_dtype, process_index=pi,
+                                   process_count=pc, vocab_size=vocab_size)
+    factory(0, 1)
+    return factory
+
+
+class BatchMaker:
+    """Global batch arrays for a step. Each process loads only the rows its devices hold: its own
+    1/P of the batch when the batch is split evenly over processes in order (data parallel across
+    hosts); otherwise the row range its devices need (e.g. all rows when the batch is replicated)."""
+
+    def __init__(self, factory: Callable[[int, int], _Source], global_batch: int, seq_len: int,
+                 sharding: NamedSharding):
+        self.sharding = sharding
+        b, n = global_batch, seq_len + 1
+        self.gshape = (b, n)
+        pi, pc = jax.process_index(), jax.process_count()
+        ranges = sorted({idx[0].indices(b)[:2]
+                         for idx in sharding.addressable_devices_indices_map(self.gshape).values()})
+        self.rows = (ranges[0][0], max(r[1] for r in ranges))
+        even = b % pc == 0 and self.rows == (pi * (b // pc), (pi + 1) * (b // pc))
+        self.split = pc == 1 or even
+        self.source = factory(pi, pc) if self.split else factory(0, 1)
+
+    def __call__(self, step: int) -> jax.Array:
+        if self.split:
+            return self.source.global_batch_array(step, None, self.sharding)
+        lo, hi = self.rows
+        rows = self.source.batch(step)[lo:hi]
+        return jax.make_array_from_process_local_data(self.sharding, rows, self.gshape)
+
+    def state_at(self, next_step: int) -> dict[str, Any]:
+        """The loader state as it is when `next_step` is the next batch to read."""
+        saved = self.source.next_step
+        self.source.next_step = int(next_step)
+        try:
+            return self.source.state()
+        finally:
+            self.source.next_step = saved
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a saved loader state; ValueError when it belongs to other data or settings."""
+        self.source.restore(state)

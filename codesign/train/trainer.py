@@ -1,14 +1,25 @@
 """`run_training`: execute one layout (a plan's chosen candidate or a `--strategy` spec) for real.
 
-One run: resolve (model, workload, strategy) -> check the devices -> build the `TrainProgram` (params
-initialized straight into the plan's shardings, or restored from a checkpoint onto *this* run's
-shardings, whatever mesh the checkpoint was saved under) -> loop: data source -> global batch array ->
-jitted step. Resume is bit-exact: the state pytree (params, optimizer state, step) comes back exactly,
-the data loader position is saved with it, and a batch is a pure function of (seed, step).
+One run (`TrainRun`, the `codesign train` flags): resolve (model, workload, strategy) -> check the
+devices -> build the `TrainProgram` (params initialized straight into the plan's shardings, or restored
+from a checkpoint onto *this* run's shardings, whatever mesh the checkpoint was saved under) -> loop:
+data source -> global batch array -> jitted step. Resume is bit-exact: the state pytree (params,
+optimizer state, step) comes back exactly, the data loader position is saved with it, and a batch is a
+pure function of (seed, step).
 
 `--steps K` is the step to train *up to*: a fresh run does K steps; `--resume` continues from the
-latest checkpoint up to step K. The learning-rate horizon is `schedule_steps` (default: K), so
-"10 steps" equals "5 steps with schedule_steps=10, then resume to 10".
+newest good checkpoint up to step K. The optimizer settings belong to the run, not to one invocation:
+the learning-rate horizon is `--schedule-steps` (default: K on a fresh run), and `--resume` keeps the
+checkpoint's settings unless a flag overrides them. So "5 steps with --schedule-steps 10, then resume
+to 10" equals "10 steps", and resuming to a larger K continues on the saved schedule (past its horizon
+optax holds the final learning rate) instead of jumping back up a stretched cosine.
+
+Non-finite numbers. `--nan-policy stop` (default) stops at the first step whose loss is NaN or
+Infinity, saving nothing from it: the checkpoints already on disk are the newest good ones, and the
+Checkpointer refuses any non-finite state. `skip` runs a guarded step that keeps the previous params
+and optimizer state when the loss or the updated state is non-finite (it costs one extra copy of the
+state in device memory), counts the skipped batches, and stops after loop.MAX_CONSECUTIVE_SKIPS in a row.
+Rows and metrics lines carry non-finite numbers as null, named in `"nonfinite"` (strict JSON).
 
 Throughput: step i's time runs from step i-1's completion to step i's (the next batch is prepared on
 the host while the device computes). The first step of a run includes compilation and is left out of
@@ -20,34 +31,62 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
 import sys
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from codesign.arithmetic import train_flops_per_token
 from codesign.config import ConfigError, ModelConfig, Workload
+from codesign.hardware.device_kind import catalog_match
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointError
-from codesign.train.data import SyntheticSource, TokenFileSource
+from codesign.train.data import BatchMaker, make_source_factory
+from codesign.train.errors import NonFiniteLoss, TrainError  # noqa: F401 - NonFiniteLoss: raised via loop
+from codesign.train.loop import NAN_POLICIES, LoopSpec, guarded_step, run_loop, scalar, summarize
 from codesign.train_step import OptimizerConfig, TrainProgram
 
 ATTENTION_CHOICES = ("xla", "cudnn", "auto")
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
-class TrainError(ValueError):
-    """A training run that cannot start or continue as asked (bad resume, checkpoint dir in use...)."""
+@dataclasses.dataclass(frozen=True)
+class TrainRun:
+    """One training run, as `codesign train` describes it (one field per flag).
 
+    Optimizer fields left None take the checkpoint's values on `resume`, else the defaults
+    (OptimizerConfig's learning rate and warm-up; a schedule as long as `steps`).
+    """
+
+    model: str | ModelConfig
+    steps: int  # train up to this step
+    plan: str | dict | None = None  # exactly one of plan and strategy
+    strategy: str | None = None
+    devices: int | None = None  # must equal the attached count when given
+    global_batch: int | None = None  # default: the plan's, else the preset's default workload
+    seq_len: int | None = None
+    param_dtype: str | None = None
+    attention: str | None = None  # default: the plan's (xla for --strategy)
+    lr: float | None = None
+    warmup_steps: int | None = None
+    schedule_steps: int | None = None
+    data: str = "synthetic"  # or a flat token file
+    data_dtype: str = "uint16"
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    save_every: int | None = None  # default: only the last step
+    keep: int = 3
+    nan_policy: str = "stop"
+    metrics: str | None = None  # JSON lines, appended
+    hardware: str | None = None  # catalog name for the MFU peak (default: from the device kind)
+    progress: bool = False
 
 # -- resolving the layout --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
@@ -150,23 +189,9 @@ def build_mesh(strategy: Strategy):
     return MeshSpec.from_strategy(strategy).build(jax.devices())
 
 
+
 # -- peak FLOP/s for MFU -----------------------------------------------------------------------------
-_KIND_TO_CATALOG = (  # substring of jax's device_kind (lower case) -> catalog chip; most specific first
-    ("gb200", "gb200-gpu"), ("b200", "b200-sxm"), ("h200", "h200-sxm"), ("h800", "h800-sxm"),
-    ("h100", "h100-sxm"), ("a100", "a100-sxm-80g"),
-    ("tpu v6 lite", "tpu-v6e-chip"), ("tpu v6e", "tpu-v6e-chip"), ("tpu v5 lite", "tpu-v5e-chip"),
-    ("tpu v5e", "tpu-v5e-chip"), ("tpu v5p", "tpu-v5p-chip"), ("tpu v5", "tpu-v5p-chip"),
-    ("tpu v4", "tpu-v4-chip"), ("cpu", "cpu"),
-)
 _DTYPE_KEY = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "float32": "fp32", "fp32": "fp32"}
-
-
-def catalog_name_for(device_kind: str) -> str | None:
-    k = device_kind.lower()
-    for needle, name in _KIND_TO_CATALOG:
-        if needle in k:
-            return name
-    return None
 
 
 def peak_flops(compute_dtype: str, hardware: str | None = None) -> dict[str, Any]:
@@ -175,7 +200,8 @@ def peak_flops(compute_dtype: str, hardware: str | None = None) -> dict[str, Any
     from codesign.hardware import load_hardware
 
     kind = jax.devices()[0].device_kind
-    name = hardware or catalog_name_for(kind)
+    match = catalog_match(kind)
+    name = hardware or (match.chip if match else None)
     dkey = _DTYPE_KEY.get(compute_dtype, compute_dtype)
     if name is None:
         return {"peak_flops_per_device": None, "hardware": None, "dtype": dkey, "nominal": False,
@@ -188,61 +214,6 @@ def peak_flops(compute_dtype: str, hardware: str | None = None) -> dict[str, Any
             else f"{name} dense {dkey} peak from the hardware catalog")
     return {"peak_flops_per_device": peak, "hardware": name, "dtype": dkey, "nominal": nominal,
             "device_kind": kind, "note": note}
-
-
-# -- data ----------------------------------------------------------------------------------------------
-def make_source_factory(data: str, cfg: ModelConfig, workload: Workload, seed: int,
-                        data_dtype: str = "uint16") -> Callable[[int, int], Any]:
-    """(process_index, process_count) -> source. Builds one eagerly so a bad path fails now."""
-    if data == "synthetic":
-        def factory(pi: int, pc: int):
-            return SyntheticSource(cfg.vocab_size, workload.seq_len, workload.global_batch, seed,
-                                   process_index=pi, process_count=pc)
-    else:
-        def factory(pi: int, pc: int):
-            return TokenFileSource(data, workload.seq_len, workload.global_batch, seed, dtype=data_dtype,
-                                   process_index=pi, process_count=pc, vocab_size=cfg.vocab_size)
-    factory(0, 1)
-    return factory
-
-
-class BatchMaker:
-    """Global batch arrays for a step. Each process loads only the rows its devices hold: its own
-    1/P of the batch when the batch is split evenly over processes in order (data parallel across
-    hosts); otherwise the row range its devices need (e.g. all rows when the batch is replicated)."""
-
-    def __init__(self, factory: Callable[[int, int], Any], workload: Workload, sharding):
-        self.sharding = sharding
-        b, n = workload.global_batch, workload.seq_len + 1
-        self.gshape = (b, n)
-        pi, pc = jax.process_index(), jax.process_count()
-        ranges = sorted({idx[0].indices(b)[:2] for idx in sharding.addressable_devices_indices_map(self.gshape).values()})
-        self.rows = (ranges[0][0], max(r[1] for r in ranges))
-        even = b % pc == 0 and self.rows == (pi * (b // pc), (pi + 1) * (b // pc))
-        self.split = pc == 1 or even
-        self.source = factory(pi, pc) if self.split else factory(0, 1)
-
-    def __call__(self, step: int) -> jax.Array:
-        if self.split:
-            return self.source.global_batch_array(step, None, self.sharding)
-        lo, hi = self.rows
-        rows = self.source.batch(step)[lo:hi]
-        return jax.make_array_from_process_local_data(self.sharding, rows, self.gshape)
-
-    def state_at(self, next_step: int) -> dict[str, Any]:
-        """The loader state as it is when `next_step` is the next batch to read."""
-        saved = self.source.next_step
-        self.source.next_step = int(next_step)
-        try:
-            return self.source.state()
-        finally:
-            self.source.next_step = saved
-
-    def restore(self, state: dict[str, Any]) -> None:
-        try:
-            self.source.restore(state)
-        except ValueError as e:
-            raise TrainError(str(e)) from None
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -264,206 +235,203 @@ def _reader(directory: str) -> Checkpointer:
 
 
 def _existing_steps(directory: str) -> tuple[list[int], dict[str, Any] | None]:
-    """Finished steps in a checkpoint directory and the latest one's metadata (reads only)."""
+    """Finished steps in a checkpoint directory and the newest readable step's metadata (reads only)."""
     if not os.path.isdir(directory):
         return [], None
     with _reader(directory) as ro:
-        steps = ro.all_steps()
-        return steps, (ro.read_extra(steps[-1]) if steps else None)
+        return ro.all_steps(), ro.newest_readable_extra()[1]
 
 
-def preflight_checkpoint(directory: str, fingerprint: str, resume: bool) -> int | None:
-    """Check a checkpoint directory against this run before anything is written; the latest step to
-    resume from (None: start fresh)."""
+def preflight_checkpoint(directory: str, fingerprint: str, resume: bool) -> tuple[int | None, dict | None]:
+    """Check a checkpoint directory against this run before anything is written: (the newest step,
+    the newest readable metadata), or (None, None) to start fresh."""
     steps, extra = _existing_steps(directory)
     if not steps:
-        return None
-    saved_fp = (extra or {}).get(FINGERPRINT_KEY)
-    if saved_fp != fingerprint:
-        saved_name = (extra or {}).get("model", "another model")
+        return None, None
+    if extra is not None and extra.get(FINGERPRINT_KEY) != fingerprint:
         raise CheckpointError(
-            f"checkpoint directory {directory} (step {steps[-1]}) was written for {saved_name!r}, whose "
-            f"architecture differs from this run's model; use another --checkpoint-dir (nothing was changed)")
+            f"checkpoint directory {directory} (step {steps[-1]}) was written for "
+            f"{extra.get('model', 'another model')!r}, whose architecture differs from this run's model; "
+            f"use another --checkpoint-dir (nothing was changed)")
     if not resume:
         raise TrainError(f"checkpoint directory {directory} already holds steps {steps}; pass --resume to "
                          f"continue from step {steps[-1]}, or use another --checkpoint-dir")
-    return steps[-1]
+    return steps[-1], extra
 
 
 def restore_state(prog: TrainProgram, directory: str, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
-    """Read a checkpoint onto `prog`'s shardings (whatever mesh it was saved under):
+    """Read a checkpoint onto `prog`'s shardings (whatever mesh it was saved under), verified:
     (step, state, extra)."""
     with _reader(directory) as ck:
         r = ck.restore(step, prog.abstract_state, model_fingerprint=prog.cfg.fingerprint())
     return r.step, r.state, r.extra
 
 
+def optimizer_for(run: TrainRun, saved: dict[str, Any] | None) -> tuple[OptimizerConfig, list[str]]:
+    """This run's optimizer: explicit flags > the checkpoint's settings (resume) > defaults. Also the
+    flags that change a saved setting (the continued run then differs from an uninterrupted one)."""
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
+    settings = {**dataclasses.asdict(OptimizerConfig()), "total_steps": max(run.steps, 1)}
+    settings.update({k: v for k, v in (saved or {}).items() if k in fields})
+    flags = {"learning_rate": ("--lr", run.lr), "warmup_steps": ("--warmup-steps", run.warmup_steps),
+             "total_steps": ("--schedule-steps", run.schedule_steps)}
+    changed = [flag for key, (flag, v) in flags.items() if v is not None and saved and saved.get(key, v) != v]
+    settings.update({key: v for key, (_, v) in flags.items() if v is not None})
+    return OptimizerConfig(**settings), changed
+
+
 # -- the run -----------------------------------------------------------------------------------------
-def _scalar(x: jax.Array) -> float:
-    """A replicated scalar's value, also when the array spans several processes."""
-    return float(np.asarray(x.addressable_shards[0].data))
+@dataclasses.dataclass
+class _Session:
+    """What a run resolved before its first step (internal to run_training)."""
+
+    run: TrainRun
+    cfg: ModelConfig
+    workload: Workload
+    strategy: Strategy
+    layout_source: str
+    attention: str
+    attached: int
+    peak: dict[str, Any]
+    factory: Callable[[int, int], Any]
+    ckdir: str | None
+    resume_step: int | None
+    saved_extra: dict[str, Any] | None
+    say: Callable[[str], None]
+    lead: bool
 
 
-def _progress(total: int, start: int, enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=Console(stderr=True))
-    task = bar.add_task("train", total=total, completed=start, info="compiling...")
-    return bar, task
-
-
-def run_training(model: str | ModelConfig, *, steps: int, plan: str | dict | None = None,
-                 strategy: str | None = None, devices: int | None = None,
-                 checkpoint_dir: str | None = None, resume: bool = False, save_every: int | None = None,
-                 keep: int = 3, global_batch: int | None = None, seq_len: int | None = None,
-                 lr: float = 3e-4, warmup_steps: int = 10, schedule_steps: int | None = None,
-                 data: str = "synthetic", data_dtype: str = "uint16", seed: int = 0,
-                 metrics: str | None = None, attention: str | None = None, param_dtype: str | None = None,
-                 hardware: str | None = None, progress: bool = False, return_state: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train `model` with one layout on the attached devices; see the module docstring.
-
-    Returns {"steps": [{"step","loss","tokens_per_s","mfu","step_time_s","compile"}], "checkpoint":
-    [{"step","path"}], "devices", "strategy", "workload", "resumed_from", "final_step", "summary",
-    "mfu_basis", "dropped_rules", ...}; with `return_state`, also "state" (the final state pytree).
-    """
-    say = log or (lambda m: print(m, file=sys.stderr))
-    lead = jax.process_index() == 0
-    if steps < 0:
-        raise TrainError(f"--steps must be >= 0, got {steps}")
+def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
+    """Resolve and check everything that can fail before a device is touched or a file is written."""
+    if run.steps < 0:
+        raise TrainError(f"--steps must be >= 0, got {run.steps}")
+    if run.nan_policy not in NAN_POLICIES:
+        raise TrainError(f"--nan-policy {run.nan_policy!r}; use one of {NAN_POLICIES}")
+    if run.resume and not run.checkpoint_dir:
+        raise TrainError("--resume needs --checkpoint-dir")
+    if run.lr is not None and not (math.isfinite(run.lr) and run.lr > 0):
+        raise TrainError(f"--lr must be a positive finite number, got {run.lr}")
+    for flag, value, least in (("--warmup-steps", run.warmup_steps, 0), ("--schedule-steps", run.schedule_steps, 1),
+                               ("--save-every", run.save_every, 1), ("--keep", run.keep, 1)):
+        if value is not None and value < least:
+            raise TrainError(f"{flag} must be >= {least}, got {value}")
     attached = jax.device_count()
-    layout = resolve_layout(model, plan=plan, strategy=strategy, global_batch=global_batch, seq_len=seq_len,
-                            param_dtype=param_dtype, n_devices=attached)
-    cfg, workload, strat = layout.cfg, layout.workload, layout.strategy
-    check_executable(strat, attached)
-    if devices is not None and devices != attached:
-        raise StrategyError(f"--devices {devices} given, but {attached} devices are attached"
+    layout = resolve_layout(run.model, plan=run.plan, strategy=run.strategy, global_batch=run.global_batch,
+                            seq_len=run.seq_len, param_dtype=run.param_dtype, n_devices=attached)
+    check_executable(layout.strategy, attached)
+    if run.devices is not None and run.devices != attached:
+        raise StrategyError(f"--devices {run.devices} given, but {attached} devices are attached"
                             + (" (on a real accelerator --devices must equal the attached count)"
                                if jax.default_backend() != "cpu" else ""))
-    impl = attention_impl(attention or workload.attention)  # default: the plan's (xla for --strategy)
-    workload = dataclasses.replace(workload, attention=impl or "xla")
-    peak = peak_flops(workload.dtype, hardware)  # a bad --hardware fails before anything compiles
-    factory = make_source_factory(data, cfg, workload, seed, data_dtype)  # a missing file fails here
-    fingerprint = cfg.fingerprint()
-    if resume and not checkpoint_dir:
-        raise TrainError("--resume needs --checkpoint-dir")
-    ckdir = os.path.abspath(checkpoint_dir) if checkpoint_dir else None
-    resume_step = preflight_checkpoint(ckdir, fingerprint, resume) if ckdir else None
+    impl = attention_impl(run.attention or layout.workload.attention)
+    workload = dataclasses.replace(layout.workload, attention=impl or "xla")
+    peak = peak_flops(workload.dtype, run.hardware)  # a bad --hardware fails before anything compiles
+    factory = make_source_factory(run.data, layout.cfg.vocab_size, workload.seq_len, workload.global_batch,
+                                  run.seed, run.data_dtype)  # a missing file fails here
+    ckdir = os.path.abspath(run.checkpoint_dir) if run.checkpoint_dir else None
+    resume_step, saved = (preflight_checkpoint(ckdir, layout.cfg.fingerprint(), run.resume) if ckdir
+                          else (None, None))
+    return _Session(run, layout.cfg, workload, layout.strategy, layout.source, impl or "xla", attached, peak,
+                    factory, ckdir, resume_step, saved, say, jax.process_index() == 0)
 
-    opt = OptimizerConfig(learning_rate=lr, warmup_steps=warmup_steps, total_steps=schedule_steps or steps or 1)
-    mesh = build_mesh(strat)
-    prog = get_program(cfg, workload, strat, mesh, opt)
-    dropped = [str(d) for d in prog.dropped_rules]
-    if lead:
-        say(f"training {cfg.name} with {strat.spec} on {attached} {jax.devices()[0].device_kind} devices "
-            f"({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); global batch "
-            f"{workload.global_batch} x {workload.seq_len} tokens; from {layout.source}")
-        for d in dropped:
-            say(f"  rule dropped: {d}")
-    batches = BatchMaker(factory, workload, prog.batch_sharding)
 
-    # State: restored onto this run's shardings, or initialized into them.
-    if resume_step is not None:
-        start, state, extra = restore_state(prog, ckdir)
-        batches.restore(extra.get("data", {}))
-        if int(_scalar(state["step"])) != start:
-            raise CheckpointError(f"checkpoint step {start} holds state step {int(_scalar(state['step']))}")
-        if extra.get("optimizer") and extra["optimizer"] != dataclasses.asdict(opt) and lead:
-            say(f"note: optimizer settings differ from the checkpoint's ({extra['optimizer']} saved); the "
-                f"continued run is not the same as an uninterrupted one")
-        if lead:
-            say(f"resumed from step {start} ({extra.get('strategy', '?')} -> {strat.spec})")
-    else:
-        if resume and lead:
-            say(f"--resume: no checkpoint in {ckdir}; starting from step 0")
-        start, state = 0, prog.init(seed)
-
-    ck = Checkpointer(ckdir, save_every=save_every or max(steps, 1), keep=keep) if ckdir else None
-
-    def extra_at(step: int) -> dict[str, Any]:
-        return {"data": batches.state_at(step), "strategy": strat.spec, FINGERPRINT_KEY: fingerprint,
-                "model": cfg.name, "workload": workload.to_json(), "optimizer": dataclasses.asdict(opt),
-                "seed": seed}
-
-    flops_per_step = train_flops_per_token(cfg, workload.seq_len) * workload.tokens
-    rows: list[dict[str, Any]] = []
-    saved: list[int] = []
-    mfile = open(metrics, "a") if (metrics and lead) else None  # noqa: SIM115 - closed in `finally`
-    bar = _progress(steps, min(start, steps), progress and lead)
+def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker,
+                   ck: Checkpointer | None) -> tuple[int, Any, list[dict[str, Any]]]:
+    """(first step, state, unreadable steps set aside): the newest good checkpoint or a fresh init."""
+    if s.resume_step is None:
+        if s.run.resume and s.lead:
+            s.say(f"--resume: no checkpoint in {s.ckdir}; starting from step 0")
+        return 0, prog.init(s.run.seed), []
+    got = ck.restore(None, prog.abstract_state, model_fingerprint=s.cfg.fingerprint())
+    set_aside = []
+    for step, why in got.skipped:  # newer steps that failed: kept on disk, renamed out of the way
+        moved = ck.set_aside(step)
+        set_aside.append({"step": step, "reason": why, "moved_to": moved})
+        if s.lead:
+            s.say(f"warning: checkpoint {why}; resuming from step {got.step}, the newest good one "
+                  f"(step {step} kept as {moved})")
     try:
-        if bar:
-            bar[0].start()
-        batch = batches(start) if start < steps else None
-        t_prev = time.perf_counter()
-        for s in range(start, steps):
-            state, out = prog.step_fn(state, batch)
-            batch = batches(s + 1) if s + 1 < steps else None  # host work overlaps the device step
-            loss = _scalar(out["loss"])  # waits for the step
-            t = time.perf_counter()
-            dt, first = t - t_prev, s == start
-            tps = None if first else workload.tokens / dt
-            mfu = (None if first or not peak["peak_flops_per_device"]
-                   else flops_per_step / (dt * attached * peak["peak_flops_per_device"]))
-            row = {"step": s + 1, "loss": loss, "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt,
-                   "compile": first}
-            rows.append(row)
-            if mfile:
-                mfile.write(json.dumps({**row, "time": time.time()}) + "\n")
-                mfile.flush()
-            if bar:
-                info = f"loss {loss:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "") + (
-                    f"  MFU {mfu:.1%}" if mfu is not None else "")
-                bar[0].update(bar[1], completed=s + 1, info=info)
-            if not math.isfinite(loss) and lead:
-                say(f"warning: loss is {loss} at step {s + 1}")
-            if ck is not None and ck.save(s + 1, state, extra_at(s + 1), force=s + 1 == steps):
-                saved.append(s + 1)
-            t_prev = time.perf_counter()  # a checkpoint's device-to-host copy is not step time
-        if ck is not None:
-            ck.wait()
+        batches.restore(got.extra.get("data", {}))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if int(scalar(got.state["step"])) != got.step:
+        raise CheckpointError(f"checkpoint step {got.step} holds state step {int(scalar(got.state['step']))}")
+    if s.lead:
+        s.say(f"resumed from step {got.step} ({got.extra.get('strategy', '?')} -> {s.strategy.spec})")
+    return got.step, got.state, set_aside
+
+
+def _loop_spec(s: _Session) -> LoopSpec:
+    return LoopSpec(steps=s.run.steps, nan_policy=s.run.nan_policy, tokens_per_step=s.workload.tokens,
+                    flops_per_step=train_flops_per_token(s.cfg, s.workload.seq_len) * s.workload.tokens,
+                    devices=s.attached, peak_flops_per_device=s.peak["peak_flops_per_device"],
+                    metrics=s.run.metrics, progress=s.run.progress, lead=s.lead)
+
+
+def run_training(run: TrainRun, *, return_state: bool = False,
+                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train with one layout on the attached devices; see the module docstring.
+
+    Returns {"steps": [{"step","loss","tokens_per_s","mfu","step_time_s","compile"[,"skipped"]
+    [,"nonfinite"]}], "checkpoint": [{"step","path"}], "devices", "strategy", "workload", "resumed_from",
+    "set_aside", "final_step", "summary", "mfu_basis", "dropped_rules", ...}; with `return_state`, also
+    "state" (the final state pytree). Raises NonFiniteLoss (a TrainError) when the run stops at a
+    non-finite step.
+    """
+    s = _prepare(run, log or (lambda m: print(m, file=sys.stderr)))
+    opt, changed = optimizer_for(run, (s.saved_extra or {}).get("optimizer"))
+    if changed and s.lead:
+        s.say(f"note: {', '.join(changed)} change the checkpoint's optimizer settings; the continued run "
+              f"differs from an uninterrupted one")
+    prog = get_program(s.cfg, s.workload, s.strategy, build_mesh(s.strategy), opt)
+    dropped = [str(d) for d in prog.dropped_rules]
+    if s.lead:
+        s.say(f"training {s.cfg.name} with {s.strategy.spec} on {s.attached} {jax.devices()[0].device_kind} "
+              f"devices ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); global batch "
+              f"{s.workload.global_batch} x {s.workload.seq_len} tokens; from {s.layout_source}")
+        for d in dropped:
+            s.say(f"  rule dropped: {d}")
+    batches = BatchMaker(s.factory, s.workload.global_batch, s.workload.seq_len, prog.batch_sharding)
+
+    def extra_at(step: int, loss: float | None) -> dict[str, Any]:
+        return {"data": batches.state_at(step), "strategy": s.strategy.spec, FINGERPRINT_KEY: s.cfg.fingerprint(),
+                "model": s.cfg.name, "workload": s.workload.to_json(), "optimizer": dataclasses.asdict(opt),
+                "seed": run.seed, "loss": loss}
+
+    spec = _loop_spec(s)
+    ck = (Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
+          if s.ckdir else None)
+    try:
+        start, state, set_aside = _initial_state(s, prog, batches, ck)
+        step_fn = guarded_step(prog) if run.nan_policy == "skip" else prog.step_fn
+        done = run_loop(spec, step_fn, batches, state, start, ck, extra_at, s.say)
     finally:
-        if bar:
-            bar[0].stop()
-        if mfile:
-            mfile.close()
         if ck is not None:
             ck.close()
-
-    kept = set(_existing_steps(ckdir)[0]) if ckdir else set()
-    timed = [r for r in rows if not r["compile"]]
-    mean_dt = sum(r["step_time_s"] for r in timed) / len(timed) if timed else None
-    summary = {
-        "timed_steps": len(timed),
-        "mean_step_time_s": mean_dt,
-        "tokens_per_s": workload.tokens / mean_dt if mean_dt else None,
-        "mfu": (flops_per_step / (mean_dt * attached * peak["peak_flops_per_device"])
-                if mean_dt and peak["peak_flops_per_device"] else None),
-        "compile_step_time_s": rows[0]["step_time_s"] if rows and rows[0]["compile"] else None,
-    }
+    kept = set(_existing_steps(s.ckdir)[0]) if s.ckdir else set()
     result = {
-        "model": cfg.name,
-        "strategy": strat.spec,
-        "devices": attached,
+        "model": s.cfg.name,
+        "strategy": s.strategy.spec,
+        "devices": s.attached,
         "process_count": jax.process_count(),
         "platform": jax.default_backend(),
         "device_kind": jax.devices()[0].device_kind,
-        "workload": workload.to_json(),
-        "layout_source": layout.source,
-        "attention": impl or "xla",
-        "steps": rows,
-        "checkpoint": [{"step": s, "path": os.path.join(ckdir, str(s))} for s in saved if s in kept],
-        "resumed_from": resume_step,
-        "final_step": rows[-1]["step"] if rows else start,
-        "summary": summary,
-        "mfu_basis": peak,
-        "train_flops_per_token": train_flops_per_token(cfg, workload.seq_len),
+        "workload": s.workload.to_json(),
+        "layout_source": s.layout_source,
+        "attention": s.attention,
+        "optimizer": dataclasses.asdict(opt),
+        "nan_policy": run.nan_policy,
+        "steps": done.rows,
+        "checkpoint": [{"step": k, "path": os.path.join(s.ckdir, str(k))} for k in done.saved if k in kept],
+        "resumed_from": start if s.resume_step is not None else None,
+        "set_aside": set_aside,
+        "final_step": done.rows[-1]["step"] if done.rows else start,
+        "summary": summarize(spec, done),
+        "mfu_basis": s.peak,
+        "train_flops_per_token": train_flops_per_token(s.cfg, s.workload.seq_len),
         "dropped_rules": dropped,
-        "data": data,
+        "data": run.data,
     }
     if return_state:
-        result["state"] = state
+        result["state"] = done.state
     return result
