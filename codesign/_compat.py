@@ -78,20 +78,12 @@ def enable_cpu_collectives(implementation: str = "gloo") -> bool:
     return True
 
 
-def shard_map(f, *, mesh: Mesh, in_specs, out_specs, axis_names: Sequence[str] | None = None):
-    """`shard_map` manual over `axis_names` (all mesh axes when None), auto over the rest.
-
-    Replication checking is off: the train step differentiates inside the manual region and must get
-    each replica's *local* gradient (with the vma checks on, the transpose of the implicit broadcast of
-    a replicated param would insert a psum per microbatch, which is what the caller avoids).
-    jax >= 0.7: `jax.shard_map(axis_names=, check_vma=)`; older: `jax.experimental.shard_map` with
-    `auto=` (the complement) and `check_rep=`.
-    """
-    manual = frozenset(mesh.axis_names if axis_names is None else axis_names)
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
+    """`shard_map` manual over every mesh axis, with replication checks off (the body's collectives
+    are exactly the ones written). jax >= 0.7: `jax.shard_map(check_vma=)`; older:
+    `jax.experimental.shard_map.shard_map(check_rep=)`."""
     if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, axis_names=manual,
-                             check_vma=False)
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
     from jax.experimental.shard_map import shard_map as _sm  # pragma: no cover - jax < 0.7
 
-    return _sm(f, mesh, in_specs, out_specs, check_rep=False,  # pragma: no cover
-               auto=frozenset(mesh.axis_names) - manual)
+    return _sm(f, mesh, in_specs, out_specs, check_rep=False)  # pragma: no cover

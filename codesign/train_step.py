@@ -6,16 +6,23 @@ jits the step with pinned in/out shardings so that FSDP gradients reduce-scatter
 all-reducing. Loss: next-token cross-entropy + MoE aux loss; AdamW with f32 master params,
 bf16 compute, global-norm clipping, warmup+cosine schedule and gradient accumulation.
 
-One gradient reduction per step over the data replicas (what large runs execute; DESIGN.md
-"Fidelity"). XLA's SPMD lowering of a scanned accumulation reduces across replicas inside the loop,
-once per microbatch, and its loop code-motion passes do not move it out. So the program says what it
-means instead of relying on a pass: the pure replica axes (`replica_axes`: batch axes that shard no
-param, normally `data`) are manual (`shard_map`) around each microbatch's backward, which returns
-each replica's *unreduced* gradient as an explicit leading axis sharded over those axes. The
-accumulator keeps that form; after the loop one full-manual `psum` (zero=0) or `psum_scatter` over
-`data` (zero>=1) reduces it. Everything else (fsdp, tensor, expert, sequence) stays with the auto
-partitioner, so FSDP (ZeRO-3) still gathers params and reduce-scatters gradients over `fsdp` per
-microbatch, as it must to keep gradients sharded.
+One gradient reduction per step over the data replicas (DESIGN.md "Fidelity"). XLA's SPMD lowering
+of a scanned accumulation reduces across replicas inside the loop, once per microbatch, and its loop
+code-motion passes do not move it out. So the program writes the reduction itself rather than rely
+on a pass. Over the pure replica axes (`replica_axes`: batch axes that shard no param, normally
+`data`), each microbatch's backward runs under `vmap(spmd_axis_name=...)` over an explicit replica
+axis: it yields each replica's *unreduced* gradient, `[R, ...]` sharded over those axes, and nothing
+in the loop sums over them. The accumulator keeps that form; after the loop one full-manual
+`shard_map` does the only reduction: `psum` (zero=0) or `psum_scatter` over `data` (zero>=1).
+fsdp, tensor, expert and sequence stay with the auto partitioner: FSDP (ZeRO-3) still gathers params
+and reduces their gradients over fsdp per microbatch, as it must to keep gradients sharded, and so
+do expert and sequence for the params they do not shard.
+
+Why vmap, not a partially manual `shard_map` around the backward: with jax 0.10.2 and libtpu 0.0.52,
+XLA's partitioner aborts the process ("Check failed: partition_group_list...") on gathers and
+scatters with sharded operands inside a partially manual region (the embedding lookup, the label
+pick of the cross-entropy, with fsdp and tensor > 1), and a `psum_scatter` there first replicates
+its operand over the auto axes.
 
 ZeRO (`zero=` in the strategy) over `data`: 1 = AdamW moments sharded over `data` (added after the
 param's own axes on the dimension FSDP shards, see `params.zero_dim`), gradients reduce-scattered
@@ -71,15 +78,6 @@ class OptimizerConfig:
 
 def _dtype(name: str):
     return jnp.dtype({"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}.get(name, name))
-
-
-def _cross_entropy(logits, targets):
-    """Next-token cross-entropy per position, with the label logit picked by a one-hot mask (a select
-    and a sum over vocab) rather than a gather: with the vocab sharded over tensor, XLA's partitioner
-    aborts on that gather inside the step's partially manual region (see _lookup_shardings). Same
-    value as optax.softmax_cross_entropy_with_integer_labels: the sum adds exact zeros."""
-    hit = jnp.arange(logits.shape[-1], dtype=targets.dtype) == targets[..., None]
-    return jax.nn.logsumexp(logits, axis=-1) - jnp.where(hit, logits, 0.0).sum(-1)
 
 
 class TrainProgram:
@@ -232,7 +230,7 @@ class TrainProgram:
     def loss(self, params, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         logits, aux = self._model(params)(inputs)
-        ce = _cross_entropy(logits, targets).mean()
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + self.cfg.router_aux_loss_coef * aux, ce
 
     def _split(self, tokens):
@@ -269,11 +267,10 @@ class TrainProgram:
 
     @cached_property
     def _lookup_shardings(self):
-        """Param layouts inside the manual region: lookup tables (first axis `vocab`: the embedding) are
-        gathered over fsdp before the lookup, as FSDP does for every weight before use. Without it XLA's
-        SPMD partitioner (jax 0.10.2, Shardy and GSPMD alike) aborts the process on the gather from a
-        [vocab/tensor, embed/fsdp] table with fsdp-sharded indices inside a partially manual region
-        (spmd_partitioner_util.cc "Check failed: partition_group_list...")."""
+        """Lookup tables (first axis `vocab`: the embedding) gathered over fsdp before the lookup, as FSDP
+        does for every weight before use. Without it, the partitioner meets a gather from a
+        [vocab/tensor, embed/fsdp] table with [data, batch/fsdp] indices by all-gathering the looked-up
+        activations over data, once per microbatch (seen on the cpu and v5e targets)."""
         def one(axes, spec):
             if not axes or axes[0] != A.VOCAB:
                 return spec
@@ -286,25 +283,23 @@ class TrainProgram:
     def _replica_grads(self, params, tokens):
         """(ce [R], grads [R, ...]): each replica's loss and *unreduced* gradient on its rows of `tokens`.
 
-        Manual over the replica axes only: no collective over them can appear inside, so none runs per
-        microbatch. Inside, the activation rules drop those axes (they are manual there)."""
+        The replica axes become an explicit leading axis (`vmap` with `spmd_axis_name`): nothing in the
+        math sums over it, so no collective over those axes can run here, once per microbatch; the one
+        reduction is `_reduce`. The activation rules drop those axes (vmap puts them on the new axis)."""
         r = self.replica_axes
+        n = math.prod(self.mesh_sizes[a] for a in r)
         inner = Rules(tuple((name, tuple(m for m in axes if m not in r)) for name, axes in self.rules.table))
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
 
-        def body(params, tokens):
-            params = jax.lax.with_sharding_constraint(params, self._lookup_shardings)
-            with activation_sharding(self.mesh, inner):
-                (_, ce), g = grad_fn(params, tokens)
-            # Pins FSDP gradients to their param layout (reduce-scatter over fsdp: ZeRO-3 per microbatch);
-            # a lookup table's gradient (a scatter-add) first in its lookup layout (see _lookup_shardings).
-            g = jax.lax.with_sharding_constraint(g, self._lookup_shardings)
-            g = jax.lax.with_sharding_constraint(g, self.param_shardings)
-            return ce[None], jax.tree.map(lambda x: x[None], g)
+        params = jax.lax.with_sharding_constraint(params, self._lookup_shardings)
 
-        f = _compat.shard_map(body, mesh=self.mesh, in_specs=(PartitionSpec(), PartitionSpec(r)),
-                              out_specs=(PartitionSpec(r), PartitionSpec(r)), axis_names=r)
-        ce, g = f(params, tokens)
+        def one(rows):
+            with activation_sharding(self.mesh, inner):
+                (_, ce), g = grad_fn(params, rows)
+            return ce, g
+
+        rows = tokens.reshape(n, tokens.shape[0] // n, tokens.shape[1])
+        ce, g = jax.vmap(one, spmd_axis_name=r)(rows)
         return ce, jax.lax.with_sharding_constraint(g, named(self.mesh, self._stacked_specs))
 
     def _reduce(self, stacked):
@@ -345,7 +340,11 @@ class TrainProgram:
             def acc(carry, mb_tokens):
                 ce_sum, g_sum = carry
                 ce, g = self._replica_grads(params, mb_tokens)
-                g = self._reduce(g) if per_mb else g
+                if per_mb:
+                    # The barrier keeps this reduce-scatter in the loop: the TPU compiler otherwise moves
+                    # it out (sum of reduce-scatters = reduce-scatter of the sum), which silently turns
+                    # ZeRO-2 back into ZeRO-1 (a full-size accumulator).
+                    g = jax.lax.optimization_barrier(self._reduce(g))
                 return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
             acc_sh = self.grad_shardings if per_mb else named(self.mesh, self._stacked_specs)
