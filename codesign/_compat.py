@@ -142,7 +142,19 @@ def normalize_cost_analysis(raw: Any) -> dict[str, float | None] | None:
         return None
     return out
 
+
 def orbax_tree_metadata(item_metadata: Any) -> Any:
     """The array tree of Orbax's StandardCheckpointHandler metadata: newer Orbax wraps it in a
     `TreeMetadata` (`.tree`), older versions return the tree itself."""
     return getattr(item_metadata, "tree", item_metadata)
+
+
+def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
+    """`shard_map` manual over every mesh axis, with replication checks off (the body's collectives
+    are exactly the ones written). jax >= 0.7: `jax.shard_map(check_vma=)`; older:
+    `jax.experimental.shard_map.shard_map(check_rep=)`."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    from jax.experimental.shard_map import shard_map as _sm  # pragma: no cover - jax < 0.7
+
+    return _sm(f, mesh, in_specs, out_specs, check_rep=False)  # pragma: no cover

@@ -5,11 +5,37 @@ axes through the strategy's rules, builds abstract inputs (`ShapeDtypeStruct(sha
 jits the step with pinned in/out shardings so that FSDP gradients reduce-scatter instead of
 all-reducing. Loss: next-token cross-entropy + MoE aux loss; AdamW with f32 master params,
 bf16 compute, global-norm clipping, warmup+cosine schedule and gradient accumulation.
+
+One gradient reduction per step over the data replicas (DESIGN.md "Fidelity"). XLA's SPMD lowering
+of a scanned accumulation reduces across replicas inside the loop, once per microbatch, and its loop
+code-motion passes do not move it out. So the program writes the reduction itself rather than rely
+on a pass. Over the pure replica axes (`replica_axes`: batch axes that shard no param, normally
+`data`), each microbatch's backward runs under `vmap(spmd_axis_name=...)` over an explicit replica
+axis: it yields each replica's *unreduced* gradient, `[R, ...]` sharded over those axes, and nothing
+in the loop sums over them. The accumulator keeps that form; after the loop one full-manual
+`shard_map` does the only reduction: `psum` (zero=0) or `psum_scatter` over `data` (zero>=1).
+fsdp, tensor, expert and sequence stay with the auto partitioner: FSDP (ZeRO-3) still gathers params
+and reduces their gradients over fsdp per microbatch, as it must to keep gradients sharded, and so
+do expert and sequence for the params they do not shard.
+
+Why vmap, not a partially manual `shard_map` around the backward: with jax 0.10.2 and libtpu 0.0.52,
+XLA's partitioner aborts the process ("Check failed: partition_group_list...") on gathers and
+scatters with sharded operands inside a partially manual region (the embedding lookup, the label
+pick of the cross-entropy, with fsdp and tensor > 1), and a `psum_scatter` there first replicates
+its operand over the auto axes.
+
+ZeRO (`zero=` in the strategy) over `data`: 1 = AdamW moments sharded over `data` (added after the
+param's own axes on the dimension FSDP shards, see `params.zero_dim`), gradients reduce-scattered
+once per step, each replica updates its slice of the params, and the updated params are all-gathered
+over `data` (the pinned out_shardings); 2 = also the gradient accumulator is sharded, so each
+microbatch's gradient is reduce-scattered as it is produced (as DeepSpeed's stage 2 does under
+accumulation): less memory, M reduce-scatters per step instead of one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -20,12 +46,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codesign import _compat
 from codesign import axes as A
 from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
 from codesign.models.transformer import Transformer
 from codesign.sharding.activation import activation_sharding
-from codesign.sharding.params import logical_axes, named, path_str, resolve_specs
+from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
 from codesign.sharding.strategy import Strategy, StrategyError
 
@@ -70,8 +97,8 @@ class TrainProgram:
                                 f"data*fsdp*expert={shards} of {strategy.spec}")
         if (b // shards) % strategy.microbatches:
             raise StrategyError(f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}")
-        self.model_kwargs = dict(dtype=_dtype(workload.dtype), param_dtype=_dtype(workload.param_dtype),
-                                 remat=strategy.remat, attention_impl=self.attention_impl)
+        self.model_kwargs = {"dtype": _dtype(workload.dtype), "param_dtype": _dtype(workload.param_dtype),
+                             "remat": strategy.remat, "attention_impl": self.attention_impl}
 
     # -- abstract structure ------------------------------------------------------------------
     @cached_property
@@ -99,7 +126,8 @@ class TrainProgram:
 
     @property
     def dropped_rules(self) -> tuple[Dropped, ...]:
-        return self._param_specs[1]
+        """Param rules that could not be honoured, and ZeRO shardings that could not be applied."""
+        return self._param_specs[1] + self._zero[2]
 
     @cached_property
     def param_shardings(self):
@@ -115,11 +143,47 @@ class TrainProgram:
     def optimizer(self) -> optax.GradientTransformation:
         return self.opt_cfg.build()
 
+    # -- data replicas and ZeRO --------------------------------------------------------------
+    @cached_property
+    def replica_axes(self) -> tuple[str, ...]:
+        """Mesh axes (size > 1) that split the batch and shard no param: pure data replicas, over which
+        gradients are accumulated unreduced and reduced once per step. In batch-spec order."""
+        entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
+        used = {a for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+                for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+        batch = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        return tuple(a for a in batch if self.mesh_sizes.get(a, 1) > 1 and a not in used)
+
+    @cached_property
+    def _zero(self) -> tuple[int, Any, tuple[Dropped, ...]]:
+        """(level in effect, optimizer-state/gradient specs, what could not be sharded)."""
+        level = self.strategy.zero
+        if level == 0:
+            return 0, self.param_specs, ()
+        if "data" not in self.replica_axes:
+            why = ("the data axis has size 1" if self.mesh_sizes.get("data", 1) == 1
+                   else "the rules shard params over data, so it is not a pure replica axis")
+            return 0, self.param_specs, (Dropped("opt_state", f"zero={level}", "data", f"{why}; zero ignored"),)
+        specs, dropped = zero_specs(self.param_specs, nnx.to_pure_dict(self._abstract[1]), self.logical_axes,
+                                    self.rules, self.mesh_sizes, level)
+        return level, specs, dropped
+
+    @property
+    def zero(self) -> int:
+        """The ZeRO level in effect (the strategy's, or 0 where `data` is not a replica axis > 1)."""
+        return self._zero[0]
+
+    @cached_property
+    def grad_shardings(self):
+        """Reduced gradients and optimizer moments: the param shardings, plus `data` under ZeRO."""
+        return named(self.mesh, self._zero[1])
+
     @cached_property
     def opt_state_shardings(self):
-        """Optimizer leaves mirror their param's sharding (matched by path suffix); scalars replicate."""
+        """Optimizer leaves mirror their param's gradient sharding (matched by path suffix); scalars
+        replicate."""
         by_path = {tuple(path_str(p).split("/")): sh for p, sh in
-                   jax.tree_util.tree_flatten_with_path(self.param_shardings)[0]}
+                   jax.tree_util.tree_flatten_with_path(self.grad_shardings)[0]}
         abstract = jax.eval_shape(self.optimizer.init, self.abstract_params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
@@ -169,15 +233,19 @@ class TrainProgram:
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + self.cfg.router_aux_loss_coef * aux, ce
 
-    def _grads(self, params, tokens):
+    def _split(self, tokens):
+        """[B, T] -> [M, B/M, T]. Row r goes to microbatch r % M, which keeps each microbatch spread over
+        all batch shards (no data moves)."""
+        mb, b = self.strategy.microbatches, tokens.shape[0]
+        return jnp.moveaxis(tokens.reshape(b // mb, mb, -1), 1, 0)
+
+    def _grads_auto(self, params, tokens):
+        """No replica axis: the auto partitioner reduces what the layout needs (fsdp/expert/sequence)."""
         mb = self.strategy.microbatches
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if mb == 1:
             (_, ce), grads = grad_fn(params, tokens)
             return ce, grads
-        # Row r goes to microbatch r % mb, which keeps each microbatch spread over all batch shards.
-        b = tokens.shape[0]
-        split = jnp.moveaxis(tokens.reshape(b // mb, mb, -1), 1, 0)
 
         def acc(carry, mb_tokens):
             ce_sum, g_sum = carry
@@ -185,15 +253,120 @@ class TrainProgram:
             return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), split)
+        (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), self._split(tokens))
         return ce_sum / mb, jax.tree.map(lambda g: g / mb, g_sum)
+
+    def _is_spec(self, x) -> bool:
+        return isinstance(x, PartitionSpec)
+
+    @cached_property
+    def _stacked_specs(self):
+        """Unreduced per-replica gradients: a leading axis over the replica axes, then the param's spec."""
+        r = self.replica_axes
+        return jax.tree.map(lambda s: PartitionSpec(r, *s), self.param_specs, is_leaf=self._is_spec)
+
+    @cached_property
+    def _lookup_shardings(self):
+        """Lookup tables (first axis `vocab`: the embedding) gathered over fsdp before the lookup, as FSDP
+        does for every weight before use. Without it, the partitioner meets a gather from a
+        [vocab/tensor, embed/fsdp] table with [data, batch/fsdp] indices by all-gathering the looked-up
+        activations over data, once per microbatch (seen on the cpu and v5e targets)."""
+        def one(axes, spec):
+            if not axes or axes[0] != A.VOCAB:
+                return spec
+            kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a != "fsdp") for e in spec]
+            return PartitionSpec(*(k[0] if len(k) == 1 else k or None for k in kept))
+
+        specs = jax.tree.map(one, self.logical_axes, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
+        return named(self.mesh, specs)
+
+    def _replica_grads(self, params, tokens):
+        """(ce [R], grads [R, ...]): each replica's loss and *unreduced* gradient on its rows of `tokens`.
+
+        The replica axes become an explicit leading axis (`vmap` with `spmd_axis_name`): nothing in the
+        math sums over it, so no collective over those axes can run here, once per microbatch; the one
+        reduction is `_reduce`. The activation rules drop those axes (vmap puts them on the new axis)."""
+        r = self.replica_axes
+        n = math.prod(self.mesh_sizes[a] for a in r)
+        inner = Rules(tuple((name, tuple(m for m in axes if m not in r)) for name, axes in self.rules.table))
+        grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+
+        params = jax.lax.with_sharding_constraint(params, self._lookup_shardings)
+
+        def one(rows):
+            with activation_sharding(self.mesh, inner):
+                (_, ce), g = grad_fn(params, rows)
+            return ce, g
+
+        rows = tokens.reshape(n, tokens.shape[0] // n, tokens.shape[1])
+        ce, g = jax.vmap(one, spmd_axis_name=r)(rows)
+        return ce, jax.lax.with_sharding_constraint(g, named(self.mesh, self._stacked_specs))
+
+    def _reduce(self, stacked):
+        """The one reduction over the replica axes, written out (full-manual, so its layout is exact):
+        psum -> param layout (zero=0), or psum_scatter over `data` on each leaf's ZeRO dimension ->
+        the `data`-sharded gradient layout (zero>=1; leaves ZeRO could not shard are psum'd)."""
+        r, level = self.replica_axes, self.zero
+        rest = tuple(a for a in r if a != "data") if level else r
+
+        def one(spec, x):
+            x = x[0]
+            if rest:
+                x = jax.lax.psum(x, rest)
+            if level:
+                d = axis_dim(spec, "data")
+                x = jax.lax.psum(x, "data") if d is None else \
+                    jax.lax.psum_scatter(x, "data", scatter_dimension=d, tiled=True)
+            return x
+
+        out_specs = self._zero[1]
+        f = _compat.shard_map(lambda xs: jax.tree.map(one, out_specs, xs, is_leaf=self._is_spec),
+                              mesh=self.mesh, in_specs=(self._stacked_specs,), out_specs=out_specs)
+        return f(stacked)
+
+    def _grads(self, params, tokens):
+        """(mean loss, mean gradient) over the global batch, reduced over the replica axes once per step
+        (zero=2: once per microbatch, into a sharded accumulator)."""
+        if not self.replica_axes:
+            return self._grads_auto(params, tokens)
+        mb = self.strategy.microbatches
+        n = math.prod(self.mesh_sizes[a] for a in self.replica_axes) * mb  # local means -> global mean
+        if mb == 1:
+            ce, g = self._replica_grads(params, tokens)
+            g = self._reduce(g)
+        else:
+            per_mb = self.zero == 2  # ZeRO-2: the accumulator itself is sharded over data
+
+            def acc(carry, mb_tokens):
+                ce_sum, g_sum = carry
+                ce, g = self._replica_grads(params, mb_tokens)
+                if per_mb:
+                    # The barrier keeps this reduce-scatter in the loop: the TPU compiler otherwise moves
+                    # it out (sum of reduce-scatters = reduce-scatter of the sum), which silently turns
+                    # ZeRO-2 back into ZeRO-1 (a full-size accumulator).
+                    g = jax.lax.optimization_barrier(self._reduce(g))
+                return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
+
+            acc_sh = self.grad_shardings if per_mb else named(self.mesh, self._stacked_specs)
+            lead = () if per_mb else (n // mb,)
+            zeros = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(
+                jnp.zeros(lead + p.shape, p.dtype), sh), params, acc_sh)
+            ce0 = jnp.zeros((n // mb,), jnp.float32)
+            (ce, g), _ = jax.lax.scan(acc, (ce0, zeros), self._split(tokens))
+            g = g if per_mb else self._reduce(g)
+        return ce.sum() / n, jax.tree.map(lambda x: x / n, g)
 
     def _step(self, state, tokens):
         with activation_sharding(self.mesh, self.rules):
             ce, grads = self._grads(state["params"], tokens)
-            grads = jax.lax.with_sharding_constraint(grads, self.param_shardings)
-            updates, opt_state = self.optimizer.update(grads, state["opt_state"], state["params"])
-            params = optax.apply_updates(state["params"], updates)
+            grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
+            params = state["params"]
+            if self.zero:
+                # Each replica updates only its ZeRO slice (a local slice of its param shard); the pinned
+                # out_shardings then all-gather the updated params over data.
+                params = jax.lax.with_sharding_constraint(params, self.grad_shardings)
+            updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
+            params = optax.apply_updates(params, updates)
         return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": ce}
 
     @cached_property

@@ -2,9 +2,15 @@
 
 Spec grammar (INTERFACE.md): comma-separated key=value. Mesh axes `data, fsdp, tensor, sequence,
 expert, pipeline` take positive sizes whose product is the device count (an axis left out has
-size 1). Other keys: `remat=none|full|dots|dots_nobatch`, `microbatches=K`, `order=a.b.c` (mesh
-axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`)
+size 1). Other keys: `remat=none|full|dots|dots_nobatch`, `microbatches=K`, `zero=0|1|2`, `order=a.b.c`
+(mesh axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`)
 and `rules=FILE` (an explicit logical->mesh table that replaces the defaults).
+
+`zero` shards over the `data` axis (the pure replicas): 1 = optimizer state, 2 = optimizer state and the
+gradient accumulator; params stay replicated over `data`. `fsdp` is ZeRO-3 and combines with either.
+With data=1 a zero level is valid but does nothing (nothing to shard over; the program records it as a
+dropped rule). It is not an error, because derived strategies (a compile's reduced data axis) may
+bring data down to 1.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ def batch_shards(sizes: dict[str, int]) -> int:
     return math.prod(sizes.get(a, 1) for a in BATCH_AXES)
 
 
+ZERO_LEVELS = (0, 1, 2)
+
+
 class StrategyError(ValueError):
     """A malformed or impossible strategy; the message says which key and what is allowed."""
 
@@ -35,6 +44,7 @@ class Strategy:
     remat: str = "full"
     microbatches: int = 1
     rules_file: str | None = None
+    zero: int = 0
     # Axes the planner swept but kept at size 1 are dropped from `spec` for readability.
     _order_given: bool = field(default=False, compare=False, repr=False)
 
@@ -49,11 +59,14 @@ class Strategy:
             raise StrategyError(f"remat={self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise StrategyError(f"microbatches={self.microbatches!r} must be a positive integer")
+        if self.zero not in ZERO_LEVELS or isinstance(self.zero, bool):
+            raise StrategyError(f"zero={self.zero!r}; use 0 (off), 1 (optimizer state) or 2 (+ gradients) "
+                                "sharded over data; fsdp=N is ZeRO-3")
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
-             order: tuple[str, ...] | None = None, rules_file: str | None = None) -> Strategy:
+             order: tuple[str, ...] | None = None, rules_file: str | None = None, zero: int = 0) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
         if unknown:
@@ -66,7 +79,7 @@ class Strategy:
             if sorted(order) != sorted(MESH_AXES):
                 raise StrategyError(f"order={'.'.join(order)} must list mesh axes from {MESH_AXES} once")
         mesh = tuple((a, int(sizes.get(a, 1))) for a in order)
-        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file,
+        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file, zero=zero,
                    _order_given=given and order != MESH_AXES)
 
     @classmethod
@@ -89,13 +102,18 @@ class Strategy:
                     kw["microbatches"] = int(v)
                 except ValueError:
                     raise StrategyError(f"microbatches={v!r} must be an integer") from None
+            elif k == "zero":
+                try:
+                    kw["zero"] = int(v)
+                except ValueError:
+                    raise StrategyError(f"zero={v!r} must be 0, 1 or 2") from None
             elif k == "order":
                 kw["order"] = tuple(v.split("."))
             elif k == "rules":
                 kw["rules_file"] = v
             else:
                 raise StrategyError(
-                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, microbatches, order, rules")
+                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, microbatches, zero, order, rules")
         return cls.make(sizes, **kw)
 
     # -- views -------------------------------------------------------------------------------
@@ -136,6 +154,8 @@ class Strategy:
         parts.append(f"remat={self.remat}")
         if self.microbatches > 1:
             parts.append(f"microbatches={self.microbatches}")
+        if self.zero:
+            parts.append(f"zero={self.zero}")
         if self._order_given:
             parts.append("order=" + ".".join(self.order))
         if self.rules_file:
@@ -148,16 +168,18 @@ class Strategy:
     def replace(self, **kw) -> Strategy:
         sizes = kw.pop("sizes", self.sizes)
         order = kw.pop("order", self.order if self._order_given else None)
-        base = dict(remat=self.remat, microbatches=self.microbatches, rules_file=self.rules_file)
+        base = {"remat": self.remat, "microbatches": self.microbatches, "rules_file": self.rules_file,
+                "zero": self.zero}
         base.update(kw)
         return Strategy.make(sizes, order=order, **base)
 
     def to_json(self) -> dict[str, Any]:
         return {"mesh": {a: n for a, n in self.mesh if n > 1}, "remat": self.remat,
-                "microbatches": self.microbatches, "spec": self.spec}
+                "microbatches": self.microbatches, "zero": self.zero, "spec": self.spec}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Strategy:
         if "spec" in d:
             return cls.parse(d["spec"])
-        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1))
+        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1),
+                        zero=d.get("zero", 0))
