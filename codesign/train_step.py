@@ -68,12 +68,15 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0
 
-    def build(self) -> optax.GradientTransformation:
+    def build(self, state_dtype: str | None = None) -> optax.GradientTransformation:
+        """AdamW with clipping; `state_dtype` is the moments' dtype (`Workload.optimizer_state_dtype`)."""
         sched = optax.warmup_cosine_decay_schedule(
             0.0, self.learning_rate, max(1, self.warmup_steps), max(self.total_steps, self.warmup_steps + 1),
             end_value=self.learning_rate * self.min_lr_ratio)
+        mu_dtype = _dtype(state_dtype) if state_dtype else None
         return optax.chain(optax.clip_by_global_norm(self.clip_norm),
-                           optax.adamw(sched, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay))
+                           optax.adamw(sched, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay,
+                                       mu_dtype=mu_dtype))
 
 
 def _dtype(name: str):
@@ -141,7 +144,7 @@ class TrainProgram:
 
     @cached_property
     def optimizer(self) -> optax.GradientTransformation:
-        return self.opt_cfg.build()
+        return self.opt_cfg.build(self.workload.optimizer_state_dtype)
 
     # -- data replicas and ZeRO --------------------------------------------------------------
     @cached_property

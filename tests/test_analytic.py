@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import jax
@@ -149,3 +150,16 @@ def test_memory_bound_traffic_against_the_tpu_compiler(remat, lo, hi):
     assert closed.matmul_flops == pytest.approx(rep.matmul_flops, rel=0.01)
     ratio = (closed.bytes_accessed - closed.matmul_bytes) / (rep.bytes_accessed - rep.matmul_bytes)
     assert lo <= ratio <= hi, ratio
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_memory_model_optimizer_bytes_are_what_optax_allocates(param_dtype):
+    """One fact, read by the memory model and the train step: AdamW's moments in the params' dtype."""
+    require_devices(8)
+    cfg, s = get_preset("tiny-dense"), Strategy.parse("fsdp=4,tensor=2")
+    wl = Workload(global_batch=8, seq_len=32, param_dtype=param_dtype)
+    prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()[:8]))
+    opt, shardings = prog.abstract_state["opt_state"], prog.opt_state_shardings
+    per_device = sum(leaf.size * leaf.dtype.itemsize / (leaf.size / math.prod(sh.shard_shape(leaf.shape)))
+                     for leaf, sh in zip(jax.tree.leaves(opt), jax.tree.leaves(shardings)) if leaf.ndim)
+    assert analytic_memory(cfg, wl, s).optimizer == pytest.approx(per_device, rel=0.01)
