@@ -33,6 +33,11 @@ LAYOUTS = [
     ("tiny-moe", "data=2,expert=4"),  # dispatch/combine all-to-alls, expert grads not reduced over expert
     ("tiny-moe", "expert=4,tensor=2,remat=none"),  # tensor-parallel experts, no recompute
     ("tiny-mla", "fsdp=2,tensor=4"),  # MLA: latent-width partial sums, replicated low-rank projections
+    # The train step's own data reduction: once per step (not per microbatch), f32, and under ZeRO a
+    # reduce-scatter over data plus the updated params' all-gather (zero=2: a scatter per microbatch).
+    ("tiny-dense", "data=2,tensor=4,microbatches=4"),
+    ("tiny-dense", "data=4,fsdp=2,zero=1"),
+    ("tiny-dense", "data=4,tensor=2,microbatches=2,zero=2"),
 ]
 
 

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
-from codesign.closed_form.params import sharded_params, spmd_sizes
+from codesign.closed_form.params import sharded_params, spmd_sizes, zero_level
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
@@ -94,7 +94,10 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     local = sum(sp.local_elems * sp.count for sp in params)
     m, p = strategy.microbatches, strategy.size("pipeline")
     pbytes = workload.param_bytes
-    grads = local * pbytes * (2 if m > 1 else 1)
+    # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
+    zero = zero_level(cfg, strategy)
+    zero_shards = sizes["data"] if zero else 1
+    grads = local * pbytes * (2 if m > 1 else 1) / (zero_shards if zero == 2 else 1)
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
         per_layer = {}
@@ -125,5 +128,6 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     if strategy.remat != "none":
         acts += live
     logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
-    return MemoryEstimate(params=local * pbytes, grads=grads, optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype), gathered=gathered,
+    return MemoryEstimate(params=local * pbytes, grads=grads, optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
+                          gathered=gathered,
                           activations=acts, logits=logits)

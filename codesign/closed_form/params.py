@@ -81,3 +81,13 @@ def moe_slots(cfg: ModelConfig, sh: Shape) -> float:
     return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.cap
 
 
+def replica_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:
+    """Batch axes (size > 1) that shard no param: the pure data replicas over which the train step
+    accumulates gradients unreduced and reduces them once per step (`TrainProgram.replica_axes`)."""
+    used = {a for sp in sharded_params(cfg, strategy) for a in sp.axes}
+    return tuple(a for a in strategy.batch_axes if strategy.size(a) > 1 and a not in used)
+
+
+def zero_level(cfg: ModelConfig, strategy: Strategy) -> int:
+    """The ZeRO level in effect: the strategy's, where `data` is a replica axis (else nothing to shard)."""
+    return strategy.zero if "data" in replica_axes(cfg, strategy) else 0

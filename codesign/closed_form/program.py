@@ -52,7 +52,15 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form.memory import F32, analytic_memory
-from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes
+from codesign.closed_form.params import (
+    Shape,
+    moe_slots,
+    replica_axes,
+    shape_of,
+    sharded_params,
+    spmd_sizes,
+    zero_level,
+)
 from codesign.config import ModelConfig, Workload
 from codesign.report import Collective, CompileReport
 from codesign.sharding.strategy import Strategy
@@ -232,10 +240,16 @@ class _Coll:
                      for (k, b, g, ax, dt), c in sorted(self.rows.items(), key=lambda kv: kv[0][:2]))
 
 
-def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None:
+def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:
     z, m = sh.sizes, sh.m
     wdt, gdt = lw.dtype(lw.weight_bytes), lw.dtype(lw.grad_bytes)
+    # The train step reduces over the pure data replicas itself, once per step, in the params' dtype
+    # (a full-manual psum, or under ZeRO a psum_scatter over data and an all-gather of the updated
+    # params); every other axis is left to the partitioner, which reduces per microbatch.
+    replica, zero = set(replica_axes(cfg, strategy)), zero_level(cfg, strategy)
+    pb, pdt = workload.param_bytes, ("f32" if workload.param_bytes == 4 else "bf16")
     combined: dict[tuple, float] = {}
+    scattered = gathered_back = 0.0
     for sp in sharded_params(cfg, strategy):
         name, full = sp.group.name, sp.local_elems
         per_step = sp.count
@@ -246,7 +260,7 @@ def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None
                 c.add("all-gather", gathered, ("fsdp",), 2 * per_step * m, wdt)  # forward + backward
             elif name != "embed":
                 c.add("all-gather", gathered, ("fsdp",), 1, wdt)  # hoisted out of the microbatch loop
-        # Gradient reductions: over every batch-like axis that does not shard this param; expert
+        # Gradient reductions: over every token axis that does not shard this param; expert
         # weights receive their tokens by all-to-all, so the expert axis is not a replica for them.
         replicas = [a for a in strategy.token_axes if z[a] > 1 and a not in sp.axes]
         if name.startswith("moe.w_"):
@@ -254,11 +268,24 @@ def _weights_and_grads(cfg, strategy, sh: Shape, lw: Lowering, c: _Coll) -> None
         if fsdp and name != "embed":
             c.add(lw.scatter_kind, full * z["fsdp"] * lw.grad_bytes, ("fsdp",), per_step * m, gdt)
         axes = tuple(a for a in replicas if not (fsdp and a == "fsdp"))
-        combined[(axes, per_step * m)] = combined.get((axes, per_step * m), 0.0) + full * lw.grad_bytes
+        inner = tuple(a for a in axes if a not in replica)
+        outer = tuple(a for a in axes if a in replica)
+        if inner:
+            combined[(inner, per_step * m, gdt)] = combined.get((inner, per_step * m, gdt), 0.0) + full * lw.grad_bytes
+        rest = tuple(a for a in outer if a != "data") if zero else outer
+        if rest:  # stacked layers reduce as one array: one collective per step for all of them
+            combined[(rest, 1, pdt)] = combined.get((rest, 1, pdt), 0.0) + full * per_step * pb
+        if zero and "data" in outer:
+            scattered += full * per_step * pb
+            gathered_back += full * per_step * pb
     # XLA's all-reduce combiner merges the gradient reductions that run together (one layer's, or
     # the globals') into one collective: one latency per group, not one per param.
-    for (axes, count), nbytes in combined.items():
-        c.add("all-reduce", nbytes, axes, count, gdt)
+    for (axes, count, dt), nbytes in combined.items():
+        c.add("all-reduce", nbytes, axes, count, dt)
+    if scattered:  # written as psum_scatter, so a reduce-scatter on every backend (zero=2: per microbatch)
+        c.add("reduce-scatter", scattered, ("data",),
+              m if zero == 2 else 1, pdt)
+        c.add("all-gather", gathered_back, ("data",), 1, pdt)  # the updated params, once per step
 
 
 def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:
@@ -346,7 +373,7 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
         nbytes = matmul_bytes + memory_bound
 
     coll = _Coll(strategy)
-    _weights_and_grads(cfg, strategy, sh, lw, coll)
+    _weights_and_grads(cfg, strategy, workload, sh, lw, coll)
     _activations(cfg, strategy, workload, sh, lw, coll)
     mem = analytic_memory(cfg, workload, strategy)
     notes = ["analytic: closed-form estimate of one pipeline stage" if p > 1 else "analytic: closed-form estimate",
