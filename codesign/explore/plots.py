@@ -109,7 +109,9 @@ def memory_breakdown(parts: Mapping[str, Mapping[str, float]], capacity_bytes: f
                 continue
             new = name not in seen
             color = seen.setdefault(name, colors[len(seen) % len(colors)])
-            ax.bar(i, value / GB, bottom=bottom, color=color, edgecolor="white", label=name if new else None)
+            ax.bar(
+                i, value / GB, 0.6, bottom=bottom, color=color, edgecolor="white", label=name if new else None
+            )
             if value / GB > 0.04 * capacity_bytes / GB:
                 ax.text(
                     i,
@@ -123,6 +125,7 @@ def memory_breakdown(parts: Mapping[str, Mapping[str, float]], capacity_bytes: f
         ax.text(i, bottom, f"{bottom:.1f} GB", ha="center", va="bottom", fontsize=8)
     ax.axhline(capacity_bytes / GB, ls="--", c="k", lw=0.8, label=f"capacity {capacity_bytes / GB:.1f} GB")
     ax.set_xticks(range(len(parts)), list(parts))
+    ax.set_xlim(-0.8, len(parts) - 0.2)
     ax.set_ylabel("GB per device")
     ax.set_title(title or "memory per device")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -295,7 +298,7 @@ def sweep(result, metric: str = "mfu"):
         ax.set_xlabel(k2)
         for p in points:
             m = val(p)
-            text = (p.get("best_spec") or "no fit").replace(",", "\n", 3)
+            text = (p.get("best_spec") or "no fit").replace(",", "\n")
             if not math.isnan(m):
                 text = f"{m:.1%}\n{text}" if metric == "mfu" else f"{m:.3g}\n{text}"
             ax.text(
@@ -305,7 +308,7 @@ def sweep(result, metric: str = "mfu"):
                 ha="center",
                 va="center",
                 fontsize=6,
-                color="w",
+                bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0},
             )
     ax.set_title(f"sweep: {metric} of the best plan at each point")
     fig.tight_layout()
