@@ -317,27 +317,26 @@ def sweep(result, metric: str = "mfu"):
 
 # -- training and validation -------------------------------------------------------------------------
 def loss_curves(runs: Mapping[str, Mapping[str, Any]], title: str = "training loss"):
-    """{label: `run_training(...)` result}: loss per step of every run on one axis; a run that resumed
-    from a checkpoint gets a dotted line at the step it restored."""
+    """{label: `run_training(...)` result}: loss per step of every run on one axis. With several runs the
+    first is drawn as a wide translucent band, a reference the others can be read against; a run that
+    resumed from a checkpoint gets a dotted line at the step it restored."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, (label, run) in enumerate(runs.items()):
         steps = run["steps"]
-        ax.plot(
-            [r["step"] for r in steps],
-            [r["loss"] for r in steps],
-            marker="o",
-            ms=3,
-            ls="-" if i == 0 else "--",
-            label=f"{label} ({run.get('strategy', '')})",
-        )
+        xs, ys = [r["step"] for r in steps], [r["loss"] for r in steps]
+        name = f"{label} ({run['strategy']})" if run.get("strategy") else label
+        if i == 0 and len(runs) > 1:
+            ax.plot(xs, ys, lw=6, alpha=0.3, c="gray", solid_capstyle="round", label=name)
+        else:
+            ax.plot(xs, ys, marker="o", ms=3, ls="-" if i <= 1 else "--", label=name)
         if run.get("resumed_from") is not None:
             ax.axvline(run["resumed_from"], ls=":", c="gray", lw=1)
             ax.annotate(
                 f"restored step {run['resumed_from']}",
-                (run["resumed_from"], ax.get_ylim()[1]),
+                (run["resumed_from"], max(ys)),
                 fontsize=7,
-                ha="left",
+                ha="right",
                 va="top",
                 rotation=90,
             )
