@@ -77,11 +77,15 @@ def _tail(text: str, n: int = STDERR_TAIL_LINES) -> str:
 def child_env(req: CompileRequest, target: str) -> dict[str, str]:
     """The child's environment, fixed before its JAX starts."""
     from codesign.compile.targets import plan_compile
-    from codesign.runtime import emulate_cpu_devices
+    from codesign.runtime import accelerator_present, emulate_cpu_devices
 
     env = dict(os.environ)
     if target != "attached":  # deviceless and emulated compiles never touch an accelerator
         env["JAX_PLATFORMS"] = "cpu"
+    elif env.get("JAX_PLATFORMS") == "cpu" and accelerator_present():
+        # The planning process pinned itself to the host CPU (runtime.configure); the attached target
+        # must see the real devices, so its worker does not inherit that pin.
+        env.pop("JAX_PLATFORMS")
     env.setdefault("TPU_SKIP_MDS_QUERY", "1")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.setdefault("GRPC_VERBOSITY", "ERROR")
