@@ -13,7 +13,9 @@ on a pass. Over the pure replica axes (`replica_axes`: batch axes that shard no 
 `data`), each microbatch's backward runs under `vmap(spmd_axis_name=...)` over an explicit replica
 axis: it yields each replica's *unreduced* gradient, `[R, ...]` sharded over those axes, and nothing
 in the loop sums over them. The accumulator keeps that form; after the loop one full-manual
-`shard_map` does the only reduction: `psum` (zero=0) or `psum_scatter` over `data` (zero>=1).
+`shard_map` does the only reduction: `psum` (zero=0) or `psum_scatter` over `data` (zero>=1), in
+the accumulator's dtype (the f32 master params'). Without accumulation and ZeRO there is one
+reduction anyway, and the step leaves it to the partitioner as before.
 fsdp, tensor, expert and sequence stay with the auto partitioner: FSDP (ZeRO-3) still gathers params
 and reduces their gradients over fsdp per microbatch, as it must to keep gradients sharded, and so
 do expert and sequence for the params they do not shard.
@@ -243,7 +245,7 @@ class TrainProgram:
         return jnp.moveaxis(tokens.reshape(b // mb, mb, -1), 1, 0)
 
     def _grads_auto(self, params, tokens):
-        """No replica axis: the auto partitioner reduces what the layout needs (fsdp/expert/sequence)."""
+        """The partitioner places every reduction (inside the loop when microbatches > 1)."""
         mb = self.strategy.microbatches
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if mb == 1:
@@ -330,7 +332,10 @@ class TrainProgram:
     def _grads(self, params, tokens):
         """(mean loss, mean gradient) over the global batch, reduced over the replica axes once per step
         (zero=2: once per microbatch, into a sharded accumulator)."""
-        if not self.replica_axes:
+        if not self.replica_axes or (self.strategy.microbatches == 1 and not self.zero):
+            # Nothing to restructure: without accumulation the step reduces once anyway, and XLA picks how
+            # (one all-reduce over data and expert together for an MoE's dense params; bf16 partial sums
+            # on TPU). The explicit path would reduce over expert first, then over data.
             return self._grads_auto(params, tokens)
         mb = self.strategy.microbatches
         n = math.prod(self.mesh_sizes[a] for a in self.replica_axes) * mb  # local means -> global mean

@@ -109,17 +109,17 @@ LAYOUTS = ["data=8", "data=2,fsdp=2,tensor=2"]
 def test_gradients_reduce_over_data_once_per_step(layout):
     require_devices(8)
     one, four = collectives(layout), collectives(f"{layout},microbatches=4")
-    # Before: one all-reduce per microbatch inside the loop (data=8: 0.53 MB -> 2.1 MB). Now only the
-    # single psum after the loop: same kinds, same bytes, no more launches with 4 microbatches.
-    assert {c.kind for c in one} == {c.kind for c in four} == {"all-reduce"}
-    assert total(four)[1] == total(one)[1]
-    assert total(four)[0] <= total(one)[0]
-    # ... and that psum is the whole f32 gradient each device holds (plus the loss scalars).
-    prog, _ = program(layout)
-    assert total(one)[1] == pytest.approx(local_bytes(prog.abstract_params), rel=0.01)
-    # The microbatch loop is really there (4 trips), and FSDP still works per microbatch inside it.
     prog4, compiled4 = program(f"{layout},microbatches=4")
+    # The microbatch loop is really there: 4 trips.
     assert 4 in {trips for _, trips, _ in analyze_hlo(compiled4.as_text(), prog4.strategy.mesh).while_loops}
+    # Before: one all-reduce over data per microbatch inside the loop (data=8: 0.53 MB -> 2.1 MB with 4
+    # microbatches). Now the only collective over data is one psum after the loop, of exactly the f32
+    # gradient each device holds (plus the loss scalars)...
+    assert {c.kind for c in four} == {"all-reduce"}
+    assert total(four)[1] == pytest.approx(local_bytes(prog4.abstract_params), rel=0.01)
+    # ... no more than the step without accumulation moves over data (which XLA reduces itself).
+    assert total(four)[1] <= total(one)[1] * 1.01 and total(four)[0] <= total(one)[0]
+    # FSDP (ZeRO-3) still gathers its params per microbatch inside the loop.
     if "fsdp" in layout:
         assert total(collectives(f"{layout},microbatches=4", "fsdp"), "all-gather")[0] > \
             total(collectives(layout, "fsdp"), "all-gather")[0]
