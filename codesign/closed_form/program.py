@@ -246,7 +246,10 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
     # The train step reduces over the pure data replicas itself, once per step, in the params' dtype
     # (a full-manual psum, or under ZeRO a psum_scatter over data and an all-gather of the updated
     # params); every other axis is left to the partitioner, which reduces per microbatch.
+    # With one microbatch and no ZeRO the step keeps XLA's own reduction (there is nothing to hoist).
     replica, zero = set(replica_axes(cfg, strategy)), zero_level(cfg, strategy)
+    if m == 1 and not zero:
+        replica = set()
     pb, pdt = workload.param_bytes, ("f32" if workload.param_bytes == 4 else "bf16")
     combined: dict[tuple, float] = {}
     scattered = gathered_back = 0.0
