@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as name
 
+from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
 from codesign.sharding.activation import constrain
@@ -60,10 +62,21 @@ def causal_attention(q, k, v, impl: str | None):
     return out.reshape(b, t, n, v.shape[-1])
 
 
+def attention_core(q, k, v, impl: str | None, remat: str):
+    """`causal_attention`, checkpointed by itself under Megatron's selective recompute: the backward
+    pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
+    if remat in C.ATTENTION_CORE_REMAT:
+        core = jax.checkpoint(causal_attention, static_argnums=(3,), policy=jax.checkpoint_policies.nothing_saveable,
+                              prevent_cse=False)
+        return core(q, k, v, impl)
+    return causal_attention(q, k, v, impl)
+
+
 class Attention(nnx.Module):
     """MHA / GQA / MQA: kv_heads divides heads."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None,
+                 remat: str = "none"):
         d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.wq = param(rngs, (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
         self.wk = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
@@ -75,6 +88,7 @@ class Attention(nnx.Module):
             self.bk = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
             self.bv = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
         self.qkv_bias, self.theta, self.dtype, self.impl = cfg.qkv_bias, cfg.rope_theta, dtype, impl
+        self.remat = remat
 
     def __call__(self, x, positions):
         c = lambda p: p[...].astype(self.dtype)
@@ -83,18 +97,20 @@ class Attention(nnx.Module):
         v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
         if self.qkv_bias:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
+        q, k, v = name(q, C.QUERY_PROJ), name(k, C.KEY_PROJ), name(v, C.VALUE_PROJ)
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(rope(q, positions, self.theta), heads)
         k = constrain(rope(k, positions, self.theta), heads)
         v = constrain(v, heads)
-        o = constrain(causal_attention(q, k, v, self.impl), heads)
-        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+        o = name(constrain(attention_core(q, k, v, self.impl, self.remat), heads), C.CONTEXT)
+        return name(jnp.einsum("btnh,nhd->btd", o, c(self.wo)), C.OUT_PROJ)
 
 
 class MLAttention(nnx.Module):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank KV latent plus a shared RoPE key."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None,
+                 remat: str = "none"):
         d, n = cfg.hidden, cfg.heads
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora = cfg.kv_lora_rank
@@ -112,26 +128,30 @@ class MLAttention(nnx.Module):
         self.wkv_b = param(rngs, (self.kv_lora, n, self.nope + self.v_dim), (A.KV_LORA, A.HEADS, A.HEAD_DIM),
                            param_dtype)
         self.wo = param(rngs, (n, self.v_dim, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
-        self.theta, self.dtype, self.impl = cfg.rope_theta, dtype, impl
+        self.theta, self.dtype, self.impl, self.remat = cfg.rope_theta, dtype, impl, remat
 
     def __call__(self, x, positions):
         c = lambda p: p[...].astype(self.dtype)
+        # Every projection of a branch carries the branch's name, so a policy that saves q/k/v
+        # recomputes none of MLA's low-rank matmuls either.
         if self.q_lora:
-            q = jnp.einsum("btr,rnh->btnh", self.q_norm(jnp.einsum("btd,dr->btr", x, c(self.wq_a))), c(self.wq_b))
+            q_a = name(jnp.einsum("btd,dr->btr", x, c(self.wq_a)), C.QUERY_PROJ)
+            q = jnp.einsum("btr,rnh->btnh", self.q_norm(q_a), c(self.wq_b))
         else:
             q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
+        q = name(q, C.QUERY_PROJ)
         q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
-        kv = jnp.einsum("btd,dr->btr", x, c(self.wkv_a))
+        kv = name(jnp.einsum("btd,dr->btr", x, c(self.wkv_a)), C.KEY_PROJ)
         latent, k_rope = kv[..., : self.kv_lora], kv[..., self.kv_lora:]
         k_rope = rope(k_rope[:, :, None, :], positions, self.theta)  # one RoPE key shared by all heads
-        kv_up = jnp.einsum("btr,rnh->btnh", self.kv_norm(latent), c(self.wkv_b))
+        kv_up = name(jnp.einsum("btr,rnh->btnh", self.kv_norm(latent), c(self.wkv_b)), C.KEY_PROJ)
         k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope:]
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)
         k = constrain(jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (self.rope_dim,))],
                                       axis=-1), heads)
-        o = constrain(causal_attention(q, k, constrain(v, heads), self.impl), heads)
-        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+        o = constrain(attention_core(q, k, constrain(v, heads), self.impl, self.remat), heads)
+        return name(jnp.einsum("btnh,nhd->btd", name(o, C.CONTEXT), c(self.wo)), C.OUT_PROJ)
 
 
 class MLP(nnx.Module):
@@ -149,11 +169,11 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         c = lambda p: p[...].astype(self.dtype)
-        up = jnp.einsum("btd,df->btf", x, c(self.w_up))
+        up = name(jnp.einsum("btd,df->btf", x, c(self.w_up)), C.MLP_WI_1 if self.gated else C.MLP_WI)
         if self.gated:
             act = jax.nn.gelu if self.gate_gelu else jax.nn.silu
-            h = act(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up
+            h = act(name(jnp.einsum("btd,df->btf", x, c(self.w_gate)), C.MLP_WI_0)) * up
         else:
             h = jax.nn.gelu(up)
         h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))
-        return jnp.einsum("btf,fd->btd", h, c(self.w_down))
+        return name(jnp.einsum("btf,fd->btd", h, c(self.w_down)), C.MLP_WO)

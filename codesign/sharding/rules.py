@@ -59,6 +59,8 @@ class Rules:
         for name, mesh_axes in self.table:
             if name == logical:
                 return mesh_axes
+        if logical == "act_norm_seq":  # a table written before this name: the residual follows act_seq
+            return self.lookup("act_seq")
         return ()
 
     def resolve(self, logical_axes: Sequence[str | None], shape: Sequence[int], mesh_sizes: Mapping[str, int],
@@ -136,14 +138,19 @@ DEFAULT_MAY_REPLICATE = frozenset({"kv_heads", "vocab"})
 
 def default_rules(strategy: Strategy | None = None) -> Rules:
     """Intent -> table. FSDP shards each weight's `embed` dim; tensor parallelism shards the
-    Megatron dims (heads, mlp, vocab); the batch splits over every data-like axis; sequence
-    parallelism shards activations' positions; expert parallelism shards the expert dim.
+    Megatron dims (heads, mlp, vocab); the batch splits over every data-like axis; context
+    parallelism (`sequence`) shards activations' positions; expert parallelism shards the expert dim.
+    With `sp=1` the residual stream's positions (`act_norm_seq`) are sharded over `tensor` as well:
+    XLA then turns each block's tensor all-reduce into a reduce-scatter into the sharded residual and
+    an all-gather before the next block's matmuls (Megatron's sequence parallelism).
     """
     if strategy is not None and strategy.rules_file:
         return Rules.from_file(strategy.rules_file)
+    sp = strategy is not None and strategy.sp
     return Rules.from_pairs([
         ("act_batch", ("data", "fsdp", "expert")),
         ("act_seq", "sequence"),
+        ("act_norm_seq", ("sequence", "tensor") if sp else "sequence"),
         ("act_embed", None),
         ("act_mlp", "tensor"),
         ("act_heads", "tensor"),

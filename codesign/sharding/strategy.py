@@ -2,9 +2,17 @@
 
 Spec grammar (INTERFACE.md): comma-separated key=value. Mesh axes `data, fsdp, tensor, sequence,
 expert, pipeline` take positive sizes whose product is the device count (an axis left out has
-size 1). Other keys: `remat=none|full|dots|dots_nobatch`, `microbatches=K`, `order=a.b.c` (mesh
-axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`)
-and `rules=FILE` (an explicit logical->mesh table that replaces the defaults).
+size 1). Other keys: `remat=` one of `REMAT_POLICIES`, `microbatches=K`, `order=a.b.c` (mesh
+axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`),
+`sp=0|1` (sequence parallelism inside the tensor group) and `rules=FILE` (an explicit logical->mesh
+table that replaces the defaults).
+
+`sp=1` (Megatron's sequence parallelism, MaxText's norm-length -> tensor rule) shards the residual
+stream and its norms over `tensor` along the sequence between the tensor-parallel blocks, so each
+block's all-reduce becomes a reduce-scatter + all-gather. It is distinct from the `sequence` axis
+(context parallelism). With tensor=1 there is no tensor group to shard over: `sp=1` is accepted and
+dropped (as Megatron-LM does), so `data=8,sp=1` is the same strategy as `data=8`. With `rules=FILE`
+the file alone decides the activation layout (map `act_norm_seq` there), so `sp=1` is refused.
 """
 
 from __future__ import annotations
@@ -15,7 +23,12 @@ from typing import Any
 
 from codesign.axes import MESH_AXES
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_nobatch")
+# Remat policies (what each saves: `_compat.remat_policy`). none/full/dots/dots_nobatch are codesign's
+# own; minimal, save_qkv_proj, save_dot_except_mlp, save_dot_except_mlpwi are MaxText's names (and
+# sets of saved projections); offload is MaxText's minimal_offloaded (the same set, kept in host
+# memory); selective is Megatron-LM's selective recompute (only the attention core is recomputed).
+REMAT_POLICIES = ("none", "full", "dots", "dots_nobatch", "minimal", "save_qkv_proj", "save_dot_except_mlp",
+                  "save_dot_except_mlpwi", "offload", "selective")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
@@ -35,6 +48,7 @@ class Strategy:
     remat: str = "full"
     microbatches: int = 1
     rules_file: str | None = None
+    sp: bool = False  # sequence parallelism in the tensor group (normalized to False when tensor=1)
     # Axes the planner swept but kept at size 1 are dropped from `spec` for readability.
     _order_given: bool = field(default=False, compare=False, repr=False)
 
@@ -49,11 +63,16 @@ class Strategy:
             raise StrategyError(f"remat={self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise StrategyError(f"microbatches={self.microbatches!r} must be a positive integer")
+        if self.sp and self.rules_file:
+            raise StrategyError("sp=1 with rules=FILE: the rules file decides the activation layout; map "
+                                "act_norm_seq to [sequence, tensor] in the file instead")
+        if self.sp and dict(self.mesh)["tensor"] == 1:
+            object.__setattr__(self, "sp", False)  # no tensor group: sequence parallelism is a no-op
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
-             order: tuple[str, ...] | None = None, rules_file: str | None = None) -> Strategy:
+             order: tuple[str, ...] | None = None, rules_file: str | None = None, sp: bool = False) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
         if unknown:
@@ -66,7 +85,7 @@ class Strategy:
             if sorted(order) != sorted(MESH_AXES):
                 raise StrategyError(f"order={'.'.join(order)} must list mesh axes from {MESH_AXES} once")
         mesh = tuple((a, int(sizes.get(a, 1))) for a in order)
-        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file,
+        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file, sp=bool(sp),
                    _order_given=given and order != MESH_AXES)
 
     @classmethod
@@ -93,9 +112,13 @@ class Strategy:
                 kw["order"] = tuple(v.split("."))
             elif k == "rules":
                 kw["rules_file"] = v
+            elif k == "sp":
+                if v not in ("0", "1"):
+                    raise StrategyError(f"sp={v!r}: use sp=1 (sequence parallelism in the tensor group) or sp=0")
+                kw["sp"] = v == "1"
             else:
-                raise StrategyError(
-                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, microbatches, order, rules")
+                raise StrategyError(f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, "
+                                    "microbatches, order, rules, sp")
         return cls.make(sizes, **kw)
 
     # -- views -------------------------------------------------------------------------------
@@ -136,6 +159,8 @@ class Strategy:
         parts.append(f"remat={self.remat}")
         if self.microbatches > 1:
             parts.append(f"microbatches={self.microbatches}")
+        if self.sp:
+            parts.append("sp=1")
         if self._order_given:
             parts.append("order=" + ".".join(self.order))
         if self.rules_file:
@@ -148,16 +173,17 @@ class Strategy:
     def replace(self, **kw) -> Strategy:
         sizes = kw.pop("sizes", self.sizes)
         order = kw.pop("order", self.order if self._order_given else None)
-        base = dict(remat=self.remat, microbatches=self.microbatches, rules_file=self.rules_file)
+        base = {"remat": self.remat, "microbatches": self.microbatches, "rules_file": self.rules_file, "sp": self.sp}
         base.update(kw)
         return Strategy.make(sizes, order=order, **base)
 
     def to_json(self) -> dict[str, Any]:
         return {"mesh": {a: n for a, n in self.mesh if n > 1}, "remat": self.remat,
-                "microbatches": self.microbatches, "spec": self.spec}
+                "microbatches": self.microbatches, "sp": self.sp, "spec": self.spec}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Strategy:
         if "spec" in d:
             return cls.parse(d["spec"])
-        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1))
+        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1),
+                        sp=bool(d.get("sp", False)))
