@@ -60,9 +60,12 @@ SAVED_NAMES = {
     "save_dot_except_mlpwi": _QKV + (OUT_PROJ, MLP_WO),
     "offload": _MINIMAL,
 }
-# Policies under which the model checkpoints the attention core (QK^T, softmax, PV) by itself and
-# keeps everything else: Megatron-LM's selective recompute.
-ATTENTION_CORE_REMAT = frozenset({"selective"})
+# The input projections' names (what a block computes from its normed input).
+PROJ_NAMES = _QKV + (MLP_WI_0, MLP_WI_1, MLP_WI)
+# Policies under which the model checkpoints the attention core (QK^T, softmax, PV) by itself and keeps
+# everything else but the gathered block inputs (backward all-gathers the sequence-sharded norm output
+# again): Megatron-LM's selective recompute, with its sequence parallelism.
+SELECTIVE_REMAT = frozenset({"selective"})
 
 
 def remat_policy(name: str):
@@ -82,11 +85,6 @@ def remat_policy(name: str):
         "dots": cp.checkpoint_dots,
         "dots_nobatch": cp.dots_with_no_batch_dims_saveable,
     }[name]
-
-
-def host_offload_supported(platform: str) -> bool:
-    """Whether XLA on this platform can park remat residuals in pinned host memory (`remat=offload`)."""
-    return platform in ("tpu", "gpu", "cuda", "rocm")
 
 
 def cpu_gloo_available() -> bool:

@@ -107,6 +107,41 @@ def test_memory_model_orderings():
     assert analytic_memory(cfg, wl, Strategy.parse("data=8")).params == pytest.approx(dense)
 
 
+def test_memory_model_names_each_term_and_follows_policy_and_sp():
+    cfg = get_preset("llama3-8b")
+    wl = Workload(global_batch=64, seq_len=4096)
+    m = {r: analytic_memory(cfg, wl, Strategy.parse(f"fsdp=8,tensor=4,remat={r}"))
+         for r in ("none", "selective", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full", "offload")}
+    order = [m[r].saved_activations for r in ("none", "selective", "minimal", "save_dot_except_mlp",
+                                               "save_qkv_proj", "full")]
+    assert order == sorted(order, reverse=True) and len(set(order)) == len(order)
+    # Offload keeps the layer inputs on device and the minimal set in host memory (not in the total).
+    assert m["offload"].saved_activations == m["full"].saved_activations
+    assert m["offload"].host_offloaded == pytest.approx(m["minimal"].saved_activations - m["full"].saved_activations)
+    # Selective drops exactly the scores and probabilities XLA's attention would keep.
+    b, s, n = 64 / 8, 4096, cfg.heads / 4
+    assert m["none"].saved_activations - m["selective"].saved_activations == pytest.approx(cfg.layers * b * s * n * s * 6)
+    full, sp = m["full"], analytic_memory(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full,sp=1"))
+    # Full remat keeps each layer's input: sequence-sharded over tensor under sp.
+    assert sp.saved_activations == pytest.approx(full.saved_activations / 4)
+    assert sp.params == full.params and sp.logits == full.logits
+    j = sp.to_json()
+    assert j["total"] == pytest.approx(sp.total) and {"saved_activations", "layer_transient", "host_offloaded"} <= set(j)
+    assert sp.as_stats().peak == int(sp.total)
+
+
+def test_sp_turns_tensor_all_reduces_into_reduce_scatters_in_the_closed_form():
+    cfg, wl = get_preset("llama3-8b"), Workload(global_batch=64, seq_len=4096)
+    off = analytic_report(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full"), platform="tpu")
+    on = analytic_report(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full,sp=1"), platform="tpu")
+    t = lambda rep, kind: sum(c.bytes * c.count for c in rep.collectives if c.kind == kind and "tensor" in c.mesh_axes)
+    # The same reductions, as reduce-scatters; each block's input and output gradient gathered.
+    assert t(on, "reduce-scatter") == pytest.approx(t(off, "all-reduce") - t(on, "all-reduce"))
+    u = 64 / 8 * 4096 * cfg.hidden * 2
+    assert t(on, "all-gather") == pytest.approx((6 * cfg.layers + 2) * u)
+    assert on.matmul_flops == off.matmul_flops and on.flops < off.flops  # norms on 1/tensor of the positions
+
+
 def test_pipeline_stage_is_a_fraction_of_the_model():
     cfg = get_preset("llama3-8b")
     wl = Workload(global_batch=64, seq_len=2048)

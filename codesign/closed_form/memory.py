@@ -30,7 +30,9 @@ layer_bytes counts per token: the block input and its two norms (3d), q/k/v befo
 f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them), and the FFN's
 gate/up/activation (3f / tensor) and down output (d). MoE layers add the dispatched buffers
 (E x C tokens per group of S: x, gate, up, act, y at widths d, f, f, f, d; the expert dim is
-sharded by expert and the FFN width by tensor).
+sharded by expert and the FFN width by tensor). Under sp the d-wide terms are the sequence-sharded
+d/tensor, except the norms' gathered outputs where backward does not gather them again (remat none;
+an MoE block's input under selective).
 """
 
 from __future__ import annotations
@@ -94,17 +96,20 @@ class _LayerBytes:
 
 
 def _layer_bytes(cfg: ModelConfig, moe: bool, b: float, s: float, seq: int, sizes: dict[str, int],
-                 sp: bool) -> _LayerBytes:
+                 sp: bool, remat: str) -> _LayerBytes:
     tp, ep = sizes["tensor"], sizes["expert"]
     d, n = cfg.hidden, cfg.heads
-    res = d / tp if sp else d  # the residual stream and the norms' outputs (sequence-sharded under sp)
+    res = d / tp if sp else d  # the residual stream (sequence-sharded under sp)
+    # The two norms' outputs as kept for backward: sequence-sharded where backward gathers them again,
+    # else the gathered copies the blocks read.
+    norms = (R.regathered(remat, moe) * res + (2 - R.regathered(remat, moe)) * d) if sp else 2 * d
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
     kvh = n if cfg.attention == "mla" else cfg.kv_heads
     t = b * s
     qkv = (n * qk + kvh * qk + kvh * v) / tp
     scores = t * (n / tp) * seq * 6  # f32 scores + bf16 probs per query position
     core_dots = t * ((n / tp) * seq * F32 + n * v / tp * ACT_BYTES)
-    attn_all = t * (3 * res + 2 * qkv + n * v / tp + res) * ACT_BYTES + scores
+    attn_all = t * (res + norms + 2 * qkv + n * v / tp + res) * ACT_BYTES + scores
     parts = {"qkv": t * qkv * ACT_BYTES, "out": t * res * ACT_BYTES}
     gates = 2 if cfg.ffn_activation == "swiglu" else 1
     if not moe:
@@ -157,7 +162,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, strategy.sp)
+        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, strategy.sp, remat)
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)

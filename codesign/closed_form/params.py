@@ -36,8 +36,14 @@ def spmd_sizes(strategy: Strategy) -> dict[str, int]:
     return {a: n for a, n in strategy.mesh if a != "pipeline"}
 
 
-@functools.lru_cache(maxsize=4096)
 def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, ...]:
+    # Keyed by what the param layout depends on: remat, microbatches and sp variants of one mesh share it.
+    return _sharded_params(cfg, strategy.mesh, strategy.rules_file)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tuple[ShardedParam, ...]:
+    strategy = Strategy(mesh=mesh, rules_file=rules_file)
     rules = default_rules(strategy)
     sizes = spmd_sizes(strategy)
     p = strategy.size("pipeline")

@@ -38,11 +38,13 @@ tests/test_analytic.py). Per microbatch unless noted:
 - tensor with sequence parallelism (sp=1): every reduction that lands in the residual stream
   (attention and FFN outputs, their recompute, the blocks' input gradients, the embedding lookup,
   the LM head's input gradient) becomes a reduce-scatter of the same u, and the normed residual is
-  all-gathered (u) before each block: per layer twice forward, twice again in backward (recomputed
-  under any remat; Megatron-style replay without), and the output gradient of each block twice in
-  backward; once forward before the LM head and once backward for the embedding gradient. MoE's
-  y_e reductions stay all-reduces (the slots are not in the residual layout). XLA:CPU writes the
-  reduce-scatter as all-reduce + dynamic-slice, so its lowering keeps the all-reduce kind.
+  all-gathered (u) before each block: per layer twice forward, twice again in backward where the
+  gathered copy is not kept (a checkpointed layer recomputes it; selective replays it, as Megatron
+  does; remat none keeps it), and the output gradient of each block twice in backward; once forward
+  before the LM head and once backward for the embedding gradient. MoE's y_e reductions stay
+  all-reduces (the slots are not in the residual layout). XLA:CPU writes the reduce-scatter as
+  all-reduce + dynamic-slice, so its lowering keeps the all-reduce kind; libtpu forms its
+  reduce-scatter fusion at d1024 (not on the tiny presets, where the slice is fused elsewhere).
 - sequence: K and V all-gathered to full length per layer (forward, and again when remat recomputes),
   their gradients reduce-scattered (CPU: all-reduced) in backward.
 - expert: all-to-all of the dispatched tokens b x E x C x d, dispatch and combine, forward and backward
@@ -330,8 +332,8 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
             slots = [ue] + ([ue] if "routed_wo" in rec else []) + ([ue] * 2 if moe else [])
             for x in slots:  # MoE y_e partial sums at the slot layout (fwd, recompute) and dx_e (bwd)
                 c.add("all-reduce", x, ("tensor",), n, adt)
-            if strategy.sp:  # normed residual before each block: fwd, replayed in bwd; each block's dy
-                c.add("all-gather", u, ("tensor",), 6 * n, adt)
+            if strategy.sp:  # normed residual before each block (fwd, and again in bwd: R.regathered), dy
+                c.add("all-gather", u, ("tensor",), (4 + R.regathered(strategy.remat, moe)) * n, adt)
         if z["sequence"] > 1:
             kvh = cfg.heads if cfg.attention == "mla" else cfg.kv_heads
             for width in (cfg.qk_head_dim, cfg.attn_v_head_dim):

@@ -54,3 +54,14 @@ def core_recompute(remat: str) -> tuple[bool, bool]:
 def offloaded(remat: str) -> bool:
     """Saved parts go to pinned host memory, not HBM (MaxText's minimal_offloaded)."""
     return remat == "offload"
+
+
+def regathered(remat: str, moe: bool) -> int:
+    """Under sequence parallelism, how many of a layer's two gathered block inputs backward gathers
+    again: both in a checkpointed layer (recomputed); under selective the ones the model replays
+    (attention and dense FFN; an MoE block keeps its gathered input); none under remat none."""
+    if layer_checkpointed(remat):
+        return 2
+    if remat == "selective":
+        return 1 if moe else 2
+    return 0

@@ -65,7 +65,7 @@ def causal_attention(q, k, v, impl: str | None):
 def attention_core(q, k, v, impl: str | None, remat: str):
     """`causal_attention`, checkpointed by itself under Megatron's selective recompute: the backward
     pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
-    if remat in C.ATTENTION_CORE_REMAT:
+    if remat in C.SELECTIVE_REMAT:
         core = jax.checkpoint(causal_attention, static_argnums=(3,), policy=jax.checkpoint_policies.nothing_saveable,
                               prevent_cse=False)
         return core(q, k, v, impl)
@@ -91,13 +91,21 @@ class Attention(nnx.Module):
         self.remat = remat
 
     def __call__(self, x, positions):
+        return self.attend(self.project(x), positions)
+
+    def project(self, x):
+        """The input projections (what reads the block's input x): q, k, v."""
         c = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
         k = jnp.einsum("btd,dkh->btkh", x, c(self.wk))
         v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
         if self.qkv_bias:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
-        q, k, v = name(q, C.QUERY_PROJ), name(k, C.KEY_PROJ), name(v, C.VALUE_PROJ)
+        return name(q, C.QUERY_PROJ), name(k, C.KEY_PROJ), name(v, C.VALUE_PROJ)
+
+    def attend(self, qkv, positions):
+        c = lambda p: p[...].astype(self.dtype)
+        q, k, v = qkv
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(rope(q, positions, self.theta), heads)
         k = constrain(rope(k, positions, self.theta), heads)
@@ -131,20 +139,27 @@ class MLAttention(nnx.Module):
         self.theta, self.dtype, self.impl, self.remat = cfg.rope_theta, dtype, impl, remat
 
     def __call__(self, x, positions):
+        return self.attend(self.project(x), positions)
+
+    def project(self, x):
+        """The projections: q, the key/value latent with the shared RoPE key, and the up-projected keys
+        and values. Every projection of a branch carries the branch's name, so a policy that saves
+        q/k/v recomputes none of MLA's low-rank matmuls either."""
         c = lambda p: p[...].astype(self.dtype)
-        # Every projection of a branch carries the branch's name, so a policy that saves q/k/v
-        # recomputes none of MLA's low-rank matmuls either.
         if self.q_lora:
             q_a = name(jnp.einsum("btd,dr->btr", x, c(self.wq_a)), C.QUERY_PROJ)
             q = jnp.einsum("btr,rnh->btnh", self.q_norm(q_a), c(self.wq_b))
         else:
             q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
-        q = name(q, C.QUERY_PROJ)
-        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
         kv = name(jnp.einsum("btd,dr->btr", x, c(self.wkv_a)), C.KEY_PROJ)
-        latent, k_rope = kv[..., : self.kv_lora], kv[..., self.kv_lora:]
-        k_rope = rope(k_rope[:, :, None, :], positions, self.theta)  # one RoPE key shared by all heads
-        kv_up = name(jnp.einsum("btr,rnh->btnh", self.kv_norm(latent), c(self.wkv_b)), C.KEY_PROJ)
+        kv_up = jnp.einsum("btr,rnh->btnh", self.kv_norm(kv[..., : self.kv_lora]), c(self.wkv_b))
+        return name(q, C.QUERY_PROJ), kv, name(kv_up, C.KEY_PROJ)
+
+    def attend(self, proj, positions):
+        c = lambda p: p[...].astype(self.dtype)
+        q, kv, kv_up = proj
+        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
+        k_rope = rope(kv[:, :, None, self.kv_lora:], positions, self.theta)  # one RoPE key shared by all heads
         k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope:]
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)
@@ -168,12 +183,22 @@ class MLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
+        return self.finish(self.project(x))
+
+    def project(self, x):
+        """The input projections: (gate, up), or (up,) ungated."""
         c = lambda p: p[...].astype(self.dtype)
         up = name(jnp.einsum("btd,df->btf", x, c(self.w_up)), C.MLP_WI_1 if self.gated else C.MLP_WI)
+        if not self.gated:
+            return (up,)
+        return name(jnp.einsum("btd,df->btf", x, c(self.w_gate)), C.MLP_WI_0), up
+
+    def finish(self, proj):
+        c = lambda p: p[...].astype(self.dtype)
         if self.gated:
             act = jax.nn.gelu if self.gate_gelu else jax.nn.silu
-            h = act(name(jnp.einsum("btd,df->btf", x, c(self.w_gate)), C.MLP_WI_0)) * up
+            h = act(proj[0]) * proj[1]
         else:
-            h = jax.nn.gelu(up)
+            h = jax.nn.gelu(proj[0])
         h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))
         return name(jnp.einsum("btf,fd->btd", h, c(self.w_down)), C.MLP_WO)

@@ -29,13 +29,6 @@ RESIDUAL = (A.ACT_BATCH, A.ACT_NORM_SEQ, A.ACT_EMBED)
 GATHERED = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
 
 
-def gather_for_block(h):
-    """The normed residual laid out for a tensor-parallel block (GATHERED). Checkpointed by itself so
-    that backward keeps the sequence-sharded input and all-gathers it again, as Megatron's sequence
-    parallelism does, instead of storing the gathered copy; a no-op layout without sp."""
-    return jax.checkpoint(lambda y: constrain(y, GATHERED), prevent_cse=False)(h)
-
-
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl, remat="none"):
         kw = {"dtype": dtype, "param_dtype": param_dtype}
@@ -44,11 +37,31 @@ class Block(nnx.Module):
         self.attn = attn_cls(cfg, rngs=rngs, impl=impl, remat=remat, **kw)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
         self.ffn = MoE(cfg, rngs=rngs, **kw) if moe else MLP(cfg, cfg.mlp_dim, rngs=rngs, **kw)
-        self.moe = moe
+        self.moe, self.remat = moe, remat
+
+    def _project(self, project, h):
+        """The input projections of a tensor-parallel block applied to the normed residual h, laid out
+        as the block reads it (GATHERED). Under selective recompute only the projections' outputs are
+        kept: backward all-gathers the sequence-sharded h again instead of storing the gathered copy
+        (Megatron's sequence parallelism). Without sp the layout is a no-op."""
+        def run(y):
+            return project(constrain(y, GATHERED))
+
+        if self.remat in _compat.SELECTIVE_REMAT:
+            run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names(*_compat.PROJ_NAMES),
+                                 prevent_cse=False)
+        return run(h)
 
     def __call__(self, x, positions):
-        x = constrain(x + self.attn(gather_for_block(self.attn_norm(x)), positions), RESIDUAL)
-        h = self.ffn(gather_for_block(self.ffn_norm(x)))
+        # The norms run on the residual's layout (under sp: their 1/tensor of the positions); then the
+        # block's input is gathered.
+        h = constrain(self.attn_norm(x), RESIDUAL)
+        x = constrain(x + self.attn.attend(self._project(self.attn.project, h), positions), RESIDUAL)
+        h = constrain(self.ffn_norm(x), RESIDUAL)
+        if self.moe:  # the MoE block reads its gathered input in its router, dispatch and shared expert
+            h = self.ffn(constrain(h, GATHERED))
+        else:
+            h = self.ffn.finish(self._project(self.ffn.project, h))
         h, aux = h if self.moe else (h, jnp.zeros((), jnp.float32))
         return constrain(x + h, RESIDUAL), aux
 

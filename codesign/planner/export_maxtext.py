@@ -41,6 +41,15 @@ _REMAT = {
                                       "(projections, attention context) is the closest")),
     "none": ("minimal_with_context", ("codesign keeps every activation (no remat); MaxText has no policy "
                                       "that saves all: 'minimal_with_context' recomputes elementwise ops")),
+    # MaxText's own names: the same saved projections (codesign/_compat.py SAVED_NAMES).
+    "minimal": ("minimal", None),
+    "save_qkv_proj": ("save_qkv_proj", None),
+    "save_dot_except_mlp": ("save_dot_except_mlp", None),
+    "save_dot_except_mlpwi": ("save_dot_except_mlpwi", None),
+    "offload": ("minimal_offloaded", None),
+    "selective": ("minimal_with_context", ("Megatron's selective recompute keeps everything but the attention "
+                                           "scores; MaxText's 'minimal_with_context' (projections and context) "
+                                           "is the closest")),
 }
 _ATTENTION = {"xla": "dot_product", "cudnn": "cudnn_flash_te"}
 # codesign presets that are MaxText model configs of the same shapes (configs/models/<name>.yml)
@@ -160,6 +169,9 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
     out["remat_policy"] = policy
     if why:
         notes.append(f"remat: {why}")
+    if s.sp:
+        notes.append("sp=1: MaxText shards the norm/residual activations over tensor by its logical_axis_rules "
+                     "(activation_norm_length -> tensor); no override key sets that, edit the rules")
     attention = workload.get("attention", "xla")
     if attention in _ATTENTION:
         out["attention"] = _ATTENTION[attention]

@@ -26,7 +26,15 @@ from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.strategy import Strategy
 
-REMATS = ("none", "full", "dots")
+REMATS = ("none", "full", "dots")  # scored for every layout
+# Scored for the layouts of the best REFINE_TOP candidates (by rank, and by step time alone so that a
+# fast layout that only misses memory gets its cheaper-memory variants): the policies between none and
+# full (dots_nobatch and save_dot_except_mlpwi save what minimal and save_dot_except_mlp save in a dense
+# layer, so they would only repeat them; offload is left out while the cost model does not price the
+# host transfers), and sequence parallelism in the tensor group with every policy.
+REFINE_REMATS = ("selective", "minimal", "save_dot_except_mlp", "save_qkv_proj")
+SPS = (False, True)
+REFINE_TOP = 200
 MICROBATCHES = (1, 2, 4, 8)
 ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
 
@@ -54,6 +62,8 @@ class PlanRequest:
     max_compiles: int | None = None
     max_compile_devices: int | None = None
     remats: tuple[str, ...] = REMATS
+    refine_remats: tuple[str, ...] = REFINE_REMATS
+    sps: tuple[bool, ...] = SPS
     microbatches: tuple[int, ...] = MICROBATCHES
     axis_orders: bool = True
     cache_dir: str | None = None
@@ -95,6 +105,11 @@ def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
         key = tuple(a for a in order if strategy.sizes[a] > 1)
         seen.setdefault(key, strategy if innermost is None else strategy.replace(order=order))
     return list(seen.values())
+
+
+def _layout(s: Strategy) -> tuple:
+    """The mesh and microbatches of a candidate: what its remat and sp variants share."""
+    return s.mesh, s.microbatches
 
 
 def _smallest_factor(n: int) -> int:
@@ -155,7 +170,8 @@ def plan(req: PlanRequest) -> Plan:
     capacity = hw.memory_capacity_bytes
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
-    en = enumerate_strategies(cfg, w, req.n_devices, remats=req.remats,
+    remats = tuple(dict.fromkeys(req.remats + req.refine_remats))
+    en = enumerate_strategies(cfg, w, req.n_devices, remats=remats, sps=req.sps,
                               microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0])
     rejected: Counter = Counter(en.rejected)
     candidates: list[Strategy] = []
@@ -174,8 +190,17 @@ def plan(req: PlanRequest) -> Plan:
 
     # 3. Analytic score for every survivor in the default axis order; then try the other axis
     #    orders (which mesh axis gets the fastest network level) for the best of them.
-    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in candidates]
+    base = [s for s in candidates if s.remat in req.remats and not s.sp]
+    refine = [s for s in candidates if not (s.remat in req.remats and not s.sp)]
+    if not base:  # constraints pinned a refinement (e.g. --fix remat=minimal): score those directly
+        base, refine = refine, []
+    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in base]
     scored.sort(key=lambda sc: _sort_key(sc, req))
+    if refine:  # the other policies and sp, for the layouts worth refining
+        by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
+        keep = {_layout(sc.strategy) for sc in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}
+        scored += [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in refine if _layout(s) in keep]
+        scored.sort(key=lambda sc: _sort_key(sc, req))
     if req.axis_orders:
         for sc in scored[:ORDER_SEARCH_TOP]:
             scored += [Scored(o, estimate_analytic(cfg, w, o, hw)) for o in _orders(sc.strategy, hw)[1:]]
