@@ -76,8 +76,11 @@ def remat_policy(name: str):
         return None
     if name == "offload":  # MaxText's minimal_offloaded: the minimal set, parked in pinned host memory
         return cp.save_and_offload_only_these_names(
-            names_which_can_be_saved=[], names_which_can_be_offloaded=list(SAVED_NAMES[name]),
-            offload_src="device", offload_dst="pinned_host")
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(SAVED_NAMES[name]),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
     if name in SAVED_NAMES:
         return cp.save_only_these_names(*SAVED_NAMES[name])
     return {

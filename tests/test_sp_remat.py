@@ -30,7 +30,9 @@ from tests.conftest import require_devices
 CFG = dataclasses.replace(get_preset("tiny-dense"), name="tiny-dense-v1024", vocab_size=1024)
 WL = Workload(global_batch=8, seq_len=32, dtype="float32")
 BASE = "data=2,tensor=4"
-SP = [f"{BASE},remat={r},sp=1" for r in ("none", "selective", "minimal", "full")] + ["fsdp=2,sequence=2,tensor=2,sp=1"]
+SP = [f"{BASE},remat={r},sp=1" for r in ("none", "selective", "minimal", "full")] + [
+    "fsdp=2,sequence=2,tensor=2,sp=1"
+]
 SPECS = [f"{BASE},remat={r}" for r in REMAT_POLICIES] + SP
 
 
@@ -47,8 +49,12 @@ def runs():
         for batch in tokens:
             state, metrics = compiled(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
             losses.append(float(metrics["loss"]))
-        out[spec] = {"hlo": analyze_hlo(compiled.as_text(), s.mesh), "losses": losses,
-                     "temp": compiled.memory_analysis().temp_size_in_bytes, "strategy": s}
+        out[spec] = {
+            "hlo": analyze_hlo(compiled.as_text(), s.mesh),
+            "losses": losses,
+            "temp": compiled.memory_analysis().temp_size_in_bytes,
+            "strategy": s,
+        }
     return out
 
 
@@ -63,18 +69,29 @@ def test_sp_knob_parses_prints_and_normalizes():
     assert Strategy.parse(s.spec) == s and Strategy.from_json(s.to_json()) == s and s.to_json()["sp"] is True
     assert s.replace(microbatches=2).sp and not s.replace(sizes={"data": 8}).sp
     # No tensor group: the same strategy as without sp (Megatron-LM drops it the same way).
-    assert Strategy.parse("data=8,sp=1") == Strategy.parse("data=8") and "sp" not in Strategy.parse("data=8,sp=1").spec
-    for bad, needle in [("tensor=2,sp=yes", "sp='yes'"), ("tensor=2,sp=1,rules=r.yaml", "rules=FILE"),
-                        ("tensor=2,remat=sometimes", "remat=")]:
+    assert (
+        Strategy.parse("data=8,sp=1") == Strategy.parse("data=8")
+        and "sp" not in Strategy.parse("data=8,sp=1").spec
+    )
+    for bad, needle in [
+        ("tensor=2,sp=yes", "sp='yes'"),
+        ("tensor=2,sp=1,rules=r.yaml", "rules=FILE"),
+        ("tensor=2,remat=sometimes", "remat="),
+    ]:
         with pytest.raises(StrategyError, match=needle):
             Strategy.parse(bad)
 
 
 def test_sp_shards_only_the_residual_stream_over_tensor():
     sizes = {"data": 2, "sequence": 2, "tensor": 2}
-    on, off = default_rules(Strategy.parse("data=2,sequence=2,tensor=2,sp=1")), default_rules(Strategy.parse("data=2"))
+    on, off = (
+        default_rules(Strategy.parse("data=2,sequence=2,tensor=2,sp=1")),
+        default_rules(Strategy.parse("data=2")),
+    )
     residual, heads = ("act_batch", "act_norm_seq", "act_embed"), ("act_batch", "act_seq", "act_heads", None)
-    assert on.resolve(residual, (4, 32, 64), sizes)[0] == jax.sharding.PartitionSpec("data", ("sequence", "tensor"))
+    assert on.resolve(residual, (4, 32, 64), sizes)[0] == jax.sharding.PartitionSpec(
+        "data", ("sequence", "tensor")
+    )
     assert off.resolve(residual, (4, 32, 64), sizes)[0] == jax.sharding.PartitionSpec("data", "sequence")
     assert on.resolve(heads, (4, 32, 8, 16), sizes)[0] == off.resolve(heads, (4, 32, 8, 16), sizes)[0]
 
@@ -100,8 +117,14 @@ def test_recomputed_matmul_flops_follow_the_policy(runs):
     mm = {r: runs[f"{BASE},remat={r}"]["hlo"].matmul_flops for r in REMAT_POLICIES}
     # full recomputes every projection backward needs; the named policies what they do not save;
     # minimal (= dots_nobatch here) the attention core; selective its scores; none and dots nothing.
-    assert (mm["full"] > mm["save_qkv_proj"] > mm["save_dot_except_mlp"] > mm["minimal"] > mm["selective"]
-            > mm["none"])
+    assert (
+        mm["full"]
+        > mm["save_qkv_proj"]
+        > mm["save_dot_except_mlp"]
+        > mm["minimal"]
+        > mm["selective"]
+        > mm["none"]
+    )
     # The FFN's down projection only feeds the residual add: saving it changes nothing in a dense layer.
     assert mm["save_dot_except_mlpwi"] == mm["save_dot_except_mlp"]
     assert mm["dots_nobatch"] == mm["offload"] == mm["minimal"] and mm["dots"] == mm["none"]
@@ -128,10 +151,13 @@ def test_sp_gathers_the_block_inputs_and_scatters_the_partial_sums(runs):
         closed = analytic_report(CFG, WL, on["strategy"], platform="cpu").collectives
         for kind in ("all-gather", "all-reduce"):
             assert _bytes(closed, kind, ("tensor",)) == pytest.approx(
-                _bytes(on["hlo"].collectives, kind, ("tensor",)), rel=0.1), (remat, kind)
+                _bytes(on["hlo"].collectives, kind, ("tensor",)), rel=0.1
+            ), (remat, kind)
     # Backward gathers the norms' outputs again where the layer does not keep the gathered copy.
-    ag = {r: _bytes(runs[f"{BASE},remat={r},sp=1"]["hlo"].collectives, "all-gather", ("tensor",))
-          for r in ("none", "selective", "full")}
+    ag = {
+        r: _bytes(runs[f"{BASE},remat={r},sp=1"]["hlo"].collectives, "all-gather", ("tensor",))
+        for r in ("none", "selective", "full")
+    }
     assert ag["none"] < ag["selective"] == ag["full"]
 
 
@@ -143,9 +169,34 @@ def test_sp_and_the_policies_shrink_what_the_compiler_keeps(runs):
     assert t["none"] > t["selective"] > t["minimal"] > t["full"] and t["save_qkv_proj"] < t["minimal"]
     mem = {spec: analytic_memory(CFG, WL, r["strategy"]) for spec, r in runs.items()}
     saved = {r: mem[f"{BASE},remat={r}"].saved_activations for r in REMAT_POLICIES}
-    assert saved["none"] > saved["selective"] > saved["minimal"] > saved["save_dot_except_mlp"] \
-        > saved["save_qkv_proj"] > saved["full"] == saved["offload"]
+    assert (
+        saved["none"]
+        > saved["selective"]
+        > saved["minimal"]
+        > saved["save_dot_except_mlp"]
+        > saved["save_qkv_proj"]
+        > saved["full"]
+        == saved["offload"]
+    )
     assert mem[f"{BASE},remat=offload"].host_offloaded > 0 == mem[f"{BASE},remat=minimal"].host_offloaded
     for remat in ("none", "selective", "minimal", "full"):
         assert mem[f"{BASE},remat={remat},sp=1"].saved_activations < saved[remat], remat
 
+
+def test_planner_scores_the_policies_and_sp_unless_narrowed():
+    from codesign.hardware import load_hardware
+    from codesign.planner import PlanRequest, plan
+    from codesign.planner.search import REFINE_REMATS, REMATS
+
+    req = PlanRequest(
+        cfg=get_preset("llama3-8b"),
+        hardware=load_hardware("h100", devices=16),
+        workload=Workload(64, 4096),
+        n_devices=16,
+        target="analytic",
+    )
+    scored = [Strategy.parse(r["spec"]) for r in plan(req).scored]
+    assert {s.remat for s in scored} == set(REMATS + REFINE_REMATS)
+    assert any(s.sp for s in scored) and all(s.size("tensor") > 1 for s in scored if s.sp)
+    narrowed = [Strategy.parse(r["spec"]) for r in plan(dataclasses.replace(req, remats=("full",))).scored]
+    assert {s.remat for s in narrowed} == {"full"} and not any(s.sp for s in narrowed)

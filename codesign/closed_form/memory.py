@@ -23,7 +23,7 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
       pipeline: a stage holds L/p layers and, under a 1F1B schedule, min(microbatches, p) microbatches
                 in flight.
     layer_transient: one layer's intermediates live while its backward runs (recomputed), or under
-               selective its recomputed scores; none for remat none.
+               selective its recomputed scores and their gradients; none for remat none.
     logits     b*s*V/tensor x 8 bytes: the float32 logits and their gradient (the cross-entropy peak).
 layer_bytes counts per token: the block input and its two norms (3d), q/k/v before and after RoPE
 (2x(n+2k)h / tensor), the attention output (n h / tensor) and o-projection (d), attention scores in
@@ -170,8 +170,8 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
         saved += layers * keep
         if R.layer_checkpointed(remat):
             live = max(live, lb.everything)
-        elif remat == "selective":
-            live = max(live, lb.scores)
+        elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
+            live = max(live, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
     logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
     return MemoryEstimate(params=local * pbytes, grads=grads, optimizer=2 * local * F32, gathered=gathered,

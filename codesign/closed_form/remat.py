@@ -15,9 +15,16 @@ from codesign import _compat as C
 
 PARTS = ("qkv", "out", "wi", "wo", "router", "routed_wi", "routed_wo", "shared_wi", "shared_wo")
 NEEDED = frozenset({"qkv", "out", "wi", "router", "routed_wi", "routed_wo", "shared_wi"})
-_BY_NAME = {C.QUERY_PROJ: ("qkv",), C.KEY_PROJ: ("qkv",), C.VALUE_PROJ: ("qkv",), C.OUT_PROJ: ("out",),
-            C.MLP_WI_0: ("wi", "routed_wi", "shared_wi"), C.MLP_WI_1: ("wi", "routed_wi", "shared_wi"),
-            C.MLP_WI: ("wi", "shared_wi"), C.MLP_WO: ("wo", "routed_wo", "shared_wo")}
+_BY_NAME = {
+    C.QUERY_PROJ: ("qkv",),
+    C.KEY_PROJ: ("qkv",),
+    C.VALUE_PROJ: ("qkv",),
+    C.OUT_PROJ: ("out",),
+    C.MLP_WI_0: ("wi", "routed_wi", "shared_wi"),
+    C.MLP_WI_1: ("wi", "routed_wi", "shared_wi"),
+    C.MLP_WI: ("wi", "shared_wi"),
+    C.MLP_WO: ("wo", "routed_wo", "shared_wo"),
+}
 # The routed experts' einsums carry the expert dim on both sides (a batch dim): dots_nobatch skips them.
 _WITH_BATCH_DIMS = frozenset({"routed_wi", "routed_wo"})
 

@@ -62,8 +62,10 @@ class PlanRequest:
     max_compiles: int | None = None
     max_compile_devices: int | None = None
     remats: tuple[str, ...] = REMATS
-    refine_remats: tuple[str, ...] = REFINE_REMATS
-    sps: tuple[bool, ...] = SPS
+    # None: REFINE_REMATS and SPS when `remats` is left at REMATS; a caller that narrows `remats` gets
+    # exactly those policies, without sp, unless it names these too.
+    refine_remats: tuple[str, ...] | None = None
+    sps: tuple[bool, ...] | None = None
     microbatches: tuple[int, ...] = MICROBATCHES
     axis_orders: bool = True
     cache_dir: str | None = None
@@ -170,8 +172,11 @@ def plan(req: PlanRequest) -> Plan:
     capacity = hw.memory_capacity_bytes
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
-    remats = tuple(dict.fromkeys(req.remats + req.refine_remats))
-    en = enumerate_strategies(cfg, w, req.n_devices, remats=remats, sps=req.sps,
+    default = tuple(req.remats) == REMATS
+    refine_remats = req.refine_remats if req.refine_remats is not None else (REFINE_REMATS if default else ())
+    sps = req.sps if req.sps is not None else (SPS if default else (False,))
+    remats = tuple(dict.fromkeys(tuple(req.remats) + tuple(refine_remats)))
+    en = enumerate_strategies(cfg, w, req.n_devices, remats=remats, sps=sps,
                               microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0])
     rejected: Counter = Counter(en.rejected)
     candidates: list[Strategy] = []
