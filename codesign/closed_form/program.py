@@ -48,7 +48,7 @@ tests/test_analytic.py). Per microbatch unless noted:
 - sequence: K and V all-gathered to full length per layer (forward, and again when remat recomputes),
   their gradients reduce-scattered (CPU: all-reduced) in backward.
 - expert: all-to-all of the dispatched tokens b x E x C x d, dispatch and combine, forward and backward
-  (and again under remat full); the router statistics of the load-balancing loss (B x S x E f32) are
+  (and again in a checkpointed layer); the router statistics of the load-balancing loss (B x S x E f32) are
   all-gathered over the batch axes once per forward pass.
 Bytes per element follow the backend's lowering (`Lowering`): XLA:CPU promotes bf16 reductions to
 f32 and gathers f32 master weights before the bf16 cast; TPU/GPU move bf16.
@@ -340,8 +340,9 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
                 kv = sh.b * sh.seq * kvh / z["tensor"] * width * ab
                 c.add("all-gather", kv, ("sequence",), n * (2 if core_again else 1), adt)
                 c.add(lw.scatter_kind, kv, ("sequence",), n, adt)
-        if moe and z["expert"] > 1:  # dispatch and combine, fwd and bwd, and again where recomputed
-            again = ("routed_wi" in rec) + ("routed_wo" in rec)
+        if moe and z["expert"] > 1:  # dispatch and combine, fwd and bwd, and again in a checkpointed
+            # layer: no policy names the dispatched tokens (measured on tiny-moe: minimal re-runs both)
+            again = 2 if R.layer_checkpointed(strategy.remat) else 0
             c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (4 + again), adt)
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
         c.add(resid_kind, u, ("tensor",), 2 * m, adt)
