@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import sharded_params, spmd_sizes
+from codesign.closed_form.params import sharded_params, sp_active, spmd_sizes
 from codesign.config import ModelConfig, Workload
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
@@ -115,7 +115,8 @@ def _layer_bytes(cfg: ModelConfig, moe: bool, b: float, s: float, seq: int, size
     if not moe:
         f = cfg.mlp_dim / tp
         parts.update(wi=t * gates * f * ACT_BYTES, wo=t * res * ACT_BYTES)
-        return _LayerBytes(attn_all + t * (3 * f + res) * ACT_BYTES, scores, parts, core_dots, t * res * ACT_BYTES)
+        everything = attn_all + t * (3 * f + res) * ACT_BYTES
+        return _LayerBytes(everything, scores, parts, core_dots, t * res * ACT_BYTES)
     f = cfg.moe_mlp_dim / tp
     cap = max(1, math.ceil(cfg.experts_per_token * seq * cfg.capacity_factor / cfg.n_routed_experts))
     slots = b * (cfg.n_routed_experts / ep) * cap  # dispatched token slots on this device (per expert shard)
@@ -162,7 +163,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, strategy.sp, remat)
+        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, sp_active(workload, strategy), remat)
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.config import ModelConfig, Workload
+from codesign.sharding.enumerate import sp_problem
 from codesign.sharding.param_table import ParamGroup, param_groups
 from codesign.sharding.rules import default_rules
 from codesign.sharding.strategy import Strategy
@@ -70,6 +71,12 @@ class Shape:
     @property
     def t(self) -> float:
         return self.b * self.s
+
+
+def sp_active(workload: Workload, strategy: Strategy) -> bool:
+    """Whether sp=1 really shards the residual: the activation rules resolve non-strictly, so positions
+    that do not split over sequence*tensor leave it unsharded (the enumerator never offers that)."""
+    return strategy.sp and sp_problem(workload, strategy.sizes) is None
 
 
 def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:

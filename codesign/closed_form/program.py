@@ -67,7 +67,7 @@ from dataclasses import dataclass
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
 from codesign.closed_form.memory import F32, analytic_memory
-from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes
+from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, sp_active, spmd_sizes
 from codesign.config import ModelConfig, Workload
 from codesign.report import Collective, CompileReport
 from codesign.sharding.strategy import Strategy
@@ -213,7 +213,7 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
     ew_passes = 2 if R.layer_checkpointed(remat) else 1  # forward elementwise kernels
-    res = d / tp if strategy.sp else d  # residual-stream width per token under sequence parallelism
+    res = d / tp if sp_active(workload, strategy) else d  # residual-stream width per token (under sp)
     gated_ffn = cfg.ffn_activation == "swiglu"
     mm_elems = other = 0.0  # per microbatch
     w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
@@ -311,7 +311,8 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
     core_again = any(R.core_recompute(strategy.remat))
     swiglu = 2 if cfg.ffn_activation == "swiglu" else 1
     # Reductions that land in the residual stream: reduce-scatters under sp, all-reduces without.
-    resid_kind = lw.scatter_kind if strategy.sp else "all-reduce"
+    sp = sp_active(workload, strategy)
+    resid_kind = lw.scatter_kind if sp else "all-reduce"
     if cfg.attention == "mla":
         lat = (cfg.q_lora_rank or cfg.hidden) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
         attn_bwd = [sh.t * lat * ab]
@@ -332,7 +333,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
             slots = [ue] + ([ue] if "routed_wo" in rec else []) + ([ue] * 2 if moe else [])
             for x in slots:  # MoE y_e partial sums at the slot layout (fwd, recompute) and dx_e (bwd)
                 c.add("all-reduce", x, ("tensor",), n, adt)
-            if strategy.sp:  # normed residual before each block (fwd, and again in bwd: R.regathered), dy
+            if sp:  # normed residual before each block (fwd, and again in bwd: R.regathered), dy
                 c.add("all-gather", u, ("tensor",), (4 + R.regathered(strategy.remat, moe)) * n, adt)
         if z["sequence"] > 1:
             kvh = cfg.heads if cfg.attention == "mla" else cfg.kv_heads
@@ -347,7 +348,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
         c.add(resid_kind, u, ("tensor",), 2 * m, adt)
         c.add("all-reduce", sh.t * F32, ("tensor",), 3 * m, "f32")
-        if strategy.sp:  # the final norm's output before the LM head; the embedding's output gradient
+        if sp:  # the final norm's output before the LM head; the embedding's output gradient
             c.add("all-gather", u, ("tensor",), 2 * m, adt)
     if z["fsdp"] > 1:  # the embedding's d-shard lookup is redistributed to batch shards, and back
         c.add("all-to-all", u, ("fsdp",), 2 * m, adt)
@@ -362,6 +363,7 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     z, m, p = sh.sizes, sh.m, strategy.size("pipeline")
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
     flash = uses_flash(cfg, workload)
+    sp = sp_active(workload, strategy)
     fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
@@ -377,7 +379,7 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
         # (selective: the softmax only). Under sp the norms and residual adds see 1/tensor positions.
         passes = 3 + (1 if R.layer_checkpointed(strategy.remat) else 0)
         score_passes = 3 + (1 if any(R.core_recompute(strategy.remat)) else 0)
-        per_res = ELEM_PER_RESIDUAL - ELEM_PER_NORM * (1 - 1 / tp if strategy.sp else 0)
+        per_res = ELEM_PER_RESIDUAL - ELEM_PER_NORM * (1 - 1 / tp if sp else 0)
         elem += layers * (passes * (per_res * sh.t * cfg.hidden + ELEM_PER_FFN * sh.t * width)
                           + score_passes * ELEM_PER_SCORE * scores)
         trans += layers * (passes * sh.t * width + score_passes * scores)

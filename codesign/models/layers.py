@@ -66,8 +66,8 @@ def attention_core(q, k, v, impl: str | None, remat: str):
     """`causal_attention`, checkpointed by itself under Megatron's selective recompute: the backward
     pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
     if remat in C.SELECTIVE_REMAT:
-        core = jax.checkpoint(causal_attention, static_argnums=(3,), policy=jax.checkpoint_policies.nothing_saveable,
-                              prevent_cse=False)
+        core = jax.checkpoint(causal_attention, static_argnums=(3,),
+                              policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
         return core(q, k, v, impl)
     return causal_attention(q, k, v, impl)
 
@@ -159,7 +159,7 @@ class MLAttention(nnx.Module):
         c = lambda p: p[...].astype(self.dtype)
         q, kv, kv_up = proj
         q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
-        k_rope = rope(kv[:, :, None, self.kv_lora:], positions, self.theta)  # one RoPE key shared by all heads
+        k_rope = rope(kv[:, :, None, self.kv_lora:], positions, self.theta)  # one RoPE key for all heads
         k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope:]
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)

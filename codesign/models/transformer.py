@@ -30,7 +30,8 @@ GATHERED = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl, remat="none"):
+    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl,
+                 remat="none"):
         kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
         attn_cls = MLAttention if cfg.attention == "mla" else Attention
@@ -48,8 +49,8 @@ class Block(nnx.Module):
             return project(constrain(y, GATHERED))
 
         if self.remat in _compat.SELECTIVE_REMAT:
-            run = jax.checkpoint(run, policy=jax.checkpoint_policies.save_only_these_names(*_compat.PROJ_NAMES),
-                                 prevent_cse=False)
+            keep = jax.checkpoint_policies.save_only_these_names(*_compat.PROJ_NAMES)
+            run = jax.checkpoint(run, policy=keep, prevent_cse=False)
         return run(h)
 
     def __call__(self, x, positions):
@@ -97,7 +98,8 @@ class Transformer(nnx.Module):
             return (h, aux + a), None
 
         policy = _compat.remat_policy(self.remat)
-        if policy is not None:  # none and selective keep the layer's activations (selective: see Attention)
+        # none and selective keep the layer's activations (selective: Block._project, attention_core)
+        if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), state)
         return x, aux

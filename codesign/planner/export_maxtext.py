@@ -47,9 +47,9 @@ _REMAT = {
     "save_dot_except_mlp": ("save_dot_except_mlp", None),
     "save_dot_except_mlpwi": ("save_dot_except_mlpwi", None),
     "offload": ("minimal_offloaded", None),
-    "selective": ("minimal_with_context", ("Megatron's selective recompute keeps everything but the attention "
-                                           "scores; MaxText's 'minimal_with_context' (projections and context) "
-                                           "is the closest")),
+    "selective": ("minimal_with_context", ("Megatron's selective recompute keeps everything but the "
+                                           "attention scores; MaxText's 'minimal_with_context' "
+                                           "(projections and context) is the closest")),
 }
 _ATTENTION = {"xla": "dot_product", "cudnn": "cudnn_flash_te"}
 # codesign presets that are MaxText model configs of the same shapes (configs/models/<name>.yml)
@@ -170,8 +170,9 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
     if why:
         notes.append(f"remat: {why}")
     if s.sp:
-        notes.append("sp=1: MaxText shards the norm/residual activations over tensor by its logical_axis_rules "
-                     "(activation_norm_length -> tensor); no override key sets that, edit the rules")
+        notes.append("sp=1: MaxText shards the norm/residual activations over tensor by its "
+                     "logical_axis_rules (activation_norm_length -> tensor); no override key sets that, "
+                     "edit the rules")
     attention = workload.get("attention", "xla")
     if attention in _ATTENTION:
         out["attention"] = _ATTENTION[attention]

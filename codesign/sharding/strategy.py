@@ -72,7 +72,8 @@ class Strategy:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
-             order: tuple[str, ...] | None = None, rules_file: str | None = None, sp: bool = False) -> Strategy:
+             order: tuple[str, ...] | None = None, rules_file: str | None = None,
+             sp: bool = False) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
         if unknown:
@@ -114,7 +115,8 @@ class Strategy:
                 kw["rules_file"] = v
             elif k == "sp":
                 if v not in ("0", "1"):
-                    raise StrategyError(f"sp={v!r}: use sp=1 (sequence parallelism in the tensor group) or sp=0")
+                    raise StrategyError(f"sp={v!r}: use sp=1 (sequence parallelism in the tensor group) "
+                                        "or sp=0")
                 kw["sp"] = v == "1"
             else:
                 raise StrategyError(f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, "
@@ -173,7 +175,8 @@ class Strategy:
     def replace(self, **kw) -> Strategy:
         sizes = kw.pop("sizes", self.sizes)
         order = kw.pop("order", self.order if self._order_given else None)
-        base = {"remat": self.remat, "microbatches": self.microbatches, "rules_file": self.rules_file, "sp": self.sp}
+        base = {"remat": self.remat, "microbatches": self.microbatches, "rules_file": self.rules_file,
+                "sp": self.sp}
         base.update(kw)
         return Strategy.make(sizes, order=order, **base)
 
@@ -185,5 +188,5 @@ class Strategy:
     def from_json(cls, d: dict[str, Any]) -> Strategy:
         if "spec" in d:
             return cls.parse(d["spec"])
-        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1),
-                        sp=bool(d.get("sp", False)))
+        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"),
+                        microbatches=d.get("microbatches", 1), sp=bool(d.get("sp", False)))
