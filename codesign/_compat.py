@@ -50,11 +50,47 @@ def param_logical_axes(variable) -> tuple | None:
     return meta.get("out_sharding") or meta.get("sharding_names")
 
 
+# Names the model layers give their intermediates (`jax.ad_checkpoint.checkpoint_name`), MaxText's
+# names: the q/k/v projections (MLA: the latents and up-projections of each branch too), the attention
+# context (input of the output projection), the output projection, the FFN's gate (wi_0), up (wi_1;
+# wi when ungated) and down (wo) projections, dense and routed experts alike.
+QUERY_PROJ, KEY_PROJ, VALUE_PROJ = "query_proj", "key_proj", "value_proj"
+CONTEXT, OUT_PROJ = "context", "out_proj"
+MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO = "mlpwi_0", "mlpwi_1", "mlpwi", "mlpwo"
+_QKV = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ)
+_MINIMAL = _QKV + (OUT_PROJ, MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO)
+# The names each MaxText policy saves (its decoders.py get_remat_policy / minimal_policy).
+SAVED_NAMES = {
+    "minimal": _MINIMAL,
+    "save_qkv_proj": _QKV,
+    "save_dot_except_mlp": _QKV + (OUT_PROJ,),
+    "save_dot_except_mlpwi": _QKV + (OUT_PROJ, MLP_WO),
+    "offload": _MINIMAL,
+}
+# The input projections' names (what a block computes from its normed input).
+PROJ_NAMES = _QKV + (MLP_WI_0, MLP_WI_1, MLP_WI)
+# Policies under which the model checkpoints the attention core (QK^T, softmax, PV) by itself and keeps
+# everything else but the gathered block inputs (backward all-gathers the sequence-sharded norm output
+# again): Megatron-LM's selective recompute, with its sequence parallelism.
+SELECTIVE_REMAT = frozenset({"selective"})
+
+
 def remat_policy(name: str):
-    """jax.checkpoint policy for a codesign remat name (None means: do not rematerialize)."""
+    """jax.checkpoint policy for a codesign remat name around each layer (None means: do not
+    rematerialize the layer; `selective` rematerializes only the attention core, inside the layer)."""
     cp = jax.checkpoint_policies
+    if name in ("none", "selective"):
+        return None
+    if name == "offload":  # MaxText's minimal_offloaded: the minimal set, parked in pinned host memory
+        return cp.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(SAVED_NAMES[name]),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    if name in SAVED_NAMES:
+        return cp.save_only_these_names(*SAVED_NAMES[name])
     return {
-        "none": None,
         "full": cp.nothing_saveable,
         "dots": cp.checkpoint_dots,
         "dots_nobatch": cp.dots_with_no_batch_dims_saveable,
@@ -94,6 +130,7 @@ def enable_cpu_collectives(implementation: str = "gloo") -> bool:
 # * the deviceless GPU compiler: None; a real GPU: negative "optimal_seconds".
 # These numbers count a while-loop body once and FLOPs before optimization (jax-ml/jax#13956), so they
 # are a cross-check only; codesign.compile.hlo is the primary count.
+
 
 def first_executable(raw: Any) -> Any:
     """cost_analysis()/memory_analysis() of the (first) executable, whether the API returns one or a list."""

@@ -71,8 +71,9 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     body_total = cfg.layers * per_layer_common + cfg.dense_layers * dense_ffn + cfg.moe_layers * moe_total
     body_active = cfg.layers * per_layer_common + cfg.dense_layers * dense_ffn + cfg.moe_layers * moe_active
     extra = embedding + lm_head + d  # final norm
-    return ParamCounts(total=body_total + extra, active=body_active + extra, embedding=embedding,
-                       lm_head=lm_head)
+    return ParamCounts(
+        total=body_total + extra, active=body_active + extra, embedding=embedding, lm_head=lm_head
+    )
 
 
 def matmul_params_per_token(cfg: ModelConfig) -> int:

@@ -18,6 +18,9 @@ Param axes
 Activation axes
     act_batch  batch (sequences) of an activation
     act_seq    sequence positions of an activation
+    act_norm_seq  sequence positions of the residual stream and its norms between tensor-parallel
+               blocks (MaxText's activation_norm_length): context parallelism like act_seq, plus the
+               tensor axis under sequence parallelism (`sp=1`)
     act_embed  d_model width of an activation
     act_mlp    FFN intermediate width of an activation
     act_heads  attention heads of an activation
@@ -40,6 +43,7 @@ LAYERS = "layers"
 
 ACT_BATCH = "act_batch"
 ACT_SEQ = "act_seq"
+ACT_NORM_SEQ = "act_norm_seq"
 ACT_EMBED = "act_embed"
 ACT_MLP = "act_mlp"
 ACT_HEADS = "act_heads"
@@ -47,7 +51,7 @@ ACT_VOCAB = "act_vocab"
 ACT_EXPERT = "act_expert"
 
 PARAM_AXES = (VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, Q_LORA, KV_LORA, EXPERT, LAYERS)
-ACTIVATION_AXES = (ACT_BATCH, ACT_SEQ, ACT_EMBED, ACT_MLP, ACT_HEADS, ACT_VOCAB, ACT_EXPERT)
+ACTIVATION_AXES = (ACT_BATCH, ACT_SEQ, ACT_NORM_SEQ, ACT_EMBED, ACT_MLP, ACT_HEADS, ACT_VOCAB, ACT_EXPERT)
 ALL_AXES = frozenset(PARAM_AXES + ACTIVATION_AXES)
 
 # Mesh axis names, outermost first in the default device order. Innermost axes land on the

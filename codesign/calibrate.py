@@ -41,8 +41,9 @@ from codesign.hardware.device_kind import closest_system
 _DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
 
 
-def _time(fn: Callable[[], Any], reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0,
-          max_calls: int = 200) -> float:
+def _time(
+    fn: Callable[[], Any], reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0, max_calls: int = 200
+) -> float:
     """Median seconds per call over `reps` timed runs. Warm-up runs at least 2 calls and `warmup_s`
     (an idle GPU needs ~0.5 s of load before its clocks settle); each timed run chains enough calls to
     last `min_run_s`, so that dispatch and timer jitter stay small against it."""
@@ -64,8 +65,9 @@ def _time(fn: Callable[[], Any], reps: int, warmup_s: float = 0.0, min_run_s: fl
     return statistics.median(samples)
 
 
-def bench_matmul(n: int, dtype: str, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0,
-                 max_calls: int = 200) -> float:
+def bench_matmul(
+    n: int, dtype: str, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0, max_calls: int = 200
+) -> float:
     """Seconds per n x n x n product."""
     key = jax.random.key(n)
     a = jax.random.normal(key, (n, n), jnp.float32).astype(_DTYPES[dtype])
@@ -84,7 +86,9 @@ def bench_hbm(nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: float = 
     return 2 * x.nbytes / _time(lambda: f(x), reps, warmup_s, min_run_s)
 
 
-def bench_collectives(nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0) -> list[dict[str, Any]]:
+def bench_collectives(
+    nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: float = 0.0
+) -> list[dict[str, Any]]:
     devices = jax.devices()
     n = len(devices)
     mesh = _compat.make_mesh(devices, (n,), ("x",))
@@ -107,8 +111,16 @@ def bench_collectives(nbytes: int, reps: int, warmup_s: float = 0.0, min_run_s: 
         except Exception as e:  # noqa: BLE001 - a backend without this collective: record and go on
             rows.append({"kind": kind, "axis": "x", "devices": n, "error": f"{type(e).__name__}: {e}"[:200]})
             continue
-        rows.append({"kind": kind, "axis": "x", "devices": n, "bytes": int(b), "seconds": t,
-                     "bytes_per_s": factor * (n - 1) / n * b / t})
+        rows.append(
+            {
+                "kind": kind,
+                "axis": "x",
+                "devices": n,
+                "bytes": int(b),
+                "seconds": t,
+                "bytes_per_s": factor * (n - 1) / n * b / t,
+            }
+        )
     return rows
 
 
@@ -119,7 +131,12 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
     on_cpu = platform == "cpu"
     base = load_hardware(closest_system(kind, platform))
     if quick or on_cpu:
-        sizes, reps, hbm_bytes, coll_bytes = ((128, 256, 512) if quick else (256, 512, 1024)), 3, 1 << 24, 1 << 20
+        sizes, reps, hbm_bytes, coll_bytes = (
+            ((128, 256, 512) if quick else (256, 512, 1024)),
+            3,
+            1 << 24,
+            1 << 20,
+        )
         timing = {"warmup_s": 0.0, "min_run_s": 0.0}
     else:
         sizes, reps, hbm_bytes, coll_bytes = (1024, 2048, 4096, 8192), 7, 1 << 31, 1 << 28
@@ -137,7 +154,7 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
             except Exception as e:  # noqa: BLE001 - e.g. no fp8 on this backend
                 matmul.append({"dtype": dt, "n": n, "error": f"{type(e).__name__}: {e}"[:200]})
                 break
-            flops = 2 * n ** 3 / s
+            flops = 2 * n**3 / s
             row = {"dtype": dt, "n": n, "seconds": s, "flops_per_s": flops}
             if peak:
                 row["fraction"] = flops / peak
@@ -147,10 +164,15 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
     short = next((r for r in reversed(matmul) if r.get("dtype") == "bf16" and "seconds" in r), None)
     if short:
         n = short["n"]
-        long_s = bench_matmul(n, "bf16", 3, timing["warmup_s"], 0.2 if (quick or on_cpu) else 1.0,
-                              max_calls=100_000)
-        sustained = {"n": n, "seconds": long_s, "flops_per_s": 2 * n ** 3 / long_s,
-                     "relative_to_table": short["seconds"] / long_s}
+        long_s = bench_matmul(
+            n, "bf16", 3, timing["warmup_s"], 0.2 if (quick or on_cpu) else 1.0, max_calls=100_000
+        )
+        sustained = {
+            "n": n,
+            "seconds": long_s,
+            "flops_per_s": 2 * n**3 / long_s,
+            "relative_to_table": short["seconds"] / long_s,
+        }
     hbm = bench_hbm(hbm_bytes, reps, **timing)
     colls = bench_collectives(coll_bytes, reps, **timing) if len(devices) > 1 else []
 
@@ -161,32 +183,58 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
     collective = gathers[0] / level_bw if gathers and level_bw else base.efficiency.collective
     if "bf16" not in table:  # the loader needs a bf16 table; keep the catalog's if bf16 failed
         table["bf16"] = [list(p) for p in base.efficiency.matmul["bf16"]]
-    eff = Efficiency(matmul=table, hbm=hbm / base.chip.hbm_bytes_per_s, collective=collective,
-                     source=source + ("" if gathers else "; collective efficiency from the catalog (one device)"),
-                     sustained=min(1.0, sustained["relative_to_table"]) if sustained else 1.0)
-    hw = Hardware(name=f"{base.name}-measured", kind="system", chip=base.chip, efficiency=eff,
-                  devices=len(devices), levels=base.levels,
-                  sources={**dict(base.sources), "efficiency": source},
-                  tpu_generation=base.tpu_generation, memory_reserve_bytes=base.memory_reserve_bytes,
-                  description=f"{base.description} [{source}]")
+    eff = Efficiency(
+        matmul=table,
+        hbm=hbm / base.chip.hbm_bytes_per_s,
+        collective=collective,
+        source=source + ("" if gathers else "; collective efficiency from the catalog (one device)"),
+        sustained=min(1.0, sustained["relative_to_table"]) if sustained else 1.0,
+    )
+    hw = Hardware(
+        name=f"{base.name}-measured",
+        kind="system",
+        chip=base.chip,
+        efficiency=eff,
+        devices=len(devices),
+        levels=base.levels,
+        sources={**dict(base.sources), "efficiency": source},
+        tpu_generation=base.tpu_generation,
+        memory_reserve_bytes=base.memory_reserve_bytes,
+        description=f"{base.description} [{source}]",
+    )
     if len(devices) > 1:
         hw = hw.with_devices(len(devices))
-    measurements = {"device_kind": kind, "platform": platform, "devices": len(devices), "matmul": matmul,
-                    "sustained_matmul": sustained, "hbm_bytes_per_s": hbm, "collectives": colls, "wall_s": time.perf_counter() - t0}
+    measurements = {
+        "device_kind": kind,
+        "platform": platform,
+        "devices": len(devices),
+        "matmul": matmul,
+        "sustained_matmul": sustained,
+        "hbm_bytes_per_s": hbm,
+        "collectives": colls,
+        "wall_s": time.perf_counter() - t0,
+    }
     profile = {**hw.to_json(), "measurements": _plain(measurements)}
     if out_path:
         with open(out_path, "w") as f:
             yaml.safe_dump(profile, f, sort_keys=False)
-    return {**_plain(measurements), "catalog_base": base.name, "source": source, "profile": profile,
-            "out_path": out_path}
+    return {
+        **_plain(measurements),
+        "catalog_base": base.name,
+        "source": source,
+        "profile": profile,
+        "out_path": out_path,
+    }
 
 
 def cpu_warning(result: dict[str, Any]) -> str | None:
     """The caveat a CPU measurement needs: its numbers describe the host, not any accelerator."""
     if result.get("platform") != "cpu":
         return None
-    return ("warning: calibrate measured the host CPU (no GPU or TPU is attached, or JAX was pinned to the CPU); "
-            "this profile describes this machine's CPU, not an accelerator - do not plan GPU/TPU runs with it")
+    return (
+        "warning: calibrate measured the host CPU (no GPU or TPU is attached, or JAX was pinned to the CPU); "
+        "this profile describes this machine's CPU, not an accelerator - do not plan GPU/TPU runs with it"
+    )
 
 
 def render_calibration(result: dict[str, Any]):
@@ -201,8 +249,12 @@ def render_calibration(result: dict[str, Any]):
     warning = cpu_warning(result)
     if warning:
         parts.append(Text(warning, style="bold yellow"))
-    parts.append(Text(f"{result['devices']} × {result['device_kind']} ({result['platform']}), compared with the "
-                      f"catalog's {result['catalog_base']}; {result['wall_s']:.1f} s"))
+    parts.append(
+        Text(
+            f"{result['devices']} × {result['device_kind']} ({result['platform']}), compared with the "
+            f"catalog's {result['catalog_base']}; {result['wall_s']:.1f} s"
+        )
+    )
     t = Table(title="matmul (n × n × n)")
     for col in ("dtype", "n", "time", "throughput", "of peak"):
         t.add_column(col, justify="left" if col == "dtype" else "right")
@@ -210,15 +262,22 @@ def render_calibration(result: dict[str, Any]):
         if "error" in r:
             t.add_row(r["dtype"], str(r["n"]), "-", "-", r["error"][:60])
             continue
-        t.add_row(r["dtype"], str(r["n"]), f"{r['seconds'] * 1e3:.3g} ms", fmt_si(r["flops_per_s"], "FLOP/s"),
-                  f"{r['fraction']:.1%}" if "fraction" in r else "-")
+        t.add_row(
+            r["dtype"],
+            str(r["n"]),
+            f"{r['seconds'] * 1e3:.3g} ms",
+            fmt_si(r["flops_per_s"], "FLOP/s"),
+            f"{r['fraction']:.1%}" if "fraction" in r else "-",
+        )
     parts.append(t)
     eff = result["profile"]["efficiency"]
     s = result.get("sustained_matmul")
     lines = [f"HBM streaming: {fmt_si(result['hbm_bytes_per_s'], 'B/s')} ({eff['hbm']:.1%} of the datasheet)"]
     if s:
-        lines.append(f"sustained bf16 matmul (n={s['n']}, >= 1 s runs): {fmt_si(s['flops_per_s'], 'FLOP/s')}, "
-                     f"{s['relative_to_table']:.2f}× the short runs (efficiency.sustained {eff['sustained']:.2f})")
+        lines.append(
+            f"sustained bf16 matmul (n={s['n']}, >= 1 s runs): {fmt_si(s['flops_per_s'], 'FLOP/s')}, "
+            f"{s['relative_to_table']:.2f}× the short runs (efficiency.sustained {eff['sustained']:.2f})"
+        )
     parts.append(Text("\n".join(lines)))
     if result["collectives"]:
         c = Table(title=f"collectives over {result['devices']} devices")
@@ -228,13 +287,24 @@ def render_calibration(result: dict[str, Any]):
             if "error" in r:
                 c.add_row(r["kind"], "-", "-", r["error"][:60])
             else:
-                c.add_row(r["kind"], fmt_bytes(r["bytes"]), f"{r['seconds'] * 1e3:.3g} ms",
-                          fmt_si(r["bytes_per_s"], "B/s"))
+                c.add_row(
+                    r["kind"],
+                    fmt_bytes(r["bytes"]),
+                    f"{r['seconds'] * 1e3:.3g} ms",
+                    fmt_si(r["bytes_per_s"], "B/s"),
+                )
         parts.append(c)
     else:
-        parts.append(Text("collectives: one device, nothing to measure (collective efficiency kept from the catalog)"))
-    parts.append(Text(f"profile written to {result['out_path']} (use it as --hardware {result['out_path']})"
-                      if result.get("out_path") else "no profile written (pass --out FILE to keep one)"))
+        parts.append(
+            Text("collectives: one device, nothing to measure (collective efficiency kept from the catalog)")
+        )
+    parts.append(
+        Text(
+            f"profile written to {result['out_path']} (use it as --hardware {result['out_path']})"
+            if result.get("out_path")
+            else "no profile written (pass --out FILE to keep one)"
+        )
+    )
     return Group(*parts)
 
 

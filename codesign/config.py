@@ -110,28 +110,42 @@ class ModelConfig:
                 raise ConfigError(f"model {self.name!r}: {msg}")
 
         need(self.attention in ATTENTION_KINDS, f"attention={self.attention!r}; use one of {ATTENTION_KINDS}")
-        need(self.ffn_activation in FFN_ACTIVATIONS,
-             f"ffn_activation={self.ffn_activation!r}; use one of {FFN_ACTIVATIONS}")
-        need(self.ffn_gate_activation in GATE_ACTIVATIONS,
-             f"ffn_gate_activation={self.ffn_gate_activation!r}; use one of {GATE_ACTIVATIONS}")
+        need(
+            self.ffn_activation in FFN_ACTIVATIONS,
+            f"ffn_activation={self.ffn_activation!r}; use one of {FFN_ACTIVATIONS}",
+        )
+        need(
+            self.ffn_gate_activation in GATE_ACTIVATIONS,
+            f"ffn_gate_activation={self.ffn_gate_activation!r}; use one of {GATE_ACTIVATIONS}",
+        )
         need(self.router in ROUTERS, f"router={self.router!r}; use one of {ROUTERS}")
         for f in ("vocab_size", "hidden", "layers", "heads"):
             need(getattr(self, f) > 0, f"{f} must be positive")
-        need(self.heads % self.kv_heads == 0,
-             f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
+        need(
+            self.heads % self.kv_heads == 0,
+            f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}",
+        )
         if self.attention == "mla":
-            need(self.kv_lora_rank > 0 and self.qk_rope_head_dim > 0 and self.qk_nope_head_dim > 0
-                 and self.v_head_dim > 0,
-                 "MLA needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0")
+            need(
+                self.kv_lora_rank > 0
+                and self.qk_rope_head_dim > 0
+                and self.qk_nope_head_dim > 0
+                and self.v_head_dim > 0,
+                "MLA needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim > 0",
+            )
         if self.is_moe:
-            need(0 < self.experts_per_token <= self.n_routed_experts,
-                 f"experts_per_token={self.experts_per_token} must be in 1..n_routed_experts")
+            need(
+                0 < self.experts_per_token <= self.n_routed_experts,
+                f"experts_per_token={self.experts_per_token} must be in 1..n_routed_experts",
+            )
             need(self.moe_mlp_dim > 0, "MoE needs moe_mlp_dim > 0")
             need(0 <= self.first_dense_layers < self.layers, "first_dense_layers must be < layers")
             # The experts (codesign.models.moe) are SwiGLU only; anything else would be counted one way
             # and built another.
-            need(self.ffn_activation == "swiglu" and self.ffn_gate_activation == "silu",
-                 "MoE experts are SwiGLU only; use ffn_activation='swiglu', ffn_gate_activation='silu'")
+            need(
+                self.ffn_activation == "swiglu" and self.ffn_gate_activation == "silu",
+                "MoE experts are SwiGLU only; use ffn_activation='swiglu', ffn_gate_activation='silu'",
+            )
         if self.dense_layers:
             need(self.mlp_dim > 0, "mlp_dim must be positive for dense FFN layers")
 
@@ -157,8 +171,14 @@ class ModelConfig:
         checkpoint metadata) stay byte-identical.
         """
         d = self.to_json()
-        for k in ("published_params_total", "published_params_active", "source",
-                  "published_active_excludes_embedding", "published_rounding", "notes"):
+        for k in (
+            "published_params_total",
+            "published_params_active",
+            "source",
+            "published_active_excludes_embedding",
+            "published_rounding",
+            "notes",
+        ):
             d.pop(k)
         if d["ffn_gate_activation"] == "silu":
             d.pop("ffn_gate_activation")
@@ -173,8 +193,16 @@ ATTENTION_IMPLS = ("xla", "cudnn")
 
 
 # Short names users type, mapped to the dtype names numpy/ml_dtypes know.
-_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16",
-                  "fp8": "float8_e4m3fn", "float8": "float8_e4m3fn", "fp4": "float4_e2m1fn"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "f16": "float16",
+    "fp8": "float8_e4m3fn",
+    "float8": "float8_e4m3fn",
+    "fp4": "float4_e2m1fn",
+}
 
 
 def dtype_bytes(name: str) -> float:
@@ -187,8 +215,10 @@ def dtype_bytes(name: str) -> float:
     try:
         dt = np.dtype(getattr(ml_dtypes, key)) if hasattr(ml_dtypes, key) else np.dtype(key)
     except TypeError:
-        raise ConfigError(f"unknown dtype {name!r}; use a numpy/ml_dtypes name such as float32, bfloat16, "
-                          f"float8_e4m3fn, int8, int4, or a short name ({', '.join(_DTYPE_ALIASES)})") from None
+        raise ConfigError(
+            f"unknown dtype {name!r}; use a numpy/ml_dtypes name such as float32, bfloat16, "
+            f"float8_e4m3fn, int8, int4, or a short name ({', '.join(_DTYPE_ALIASES)})"
+        ) from None
     for info in (ml_dtypes.finfo, ml_dtypes.iinfo):
         try:
             return info(dt).bits / 8
@@ -212,7 +242,9 @@ class Workload:
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
         if self.global_batch <= 0 or self.seq_len <= 0:
-            raise ConfigError(f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive")
+            raise ConfigError(
+                f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive"
+            )
 
     @property
     def param_bytes(self) -> float:
@@ -241,8 +273,11 @@ class Workload:
         return cls(**d)
 
 
-def default_workload(cfg: ModelConfig, n_devices: int, global_batch: int | None = None,
-                     seq_len: int | None = None) -> Workload:
+def default_workload(
+    cfg: ModelConfig, n_devices: int, global_batch: int | None = None, seq_len: int | None = None
+) -> Workload:
     """The preset's default workload: 4 sequences per device of 4096 tokens (64 for tiny test models)."""
     tiny = cfg.name.startswith("tiny")
-    return Workload(global_batch=global_batch or max(8, 4 * n_devices), seq_len=seq_len or (64 if tiny else 4096))
+    return Workload(
+        global_batch=global_batch or max(8, 4 * n_devices), seq_len=seq_len or (64 if tiny else 4096)
+    )

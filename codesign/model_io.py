@@ -49,18 +49,39 @@ SUPPORTED: dict[str, tuple[str, tuple[str, ...]]] = {
 # Model types known not to be decoder-only transformers the zoo builds, with the reason.
 _REFUSED = {
     **dict.fromkeys(("mamba", "mamba2", "falcon_mamba"), "state-space"),
-    **dict.fromkeys(("jamba", "zamba", "zamba2", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid"),
-                    "hybrid attention/state-space"),
+    **dict.fromkeys(
+        ("jamba", "zamba", "zamba2", "bamba", "falcon_h1", "nemotron_h", "granitemoehybrid"),
+        "hybrid attention/state-space",
+    ),
     **dict.fromkeys(("rwkv", "rwkv5", "rwkv6", "recurrent_gemma", "xlstm"), "recurrent"),
     **dict.fromkeys(("t5", "mt5", "umt5", "bart", "mbart", "whisper"), "encoder-decoder"),
     **dict.fromkeys(("bert", "roberta", "deberta", "deberta-v2", "modernbert"), "encoder-only"),
-    **dict.fromkeys(("gemma3", "llava", "llava_next", "mllama", "qwen2_vl", "qwen2_5_vl", "idefics3",
-                     "paligemma", "llama4"), "multimodal"),
+    **dict.fromkeys(
+        (
+            "gemma3",
+            "llava",
+            "llava_next",
+            "mllama",
+            "qwen2_vl",
+            "qwen2_5_vl",
+            "idefics3",
+            "paligemma",
+            "llama4",
+        ),
+        "multimodal",
+    ),
 }
 _ARCH_TO_TYPE = {arch: mt for mt, (_, archs) in SUPPORTED.items() for arch in archs}
 _TIED_BY_DEFAULT = ("gemma", "gemma2")  # HF config-class defaults when tie_word_embeddings is absent
-_GATE_ACT = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_new": "gelu",
-             "gelu_fast": "gelu", "gelu_python": "gelu"}
+_GATE_ACT = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "gelu_new": "gelu",
+    "gelu_fast": "gelu",
+    "gelu_python": "gelu",
+}
 
 
 def load_model_config(spec: str) -> ModelConfig:
@@ -102,28 +123,34 @@ def model_type_of(d: dict[str, Any], name: str) -> str:
     """The config's model_type, checked against the zoo (and its architectures against the model type)."""
     archs = d.get("architectures") or []
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-        raise ConfigError(f"config.json for {name!r}: architectures must be a list of class names, "
-                          f"got {archs!r}")
+        raise ConfigError(
+            f"config.json for {name!r}: architectures must be a list of class names, got {archs!r}"
+        )
     mt = d.get("model_type")
     if mt is None:
         known = [_ARCH_TO_TYPE[a] for a in archs if a in _ARCH_TO_TYPE]
         if not known:
             what = f"architectures {archs}" if archs else "no model_type or architectures"
-            raise ConfigError(f"config.json for {name!r} has {what}; codesign reads model types "
-                              f"{supported_model_types()} (add the right \"model_type\")")
+            raise ConfigError(
+                f"config.json for {name!r} has {what}; codesign reads model types "
+                f'{supported_model_types()} (add the right "model_type")'
+            )
         mt = known[0]
     if not isinstance(mt, str):
         raise ConfigError(f"config.json for {name!r}: model_type must be a string, got {mt!r}")
     if mt in _REFUSED:
-        raise ConfigError(f"model_type {mt} ({_REFUSED[mt]}) is not supported; "
-                          f"supported: {supported_model_types()}")
+        raise ConfigError(
+            f"model_type {mt} ({_REFUSED[mt]}) is not supported; supported: {supported_model_types()}"
+        )
     if mt not in SUPPORTED:
         raise ConfigError(f"model_type {mt} is not supported; supported: {supported_model_types()}")
     expected = SUPPORTED[mt][1]
     stray = [a for a in archs if a not in expected]
     if stray:
-        raise ConfigError(f"model_type {mt}: architectures {stray} are not a causal LM codesign builds; "
-                          f"expected {', '.join(expected)}")
+        raise ConfigError(
+            f"model_type {mt}: architectures {stray} are not a causal LM codesign builds; "
+            f"expected {', '.join(expected)}"
+        )
     return mt
 
 
@@ -176,10 +203,16 @@ def from_hf_config(d: dict[str, Any], name: str = "hf-model") -> ModelConfig:
     hidden, layers = r.int("hidden_size", required=True), r.int("num_hidden_layers", required=True)
     heads = r.int("num_attention_heads", required=True)
     kw: dict[str, Any] = {
-        "name": r.name, "vocab_size": r.int("vocab_size", required=True), "hidden": hidden, "layers": layers,
-        "heads": heads, "kv_heads": r.int("num_key_value_heads") or heads, "head_dim": r.int("head_dim") or 0,
+        "name": r.name,
+        "vocab_size": r.int("vocab_size", required=True),
+        "hidden": hidden,
+        "layers": layers,
+        "heads": heads,
+        "kv_heads": r.int("num_key_value_heads") or heads,
+        "head_dim": r.int("head_dim") or 0,
         "mlp_dim": r.int("intermediate_size", 0),  # the dense FFN width (the MoE families re-read it)
-        "rope_theta": r.num("rope_theta", 10000.0), "norm_eps": r.num("rms_norm_eps", 1e-6),
+        "rope_theta": r.num("rope_theta", 10000.0),
+        "norm_eps": r.num("rms_norm_eps", 1e-6),
         "tie_embeddings": r.flag("tie_word_embeddings", mt in _TIED_BY_DEFAULT),
         "source": f"Hugging Face config.json (model_type {mt}: {', '.join(SUPPORTED[mt][1])})",
     }
@@ -202,9 +235,12 @@ def from_hf_config(d: dict[str, Any], name: str = "hf-model") -> ModelConfig:
         from codesign.arithmetic import param_counts
 
         total = param_counts(cfg).total
-        cfg = cfg.replace(notes=tuple(
-            f"{text}: {n:,} parameters ({_share(n, total)} of the total) left out" if n else text
-            for text, n in notes))
+        cfg = cfg.replace(
+            notes=tuple(
+                f"{text}: {n:,} parameters ({_share(n, total)} of the total) left out" if n else text
+                for text, n in notes
+            )
+        )
     return cfg
 
 
@@ -222,10 +258,16 @@ def _attention(r: _Reader, mt: str, kw: dict, notes: list, hidden: int, head_dim
     if mt in ("deepseek_v2", "deepseek_v3"):
         if not r.int("kv_lora_rank"):
             raise r.fail("config.json lacks 'kv_lora_rank' (multi-head latent attention)")
-        kw.update(attention="mla", q_lora_rank=r.int("q_lora_rank", 0), kv_lora_rank=r.int("kv_lora_rank"),
-                  qk_nope_head_dim=r.int("qk_nope_head_dim", required=True),
-                  qk_rope_head_dim=r.int("qk_rope_head_dim", required=True),
-                  v_head_dim=r.int("v_head_dim", required=True), kv_heads=heads, head_dim=0)
+        kw.update(
+            attention="mla",
+            q_lora_rank=r.int("q_lora_rank", 0),
+            kv_lora_rank=r.int("kv_lora_rank"),
+            qk_nope_head_dim=r.int("qk_nope_head_dim", required=True),
+            qk_rope_head_dim=r.int("qk_rope_head_dim", required=True),
+            v_head_dim=r.int("v_head_dim", required=True),
+            kv_heads=heads,
+            head_dim=0,
+        )
         if r.flag("attention_bias"):
             raise r.fail("attention_bias=true with MLA is not supported")
         return
@@ -234,13 +276,17 @@ def _attention(r: _Reader, mt: str, kw: dict, notes: list, hidden: int, head_dim
         kw["qkv_bias"] = True  # Qwen2 attention: q/k/v projections always carry a bias, o_proj none
     elif mt != "mistral" and r.flag("attention_bias"):
         kw["qkv_bias"] = True  # Llama-style attention_bias: q, k, v *and* o_proj biases
-        _note(notes, "attention_bias also puts a bias on o_proj, which codesign does not build",
-                      hidden * layers)
+        _note(
+            notes, "attention_bias also puts a bias on o_proj, which codesign does not build", hidden * layers
+        )
     if mt in ("qwen3", "qwen3_moe"):
         _note(notes, "QK-norm (RMSNorm over each query and key head) is not modeled", 2 * head_dim * layers)
     if mt == "olmoe":
-        _note(notes, "QK-norm (RMSNorm over the query and key projections) is not modeled",
-                      (heads + kvh) * head_dim * layers)
+        _note(
+            notes,
+            "QK-norm (RMSNorm over the query and key projections) is not modeled",
+            (heads + kvh) * head_dim * layers,
+        )
     _sliding_window(r, mt, notes)
 
 
@@ -257,9 +303,12 @@ def _sliding_window(r: _Reader, mt: str, notes: list) -> None:
     longest = r.int("max_position_embeddings") or 0
     if not window or (longest and window >= longest):
         return  # no window, or one that no sequence the model takes can exceed
-    _note(notes, f"sliding-window attention (window {window}, {where}) is planned as full causal attention: "
-                   f"the same computation for seq_len <= {window}; longer sequences overcount attention "
-                   "FLOPs and memory")
+    _note(
+        notes,
+        f"sliding-window attention (window {window}, {where}) is planned as full causal attention: "
+        f"the same computation for seq_len <= {window}; longer sequences overcount attention "
+        "FLOPs and memory",
+    )
 
 
 def _moe_layout(r: _Reader, mt: str) -> int:
@@ -279,8 +328,10 @@ def _moe_layout(r: _Reader, mt: str) -> int:
     k = is_moe.index(True) if any(is_moe) else layers
     if not all(is_moe[k:]):
         dense_after = [i for i in range(k, layers) if not is_moe[i]]
-        raise r.fail(f"dense FFN layers {dense_after[:4]}{'...' if len(dense_after) > 4 else ''} between MoE "
-                     "layers are not supported (codesign builds k dense layers, then only MoE layers)")
+        raise r.fail(
+            f"dense FFN layers {dense_after[:4]}{'...' if len(dense_after) > 4 else ''} between MoE "
+            "layers are not supported (codesign builds k dense layers, then only MoE layers)"
+        )
     if k == layers:
         raise r.fail("no layer is an MoE layer; load it as the dense model it is (model_type without _moe)")
     return k
@@ -290,67 +341,110 @@ def _moe(r: _Reader, mt: str, kw: dict, notes: list) -> None:
     d, hidden, layers = r.d, kw["hidden"], kw["layers"]
     if mt in ("mixtral", "olmoe"):  # every layer MoE; intermediate_size is the expert width
         experts = r.int("num_local_experts" if mt == "mixtral" else "num_experts", required=True)
-        kw.update(n_routed_experts=experts, experts_per_token=r.int("num_experts_per_tok", required=True),
-                  moe_mlp_dim=r.int("intermediate_size", required=True), mlp_dim=0)
+        kw.update(
+            n_routed_experts=experts,
+            experts_per_token=r.int("num_experts_per_tok", required=True),
+            moe_mlp_dim=r.int("intermediate_size", required=True),
+            mlp_dim=0,
+        )
     elif mt in ("qwen2_moe", "qwen3_moe"):
         first = _moe_layout(r, mt)
         width = r.int("moe_intermediate_size", required=True)
-        kw.update(n_routed_experts=r.int("num_experts", required=True),
-                  experts_per_token=r.int("num_experts_per_tok", required=True), moe_mlp_dim=width,
-                  first_dense_layers=first, mlp_dim=r.int("intermediate_size", 0) if first else 0)
+        kw.update(
+            n_routed_experts=r.int("num_experts", required=True),
+            experts_per_token=r.int("num_experts_per_tok", required=True),
+            moe_mlp_dim=width,
+            first_dense_layers=first,
+            mlp_dim=r.int("intermediate_size", 0) if first else 0,
+        )
         shared = r.int("shared_expert_intermediate_size", 0) if mt == "qwen2_moe" else 0
         if shared:
             if shared % width:
-                raise r.fail(f"shared_expert_intermediate_size={shared} is not a multiple of "
-                             f"moe_intermediate_size={width}; codesign's shared expert is n x that width")
+                raise r.fail(
+                    f"shared_expert_intermediate_size={shared} is not a multiple of "
+                    f"moe_intermediate_size={width}; codesign's shared expert is n x that width"
+                )
             kw["n_shared_experts"] = shared // width
-            _note(notes, "the shared expert's sigmoid gate (shared_expert_gate) is not modeled",
-                          hidden * (layers - first))
+            _note(
+                notes,
+                "the shared expert's sigmoid gate (shared_expert_gate) is not modeled",
+                hidden * (layers - first),
+            )
     elif mt in ("deepseek_v2", "deepseek_v3"):
         first = _moe_layout(r, mt)
-        kw.update(n_routed_experts=r.int("n_routed_experts", required=True),
-                  experts_per_token=r.int("num_experts_per_tok", required=True),
-                  n_shared_experts=r.int("n_shared_experts", 0),
-                  moe_mlp_dim=r.int("moe_intermediate_size", required=True),
-                  first_dense_layers=first, mlp_dim=r.int("intermediate_size", 0) if first else 0)
+        kw.update(
+            n_routed_experts=r.int("n_routed_experts", required=True),
+            experts_per_token=r.int("num_experts_per_tok", required=True),
+            n_shared_experts=r.int("n_shared_experts", 0),
+            moe_mlp_dim=r.int("moe_intermediate_size", required=True),
+            first_dense_layers=first,
+            mlp_dim=r.int("intermediate_size", 0) if first else 0,
+        )
         scoring = d.get("scoring_func", "softmax")
         if scoring not in ("softmax", "sigmoid"):
             raise r.fail(f"scoring_func={scoring!r} is not supported (softmax or sigmoid routers)")
         kw["router"] = scoring
         if mt == "deepseek_v3" or d.get("topk_method") == "noaux_tc":
-            _note(notes, "the router's score-correction bias (e_score_correction_bias) is not modeled",
-                          kw["n_routed_experts"] * (layers - first))
+            _note(
+                notes,
+                "the router's score-correction bias (e_score_correction_bias) is not modeled",
+                kw["n_routed_experts"] * (layers - first),
+            )
         if (r.int("n_group", 1) or 1) > 1 and d.get("topk_method") in ("group_limited_greedy", "noaux_tc"):
             groups = f"n_group={d.get('n_group')}, topk_group={d.get('topk_group')}"
-            _note(notes, f"group-limited routing ({groups}) is planned as plain top-k: same parameters and "
-                          "FLOPs per token")
+            _note(
+                notes,
+                f"group-limited routing ({groups}) is planned as plain top-k: same parameters and "
+                "FLOPs per token",
+            )
         mtp = r.int("num_nextn_predict_layers", 0)
         if mtp:
-            _note(notes, f"the multi-token-prediction module ({mtp} layer) is not modeled; DeepSeek's "
-                          "published totals leave it out too")
+            _note(
+                notes,
+                f"the multi-token-prediction module ({mtp} layer) is not modeled; DeepSeek's "
+                "published totals leave it out too",
+            )
     else:
         return
     renormalized = r.flag("norm_topk_prob", mt == "mixtral")  # Mixtral always renormalizes its top-k
     if kw.get("router", "softmax") == "softmax" and kw["experts_per_token"] > 1 and not renormalized:
-        _note(notes, "HF does not renormalize the top-k gate weights (norm_topk_prob=false); codesign "
-                      "does: same parameters and FLOPs")
+        _note(
+            notes,
+            "HF does not renormalize the top-k gate weights (norm_topk_prob=false); codesign "
+            "does: same parameters and FLOPs",
+        )
 
 
 def _extras(r: _Reader, mt: str, kw: dict, notes: list, hidden: int) -> None:
     layers = kw["layers"]
     if mt == "gemma2":
-        caps = [f"{k.split('_')[0]} {r.d[k]}" for k in ("attn_logit_softcapping", "final_logit_softcapping")
-                if r.d.get(k)]
+        caps = [
+            f"{k.split('_')[0]} {r.d[k]}"
+            for k in ("attn_logit_softcapping", "final_logit_softcapping")
+            if r.d.get(k)
+        ]
         if caps:
-            _note(notes, f"logit soft-capping ({', '.join(caps)}) is not modeled: elementwise tanh, "
-                          "no parameters, negligible FLOPs")
-        _note(notes, "the post-attention and post-FFN RMSNorms (Gemma-2's sandwich norms) are not modeled",
-                      2 * hidden * layers)
+            _note(
+                notes,
+                f"logit soft-capping ({', '.join(caps)}) is not modeled: elementwise tanh, "
+                "no parameters, negligible FLOPs",
+            )
+        _note(
+            notes,
+            "the post-attention and post-FFN RMSNorms (Gemma-2's sandwich norms) are not modeled",
+            2 * hidden * layers,
+        )
     if r.flag("mlp_bias"):
         width = kw.get("mlp_dim") or 0
-        _note(notes, "mlp_bias (gate, up and down projection biases) is not modeled",
-                      (2 * width + hidden) * layers)
+        _note(
+            notes,
+            "mlp_bias (gate, up and down projection biases) is not modeled",
+            (2 * width + hidden) * layers,
+        )
     q = r.d.get("quantization_config")
     if isinstance(q, dict) and q.get("quant_method"):
-        _note(notes, f"the checkpoint is quantized ({q.get('quant_method')}); codesign plans with the "
-                      "workload's param and compute dtypes")
+        _note(
+            notes,
+            f"the checkpoint is quantized ({q.get('quant_method')}); codesign plans with the "
+            "workload's param and compute dtypes",
+        )

@@ -34,18 +34,32 @@ class Plan:
         return None if self.chosen is None else self.candidates[self.chosen]
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema": PLAN_SCHEMA, "model": self.model, "hardware": self.hardware, "workload": self.workload,
-                "search": {**self.search, "rejected": self.rejected}, "candidates": self.candidates,
-                "chosen": self.chosen, "explanation": self.explanation}
+        return {
+            "schema": PLAN_SCHEMA,
+            "model": self.model,
+            "hardware": self.hardware,
+            "workload": self.workload,
+            "search": {**self.search, "rejected": self.rejected},
+            "candidates": self.candidates,
+            "chosen": self.chosen,
+            "explanation": self.explanation,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Plan:
         """The inverse of `to_json` (the analytic point cloud `scored` is not saved, so it comes back empty)."""
         search = dict(d["search"])
         rejected = search.pop("rejected", {})
-        return cls(model=d["model"], hardware=d["hardware"], workload=d["workload"], search=search,
-                   candidates=d["candidates"], chosen=d["chosen"], explanation=list(d.get("explanation", [])),
-                   rejected=rejected)
+        return cls(
+            model=d["model"],
+            hardware=d["hardware"],
+            workload=d["workload"],
+            search=search,
+            candidates=d["candidates"],
+            chosen=d["chosen"],
+            explanation=list(d.get("explanation", [])),
+            rejected=rejected,
+        )
 
     def save(self, path: str) -> None:
         """Atomic write: an interrupted save never leaves a half-written plan behind. Strict JSON (a
@@ -86,10 +100,13 @@ def load_plan(path: str) -> dict[str, Any]:
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
-        raise ConfigError(f"plan file {path!r} is not UTF-8 text (bad byte at offset {e.start}); {_PLAN_FIX}") from None
+        raise ConfigError(
+            f"plan file {path!r} is not UTF-8 text (bad byte at offset {e.start}); {_PLAN_FIX}"
+        ) from None
     except json.JSONDecodeError as e:
-        raise ConfigError(f"plan file {path!r} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); "
-                          f"{_PLAN_FIX}") from None
+        raise ConfigError(
+            f"plan file {path!r} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); {_PLAN_FIX}"
+        ) from None
     except RecursionError:
         raise ConfigError(f"plan file {path!r} is nested too deeply to be a plan; {_PLAN_FIX}") from None
     problem = plan_problem(data)
@@ -108,15 +125,19 @@ def plan_problem(data: Any) -> str | None:
     if not isinstance(cands, list) or not cands:
         return "has no candidates"
     for i, c in enumerate(cands):
-        spec = c.get("strategy", {}).get("spec") if isinstance(c, dict) and isinstance(c.get("strategy"), dict) \
+        spec = (
+            c.get("strategy", {}).get("spec")
+            if isinstance(c, dict) and isinstance(c.get("strategy"), dict)
             else None
+        )
         if not isinstance(spec, str):
             return f"candidate {i} has no strategy.spec string"
         if c.get("step_time_s") is not None and not _is_number(c["step_time_s"]):
             return f"candidate {i} has step_time_s {c['step_time_s']!r:.40}, not a number"
     chosen = data.get("chosen")
-    if chosen is not None and (not isinstance(chosen, int) or isinstance(chosen, bool)
-                               or not 0 <= chosen < len(cands)):
+    if chosen is not None and (
+        not isinstance(chosen, int) or isinstance(chosen, bool) or not 0 <= chosen < len(cands)
+    ):
         return f"chosen is {chosen!r:.40}, but it must index candidates (0..{len(cands) - 1}) or be null"
     workload = data.get("workload", {})
     if not isinstance(workload, dict):
@@ -144,8 +165,10 @@ def _is_number(v: Any) -> bool:
 def chosen_candidate(data: dict[str, Any]) -> dict[str, Any]:
     idx = data.get("chosen")
     if idx is None:
-        raise ConfigError("the plan has no candidate that fits (chosen is null); re-plan with more devices "
-                          "or a smaller batch")
+        raise ConfigError(
+            "the plan has no candidate that fits (chosen is null); re-plan with more devices "
+            "or a smaller batch"
+        )
     if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(data.get("candidates") or []):
         raise ConfigError(f"the plan's chosen is {idx!r}, not an index into its candidates; re-plan")
     return data["candidates"][idx]

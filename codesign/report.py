@@ -34,13 +34,19 @@ class Collective:
 
 OUTCOMES = ("ok", "oom", "error", "timeout")
 # Evidence labels (DESIGN.md): which instrument produced the numbers.
-EVIDENCE_BY_TARGET = {"cpu": "cpu-compile", "tpu": "tpu-aot", "gpu": "gpu-aot", "attached": "attached-compile",
-                      "analytic": "analytic"}
+EVIDENCE_BY_TARGET = {
+    "cpu": "cpu-compile",
+    "tpu": "tpu-aot",
+    "gpu": "gpu-aot",
+    "attached": "attached-compile",
+    "analytic": "analytic",
+}
 
 
 @dataclass(frozen=True)
 class MemoryStats:
     """memory_analysis() of the compiled step, bytes per device; capacity is the target device's."""
+
     argument: int = 0
     output: int = 0
     alias: int = 0
@@ -117,7 +123,8 @@ class CompileReport:
         d["full_mesh"] = tuple((a, int(n)) for a, n in (d.get("full_mesh") or {}).items())
         d["memory"] = MemoryStats(**d["memory"]) if d.get("memory") else None
         d["collectives"] = tuple(
-            Collective(**{**c, "mesh_axes": tuple(c["mesh_axes"])}) for c in d.get("collectives") or ())
+            Collective(**{**c, "mesh_axes": tuple(c["mesh_axes"])}) for c in d.get("collectives") or ()
+        )
         d["while_loops"] = tuple(tuple(w) for w in d.get("while_loops") or ())
         d["notes"] = tuple(d.get("notes") or ())
         d["skipped_examples"] = tuple(d.get("skipped_examples") or ())

@@ -50,15 +50,19 @@ def host_device_requests() -> dict[str, int]:
     out = {}
     raw = os.environ.get("JAX_NUM_CPU_DEVICES")
     found = _HOST_COUNT_FLAG.findall(os.environ.get("XLA_FLAGS", ""))
-    for where, value in (("JAX_NUM_CPU_DEVICES", raw), ("XLA_FLAGS --xla_force_host_platform_device_count",
-                                                        found[-1] if found else None)):
+    for where, value in (
+        ("JAX_NUM_CPU_DEVICES", raw),
+        ("XLA_FLAGS --xla_force_host_platform_device_count", found[-1] if found else None),
+    ):
         if not value:
             continue
         try:
             out[where] = int(value)
         except ValueError:
-            raise EnvironmentConflict(f"{where}={value!r} is not a number; fix or unset it (codesign sets the "
-                                      f"host device count itself)") from None
+            raise EnvironmentConflict(
+                f"{where}={value!r} is not a number; fix or unset it (codesign sets the "
+                f"host device count itself)"
+            ) from None
     return out
 
 
@@ -68,7 +72,8 @@ def check_host_device_flag(devices: int, what: str) -> None:
         if user != devices:
             raise EnvironmentConflict(
                 f"the environment asks for {user} host devices ({where}) but {what} emulates {devices}; remove "
-                f"that setting (codesign sets the count itself) or use --devices {user}")
+                f"that setting (codesign sets the count itself) or use --devices {user}"
+            )
 
 
 def configure(cpu_devices: int | None = None, use_accelerator: bool = False) -> None:
@@ -83,8 +88,10 @@ def configure(cpu_devices: int | None = None, use_accelerator: bool = False) -> 
         import jax
 
         if cpu_devices and jax.device_count() < cpu_devices and jax.default_backend() == "cpu":
-            raise EnvironmentConflict(f"JAX already started with {jax.device_count()} devices; cannot emulate "
-                               f"{cpu_devices}. Run codesign in a fresh process.")
+            raise EnvironmentConflict(
+                f"JAX already started with {jax.device_count()} devices; cannot emulate "
+                f"{cpu_devices}. Run codesign in a fresh process."
+            )
         return
     silence_tpu_runtime_noise()
     on_host = not (use_accelerator and accelerator_present())

@@ -73,12 +73,17 @@ class OptimizerConfig:
     def build(self, state_dtype: str | None = None) -> optax.GradientTransformation:
         """AdamW with clipping; `state_dtype` is the moments' dtype (`Workload.optimizer_state_dtype`)."""
         sched = optax.warmup_cosine_decay_schedule(
-            0.0, self.learning_rate, max(1, self.warmup_steps), max(self.total_steps, self.warmup_steps + 1),
-            end_value=self.learning_rate * self.min_lr_ratio)
+            0.0,
+            self.learning_rate,
+            max(1, self.warmup_steps),
+            max(self.total_steps, self.warmup_steps + 1),
+            end_value=self.learning_rate * self.min_lr_ratio,
+        )
         mu_dtype = _dtype(state_dtype) if state_dtype else None
-        return optax.chain(optax.clip_by_global_norm(self.clip_norm),
-                           optax.adamw(sched, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay,
-                                       mu_dtype=mu_dtype))
+        return optax.chain(
+            optax.clip_by_global_norm(self.clip_norm),
+            optax.adamw(sched, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, mu_dtype=mu_dtype),
+        )
 
 
 def _dtype(name: str):
@@ -86,8 +91,17 @@ def _dtype(name: str):
 
 
 class TrainProgram:
-    def __init__(self, cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh: Mesh, *,
-                 rules: Rules | None = None, optimizer: OptimizerConfig | None = None, strict: bool = True):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        workload: Workload,
+        strategy: Strategy,
+        mesh: Mesh,
+        *,
+        rules: Rules | None = None,
+        optimizer: OptimizerConfig | None = None,
+        strict: bool = True,
+    ):
         self.cfg, self.workload, self.strategy, self.mesh = cfg, workload, strategy, mesh
         self.rules = rules or default_rules(strategy)
         self.opt_cfg = optimizer or OptimizerConfig()
@@ -98,12 +112,20 @@ class TrainProgram:
         b = workload.global_batch
         shards = self.strategy.batch_shards
         if b % shards:
-            raise StrategyError(f"global batch {b} is not divisible by the batch shards "
-                                f"data*fsdp*expert={shards} of {strategy.spec}")
+            raise StrategyError(
+                f"global batch {b} is not divisible by the batch shards "
+                f"data*fsdp*expert={shards} of {strategy.spec}"
+            )
         if (b // shards) % strategy.microbatches:
-            raise StrategyError(f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}")
-        self.model_kwargs = {"dtype": _dtype(workload.dtype), "param_dtype": _dtype(workload.param_dtype),
-                             "remat": strategy.remat, "attention_impl": self.attention_impl}
+            raise StrategyError(
+                f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}"
+            )
+        self.model_kwargs = {
+            "dtype": _dtype(workload.dtype),
+            "param_dtype": _dtype(workload.param_dtype),
+            "remat": strategy.remat,
+            "attention_impl": self.attention_impl,
+        }
 
     # -- abstract structure ------------------------------------------------------------------
     @cached_property
@@ -141,8 +163,9 @@ class TrainProgram:
     @cached_property
     def abstract_params(self):
         shapes = nnx.to_pure_dict(self._abstract[1])
-        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, self.param_shardings)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.param_shardings
+        )
 
     @cached_property
     def optimizer(self) -> optax.GradientTransformation:
@@ -154,8 +177,13 @@ class TrainProgram:
         """Mesh axes (size > 1) that split the batch and shard no param: pure data replicas, over which
         gradients are accumulated unreduced and reduced once per step. In batch-spec order."""
         entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
-        used = {a for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-                for e in spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+        used = {
+            a
+            for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+            for e in spec
+            if e is not None
+            for a in ((e,) if isinstance(e, str) else e)
+        }
         batch = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         return tuple(a for a in batch if self.mesh_sizes.get(a, 1) > 1 and a not in used)
 
@@ -166,11 +194,24 @@ class TrainProgram:
         if level == 0:
             return 0, self.param_specs, ()
         if "data" not in self.replica_axes:
-            why = ("the data axis has size 1" if self.mesh_sizes.get("data", 1) == 1
-                   else "the rules shard params over data, so it is not a pure replica axis")
-            return 0, self.param_specs, (Dropped("opt_state", f"zero={level}", "data", f"{why}; zero ignored"),)
-        specs, dropped = zero_specs(self.param_specs, nnx.to_pure_dict(self._abstract[1]), self.logical_axes,
-                                    self.rules, self.mesh_sizes, level)
+            why = (
+                "the data axis has size 1"
+                if self.mesh_sizes.get("data", 1) == 1
+                else "the rules shard params over data, so it is not a pure replica axis"
+            )
+            return (
+                0,
+                self.param_specs,
+                (Dropped("opt_state", f"zero={level}", "data", f"{why}; zero ignored"),),
+            )
+        specs, dropped = zero_specs(
+            self.param_specs,
+            nnx.to_pure_dict(self._abstract[1]),
+            self.logical_axes,
+            self.rules,
+            self.mesh_sizes,
+            level,
+        )
         return level, specs, dropped
 
     @property
@@ -187,8 +228,10 @@ class TrainProgram:
     def opt_state_shardings(self):
         """Optimizer leaves mirror their param's gradient sharding (matched by path suffix); scalars
         replicate."""
-        by_path = {tuple(path_str(p).split("/")): sh for p, sh in
-                   jax.tree_util.tree_flatten_with_path(self.grad_shardings)[0]}
+        by_path = {
+            tuple(path_str(p).split("/")): sh
+            for p, sh in jax.tree_util.tree_flatten_with_path(self.grad_shardings)[0]
+        }
         abstract = jax.eval_shape(self.optimizer.init, self.abstract_params)
         replicated = NamedSharding(self.mesh, PartitionSpec())
 
@@ -204,21 +247,32 @@ class TrainProgram:
 
     @cached_property
     def state_shardings(self) -> dict:
-        return {"params": self.param_shardings, "opt_state": self.opt_state_shardings,
-                "step": NamedSharding(self.mesh, PartitionSpec())}
+        return {
+            "params": self.param_shardings,
+            "opt_state": self.opt_state_shardings,
+            "step": NamedSharding(self.mesh, PartitionSpec()),
+        }
 
     @cached_property
     def abstract_state(self) -> dict:
-        abstract = {"params": self.abstract_params,
-                    "opt_state": jax.eval_shape(self.optimizer.init, self.abstract_params),
-                    "step": jax.ShapeDtypeStruct((), jnp.int32)}
-        return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                            abstract, self.state_shardings)
+        abstract = {
+            "params": self.abstract_params,
+            "opt_state": jax.eval_shape(self.optimizer.init, self.abstract_params),
+            "step": jax.ShapeDtypeStruct((), jnp.int32),
+        }
+        return jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, self.state_shardings
+        )
 
     @cached_property
     def batch_sharding(self) -> NamedSharding:
-        spec, _ = self.rules.resolve((A.ACT_BATCH, None), (self.workload.global_batch, self.workload.seq_len + 1),
-                                     self.mesh_sizes, path="batch", strict=False)
+        spec, _ = self.rules.resolve(
+            (A.ACT_BATCH, None),
+            (self.workload.global_batch, self.workload.seq_len + 1),
+            self.mesh_sizes,
+            path="batch",
+            strict=False,
+        )
         return NamedSharding(self.mesh, spec)
 
     @property
@@ -276,6 +330,7 @@ class TrainProgram:
         does for every weight before use. Without it, the partitioner meets a gather from a
         [vocab/tensor, embed/fsdp] table with [data, batch/fsdp] indices by all-gathering the looked-up
         activations over data, once per microbatch (seen on the cpu and v5e targets)."""
+
         def one(axes, spec):
             if not axes or axes[0] != A.VOCAB:
                 return spec
@@ -320,13 +375,20 @@ class TrainProgram:
                 x = jax.lax.psum(x, rest)
             if level:
                 d = axis_dim(spec, "data")
-                x = jax.lax.psum(x, "data") if d is None else \
-                    jax.lax.psum_scatter(x, "data", scatter_dimension=d, tiled=True)
+                x = (
+                    jax.lax.psum(x, "data")
+                    if d is None
+                    else jax.lax.psum_scatter(x, "data", scatter_dimension=d, tiled=True)
+                )
             return x
 
         out_specs = self._zero[1]
-        f = _compat.shard_map(lambda xs: jax.tree.map(one, out_specs, xs, is_leaf=self._is_spec),
-                              mesh=self.mesh, in_specs=(self._stacked_specs,), out_specs=out_specs)
+        f = _compat.shard_map(
+            lambda xs: jax.tree.map(one, out_specs, xs, is_leaf=self._is_spec),
+            mesh=self.mesh,
+            in_specs=(self._stacked_specs,),
+            out_specs=out_specs,
+        )
         return f(stacked)
 
     def _grads(self, params, tokens):
@@ -357,8 +419,11 @@ class TrainProgram:
 
             acc_sh = self.grad_shardings if per_mb else named(self.mesh, self._stacked_specs)
             lead = () if per_mb else (n // mb,)
-            zeros = jax.tree.map(lambda p, sh: jax.lax.with_sharding_constraint(
-                jnp.zeros(lead + p.shape, p.dtype), sh), params, acc_sh)
+            zeros = jax.tree.map(
+                lambda p, sh: jax.lax.with_sharding_constraint(jnp.zeros(lead + p.shape, p.dtype), sh),
+                params,
+                acc_sh,
+            )
             ce0 = jnp.zeros((n // mb,), jnp.float32)
             (ce, g), _ = jax.lax.scan(acc, (ce0, zeros), self._split(tokens))
             g = g if per_mb else self._reduce(g)
@@ -380,8 +445,12 @@ class TrainProgram:
     @cached_property
     def step_fn(self):
         metrics_sh = {"loss": NamedSharding(self.mesh, PartitionSpec())}
-        return jax.jit(self._step, in_shardings=(self.state_shardings, self.batch_sharding),
-                       out_shardings=(self.state_shardings, metrics_sh), donate_argnums=(0,))
+        return jax.jit(
+            self._step,
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, metrics_sh),
+            donate_argnums=(0,),
+        )
 
     def _init(self, key):
         with nnx.use_eager_sharding(False):
@@ -397,8 +466,9 @@ class TrainProgram:
         return self.step_fn.lower(self.abstract_state, self.abstract_batch)
 
     def with_strategy(self, strategy: Strategy, mesh: Mesh) -> TrainProgram:
-        return TrainProgram(self.cfg, self.workload, strategy, mesh, rules=None, optimizer=self.opt_cfg,
-                            strict=self.strict)
+        return TrainProgram(
+            self.cfg, self.workload, strategy, mesh, rules=None, optimizer=self.opt_cfg, strict=self.strict
+        )
 
 
 def replace_workload(w: Workload, **kw) -> Workload:

@@ -42,14 +42,17 @@ def read_yaml(path: str | os.PathLike, what: str, error: type[Exception], expect
         where = f" line {e.problem_mark.line + 1}" if e.problem_mark else ""
         tag = _one_line(e.problem).removeprefix("could not determine a constructor for the tag ")
         if "constructor for the tag" in _one_line(e.problem):
-            raise error(f"{what} {name!r}{where}: the YAML tag {tag} is not allowed (codesign reads plain "
-                        f"YAML and never builds Python objects from a file); remove the tag") from None
+            raise error(
+                f"{what} {name!r}{where}: the YAML tag {tag} is not allowed (codesign reads plain "
+                f"YAML and never builds Python objects from a file); remove the tag"
+            ) from None
         raise error(f"{what} {name!r}{where}: {_one_line(e.problem)}; {expected}") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
-        raise error(f"{what} {name!r} is not valid YAML{where}: {_one_line(e.problem or e.context)}; "
-                    f"{expected}") from None
+        raise error(
+            f"{what} {name!r} is not valid YAML{where}: {_one_line(e.problem or e.context)}; {expected}"
+        ) from None
     except yaml.YAMLError as e:
         raise error(f"{what} {name!r} is not valid YAML: {_one_line(e)}; {expected}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as e:

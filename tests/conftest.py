@@ -40,4 +40,6 @@ def require_devices(n: int) -> None:
     """Skip the calling test when fewer than n devices exist (with the reason)."""
     have = len(jax.devices())
     if have < n:
-        pytest.skip(f"needs {n} devices, the test process has {have} (tests/conftest.py sets {N_TEST_DEVICES})")
+        pytest.skip(
+            f"needs {n} devices, the test process has {have} (tests/conftest.py sets {N_TEST_DEVICES})"
+        )

@@ -89,8 +89,11 @@ def test_param_table_matches_closed_form_counts():
 
 def test_sharding_follows_default_rules():
     cfg = get_preset("tiny-moe")
-    by = {sp.group.name: sp for sp in sharded_params(cfg, Strategy.parse("fsdp=2,expert=2,tensor=2"))
-          if sp.group.where == "moe"}
+    by = {
+        sp.group.name: sp
+        for sp in sharded_params(cfg, Strategy.parse("fsdp=2,expert=2,tensor=2"))
+        if sp.group.where == "moe"
+    }
     assert by["moe.w_up"].axes == ("expert", "fsdp", "tensor") and by["moe.w_up"].shards == 8
     assert by["moe.router"].axes == ("fsdp",)
     assert by["attn_norm"].axes == ("fsdp",)
@@ -110,6 +113,51 @@ def test_memory_model_orderings():
     assert tp.logits == pytest.approx(m["full"].logits / 8)
     dense = param_counts(cfg).total * 4
     assert analytic_memory(cfg, wl, Strategy.parse("data=8")).params == pytest.approx(dense)
+
+
+def test_memory_model_names_each_term_and_follows_policy_and_sp():
+    cfg = get_preset("llama3-8b")
+    wl = Workload(global_batch=64, seq_len=4096)
+    m = {
+        r: analytic_memory(cfg, wl, Strategy.parse(f"fsdp=8,tensor=4,remat={r}"))
+        for r in ("none", "selective", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full", "offload")
+    }
+    order = [
+        m[r].saved_activations
+        for r in ("none", "selective", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")
+    ]
+    assert order == sorted(order, reverse=True) and len(set(order)) == len(order)
+    # Offload keeps the layer inputs on device and the minimal set in host memory (not in the total).
+    assert m["offload"].saved_activations == m["full"].saved_activations
+    kept = m["minimal"].saved_activations - m["full"].saved_activations
+    assert m["offload"].host_offloaded == pytest.approx(kept)
+    # Selective drops exactly the scores and probabilities XLA's attention would keep.
+    b, s, n = 64 / 8, 4096, cfg.heads / 4
+    scores = cfg.layers * b * s * n * s * 6
+    assert m["none"].saved_activations - m["selective"].saved_activations == pytest.approx(scores)
+    full, sp = m["full"], analytic_memory(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full,sp=1"))
+    # Full remat keeps each layer's input: sequence-sharded over tensor under sp.
+    assert sp.saved_activations == pytest.approx(full.saved_activations / 4)
+    assert sp.params == full.params and sp.logits == full.logits
+    j = sp.to_json()
+    assert j["total"] == pytest.approx(sp.total)
+    assert {"saved_activations", "layer_transient", "host_offloaded"} <= set(j)
+    assert sp.as_stats().peak == int(sp.total)
+
+
+def test_sp_turns_tensor_all_reduces_into_reduce_scatters_in_the_closed_form():
+    cfg, wl = get_preset("llama3-8b"), Workload(global_batch=64, seq_len=4096)
+    off = analytic_report(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full"), platform="tpu")
+    on = analytic_report(cfg, wl, Strategy.parse("fsdp=8,tensor=4,remat=full,sp=1"), platform="tpu")
+
+    def t(rep, kind):
+        return sum(c.bytes * c.count for c in rep.collectives if c.kind == kind and "tensor" in c.mesh_axes)
+
+    # The same reductions, as reduce-scatters; each block's input and output gradient gathered.
+    assert t(on, "reduce-scatter") == pytest.approx(t(off, "all-reduce") - t(on, "all-reduce"))
+    u = 64 / 8 * 4096 * cfg.hidden * 2
+    assert t(on, "all-gather") == pytest.approx((6 * cfg.layers + 2) * u)
+    assert on.matmul_flops == off.matmul_flops and on.flops < off.flops  # norms on 1/tensor of the positions
 
 
 def test_pipeline_stage_is_a_fraction_of_the_model():
@@ -134,8 +182,9 @@ def test_analytic_prescreen_costs_every_candidate():
 
 
 @pytest.mark.tpu
-@pytest.mark.parametrize("remat,lo,hi", [("dots", 0.75, 1.25),
-                                         pytest.param("none", 0.55, 1.0, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "remat,lo,hi", [("dots", 0.75, 1.25), pytest.param("none", 0.55, 1.0, marks=pytest.mark.slow)]
+)
 def test_memory_bound_traffic_against_the_tpu_compiler(remat, lo, hi):
     """The closed form's kernel count of memory-bound traffic (everything outside matmul fusions)
     against the real TPU compiler's HLO (v5e, one chip, a 2-layer d256 LLaMA-style model, XLA
@@ -146,8 +195,9 @@ def test_memory_bound_traffic_against_the_tpu_compiler(remat, lo, hi):
     from codesign.compile.targets import compile_candidate
     from codesign.config import ModelConfig
 
-    cfg = ModelConfig(name="d256", vocab_size=4096, hidden=256, layers=2, heads=4, kv_heads=4, mlp_dim=704,
-                      attention="mha")
+    cfg = ModelConfig(
+        name="d256", vocab_size=4096, hidden=256, layers=2, heads=4, kv_heads=4, mlp_dim=704, attention="mha"
+    )
     w, s = Workload(global_batch=8, seq_len=512), Strategy.parse(f"data=1,remat={remat}")
     rep = compile_candidate(cfg, w, s, load_hardware("tpu-v5e", devices=1), "tpu")
     assert rep.outcome == "ok" and rep.hlo_analyzed, rep.message
@@ -165,6 +215,43 @@ def test_memory_model_optimizer_bytes_are_what_optax_allocates(param_dtype):
     wl = Workload(global_batch=8, seq_len=32, param_dtype=param_dtype)
     prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()[:8]))
     opt, shardings = prog.abstract_state["opt_state"], prog.opt_state_shardings
-    per_device = sum(leaf.size * leaf.dtype.itemsize / (leaf.size / math.prod(sh.shard_shape(leaf.shape)))
-                     for leaf, sh in zip(jax.tree.leaves(opt), jax.tree.leaves(shardings)) if leaf.ndim)
+    per_device = sum(
+        leaf.size * leaf.dtype.itemsize / (leaf.size / math.prod(sh.shard_shape(leaf.shape)))
+        for leaf, sh in zip(jax.tree.leaves(opt), jax.tree.leaves(shardings))
+        if leaf.ndim
+    )
     assert analytic_memory(cfg, wl, s).optimizer == pytest.approx(per_device, rel=0.01)
+
+
+@pytest.mark.tpu
+@pytest.mark.slow
+def test_sp_memory_against_the_tpu_compiler():
+    """Deviceless v5e:2x4 compile of a d1024 2-layer model, seq 2048, batch 16, data=2,tensor=4, remat
+    full with and without sp. Measured with libtpu 0.0.52: compiler peak 854 / 776 MiB, closed form
+    1048 / 880 MiB (1.23x / 1.13x; the closed form's one-layer transient is the larger part). The
+    smaller programs of the other tests live in VMEM on v5e, so their HBM figures say nothing."""
+    pytest.importorskip("libtpu")
+    from codesign.compile.targets import compile_candidate
+    from codesign.config import ModelConfig
+
+    cfg = ModelConfig(
+        name="d1024",
+        vocab_size=4096,
+        hidden=1024,
+        layers=2,
+        heads=8,
+        kv_heads=8,
+        mlp_dim=4096,
+        attention="mha",
+    )
+    w, hw = Workload(global_batch=16, seq_len=2048), load_hardware("tpu-v5e", devices=8)
+    peak = {}
+    for spec in ("data=2,tensor=4,remat=full", "data=2,tensor=4,remat=full,sp=1"):
+        s = Strategy.parse(spec)
+        rep = compile_candidate(cfg, w, s, hw, "tpu")
+        assert rep.outcome == "ok", rep.message
+        closed = analytic_report(cfg, w, s, platform="tpu")
+        assert closed.matmul_flops == pytest.approx(rep.matmul_flops, rel=1e-6)
+        peak[spec] = rep.memory.peak
+        assert 0.9 <= analytic_memory(cfg, w, s).total / rep.memory.peak <= 1.3, spec
+    assert peak["data=2,tensor=4,remat=full,sp=1"] < peak["data=2,tensor=4,remat=full"]

@@ -44,11 +44,21 @@ with warnings.catch_warnings():
         import hypothesis.extra._patching  # noqa: F401
 
 # JSON/YAML-like values, including the awkward ones: NaN, infinities, huge ints, empty containers.
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
-                    st.sampled_from([0, -1, 1, 8, 2**70, float("nan"), float("inf"), "", "bf16", "torus"]))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                      max_leaves=12)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
+    st.sampled_from([0, -1, 1, 8, 2**70, float("nan"), float("inf"), "", "bf16", "torus"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
 
 
 def _write(data: bytes | str, suffix: str) -> str:
@@ -86,14 +96,23 @@ def _set(doc, path: list, value):
 
 
 # -- strategy specs ---------------------------------------------------------------------------------------
-spec_items = st.tuples(st.sampled_from(list(MESH_AXES) + ["remat", "microbatches", "order", "rules", "x", ""]),
-                       st.one_of(st.integers(-3, 70).map(str), st.text(max_size=10),
-                                 st.sampled_from(["full", "none", "dots", "data.fsdp", "tensor.tensor"])))
+spec_items = st.tuples(
+    st.sampled_from(list(MESH_AXES) + ["remat", "microbatches", "order", "rules", "x", ""]),
+    st.one_of(
+        st.integers(-3, 70).map(str),
+        st.text(max_size=10),
+        st.sampled_from(["full", "none", "dots", "data.fsdp", "tensor.tensor"]),
+    ),
+)
 
 
 @SETTINGS
-@given(st.one_of(st.text(max_size=40),
-                 st.lists(spec_items, max_size=6).map(lambda kv: ",".join(f"{k}={v}" for k, v in kv))))
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.lists(spec_items, max_size=6).map(lambda kv: ",".join(f"{k}={v}" for k, v in kv)),
+    )
+)
 def test_strategy_spec_parses_or_raises_a_user_error(spec):
     s = _call(Strategy.parse, spec)
     if s is not None:  # what parses round-trips
@@ -141,12 +160,15 @@ def test_hardware_profile_python_tag_is_refused_and_never_run(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("name: x\npeak_flops: {bf16: 1e12\n", r"not valid YAML line \d+ column \d+"),
-    (b"\xff\xfe\x00\x80", "not UTF-8"),
-    ("- just\n- a list\n", "holds a list, not a mapping"),
-    ("date: 2024-13-45\n", "value YAML cannot read"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("name: x\npeak_flops: {bf16: 1e12\n", r"not valid YAML line \d+ column \d+"),
+        (b"\xff\xfe\x00\x80", "not UTF-8"),
+        ("- just\n- a list\n", "holds a list, not a mapping"),
+        ("date: 2024-13-45\n", "value YAML cannot read"),
+    ],
+)
 def test_hardware_profile_errors_name_the_file_and_the_fix(tmp_path, text, needle):
     f = tmp_path / "my_gpu.yaml"
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -156,16 +178,31 @@ def test_hardware_profile_errors_name_the_file_and_the_fix(tmp_path, text, needl
 
 
 # -- rules files ----------------------------------------------------------------------------------------------
-rule_rows = st.lists(st.one_of(
-    st.tuples(st.sampled_from(sorted(ALL_AXES) + ["nope"]),
-              st.one_of(st.none(), st.sampled_from(list(MESH_AXES) + ["bogus"]),
-                        st.lists(st.sampled_from(MESH_AXES), max_size=3))).map(list),
-    values), max_size=6)
+rule_rows = st.lists(
+    st.one_of(
+        st.tuples(
+            st.sampled_from(sorted(ALL_AXES) + ["nope"]),
+            st.one_of(
+                st.none(),
+                st.sampled_from(list(MESH_AXES) + ["bogus"]),
+                st.lists(st.sampled_from(MESH_AXES), max_size=3),
+            ),
+        ).map(list),
+        values,
+    ),
+    max_size=6,
+)
 
 
 @SETTINGS
-@given(st.one_of(rule_rows.map(yaml.safe_dump), values.map(yaml.safe_dump), st.text(max_size=120),
-                 st.binary(max_size=120)))
+@given(
+    st.one_of(
+        rule_rows.map(yaml.safe_dump),
+        values.map(yaml.safe_dump),
+        st.text(max_size=120),
+        st.binary(max_size=120),
+    )
+)
 def test_rules_file_loads_or_raises_a_user_error(data):
     f = _write(data, ".yaml")
     try:
@@ -185,14 +222,34 @@ def test_rules_file_python_tag_is_refused(tmp_path):
 
 # -- plan files ---------------------------------------------------------------------------------------------
 VALID_PLAN = {
-    "schema": PLAN_SCHEMA, "model": {"name": "tiny-dense"}, "hardware": {"name": "cpu", "devices": 8},
-    "workload": {"mode": "train", "global_batch": 8, "seq_len": 32, "dtype": "bfloat16", "param_dtype": "float32",
-                 "attention": "xla"},
-    "search": {}, "chosen": 0, "explanation": [],
-    "candidates": [{"rank": 1, "strategy": {"spec": "fsdp=8,remat=full", "mesh": {"fsdp": 8}}, "fits": True,
-                    "step_time_s": 0.01},
-                   {"rank": 2, "strategy": {"spec": "data=8,remat=full", "mesh": {"data": 8}}, "fits": True,
-                    "step_time_s": 0.02}],
+    "schema": PLAN_SCHEMA,
+    "model": {"name": "tiny-dense"},
+    "hardware": {"name": "cpu", "devices": 8},
+    "workload": {
+        "mode": "train",
+        "global_batch": 8,
+        "seq_len": 32,
+        "dtype": "bfloat16",
+        "param_dtype": "float32",
+        "attention": "xla",
+    },
+    "search": {},
+    "chosen": 0,
+    "explanation": [],
+    "candidates": [
+        {
+            "rank": 1,
+            "strategy": {"spec": "fsdp=8,remat=full", "mesh": {"fsdp": 8}},
+            "fits": True,
+            "step_time_s": 0.01,
+        },
+        {
+            "rank": 2,
+            "strategy": {"spec": "data=8,remat=full", "mesh": {"data": 8}},
+            "fits": True,
+            "step_time_s": 0.02,
+        },
+    ],
 }
 
 
@@ -261,8 +318,14 @@ def test_finite_json_is_strict_json_and_lists_what_it_nulled(doc):
 def test_finite_json_names_each_path_and_reads_numpy():
     import numpy as np
 
-    safe, bad = finite_json({"steps": [{"loss": 1.5}, {"loss": float("nan")}], "r": np.float32("inf"),
-                             "n": np.int64(3), "a": np.array([1.0, np.nan])})
+    safe, bad = finite_json(
+        {
+            "steps": [{"loss": 1.5}, {"loss": float("nan")}],
+            "r": np.float32("inf"),
+            "n": np.int64(3),
+            "a": np.array([1.0, np.nan]),
+        }
+    )
     assert safe == {"steps": [{"loss": 1.5}, {"loss": None}], "r": None, "n": 3, "a": [1.0, None]}
     assert bad == ["steps[1].loss", "r", "a[1]"]
 

@@ -33,12 +33,19 @@ def test_calibrate_on_cpu_writes_a_loadable_profile(tmp_path):
     assert 0 < hw.efficiency.hbm and 0 < hw.efficiency.collective
     sustained = result["sustained_matmul"]
     assert sustained["n"] == 512 and sustained["flops_per_s"] > 0
-    assert hw.efficiency.sustained == min(1.0, sustained["relative_to_table"]) and 0 < hw.efficiency.sustained <= 1
+    assert (
+        hw.efficiency.sustained == min(1.0, sustained["relative_to_table"])
+        and 0 < hw.efficiency.sustained <= 1
+    )
     with open(path) as f:
         assert "measurements" in yaml.safe_load(f)
     # The profile drives the cost model like a catalog entry does.
-    e = estimate_analytic(get_preset("tiny-dense"), Workload(8, 32), Strategy.parse("fsdp=8"),
-                          load_hardware(str(path), devices=8))
+    e = estimate_analytic(
+        get_preset("tiny-dense"),
+        Workload(8, 32),
+        Strategy.parse("fsdp=8"),
+        load_hardware(str(path), devices=8),
+    )
     assert e.step_time_s > 0
 
 
@@ -61,6 +68,8 @@ def test_sustained_factor_scales_matmul_time(tmp_path):
     hw = load_hardware("h200", devices=1)
     slow = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, sustained=0.5))
     args = (get_preset("llama3-8b"), Workload(8, 4096), Strategy.parse("data=1"))
-    assert estimate_analytic(*args, slow).compute_s == pytest.approx(2 * estimate_analytic(*args, hw).compute_s)
+    assert estimate_analytic(*args, slow).compute_s == pytest.approx(
+        2 * estimate_analytic(*args, hw).compute_s
+    )
     with pytest.raises(HardwareError, match="sustained"):
         dataclasses.replace(hw.efficiency, sustained=1.5)

@@ -48,8 +48,10 @@ def _state(mesh, scale=1.0):
             "w": jax.device_put(jax.random.normal(key, (64, 32), jnp.float32) * scale, fsdp),
             "emb": jax.device_put(jax.random.normal(key, (16, 8), jnp.bfloat16), fsdp),
         },
-        "opt": [jax.device_put(jnp.arange(24, dtype=jnp.int32).reshape(8, 3), fsdp),
-                jax.device_put(jnp.float32(scale), rep)],
+        "opt": [
+            jax.device_put(jnp.arange(24, dtype=jnp.int32).reshape(8, 3), fsdp),
+            jax.device_put(jnp.float32(scale), rep),
+        ],
     }
 
 
@@ -117,7 +119,10 @@ def test_resharded_restore(tmp_path):
         ck.save(1, state, {"model_fingerprint": "m"})
     dst = _mesh((2, 4), ("data", "tensor"))
     shardings = {
-        "params": {"w": NamedSharding(dst, P("tensor", "data")), "emb": NamedSharding(dst, P(None, "tensor"))},
+        "params": {
+            "w": NamedSharding(dst, P("tensor", "data")),
+            "emb": NamedSharding(dst, P(None, "tensor")),
+        },
         "opt": [NamedSharding(dst, P("data")), NamedSharding(dst, P())],
     }
     with Checkpointer(tmp_path) as ck:
@@ -144,13 +149,26 @@ def test_fingerprint_and_leaf_mismatch_errors(tmp_path):
         with pytest.raises(CheckpointError, match="different --checkpoint-dir"):
             ck.save(3, state, {"model_fingerprint": "llama-b"})
 
-        wrong = dict(abstract, params=dict(abstract["params"], w=jax.ShapeDtypeStruct(
-            (64, 16), jnp.float32, sharding=NamedSharding(mesh, P("fsdp")))))
-        with pytest.raises(CheckpointError, match=r"'params/w' expected shape \(64, 16\) dtype float32, "
-                                                  r"found shape \(64, 32\) dtype float32"):
+        wrong = dict(
+            abstract,
+            params=dict(
+                abstract["params"],
+                w=jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=NamedSharding(mesh, P("fsdp"))),
+            ),
+        )
+        with pytest.raises(
+            CheckpointError,
+            match=r"'params/w' expected shape \(64, 16\) dtype float32, "
+            r"found shape \(64, 32\) dtype float32",
+        ):
             ck.restore(2, wrong)
-        wrong = dict(abstract, opt=[abstract["opt"][0], jax.ShapeDtypeStruct(
-            (), jnp.bfloat16, sharding=NamedSharding(mesh, P()))])
+        wrong = dict(
+            abstract,
+            opt=[
+                abstract["opt"][0],
+                jax.ShapeDtypeStruct((), jnp.bfloat16, sharding=NamedSharding(mesh, P())),
+            ],
+        )
         with pytest.raises(CheckpointError, match=r"'opt/1' expected shape \(\) dtype bfloat16, found"):
             ck.restore(2, wrong)
         with pytest.raises(CheckpointError, match="different state structure"):
@@ -165,14 +183,18 @@ def big_state(step):
     because constant arrays compress to a few hundred bytes and a save would finish in no time."""
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Auto,))
     sh = NamedSharding(mesh, P("fsdp"))
-    make = jax.jit(lambda i: jax.random.normal(jax.random.key(i), (4096, 4096)) + step, out_shardings=sh,
-                   static_argnums=0)
+    make = jax.jit(
+        lambda i: jax.random.normal(jax.random.key(i), (4096, 4096)) + step,
+        out_shardings=sh,
+        static_argnums=0,
+    )
     return {f"w{i}": make(i) for i in range(4)}
 
 
 # The writer subprocess runs the same big_state, so the test can recompute what each step holds.
 _LEAVES = "import jax\nfrom jax.sharding import AxisType, NamedSharding, PartitionSpec as P\n" + (
-    textwrap.dedent(inspect.getsource(big_state)))
+    textwrap.dedent(inspect.getsource(big_state))
+)
 
 _WRITER = _LEAVES + textwrap.dedent("""
     import sys
@@ -210,16 +232,23 @@ def test_sigkill_mid_save_leaves_last_complete_step(tmp_path):
     for attempt in range(3):  # the kill must land while a step is unfinalized; retry a missed window
         d = tmp_path / f"run{attempt}"
         d.mkdir()
-        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(d)], env=env, cwd=REPO,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(d)],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         watchdog = threading.Timer(60, proc.kill)  # bounds the blocking readline below
         watchdog.start()
         try:
             assert proc.stdout.readline().strip() == "SAVED 1", proc.stderr.read()
             deadline = time.monotonic() + 20
             # Kill once a step's arrays are partly on disk (16 MiB of its 256), not finalized yet.
-            while (not _in_flight_with_data(d, 16 << 20) and time.monotonic() < deadline
-                   and proc.poll() is None):
+            while (
+                not _in_flight_with_data(d, 16 << 20) and time.monotonic() < deadline and proc.poll() is None
+            ):
                 time.sleep(0.002)
             os.kill(proc.pid, signal.SIGKILL)
         finally:
@@ -246,7 +275,9 @@ def test_sigkill_mid_save_leaves_last_complete_step(tmp_path):
 
     with Checkpointer(d, save_every=1, keep=10) as writer:  # a writer cleans up the leftover
         expected = big_state(complete[-1])
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), expected)
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), expected
+        )
         got = writer.restore(None, abstract, model_fingerprint="big")
         assert got.step == complete[-1]
         _assert_bit_equal(got.state, expected)
@@ -260,9 +291,11 @@ def test_sigkill_mid_save_leaves_last_complete_step(tmp_path):
 def _drill_state(mesh, step):
     """Random values (incompressible, so data files are not inlined in OCDBT's b-tree), distinct per step."""
     sh = NamedSharding(mesh, P("fsdp"))
-    return {"w": jax.device_put(jax.random.normal(jax.random.key(step), (512, 256), jnp.float32), sh),
-            "b": jax.device_put(jax.random.normal(jax.random.key(100 + step), (64,), jnp.bfloat16), sh),
-            "count": jax.device_put(jnp.int32(step), NamedSharding(mesh, P()))}
+    return {
+        "w": jax.device_put(jax.random.normal(jax.random.key(step), (512, 256), jnp.float32), sh),
+        "b": jax.device_put(jax.random.normal(jax.random.key(100 + step), (64,), jnp.bfloat16), sh),
+        "count": jax.device_put(jnp.int32(step), NamedSharding(mesh, P())),
+    }
 
 
 def _drill_dir(tmp_path, steps=(1, 2, 3)):
@@ -283,7 +316,7 @@ def _flip_bytes(step_dir):
     path = _largest_data_file(step_dir)
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])  # 64 bytes, as in the issue's drill
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])  # 64 bytes, as in the issue's drill
     path.write_bytes(bytes(data))
 
 
@@ -297,6 +330,7 @@ def _break_json(rel):
         path = pathlib.Path(step_dir, rel)
         text = path.read_text()
         path.write_text(text[: len(text) // 2])  # cut mid-document: no longer valid JSON
+
     return corrupt
 
 
@@ -328,7 +362,9 @@ def test_corrupt_latest_step_falls_back_to_newest_good(tmp_path, fault):
         assert got.step == 2 and got.verified and got.extra["data"] == {"next_step": 2}
         assert [s for s, _ in got.skipped] == [3] and reason in got.skipped[0][1], got.skipped
         _assert_bit_equal(got.state, _drill_state(mesh, 2))
-        with pytest.raises(CheckpointCorrupt, match=f"step 3: .*{reason}"):  # asked for by number: no fallback
+        with pytest.raises(
+            CheckpointCorrupt, match=f"step 3: .*{reason}"
+        ):  # asked for by number: no fallback
             ck.restore(3, abstract)
     assert sorted(os.listdir(d)) == ["1", "2", "3"]  # nothing deleted
 
@@ -338,8 +374,13 @@ def test_no_good_step_is_one_error(tmp_path):
     _flip_bytes(str(d / "2"))
     _truncate(str(d / "1"))
     abstract = _abstract(_drill_state(mesh, 0), _same_shardings(_drill_state(mesh, 0)))
-    with Checkpointer(d, read_only=True) as ck, pytest.raises(
-            CheckpointCorrupt, match="no readable checkpoint in .*step 2: .*digest.*step 1: .*array data unreadable") as e:
+    with (
+        Checkpointer(d, read_only=True) as ck,
+        pytest.raises(
+            CheckpointCorrupt,
+            match="no readable checkpoint in .*step 2: .*digest.*step 1: .*array data unreadable",
+        ) as e,
+    ):
         ck.restore(None, abstract)
     assert [s for s, _ in e.value.skipped] == [2, 1] and "\n" not in str(e.value)
 
@@ -365,8 +406,11 @@ def test_non_finite_state_is_never_saved(tmp_path):
     good = _drill_state(mesh, 2)
     with Checkpointer(d, save_every=1, keep=1) as ck:
         nan_w = dict(good, w=good["w"].at[7, 3].set(jnp.nan))
-        with pytest.raises(NonFiniteState, match=r"step 2: refusing .* NaN or Infinity in w; the checkpoints in .* "
-                                                 r"\(steps \[1\]\) are untouched"):
+        with pytest.raises(
+            NonFiniteState,
+            match=r"step 2: refusing .* NaN or Infinity in w; the checkpoints in .* "
+            r"\(steps \[1\]\) are untouched",
+        ):
             ck.save(2, nan_w, {"model_fingerprint": "m"})
         inf_b = dict(good, b=good["b"].at[0].set(jnp.inf))  # bf16 leaves are checked too
         with pytest.raises(NonFiniteState, match="in b;"):
@@ -387,7 +431,8 @@ def test_digest_is_sharding_independent_and_position_sensitive():
     assert inspect_state(a) == inspect_state(b)
     swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])  # same multiset of values, other positions
     one_bit = jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(x, jnp.uint32).at[5, 5].add(1), jnp.float32)
+        jax.lax.bitcast_convert_type(x, jnp.uint32).at[5, 5].add(1), jnp.float32
+    )
     for changed in (swapped, one_bit):
         assert inspect_state({"x": changed})[0] != inspect_state(a)[0]
     assert inspect_state({"x": x.at[1, 1].set(jnp.nan)})[1] == ["x"]

@@ -61,8 +61,14 @@ def test_cli_is_a_package_with_an_explicit_list_and_no_import_cycle():
 
 
 def test_version_via_python_m():
-    out = subprocess.run([sys.executable, "-m", "codesign", "--version"], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": REPO}, check=False)
+    out = subprocess.run(
+        [sys.executable, "-m", "codesign", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": REPO},
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("codesign ") and "jax " in out.stdout
 
@@ -72,44 +78,73 @@ def test_help_shows_defaults(capsys):
         main(["plan", "--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("(default: auto)", "(default: 600", "(default: 0.0)", "(default: float32)", "(default: xla)"):
+    for needle in (
+        "(default: auto)",
+        "(default: 600",
+        "(default: 0.0)",
+        "(default: float32)",
+        "(default: xla)",
+    ):
         assert needle in text, needle
     assert "default: None" not in text and "default: False" not in text
 
 
 # -- one-line errors, exit status 2 --------------------------------------------------------------------
-@pytest.mark.parametrize("content,needle", [
-    ("name: x\npeak_flops: {bf16: 1e12\n", "not valid YAML line 3"),
-    ("name: !!python/object/apply:os.system ['true']\n", "the YAML tag 'tag:yaml.org,2002:python/object/apply"),
-    (b"\xff\xfe\x00junk", "not UTF-8"),
-    ("name: x\nplatform: gpu\npeak_flops: {bf16: .nan}\nhbm_bytes: 1\nhbm_bytes_per_s: 1\n", "finite number"),
-])
+@pytest.mark.parametrize(
+    "content,needle",
+    [
+        ("name: x\npeak_flops: {bf16: 1e12\n", "not valid YAML line 3"),
+        (
+            "name: !!python/object/apply:os.system ['true']\n",
+            "the YAML tag 'tag:yaml.org,2002:python/object/apply",
+        ),
+        (b"\xff\xfe\x00junk", "not UTF-8"),
+        (
+            "name: x\nplatform: gpu\npeak_flops: {bf16: .nan}\nhbm_bytes: 1\nhbm_bytes_per_s: 1\n",
+            "finite number",
+        ),
+    ],
+)
 def test_bad_hardware_profile_is_one_line_naming_the_file(tmp_path, capsys, content, needle):
     f = tmp_path / "gpu.yaml"
     f.write_bytes(content if isinstance(content, bytes) else content.encode())
-    rc, out, err = _run(capsys, ["plan", "--model", "tiny-dense", "--hardware", str(f), "--devices", "8",
-                                 "--target", "analytic"])
+    rc, out, err = _run(
+        capsys,
+        ["plan", "--model", "tiny-dense", "--hardware", str(f), "--devices", "8", "--target", "analytic"],
+    )
     line = _one_error_line(err, "plan")
     assert rc == 2 and out == "" and str(f) in line and needle in line, line
 
 
 def test_plan_file_with_chosen_out_of_range_is_one_line(tmp_path, capsys):
     f = tmp_path / "p.json"
-    f.write_text(json.dumps({"schema": "codesign.plan/v1", "candidates": [{"strategy": {"spec": "fsdp=8"}}],
-                             "chosen": 3}))
+    f.write_text(
+        json.dumps(
+            {"schema": "codesign.plan/v1", "candidates": [{"strategy": {"spec": "fsdp=8"}}], "chosen": 3}
+        )
+    )
     rc, _, err = _run(capsys, ["compile", *TINY, "--plan", str(f), "--target", "analytic"])
     line = _one_error_line(err, "compile")
     assert rc == 2 and "p.json" in line and "chosen is 3" in line
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["plan", *TINY, "--global-batch", "0"], "argument --global-batch: expected a positive integer, got '0'"),
-    (["plan", *TINY, "--top", "0"], "argument --top: expected a positive integer"),
-    (["plan", *TINY, "--headroom", "1.5"], "argument --headroom: expected a fraction in [0, 1)"),
-    (["plan", "--model", "tiny-dense", "--hardware", "cpu"], "required: --devices"),
-    (["explore", "decode", "--contexts", "1024,a"], "argument --contexts: expected a positive integer, got 'a'"),
-    (["nothing"], "invalid choice: 'nothing'"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (
+            ["plan", *TINY, "--global-batch", "0"],
+            "argument --global-batch: expected a positive integer, got '0'",
+        ),
+        (["plan", *TINY, "--top", "0"], "argument --top: expected a positive integer"),
+        (["plan", *TINY, "--headroom", "1.5"], "argument --headroom: expected a fraction in [0, 1)"),
+        (["plan", "--model", "tiny-dense", "--hardware", "cpu"], "required: --devices"),
+        (
+            ["explore", "decode", "--contexts", "1024,a"],
+            "argument --contexts: expected a positive integer, got 'a'",
+        ),
+        (["nothing"], "invalid choice: 'nothing'"),
+    ],
+)
 def test_argument_errors_are_one_line(capsys, argv, needle):
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -119,13 +154,16 @@ def test_argument_errors_are_one_line(capsys, argv, needle):
 
 
 def test_save_hlo_needs_a_compiler_target(capsys):
-    rc, _, err = _run(capsys, ["compile", *TINY, "--strategy", "fsdp=8", "--target", "analytic",
-                               "--save-hlo", "x.hlo"])
+    rc, _, err = _run(
+        capsys, ["compile", *TINY, "--strategy", "fsdp=8", "--target", "analytic", "--save-hlo", "x.hlo"]
+    )
     assert rc == 2 and "--save-hlo needs a compiler target" in _one_error_line(err, "compile")
 
 
 def test_missing_plan_file_is_one_line(tmp_path, capsys):
-    rc, _, err = _run(capsys, ["compile", *TINY, "--plan", str(tmp_path / "nope.json"), "--target", "analytic"])
+    rc, _, err = _run(
+        capsys, ["compile", *TINY, "--plan", str(tmp_path / "nope.json"), "--target", "analytic"]
+    )
     line = _one_error_line(err, "compile")
     assert rc == 2 and "nope.json" in line and "codesign plan" in line
 
@@ -144,7 +182,9 @@ def test_unknown_sweep_knob_is_one_line(capsys):
 
 
 def test_output_directory_is_checked_before_the_search(tmp_path, capsys):
-    rc, _, err = _run(capsys, ["plan", *TINY, "--target", "analytic", "--out", str(tmp_path / "no" / "p.json")])
+    rc, _, err = _run(
+        capsys, ["plan", *TINY, "--target", "analytic", "--out", str(tmp_path / "no" / "p.json")]
+    )
     line = _one_error_line(err, "plan")
     assert rc == 2 and "does not exist" in line
 
@@ -152,13 +192,44 @@ def test_output_directory_is_checked_before_the_search(tmp_path, capsys):
 def test_cudnn_without_a_gpu_target_fails_fast(capsys):
     rc, _, err = _run(capsys, ["plan", *TINY, "--attention", "cudnn"])
     assert rc == 2 and "cuDNN attention needs an NVIDIA GPU target" in _one_error_line(err, "plan")
-    rc, _, err = _run(capsys, ["plan", "--model", "tiny-dense", "--hardware", "h100", "--devices", "8",
-                               "--attention", "cudnn", "--target", "cpu"])
+    rc, _, err = _run(
+        capsys,
+        [
+            "plan",
+            "--model",
+            "tiny-dense",
+            "--hardware",
+            "h100",
+            "--devices",
+            "8",
+            "--attention",
+            "cudnn",
+            "--target",
+            "cpu",
+        ],
+    )
     line = _one_error_line(err, "plan")
     assert rc == 2 and "--target analytic" in line and "--attention xla" in line
     # The closed form compiles nothing: on GPU hardware it may cost the flash kernel.
-    rc, out, _ = _run(capsys, ["plan", "--model", "tiny-dense", "--hardware", "h100", "--devices", "8",
-                               "--attention", "cudnn", "--target", "analytic", "--json", "--top", "2"])
+    rc, out, _ = _run(
+        capsys,
+        [
+            "plan",
+            "--model",
+            "tiny-dense",
+            "--hardware",
+            "h100",
+            "--devices",
+            "8",
+            "--attention",
+            "cudnn",
+            "--target",
+            "analytic",
+            "--json",
+            "--top",
+            "2",
+        ],
+    )
     assert rc == 0 and _strict(out)["workload"]["attention"] == "cudnn"
 
 
@@ -196,8 +267,15 @@ def tiny_plan():
     from codesign.presets import get_preset
 
     cfg = get_preset("tiny-dense")
-    return plan(PlanRequest(cfg=cfg, hardware=load_hardware("cpu", devices=8), workload=default_workload(cfg, 8),
-                            n_devices=8, target="analytic"))
+    return plan(
+        PlanRequest(
+            cfg=cfg,
+            hardware=load_hardware("cpu", devices=8),
+            workload=default_workload(cfg, 8),
+            n_devices=8,
+            target="analytic",
+        )
+    )
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640)])
@@ -232,7 +310,9 @@ def test_plan_table_never_cuts_the_strategy_and_uses_gib(tiny_plan, capsys):
     from codesign.planner.render import plan_table
 
     p = copy.deepcopy(tiny_plan)
-    long_spec = "data=2,fsdp=2,tensor=2,remat=full,microbatches=4,order=pipeline.data.fsdp.expert.sequence.tensor"
+    long_spec = (
+        "data=2,fsdp=2,tensor=2,remat=full,microbatches=4,order=pipeline.data.fsdp.expert.sequence.tensor"
+    )
     p.candidates[1]["strategy"]["spec"] = long_spec
     p.candidates[1]["tokens_per_s"] = 123456789012345.0  # widen the other columns too
     capsys.readouterr()
@@ -256,8 +336,16 @@ def test_pipeline_pick_says_train_cannot_run_it(tiny_plan):
 
     def row(spec, t, fits=True):
         mesh = dict(kv.split("=") for kv in spec.split(",") if not kv.startswith("remat"))
-        return {"strategy": {"spec": spec, "mesh": mesh}, "step_time_s": t, "mfu": 0.5, "fits": fits,
-                "memory_per_device_bytes": 2**30, "evidence": "analytic", "reasons": [], "compiled": False}
+        return {
+            "strategy": {"spec": spec, "mesh": mesh},
+            "step_time_s": t,
+            "mfu": 0.5,
+            "fits": fits,
+            "memory_per_device_bytes": 2**30,
+            "evidence": "analytic",
+            "reasons": [],
+            "compiled": False,
+        }
 
     rows = [row("pipeline=2,fsdp=4,remat=full", 1.0), row("fsdp=8,remat=full", 1.2)]
     lines = explain(rows, 0, 80 * 2**30)
@@ -276,7 +364,9 @@ def test_pareto_plot_log_memory_axis_front_and_hbm_line(tiny_plan, tmp_path):
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     plt.close(fig)
     assert ax.get_xscale() == "log"
-    assert any(s.startswith("Pareto front") for s in labels) and any(s.startswith("HBM capacity") for s in labels)
+    assert any(s.startswith("Pareto front") for s in labels) and any(
+        s.startswith("HBM capacity") for s in labels
+    )
     cap_gib = tiny_plan.hardware["memory_capacity_bytes"] / 2**30
     assert ax.get_xlim()[1] <= CLIP_X_CAPACITY * cap_gib * 1.5
     # The front: no fitting point beats a front point on both axes; every fitting point is matched by one.
@@ -286,8 +376,11 @@ def test_pareto_plot_log_memory_axis_front_and_hbm_line(tiny_plan, tmp_path):
     for f in front:
         assert not any((p[mem] <= f[mem] and p[t] < f[t]) or (p[mem] < f[mem] and p[t] <= f[t]) for p in fit)
     for p in fit:
-        assert any(f["memory_per_device_bytes"] <= p["memory_per_device_bytes"]
-                   and f["step_time_s"] <= p["step_time_s"] for f in front)
+        assert any(
+            f["memory_per_device_bytes"] <= p["memory_per_device_bytes"]
+            and f["step_time_s"] <= p["step_time_s"]
+            for f in front
+        )
     plot_pareto(tiny_plan, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -312,11 +405,19 @@ def test_calibrate_prints_a_table_and_warns_about_the_cpu():
 
     from codesign.calibrate import render_calibration
 
-    result = {"platform": "cpu", "device_kind": "cpu", "devices": 8, "catalog_base": "cpu", "wall_s": 1.0,
-              "matmul": [{"dtype": "bf16", "n": 256, "seconds": 1e-3, "flops_per_s": 3.4e10, "fraction": 0.034}],
-              "sustained_matmul": None, "hbm_bytes_per_s": 2e10, "out_path": None,
-              "collectives": [{"kind": "all-gather", "bytes": 1 << 20, "seconds": 1e-4, "bytes_per_s": 9e9}],
-              "profile": {"efficiency": {"hbm": 0.4, "sustained": 1.0}}}
+    result = {
+        "platform": "cpu",
+        "device_kind": "cpu",
+        "devices": 8,
+        "catalog_base": "cpu",
+        "wall_s": 1.0,
+        "matmul": [{"dtype": "bf16", "n": 256, "seconds": 1e-3, "flops_per_s": 3.4e10, "fraction": 0.034}],
+        "sustained_matmul": None,
+        "hbm_bytes_per_s": 2e10,
+        "out_path": None,
+        "collectives": [{"kind": "all-gather", "bytes": 1 << 20, "seconds": 1e-4, "bytes_per_s": 9e9}],
+        "profile": {"efficiency": {"hbm": 0.4, "sustained": 1.0}},
+    }
     console = Console(record=True, width=120)
     console.print(render_calibration(result))
     text = console.export_text()
@@ -338,9 +439,26 @@ def test_train_with_conflicting_xla_flags_stops_before_jax_starts(tmp_path):
     """The issue's case: the user's XLA_FLAGS asks for 4 host devices, the run needs 8."""
     env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     env.pop("JAX_PLATFORMS", None)
-    out = subprocess.run([sys.executable, "-m", "codesign", "train", "--model", "tiny-dense", "--strategy",
-                          "fsdp=8", "--steps", "1"], capture_output=True, text=True, timeout=120, env=env,
-                         cwd=tmp_path, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codesign",
+            "train",
+            "--model",
+            "tiny-dense",
+            "--strategy",
+            "fsdp=8",
+            "--steps",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "asks for 4 host devices" in lines[0] and "emulates 8" in lines[0]

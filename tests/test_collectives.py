@@ -20,8 +20,15 @@ GB = 1e9
 SW = NetworkLevel("nvlink", 8, bytes_per_s=100e9, latency_s=0.0)
 SW_LAT = NetworkLevel("nvlink", 8, bytes_per_s=100e9, latency_s=1e-6)
 IB = NetworkLevel("ib", 16, bytes_per_s=10e9, latency_s=0.0)
-ICI = NetworkLevel("ici", 64, bytes_per_s=50e9, latency_s=0.0, topology="torus",
-                   torus_dims=(4, 4, 4), wraps=(True, True, True))
+ICI = NetworkLevel(
+    "ici",
+    64,
+    bytes_per_s=50e9,
+    latency_s=0.0,
+    topology="torus",
+    torus_dims=(4, 4, 4),
+    wraps=(True, True, True),
+)
 
 
 def test_ring_all_gather_and_reduce_scatter():

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from codesign.compile import cache as C
-from codesign.compile import worker
 from codesign.compile import measure as M
 from codesign.compile.cache import CompileCache, cache_key, source_digest
 from codesign.compile.worker import CompileRequest
@@ -26,14 +25,28 @@ S = Strategy.parse("data=2")
 
 
 def _report(outcome="ok", **kw) -> CompileReport:
-    base = {"outcome": outcome, "target": "cpu", "compile_s": 1.5, "mesh": (("data", 2), ("fsdp", 1)),
-            "full_mesh": (("data", 4),), "data_scale": 2, "flops": 1.25e9, "matmul_flops": 1e9,
-            "bytes_accessed": 3e6,
-            "xla_cost_analysis": {"flops": 5e8, "bytes_accessed": None, "transcendentals": 0.0,
-                                  "optimal_seconds": None},
-            "collectives": (Collective("all-reduce", 1024, 2, ("data",), 3, "f32"),),
-            "memory": MemoryStats(1, 2, 1, 4, 0, 6, 100), "while_loops": (("while.1", 2, "known_trip_count"),),
-            "notes": ("a note",), "versions": {"jax": "0.10.2"}}
+    base = {
+        "outcome": outcome,
+        "target": "cpu",
+        "compile_s": 1.5,
+        "mesh": (("data", 2), ("fsdp", 1)),
+        "full_mesh": (("data", 4),),
+        "data_scale": 2,
+        "flops": 1.25e9,
+        "matmul_flops": 1e9,
+        "bytes_accessed": 3e6,
+        "xla_cost_analysis": {
+            "flops": 5e8,
+            "bytes_accessed": None,
+            "transcendentals": 0.0,
+            "optimal_seconds": None,
+        },
+        "collectives": (Collective("all-reduce", 1024, 2, ("data",), 3, "f32"),),
+        "memory": MemoryStats(1, 2, 1, 4, 0, 6, 100),
+        "while_loops": (("while.1", 2, "known_trip_count"),),
+        "notes": ("a note",),
+        "versions": {"jax": "0.10.2"},
+    }
     base.update(kw)
     return CompileReport(**base)
 
@@ -132,7 +145,9 @@ def test_key_covers_what_changes_a_compile(monkeypatch):
     # XLA flags change the compiled program; the emulated device count is set per request, so it does not.
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert cache_key(_req()) == k
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=true")
+    monkeypatch.setenv(
+        "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=true"
+    )
     assert cache_key(_req()) != k
 
 
@@ -164,8 +179,10 @@ def test_default_directory_follows_the_environment(tmp_path, monkeypatch):
 def test_concurrent_writers_leave_a_valid_entry(tmp_path):
     caches = [CompileCache(tmp_path) for _ in range(8)]
     reports = [_report(flops=float(i)) for i in range(8)]
-    threads = [threading.Thread(target=lambda c=c, r=r: [c.put("same" * 16, r) for _ in range(20)])
-               for c, r in zip(caches, reports)]
+    threads = [
+        threading.Thread(target=lambda c=c, r=r: [c.put("same" * 16, r) for _ in range(20)])
+        for c, r in zip(caches, reports)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -183,8 +200,13 @@ def test_measure_serves_hits_and_reuse_without_starting_workers(tmp_path, monkey
     fake = FakeWorker(monkeypatch)
     seen = []
     reuse = {"tensor=2,remat=full": _report(notes=("reused",))}
-    out = M.measure(reqs + [_req(s=Strategy.parse("tensor=2"))], workers=2, cache=cache, reuse=reuse,
-                    progress=lambda i, rep: seen.append(i))
+    out = M.measure(
+        reqs + [_req(s=Strategy.parse("tensor=2"))],
+        workers=2,
+        cache=cache,
+        reuse=reuse,
+        progress=lambda i, rep: seen.append(i),
+    )
     assert [r.notes for r in out] == [("data=2,remat=full",), ("fsdp=2,remat=full",), ("reused",)]
     assert sorted(seen) == [0, 1, 2] and cache.hits == 2 and fake.calls == 0
 

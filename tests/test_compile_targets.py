@@ -10,13 +10,13 @@ import pytest
 
 from codesign import arithmetic as ar
 from codesign.compile import targets as T
-from codesign.report import CompileReport
-from codesign.compile.targets import compile_candidate, parse_oom, plan_compile, resolve_target
 from codesign.compile.measure import measure
+from codesign.compile.targets import compile_candidate, parse_oom, plan_compile, resolve_target
 from codesign.compile.worker import CompileRequest, compile_in_subprocess
 from codesign.config import Workload
 from codesign.hardware.catalog import load_hardware
 from codesign.presets import get_preset
+from codesign.report import CompileReport
 from codesign.sharding.strategy import Strategy, StrategyError
 from tests.conftest import require_devices
 
@@ -32,8 +32,9 @@ def _compile(model, spec, cfg=None, workload=W, hw=HW8, target="cpu", **kw) -> C
 
 
 def _bytes(r: CompileReport, kind: str, axes=None) -> int:
-    return sum(c.bytes * c.count for c in r.collectives
-               if c.kind == kind and (axes is None or c.mesh_axes == axes))
+    return sum(
+        c.bytes * c.count for c in r.collectives if c.kind == kind and (axes is None or c.mesh_axes == axes)
+    )
 
 
 def _axes(r: CompileReport) -> set:
@@ -41,6 +42,7 @@ def _axes(r: CompileReport) -> set:
 
 
 # ---------------------------------------------------------------------------------------------- CPU layouts
+
 
 @pytest.fixture(scope="module")
 def data8():
@@ -97,9 +99,12 @@ def test_moe_expert_parallel_dispatch_is_an_all_to_all():
 
 # ---------------------------------------------------------------------------------------------- FLOPs
 
+
 @pytest.fixture(scope="module")
 def flops_by_layers():
-    return {L: _compile(None, "data=1,remat=none", cfg=get_preset("tiny-dense").replace(layers=L)) for L in (1, 2)}
+    return {
+        L: _compile(None, "data=1,remat=none", cfg=get_preset("tiny-dense").replace(layers=L)) for L in (1, 2)
+    }
 
 
 def test_replicated_compile_has_no_collectives(flops_by_layers):
@@ -116,8 +121,10 @@ def test_loop_aware_flops_scale_per_layer_and_match_xla_without_loops(flops_by_l
     assert one.flops == pytest.approx(one.xla_cost_analysis["flops"], rel=0.05)
     # The scanned 2-layer step (2 loops, 2 trips each) adds exactly one layer's closed-form FLOPs.
     assert sorted(n for _, n, _ in two.while_loops) == [2, 2]
-    layer = (ar.train_flops_per_token(get_preset("tiny-dense"), W.seq_len, causal=False)
-             - ar.train_flops_per_token(cfg1, W.seq_len, causal=False)) * W.tokens
+    layer = (
+        ar.train_flops_per_token(get_preset("tiny-dense"), W.seq_len, causal=False)
+        - ar.train_flops_per_token(cfg1, W.seq_len, causal=False)
+    ) * W.tokens
     assert two.matmul_flops - one.matmul_flops == pytest.approx(layer, rel=0.02)
     # XLA counts the loop body once; the walk does not.
     assert two.xla_cost_analysis["flops"] < 0.8 * two.flops
@@ -135,6 +142,7 @@ def test_dense_flops_match_the_closed_form(flops_by_layers):
 
 # ---------------------------------------------------------------------------------------------- failures
 
+
 def test_malformed_strategy_names_the_problem():
     with pytest.raises(StrategyError, match="unknown strategy key 'tensr'"):
         Strategy.parse("tensr=8")
@@ -148,28 +156,38 @@ def test_non_dividing_strategy_is_a_build_error():
     r = compile_candidate(get_preset("tiny-dense"), W, Strategy.parse("tensor=8"), HW8, "cpu")
     assert r.outcome == "error" and r.stage == "build"
     assert "kv_heads" in r.message and "RulesError" in r.message
-    r = compile_candidate(get_preset("tiny-dense"), Workload(global_batch=4, seq_len=32),
-                          Strategy.parse("data=8"), HW8, "cpu")
+    r = compile_candidate(
+        get_preset("tiny-dense"), Workload(global_batch=4, seq_len=32), Strategy.parse("data=8"), HW8, "cpu"
+    )
     assert r.outcome == "error" and r.stage == "build" and "not divisible" in r.message
 
 
 def test_cpu_target_without_enough_devices_points_to_the_worker():
-    r = compile_candidate(get_preset("tiny-dense"), Workload(global_batch=16, seq_len=32),
-                          Strategy.parse("data=16"), load_hardware("tpu-v5e", 16), "cpu")
+    r = compile_candidate(
+        get_preset("tiny-dense"),
+        Workload(global_batch=16, seq_len=32),
+        Strategy.parse("data=16"),
+        load_hardware("tpu-v5e", 16),
+        "cpu",
+    )
     assert r.outcome == "error" and r.stage == "build"
     assert "compile_in_subprocess" in r.message and "--devices 16" in r.message
 
 
 def test_parse_oom_formats():
-    msg = ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
-           "for HLO temporaries (23.61G) exceeds available HBM (15.75G). HLO module: jit__step.")
+    msg = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required "
+        "for HLO temporaries (23.61G) exceeds available HBM (15.75G). HLO module: jit__step."
+    )
     assert parse_oom(msg) == (round(23.61 * 2**30), round(15.75 * 2**30))
-    assert parse_oom("RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.25G of 15.48G hbm.") \
-        == (round(20.25 * 2**30), round(15.48 * 2**30))
+    assert parse_oom(
+        "RESOURCE_EXHAUSTED: Ran out of memory in memory space hbm. Used 20.25G of 15.48G hbm."
+    ) == (round(20.25 * 2**30), round(15.48 * 2**30))
     assert parse_oom("INVALID_ARGUMENT: bad sharding") is None
 
 
 # ---------------------------------------------------------------------------------------------- planning
+
 
 def test_pipeline_compiles_one_stage():
     moe = get_preset("deepseek-v3")  # 3 dense + 58 MoE layers
@@ -182,8 +200,9 @@ def test_pipeline_compiles_one_stage():
 
 def test_large_mesh_shrinks_the_data_axis():
     wl = Workload(global_batch=1024, seq_len=32)
-    plan = plan_compile(get_preset("tiny-dense"), wl, Strategy.parse("data=64,fsdp=16"), "cpu",
-                        max_compile_devices=256)
+    plan = plan_compile(
+        get_preset("tiny-dense"), wl, Strategy.parse("data=64,fsdp=16"), "cpu", max_compile_devices=256
+    )
     assert plan.data_scale == 4 and plan.strategy.sizes["data"] == 16 and plan.n_devices == 256
     assert plan.workload.global_batch == 256 and dict(plan.full_mesh)["data"] == 64
     assert any("reduced-mesh: data_scale=4 full_mesh=data=64,fsdp=16" in n for n in plan.notes)
@@ -229,8 +248,9 @@ def test_tpu_v5p_deviceless_compile():
 @pytest.mark.tpu
 @tpu
 def test_tpu_oom_fast():
-    wide = get_preset("tiny-dense").replace(name="wide", hidden=8192, heads=64, kv_heads=8, head_dim=128,
-                                            mlp_dim=65536, layers=1)
+    wide = get_preset("tiny-dense").replace(
+        name="wide", hidden=8192, heads=64, kv_heads=8, head_dim=128, mlp_dim=65536, layers=1
+    )
     r = compile_candidate(wide, W, Strategy.parse("data=8"), HW8, "tpu")
     assert r.outcome == "oom", r.message
     assert r.oom_required_bytes > r.oom_available_bytes > 0
@@ -241,25 +261,31 @@ def test_tpu_oom_fast():
 @pytest.mark.tpu
 @tpu
 def test_tpu_oom_llama3_8b_on_8_v5e():
-    r = compile_candidate(get_preset("llama3-8b"), Workload(global_batch=8, seq_len=2048),
-                          Strategy.parse("data=8"), HW8, "tpu")
+    r = compile_candidate(
+        get_preset("llama3-8b"), Workload(global_batch=8, seq_len=2048), Strategy.parse("data=8"), HW8, "tpu"
+    )
     assert r.outcome == "oom", r.message
     assert r.oom_required_bytes > 100 * 2**30 and r.oom_available_bytes > 0
 
 
 # ---------------------------------------------------------------------------------------------- GPU
 
+
 def test_gpu_target_without_the_compiler_says_how_to_install():
     if T.gpu_aot_available():
         pytest.skip("the gpu-aot compiler is installed")
-    r = compile_candidate(get_preset("tiny-dense"), W, Strategy.parse("data=8"), load_hardware("h100", 8), "gpu")
+    r = compile_candidate(
+        get_preset("tiny-dense"), W, Strategy.parse("data=8"), load_hardware("h100", 8), "gpu"
+    )
     assert r.outcome == "error" and r.stage == "build" and 'pip install -e ".[gpu-aot]"' in r.message
 
 
 @pytest.mark.gpu_aot
 def test_gpu_deviceless_compile():
     if not T.gpu_aot_available():
-        pytest.skip('needs the deviceless CUDA compiler (jax_cuda12_plugin / jax_cuda13_plugin): pip install -e ".[gpu-aot]"')
+        pytest.skip(
+            'needs the deviceless CUDA compiler (jax_cuda12_plugin / jax_cuda13_plugin): pip install -e ".[gpu-aot]"'
+        )
     hw = load_hardware("h100", 8)
     r = compile_in_subprocess(get_preset("tiny-dense"), W, Strategy.parse("fsdp=8"), hw, "gpu", timeout_s=300)
     assert r.outcome == "ok", r.message
@@ -271,16 +297,20 @@ def test_gpu_target_configs_ship_for_the_catalog_chips():
         hw = load_hardware(name, 8)
         text = T.gpu_target_config_text(hw)
         assert "gpu_device_info" in text and 'platform_name: "CUDA"' in text
-        size = int(next(ln.split(":")[1] for ln in text.splitlines() if ln.strip().startswith("device_memory_size")))
+        size = int(
+            next(ln.split(":")[1] for ln in text.splitlines() if ln.strip().startswith("device_memory_size"))
+        )
         assert size == hw.hbm_bytes
     assert T.gpu_topology_string(16) == "1x2x8" and T.gpu_topology_string(4) == "1x1x4"
 
 
 # ---------------------------------------------------------------------------------------------- worker
 
+
 def test_worker_compiles_with_its_own_device_count():
-    req = CompileRequest(get_preset("tiny-dense"), W, Strategy.parse("fsdp=2,tensor=2"), load_hardware("tpu-v5e", 4),
-                         "cpu")
+    req = CompileRequest(
+        get_preset("tiny-dense"), W, Strategy.parse("fsdp=2,tensor=2"), load_hardware("tpu-v5e", 4), "cpu"
+    )
     assert CompileRequest.from_json(json.loads(json.dumps(req.to_json()))) == req
     r = compile_in_subprocess(req.cfg, req.workload, req.strategy, req.hardware, "cpu", timeout_s=240)
     assert r.outcome == "ok", r.message
@@ -298,8 +328,12 @@ def test_worker_timeout_and_crash(tmp_path, monkeypatch):
     r = compile_in_subprocess(cfg, W, s, hw, "cpu", timeout_s=30)
     assert r.outcome == "error" and "SIGSEGV" in r.message and "something broke" in r.message
     seen = []
-    out = measure([CompileRequest(cfg, W, s, hw, "cpu")] * 2, workers=2, timeout_s=30,
-                  progress=lambda i, rep: seen.append(i))
+    out = measure(
+        [CompileRequest(cfg, W, s, hw, "cpu")] * 2,
+        workers=2,
+        timeout_s=30,
+        progress=lambda i, rep: seen.append(i),
+    )
     assert [x.outcome for x in out] == ["error", "error"] and sorted(seen) == [0, 1]
     assert os.path.exists(str(crash))
 

@@ -20,9 +20,17 @@ WL = Workload(global_batch=64, seq_len=2048)
 
 
 def _report(strategy: Strategy, *, target="gpu", flops=2e15, colls=(), peak=10 * 2**30, outcome="ok", **kw):
-    return CompileReport(outcome=outcome, target=target, mesh=tuple(strategy.mesh), flops=flops,
-                         matmul_flops=0.95 * flops, bytes_accessed=flops / 400, collectives=tuple(colls),
-                         memory=MemoryStats(peak=peak), **kw)
+    return CompileReport(
+        outcome=outcome,
+        target=target,
+        mesh=tuple(strategy.mesh),
+        flops=flops,
+        matmul_flops=0.95 * flops,
+        bytes_accessed=flops / 400,
+        collectives=tuple(colls),
+        memory=MemoryStats(peak=peak),
+        **kw,
+    )
 
 
 def _scaled(hw, bw=1.0, flops=1.0):
@@ -48,7 +56,9 @@ def test_larger_data_axis_lowers_compute_per_device():
     wl = Workload(global_batch=128, seq_len=2048)
     prev = None
     for n in (8, 16, 32):
-        e = estimate_analytic(CFG, wl, Strategy.parse(f"data={n // 8},fsdp=8"), load_hardware("h100", devices=n))
+        e = estimate_analytic(
+            CFG, wl, Strategy.parse(f"data={n // 8},fsdp=8"), load_hardware("h100", devices=n)
+        )
         if prev is not None:
             assert e.compute_s == pytest.approx(prev.compute_s / 2, rel=0.1)
             assert e.step_time_s < prev.step_time_s
@@ -79,7 +89,9 @@ def test_pipeline_bubble_formula():
     hw = load_hardware("h100", devices=32)
     for p, m in ((4, 8), (2, 2), (8, 32)):
         s = Strategy.parse(f"pipeline={p},fsdp={32 // p},microbatches={m}")
-        flat = estimate_from_report(CFG, WL, s.replace(sizes={"fsdp": 32 // p}, microbatches=m), hw, _report(s))
+        flat = estimate_from_report(
+            CFG, WL, s.replace(sizes={"fsdp": 32 // p}, microbatches=m), hw, _report(s)
+        )
         e = estimate_from_report(CFG, WL, s, hw, _report(s))
         stage = flat.step_time_s
         assert e.pipeline_bubble_s / e.step_time_s == pytest.approx((p - 1) / (m + p - 1))
@@ -98,8 +110,13 @@ def test_fits_and_does_not_fit():
     assert ok.evidence == "gpu-aot"
     big = estimate_from_report(CFG, WL, s, hw, _report(s, peak=cap + 1))
     assert not big.fits and any(r.startswith("does not fit") for r in big.reasons)
-    oom = estimate_from_report(CFG, WL, s, hw, _report(s, outcome="oom", flops=0, oom_required_bytes=131e9,
-                                                            message="CompileTimeHbmOom"))
+    oom = estimate_from_report(
+        CFG,
+        WL,
+        s,
+        hw,
+        _report(s, outcome="oom", flops=0, oom_required_bytes=131e9, message="CompileTimeHbmOom"),
+    )
     assert not oom.fits and oom.memory_per_device_bytes == int(131e9)
     assert oom.step_time_s > 0  # timed by the analytic model
     assert any("does not fit: 122 GiB" in r for r in oom.reasons)  # 131e9 bytes
@@ -112,7 +129,9 @@ def test_cpu_compile_of_gpu_hardware_uses_analytic_memory():
     assert e.evidence == "cpu-compile+analytic-memory"
     assert e.memory_per_device_bytes == int(analytic_memory(CFG, WL, s).total)
     assert any("analytic model" in r for r in e.reasons)
-    cpu = estimate_from_report(CFG, WL, s, load_hardware("cpu", devices=8), _report(s, target="cpu", peak=123))
+    cpu = estimate_from_report(
+        CFG, WL, s, load_hardware("cpu", devices=8), _report(s, target="cpu", peak=123)
+    )
     assert cpu.evidence == "cpu-compile" and cpu.memory_per_device_bytes == 123
 
 
@@ -128,14 +147,19 @@ def test_overlap_hides_fsdp_but_not_tensor():
     hw = load_hardware("h100", devices=8)
     s = Strategy.parse("fsdp=4,tensor=2")
     coll = {"bytes": 2**30, "group_size": 4, "count": 10, "dtype": "bf16"}
-    fsdp = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[Collective("all-gather", mesh_axes=("fsdp",), **coll)]))
+    fsdp = estimate_from_report(
+        CFG, WL, s, hw, _report(s, colls=[Collective("all-gather", mesh_axes=("fsdp",), **coll)])
+    )
     t = collective_time_on_axes("all-gather", 2**30, ("fsdp",), assign_levels(s.mesh, hw)) * 10
     assert fsdp.collective_s["all-gather"] == pytest.approx(t)
     assert fsdp.exposed_collective_s == pytest.approx(max(0.0, t - OVERLAP_FRACTION * fsdp.busy_s))
-    tensor = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[
-        Collective("all-reduce", 2**30, 2, ("tensor",), 10, "bf16")]))
+    tensor = estimate_from_report(
+        CFG, WL, s, hw, _report(s, colls=[Collective("all-reduce", 2**30, 2, ("tensor",), 10, "bf16")])
+    )
     assert tensor.exposed_collective_s == pytest.approx(tensor.collective_s["all-reduce"])
-    a2a = estimate_from_report(CFG, WL, s, hw, _report(s, colls=[Collective("all-to-all", mesh_axes=("fsdp",), **coll)]))
+    a2a = estimate_from_report(
+        CFG, WL, s, hw, _report(s, colls=[Collective("all-to-all", mesh_axes=("fsdp",), **coll)])
+    )
     assert a2a.exposed_collective_s == pytest.approx(a2a.collective_s["all-to-all"])
 
 
@@ -143,7 +167,9 @@ def test_reduced_data_axis_is_scaled_back():
     hw = load_hardware("h100", devices=64)
     s = Strategy.parse("data=8,fsdp=8")
     small = tuple((a, 2 if a == "data" else n) for a, n in s.mesh)
-    rep = dataclasses.replace(_report(s, colls=[Collective("all-reduce", 2**28, 2, ("data",), 1, "f32")]), mesh=small)
+    rep = dataclasses.replace(
+        _report(s, colls=[Collective("all-reduce", 2**28, 2, ("data",), 1, "f32")]), mesh=small
+    )
     e = estimate_from_report(CFG, WL, s, hw, rep)
     full = collective_time_on_axes("all-reduce", 2**28, ("data",), assign_levels(s.mesh, hw))
     assert e.collective_s["all-reduce"] == pytest.approx(full)
@@ -166,13 +192,29 @@ def test_mfu_tokens_and_json_shape():
     assert e.tokens_per_s == pytest.approx(b * s / e.step_time_s)
     assert 0 < e.mfu < 1
     j = e.to_json()
-    for k in ("strategy", "step_time_s", "tokens_per_s", "mfu", "memory_per_device_bytes", "memory_capacity_bytes",
-              "fits", "breakdown", "evidence", "reasons", "placements"):
+    for k in (
+        "strategy",
+        "step_time_s",
+        "tokens_per_s",
+        "mfu",
+        "memory_per_device_bytes",
+        "memory_capacity_bytes",
+        "fits",
+        "breakdown",
+        "evidence",
+        "reasons",
+        "placements",
+    ):
         assert k in j
     for k in ("compute_s", "memory_s", "collective_s", "exposed_collective_s", "pipeline_bubble_s"):
         assert k in j["breakdown"]
-    assert set(j["breakdown"]["collective_s"]) <= {"all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                                                    "collective-permute"}
+    assert set(j["breakdown"]["collective_s"]) <= {
+        "all-gather",
+        "reduce-scatter",
+        "all-reduce",
+        "all-to-all",
+        "collective-permute",
+    }
     hash(e)  # frozen and hashable
 
 
@@ -201,17 +243,31 @@ def test_compile_without_readable_hlo_keeps_compiler_memory_and_times_analytical
 
         def memory_analysis(self):
             class M:
-                argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = 40 << 30, 40 << 30, 40 << 30
+                argument_size_in_bytes, output_size_in_bytes, alias_size_in_bytes = (
+                    40 << 30,
+                    40 << 30,
+                    40 << 30,
+                )
                 temp_size_in_bytes, generated_code_size_in_bytes = 20 << 30, 0
+
             return M()
 
     hw = load_hardware("tpu-v5p", devices=256)
-    report = _memory_only_report(FakeCompiled(), hw, "tpu", 12.0, RuntimeError("RET_CHECK async-update"), [],
-                                 {"target": "tpu", "mesh": (("fsdp", 256),)})
+    report = _memory_only_report(
+        FakeCompiled(),
+        hw,
+        "tpu",
+        12.0,
+        RuntimeError("RET_CHECK async-update"),
+        [],
+        {"target": "tpu", "mesh": (("fsdp", 256),)},
+    )
     assert report.ok and not report.hlo_analyzed and report.memory.peak == 60 << 30
     report = CompileReport.from_json(report.to_json())  # survives the cache
     assert not report.hlo_analyzed
-    est = estimate_from_report(get_preset("llama3.1-70b"), Workload(512, 4096), Strategy.parse("fsdp=256"), hw, report)
+    est = estimate_from_report(
+        get_preset("llama3.1-70b"), Workload(512, 4096), Strategy.parse("fsdp=256"), hw, report
+    )
     assert est.memory_per_device_bytes == 60 << 30 and est.fits
     assert est.evidence == "tpu-aot-memory+analytic-time" and est.step_time_s > 0
 
@@ -243,8 +299,10 @@ def test_flash_attention_and_bf16_params_in_the_closed_form():
     bf16 = analytic_report(cfg, dataclasses.replace(w, param_dtype="bfloat16"), s, platform="gpu")
     assert bf16.bytes_accessed < xla.bytes_accessed and bf16.matmul_flops == xla.matmul_flops
     hw = load_hardware("h200", devices=1)
-    assert estimate_analytic(cfg, dataclasses.replace(w, attention="cudnn"), s, hw).step_time_s < \
-        estimate_analytic(cfg, w, s, hw).step_time_s
+    assert (
+        estimate_analytic(cfg, dataclasses.replace(w, attention="cudnn"), s, hw).step_time_s
+        < estimate_analytic(cfg, w, s, hw).step_time_s
+    )
 
 
 def test_unknown_attention_implementation_is_refused():

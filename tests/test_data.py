@@ -105,7 +105,7 @@ def test_token_file_dtypes(tmp_path, dtype):
     assert rows.dtype == np.int32
     for row in rows:  # every row is a contiguous, window-aligned slice of the file
         start = np.flatnonzero(tokens == row[0])
-        assert any(s % 20 == 0 and np.array_equal(tokens[s:s + 20], row) for s in start)
+        assert any(s % 20 == 0 and np.array_equal(tokens[s : s + 20], row) for s in start)
 
 
 def test_token_file_errors(tmp_path):

@@ -7,20 +7,23 @@ from codesign.hardware import hardware_names
 from codesign.hardware.device_kind import _TABLE, catalog_match
 
 
-@pytest.mark.parametrize(("kind", "chip", "system"), [
-    ("NVIDIA H200", "h200-sxm", "h200"),
-    ("NVIDIA H100 80GB HBM3", "h100-sxm", "h100"),
-    ("NVIDIA H800", "h800-sxm", "h800"),
-    ("NVIDIA A100-SXM4-80GB", "a100-sxm-80g", "a100"),
-    ("NVIDIA B200", "b200-sxm", "b200"),
-    ("NVIDIA GB200", "gb200-gpu", "gb200-nvl72"),  # not B200: the more specific name wins
-    ("TPU v4", "tpu-v4-chip", "tpu-v4"),
-    ("TPU v5 lite", "tpu-v5e-chip", "tpu-v5e"),  # v5e, not v5p
-    ("TPU v5", "tpu-v5p-chip", "tpu-v5p"),
-    ("TPU v5p", "tpu-v5p-chip", "tpu-v5p"),
-    ("TPU v6 lite", "tpu-v6e-chip", "tpu-v6e"),
-    ("cpu", "cpu", "cpu"),
-])
+@pytest.mark.parametrize(
+    ("kind", "chip", "system"),
+    [
+        ("NVIDIA H200", "h200-sxm", "h200"),
+        ("NVIDIA H100 80GB HBM3", "h100-sxm", "h100"),
+        ("NVIDIA H800", "h800-sxm", "h800"),
+        ("NVIDIA A100-SXM4-80GB", "a100-sxm-80g", "a100"),
+        ("NVIDIA B200", "b200-sxm", "b200"),
+        ("NVIDIA GB200", "gb200-gpu", "gb200-nvl72"),  # not B200: the more specific name wins
+        ("TPU v4", "tpu-v4-chip", "tpu-v4"),
+        ("TPU v5 lite", "tpu-v5e-chip", "tpu-v5e"),  # v5e, not v5p
+        ("TPU v5", "tpu-v5p-chip", "tpu-v5p"),
+        ("TPU v5p", "tpu-v5p-chip", "tpu-v5p"),
+        ("TPU v6 lite", "tpu-v6e-chip", "tpu-v6e"),
+        ("cpu", "cpu", "cpu"),
+    ],
+)
 def test_catalog_match(kind, chip, system):
     m = catalog_match(kind)
     assert (m.chip, m.system) == (chip, system)

@@ -92,8 +92,10 @@ def test_flops_compiled_agrees_with_analytic(name):
     comp = r["compile"]
     assert comp["remat"] == "none" and comp["compile_s"] > 0
     assert comp["capacity_factor"] == (1.0 if get_preset(name).is_moe else None)
-    assert any(trip == get_preset(name).layers - get_preset(name).first_dense_layers
-               for _, trip, _ in comp["while_loops"])
+    assert any(
+        trip == get_preset(name).layers - get_preset(name).first_dense_layers
+        for _, trip, _ in comp["while_loops"]
+    )
     json.dumps(res)
 
 
@@ -110,10 +112,17 @@ def test_ep_tpot_reproduces_paper_with_hidden_7000():
     assert gb["tpot_s"] == pytest.approx(0.82e-3, rel=0.005)
     assert round(gb["tokens_per_s"], -2) == 1200
     a = h800["assumptions"]
-    assert (a["tokens_per_device"], a["experts_per_token"], a["layers"], a["all_to_alls_per_layer"]) == (32, 9, 61, 2)
+    assert (a["tokens_per_device"], a["experts_per_token"], a["layers"], a["all_to_alls_per_layer"]) == (
+        32,
+        9,
+        61,
+        2,
+    )
     assert (a["dispatch_bytes"], a["combine_bytes"], a["bytes_per_s"]) == (1.0, 2.0, 5e10)
     for r in res["rows"]:  # latency-included bound: catalog latency, twice per all-to-all (dispatch, combine)
-        assert r["all_to_all_with_latency_s"] == pytest.approx(r["all_to_all_s"] + 2 * r["assumptions"]["latency_s"])
+        assert r["all_to_all_with_latency_s"] == pytest.approx(
+            r["all_to_all_s"] + 2 * r["assumptions"]["latency_s"]
+        )
         assert r["tokens_per_s_with_latency"] < r["tokens_per_s"]
     json.dumps(res)
     text = _render(render_ep_tpot(res))
@@ -127,7 +136,9 @@ def test_ep_tpot_defaults_and_flags():
     assert r["all_to_all_s"] == pytest.approx(3 * 32 * 9 * 7168 / 50e9)
     # an EP group that fits in one H800 node rides NVLink
     assert ep_tpot("deepseek-v3", ["h800"], ep_devices=8)["rows"][0]["assumptions"]["level"] == "nvlink"
-    custom = ep_tpot("deepseek-v3", ["h800"], EPAssumptions(tokens_per_device=64, bytes_per_s=1e11, latency_s=0.0))
+    custom = ep_tpot(
+        "deepseek-v3", ["h800"], EPAssumptions(tokens_per_device=64, bytes_per_s=1e11, latency_s=0.0)
+    )
     c = custom["rows"][0]
     assert c["all_to_all_s"] == pytest.approx(3 * 64 * 9 * 7168 / 1e11)
     assert c["tpot_with_latency_s"] == pytest.approx(c["tpot_s"])
@@ -151,8 +162,9 @@ def test_decode_mla_vs_gqa_vs_mha():
     assert not by[("mha", 32768)]["fits"] and by[("mha", 32768)]["tokens_per_s_per_gpu"] == 0.0
     # memory-bound step time reads the weights and every cached byte once
     r = by[("gqa", 4096)]
-    assert r["memory_s"] == pytest.approx((r["weights_bytes_per_gpu"] + r["batch"] * r["kv_bytes_per_sequence"])
-                                          / 3.35e12)
+    assert r["memory_s"] == pytest.approx(
+        (r["weights_bytes_per_gpu"] + r["batch"] * r["kv_bytes_per_sequence"]) / 3.35e12
+    )
     assert attention_variant(v3, "mla") is v3
     json.dumps(res)
     assert "does not fit" in _render(render_decode(res))

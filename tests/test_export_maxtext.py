@@ -15,8 +15,8 @@ import pytest
 
 from codesign.config import ConfigError
 from codesign.hardware import load_hardware
-from codesign.planner.export_maxtext import maxtext_export
 from codesign.plan_file import Plan
+from codesign.planner.export_maxtext import maxtext_export
 from codesign.presets import get_preset
 
 KEYS_FILE = os.path.join(os.path.dirname(__file__), "data", "maxtext_base_keys.txt")
@@ -34,11 +34,21 @@ def _maxtext_trains(o: dict, devices: int) -> int:
 def _plan(model: str, spec: str, batch: int, seq: int = 2048, hw: str = "h100", devices: int = 16) -> tuple:
     cfg = get_preset(model)
     hardware = load_hardware(hw, devices=devices)
-    plan = Plan(model={"name": cfg.name, "config": cfg.to_json()},
-                hardware={"name": hw, "devices": devices, "memory_capacity_bytes": 1},
-                workload={"global_batch": batch, "seq_len": seq, "mode": "train", "dtype": "bfloat16",
-                          "param_dtype": "float32", "attention": "xla"},
-                search={}, candidates=[{"strategy": {"spec": spec}}], chosen=0)
+    plan = Plan(
+        model={"name": cfg.name, "config": cfg.to_json()},
+        hardware={"name": hw, "devices": devices, "memory_capacity_bytes": 1},
+        workload={
+            "global_batch": batch,
+            "seq_len": seq,
+            "mode": "train",
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "attention": "xla",
+        },
+        search={},
+        candidates=[{"strategy": {"spec": spec}}],
+        chosen=0,
+    )
     return plan, hardware
 
 
@@ -109,8 +119,9 @@ def test_inexpressible_pipeline_is_refused_in_one_line():
 
 def test_deepseek_pipeline_counts_only_the_moe_layers():
     # MaxText pipelines a DeepSeek model's MoE layers; the dense prefix stays outside the pipeline.
-    plan, hw = _plan("deepseek-v3", "pipeline=2,data=2,expert=64,remat=full,microbatches=8", 512, hw="h800",
-                     devices=256)
+    plan, hw = _plan(
+        "deepseek-v3", "pipeline=2,data=2,expert=64,remat=full,microbatches=8", 512, hw="h800", devices=256
+    )
     o = maxtext_export(plan, hw).overrides
     assert o["num_layers_per_pipeline_stage"] == (61 - 3) // 2 and o["model_name"] == "deepseek3-671b"
 
@@ -140,14 +151,34 @@ def test_vendored_key_list_names_its_source():
         head = "".join(f.readline() for _ in range(6))
     assert "AI-Hypercomputer/maxtext" in head and "base.yml" in head
     keys = _maxtext_keys()
-    assert {"per_device_batch_size", "gradient_accumulation_steps", "ici_fsdp_parallelism",
-            "dcn_data_parallelism", "remat_policy", "max_target_length"} <= keys
+    assert {
+        "per_device_batch_size",
+        "gradient_accumulation_steps",
+        "ici_fsdp_parallelism",
+        "dcn_data_parallelism",
+        "remat_policy",
+        "max_target_length",
+    } <= keys
     assert "_note" not in keys and "ici_sequence_parallelism" in keys  # a key, but not a default mesh axis
 
 
 def test_cli_export_prints_comments_and_json_carries_notes():
-    args = [sys.executable, "-m", "codesign", "plan", "--model", "tiny-dense", "--hardware", "cpu",
-            "--devices", "8", "--target", "analytic", "--export", "maxtext"]
+    args = [
+        sys.executable,
+        "-m",
+        "codesign",
+        "plan",
+        "--model",
+        "tiny-dense",
+        "--hardware",
+        "cpu",
+        "--devices",
+        "8",
+        "--target",
+        "analytic",
+        "--export",
+        "maxtext",
+    ]
     out = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=180, check=False)
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
@@ -156,5 +187,5 @@ def test_cli_export_prints_comments_and_json_carries_notes():
     assert _maxtext_trains(o, 8) == doc["workload"]["global_batch"]
     out = subprocess.run(args, capture_output=True, text=True, timeout=180, check=False)
     assert out.returncode == 0, out.stderr
-    tail = out.stdout[out.stdout.index("MaxText overrides:"):].splitlines()[1:]
+    tail = out.stdout[out.stdout.index("MaxText overrides:") :].splitlines()[1:]
     assert "_note" not in out.stdout and any(line.startswith("# ") for line in tail)

@@ -50,8 +50,11 @@ def initial_state():
 
 @functools.cache
 def batches() -> np.ndarray:
-    return np.asarray(jax.random.randint(jax.random.key(1), (STEPS + 1, WL.global_batch, WL.seq_len + 1), 0,
-                                         CFG.vocab_size, jnp.int32))
+    return np.asarray(
+        jax.random.randint(
+            jax.random.key(1), (STEPS + 1, WL.global_batch, WL.seq_len + 1), 0, CFG.vocab_size, jnp.int32
+        )
+    )
 
 
 def step(spec: str, state, i: int):
@@ -82,7 +85,9 @@ def assert_same_training(spec: str, reference: str = REFERENCE) -> None:
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=spec)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(ref_state)):
         scale = float(np.max(np.abs(b))) or 1.0
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{spec} {jax.tree_util.keystr(path)}")
+        np.testing.assert_allclose(
+            a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=f"{spec} {jax.tree_util.keystr(path)}"
+        )
 
 
 def collectives(spec: str, axis: str = "data"):
@@ -121,12 +126,16 @@ def test_gradients_reduce_over_data_once_per_step(layout):
     assert total(four)[1] <= total(one)[1] * 1.01 and total(four)[0] <= total(one)[0]
     # FSDP (ZeRO-3) still gathers its params per microbatch inside the loop.
     if "fsdp" in layout:
-        assert total(collectives(f"{layout},microbatches=4", "fsdp"), "all-gather")[0] > \
-            total(collectives(layout, "fsdp"), "all-gather")[0]
+        assert (
+            total(collectives(f"{layout},microbatches=4", "fsdp"), "all-gather")[0]
+            > total(collectives(layout, "fsdp"), "all-gather")[0]
+        )
 
 
-@pytest.mark.parametrize("spec", ["data=8", "data=8,microbatches=4", "data=2,fsdp=2,tensor=2",
-                                  "data=2,fsdp=2,tensor=2,microbatches=4"])
+@pytest.mark.parametrize(
+    "spec",
+    ["data=8", "data=8,microbatches=4", "data=2,fsdp=2,tensor=2", "data=2,fsdp=2,tensor=2,microbatches=4"],
+)
 def test_same_training_as_one_device_without_accumulation(spec):
     assert_same_training(spec)
 

@@ -17,7 +17,19 @@ from codesign.hardware import (
     valid_slice_sizes,
 )
 
-SYSTEMS = ["a100", "h100", "h200", "h800", "b200", "gb200-nvl72", "tpu-v4", "tpu-v5e", "tpu-v5p", "tpu-v6e", "cpu"]
+SYSTEMS = [
+    "a100",
+    "h100",
+    "h200",
+    "h800",
+    "b200",
+    "gb200-nvl72",
+    "tpu-v4",
+    "tpu-v5e",
+    "tpu-v5p",
+    "tpu-v6e",
+    "cpu",
+]
 
 
 def test_catalog_names_and_json_shape():
@@ -86,7 +98,9 @@ def test_chip_peaks():
 def test_v5p_critical_intensity_matches_scaling_book():
     # scaling book: C / W_ici = 4.59e14 / 1.8e11 = 2550 for TPU v5p (bidirectional ICI bandwidth)
     assert load_hardware("tpu-v5p").critical_intensity("bf16") == pytest.approx(2550, rel=0.01)
-    assert load_hardware("tpu-v5p", devices=256).critical_intensity("bf16", "ici") == pytest.approx(2550, rel=0.01)
+    assert load_hardware("tpu-v5p", devices=256).critical_intensity("bf16", "ici") == pytest.approx(
+        2550, rel=0.01
+    )
     # H100 over NVLink: 989e12 / 450e9 ~ 2200
     assert load_hardware("h100").critical_intensity("bf16", "nvlink") == pytest.approx(2199, rel=0.01)
     with pytest.raises(HardwareError):
@@ -134,16 +148,19 @@ def test_efficiency_from_h200_probe():
     assert "assumption" in load_hardware("tpu-v5p").efficiency.source
 
 
-@pytest.mark.parametrize("gen,n,name,wraps", [
-    ("v5p", 256, "v5p:8x8x4", (True, True, True)),
-    ("v5p", 64, "v5p:4x4x4", (True, True, True)),
-    ("v5p", 16, "v5p:4x2x2", (False, False, False)),  # below a full cube: no optical wraparound
-    ("v5p", 8960, "v5p:28x20x16", (True, True, True)),
-    ("v4", 64, "v4:4x4x4", (True, True, True)),
-    ("v5e", 8, "v5e:2x4", (False, False)),
-    ("v5e", 256, "v5e:16x16", (True, True)),
-    ("v6e", 128, "v6e:8x16", (False, True)),  # only the full 16 dim wraps
-])
+@pytest.mark.parametrize(
+    "gen,n,name,wraps",
+    [
+        ("v5p", 256, "v5p:8x8x4", (True, True, True)),
+        ("v5p", 64, "v5p:4x4x4", (True, True, True)),
+        ("v5p", 16, "v5p:4x2x2", (False, False, False)),  # below a full cube: no optical wraparound
+        ("v5p", 8960, "v5p:28x20x16", (True, True, True)),
+        ("v4", 64, "v4:4x4x4", (True, True, True)),
+        ("v5e", 8, "v5e:2x4", (False, False)),
+        ("v5e", 256, "v5e:16x16", (True, True)),
+        ("v6e", 128, "v6e:8x16", (False, True)),  # only the full 16 dim wraps
+    ],
+)
 def test_tpu_topology(gen, n, name, wraps):
     assert tpu_topology_name(gen, n) == name
     topo = tpu_slice(gen, n)

@@ -44,19 +44,55 @@ _DROP = object()
 PUBLISHED = [
     ("llama3.1-8b", "llama", 8.03e9, None, 0.005e9, "Llama 3.1 model card: 8.03B"),
     ("qwen2.5-72b", "qwen2", 72.7e9, None, 0.05e9, "Qwen2.5-72B model card: 72.7B"),
-    ("mixtral-8x7b", "mixtral", 46.7e9, 12.9e9, 0.05e9,
-     "Mixtral of Experts (arXiv 2401.04088): 46.7B total, 12.9B active per token"),
-    ("deepseek-v3", "deepseek_v3", 671e9, 37e9, 0.5e9,
-     "DeepSeek-V3 technical report (arXiv 2412.19437): 671B total, 37B activated (excl. emb; MTP excluded)"),
-    ("qwen3-30b-a3b", "qwen3_moe", 30.5e9, 3.3e9, 0.05e9,
-     "Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated (figures truncated, see below)"),
+    (
+        "mixtral-8x7b",
+        "mixtral",
+        46.7e9,
+        12.9e9,
+        0.05e9,
+        "Mixtral of Experts (arXiv 2401.04088): 46.7B total, 12.9B active per token",
+    ),
+    (
+        "deepseek-v3",
+        "deepseek_v3",
+        671e9,
+        37e9,
+        0.5e9,
+        "DeepSeek-V3 technical report (arXiv 2412.19437): 671B total, 37B activated (excl. emb; MTP excluded)",
+    ),
+    (
+        "qwen3-30b-a3b",
+        "qwen3_moe",
+        30.5e9,
+        3.3e9,
+        0.05e9,
+        "Qwen3-30B-A3B model card: 30.5B in total, 3.3B activated (figures truncated, see below)",
+    ),
     ("gemma-2-27b", "gemma2", 27.2e9, None, 0.05e9, "Gemma 2 (arXiv 2408.00118): the 27B model, 27.2B"),
-    ("gemma-7b", "gemma", 8.54e9, None, 0.005e9,
-     "Gemma (arXiv 2403.08295): 7B model, 786,825,216 embedding + 7,751,248,896 non-embedding = 8.54B"),
-    ("qwen2-57b-a14b", "qwen2_moe", 57e9, 14e9, 0.5e9,
-     "Qwen2 technical report (arXiv 2407.10671): Qwen2-57B-A14B, 57B total, 14B activated"),
-    ("qwen1.5-moe-a2.7b", "qwen2_moe", 14.3e9, 2.7e9, 0.05e9,
-     "Qwen1.5-MoE-A2.7B model card: 14.3B parameters in total, 2.7B activated"),
+    (
+        "gemma-7b",
+        "gemma",
+        8.54e9,
+        None,
+        0.005e9,
+        "Gemma (arXiv 2403.08295): 7B model, 786,825,216 embedding + 7,751,248,896 non-embedding = 8.54B",
+    ),
+    (
+        "qwen2-57b-a14b",
+        "qwen2_moe",
+        57e9,
+        14e9,
+        0.5e9,
+        "Qwen2 technical report (arXiv 2407.10671): Qwen2-57B-A14B, 57B total, 14B activated",
+    ),
+    (
+        "qwen1.5-moe-a2.7b",
+        "qwen2_moe",
+        14.3e9,
+        2.7e9,
+        0.05e9,
+        "Qwen1.5-MoE-A2.7B model card: 14.3B parameters in total, 2.7B activated",
+    ),
     ("olmoe-1b-7b-0924", "olmoe", 6.9e9, 1.3e9, 0.05e9, "OLMoE (arXiv 2409.02060): 6.9B total, 1.3B active"),
 ]
 EXCLUDES_EMBEDDING = {"deepseek-v3"}  # DeepSeek's 37B leaves out the input embedding (36.6B; 37.55B with it)
@@ -71,8 +107,9 @@ def _close(ours: float, published: float, half_unit: float, truncated: bool) -> 
     return abs(ours - published) <= max(0.01 * published, half_unit)
 
 
-@pytest.mark.parametrize("name,model_type,total,active,half_unit,source", PUBLISHED,
-                         ids=[p[0] for p in PUBLISHED])
+@pytest.mark.parametrize(
+    "name,model_type,total,active,half_unit,source", PUBLISHED, ids=[p[0] for p in PUBLISHED]
+)
 def test_params_match_published(name, model_type, total, active, half_unit, source):
     assert _raw(name)["model_type"] == model_type
     cfg = load_model_config(_path(name))
@@ -115,21 +152,27 @@ def test_the_issue_configs_are_no_longer_read_as_llamas():
 
 
 def test_falcon_mamba_is_refused_by_model_type():
-    with pytest.raises(ConfigError, match=r"^model_type falcon_mamba \(state-space\) is not supported; "
-                                          r"supported: llama, mistral, qwen2"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^model_type falcon_mamba \(state-space\) is not supported; "
+        r"supported: llama, mistral, qwen2",
+    ):
         load_model_config(_path("falcon-mamba-7b"))
 
 
-@pytest.mark.parametrize("changes,needle", [
-    ({"model_type": "gpt_neox"}, "model_type gpt_neox is not supported; supported: llama"),
-    ({"model_type": "jamba"}, "model_type jamba (hybrid attention/state-space) is not supported"),
-    ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
-    ({"model_type": _DROP, "architectures": _DROP}, "no model_type or architectures"),
-    ({"model_type": _DROP, "architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
-    ({"hidden_act": "relu"}, "FFN activation 'relu' is not supported"),
-    ({"hidden_size": "4096"}, "hidden_size='4096' must be a non-negative integer"),
-    ({"num_attention_heads": _DROP}, "lacks 'num_attention_heads'"),
-])
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"model_type": "gpt_neox"}, "model_type gpt_neox is not supported; supported: llama"),
+        ({"model_type": "jamba"}, "model_type jamba (hybrid attention/state-space) is not supported"),
+        ({"architectures": ["LlamaForSequenceClassification"]}, "LlamaForSequenceClassification"),
+        ({"model_type": _DROP, "architectures": _DROP}, "no model_type or architectures"),
+        ({"model_type": _DROP, "architectures": ["GPT2LMHeadModel"]}, "GPT2LMHeadModel"),
+        ({"hidden_act": "relu"}, "FFN activation 'relu' is not supported"),
+        ({"hidden_size": "4096"}, "hidden_size='4096' must be a non-negative integer"),
+        ({"num_attention_heads": _DROP}, "lacks 'num_attention_heads'"),
+    ],
+)
 def test_llama_config_faults_are_one_line_errors(changes, needle):
     with pytest.raises(ConfigError) as e:
         _load("llama3.1-8b", **changes)
@@ -141,15 +184,18 @@ def test_architectures_alone_identify_the_family():
     assert inferred.qkv_bias and param_counts(inferred).total == param_counts(_load("qwen2.5-72b")).total
 
 
-@pytest.mark.parametrize("name,changes,needle", [
-    ("qwen3-30b-a3b", {"decoder_sparse_step": 2}, "dense FFN layers [2, 4, 6, 8]... between MoE layers"),
-    ("qwen3-30b-a3b", {"mlp_only_layers": [10]}, "dense FFN layers [10] between MoE layers"),
-    ("qwen3-30b-a3b", {"mlp_only_layers": list(range(48))}, "no layer is an MoE layer"),
-    ("qwen2-57b-a14b", {"shared_expert_intermediate_size": 5000}, "shared_expert_intermediate_size=5000"),
-    ("deepseek-v3", {"moe_layer_freq": 2}, "between MoE layers"),
-    ("deepseek-v3", {"scoring_func": "sparsemixer"}, "scoring_func='sparsemixer'"),
-    ("mixtral-8x7b", {"hidden_act": "gelu"}, "MoE experts are SwiGLU only"),
-])
+@pytest.mark.parametrize(
+    "name,changes,needle",
+    [
+        ("qwen3-30b-a3b", {"decoder_sparse_step": 2}, "dense FFN layers [2, 4, 6, 8]... between MoE layers"),
+        ("qwen3-30b-a3b", {"mlp_only_layers": [10]}, "dense FFN layers [10] between MoE layers"),
+        ("qwen3-30b-a3b", {"mlp_only_layers": list(range(48))}, "no layer is an MoE layer"),
+        ("qwen2-57b-a14b", {"shared_expert_intermediate_size": 5000}, "shared_expert_intermediate_size=5000"),
+        ("deepseek-v3", {"moe_layer_freq": 2}, "between MoE layers"),
+        ("deepseek-v3", {"scoring_func": "sparsemixer"}, "scoring_func='sparsemixer'"),
+        ("mixtral-8x7b", {"hidden_act": "gelu"}, "MoE experts are SwiGLU only"),
+    ],
+)
 def test_unsupported_features_are_refused_by_name(name, changes, needle):
     with pytest.raises(ConfigError) as e:
         _load(name, **changes)
@@ -222,9 +268,26 @@ def test_geglu_gate_is_gelu():
 
 
 def test_cli_refuses_an_unsupported_config_in_one_line():
-    out = subprocess.run([sys.executable, "-m", "codesign", "plan", "--model", _path("falcon-mamba-7b"),
-                          "--hardware", "cpu", "--devices", "8", "--target", "analytic"],
-                         capture_output=True, text=True, timeout=180, check=False)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codesign",
+            "plan",
+            "--model",
+            _path("falcon-mamba-7b"),
+            "--hardware",
+            "cpu",
+            "--devices",
+            "8",
+            "--target",
+            "analytic",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "model_type falcon_mamba (state-space) is not supported" in lines[0]

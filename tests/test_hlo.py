@@ -76,7 +76,9 @@ def mesh():
 
 
 def _compile(mesh, f, specs, shapes, out_spec):
-    args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p)) for s, p in zip(shapes, specs)]
+    args = [
+        jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p)) for s, p in zip(shapes, specs)
+    ]
     out = NamedSharding(mesh, out_spec)
     return analyze_hlo(jax.jit(f, out_shardings=out).lower(*args).compile().as_text(), MESH_SHAPE)
 
@@ -105,9 +107,13 @@ def test_all_gather_over_both_axes(mesh, axes):
 
 
 def test_all_to_all_and_permute_axes(mesh):
-    a2a = _only(_compile(mesh, lambda x: x * 2, [P("tensor", None)], [(64, 256)], P(None, "tensor")), "all-to-all")
+    a2a = _only(
+        _compile(mesh, lambda x: x * 2, [P("tensor", None)], [(64, 256)], P(None, "tensor")), "all-to-all"
+    )
     assert (a2a.group_size, a2a.mesh_axes) == (4, ("tensor",))
-    roll = _compile(mesh, lambda x: jnp.roll(x, 1, axis=0), [P("tensor", None)], [(64, 256)], P("tensor", None))
+    roll = _compile(
+        mesh, lambda x: jnp.roll(x, 1, axis=0), [P("tensor", None)], [(64, 256)], P("tensor", None)
+    )
     cp = _only(roll, "collective-permute")
     assert (cp.group_size, cp.mesh_axes, cp.bytes) == (4, ("tensor",), 1 * 256 * 4)
 
@@ -166,8 +172,12 @@ ENTRY %main (a: f32[8,16], b: f32[16,16]) -> f32[8,16] {
     ],
 )
 def test_condition_constant_trip_count(compare, direction, init, step, trips):
-    text = (_LOOP_HLO.replace("COMPARE", compare).replace("DIR", direction)
-            .replace("INIT", str(init)).replace("STEP", str(step)))
+    text = (
+        _LOOP_HLO.replace("COMPARE", compare)
+        .replace("DIR", direction)
+        .replace("INIT", str(init))
+        .replace("STEP", str(step))
+    )
     stats = analyze_hlo(text)
     assert stats.while_loops == (("loop", trips, "condition-constant"),)
     assert stats.matmul_flops == 2 * 8 * 16 * 16 * trips
@@ -190,19 +200,34 @@ def test_replica_group_formats():
     assert rg("replica_groups={}, to_apply=%add", 4) == [[0, 1, 2, 3]]
     assert rg("replica_groups=[2,4]<=[8], dimensions={0}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rg("replica_groups=[4,2]<=[2,4]T(1,0), x", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
-    mesh_fmt = "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}, x=1"
+    mesh_fmt = (
+        "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_2'}, x=1"
+    )
     assert rg(mesh_fmt, 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert rg(mesh_fmt.replace("{'axis_2'}", "{'axis_1'}"), 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rg("replica_groups=mesh['a'=2,'b'=4] {'a'}, use_global_device_ids=true", 8) == [
-        [0, 4], [1, 5], [2, 6], [3, 7]]
+        [0, 4],
+        [1, 5],
+        [2, 6],
+        [3, 7],
+    ]
     assert rg("replica_groups=mesh['a'=8] {'a':(1)2}", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert rg("replica_groups=mesh['a'=8] {'a':(2)4}", 8) == [[0, 1, 2, 3], [4, 5, 6, 7]]
     assert rg("no groups here", 8) is None
 
 
-@pytest.mark.parametrize("text", ["", "garbage {{{ ((", "ENTRY %m () -> f32[] {\n  %x = f32[ broken\n",
-                                  ("HloModule m\n\nENTRY %main (a: f32[4]) -> f32[4] {\n  %a = f32[4] parameter(0)\n"
-                                   "  ROOT %b = f32[4] all-reduce(%a), replica_groups=mesh['x'=3 {'y'}\n}\n")])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage {{{ ((",
+        "ENTRY %m () -> f32[] {\n  %x = f32[ broken\n",
+        (
+            "HloModule m\n\nENTRY %main (a: f32[4]) -> f32[4] {\n  %a = f32[4] parameter(0)\n"
+            "  ROOT %b = f32[4] all-reduce(%a), replica_groups=mesh['x'=3 {'y'}\n}\n"
+        ),
+    ],
+)
 def test_malformed_text_never_raises(text):
     stats = analyze_hlo(text, MESH_SHAPE)
     assert stats.flops == 0 and stats.matmul_flops == 0 and stats.while_loops == ()
@@ -220,10 +245,20 @@ def test_normalize_cost_analysis():
     assert normalize_cost_analysis({}) is None
     assert normalize_cost_analysis([]) is None
     assert normalize_cost_analysis({"optimal_seconds": -1.0}) is None
-    raw = {"flops": 10.0, "bytes accessed": 20.0, "bytes accessed0{}": 5.0, "optimal_seconds": -1.0,
-           "utilization0{}": 3.0}
-    want = {"flops": 10.0, "bytes_accessed": 20.0, "transcendentals": None, "optimal_seconds": None,
-            "utilization0{}": 3.0}
+    raw = {
+        "flops": 10.0,
+        "bytes accessed": 20.0,
+        "bytes accessed0{}": 5.0,
+        "optimal_seconds": -1.0,
+        "utilization0{}": 3.0,
+    }
+    want = {
+        "flops": 10.0,
+        "bytes_accessed": 20.0,
+        "transcendentals": None,
+        "optimal_seconds": None,
+        "utilization0{}": 3.0,
+    }
     assert normalize_cost_analysis(raw) == want
     assert normalize_cost_analysis([raw]) == want
     assert normalize_cost_analysis({"flops": 1.0, "optimal_seconds": 2e-6})["optimal_seconds"] == 2e-6
@@ -238,16 +273,20 @@ def test_tpu_scan_loop_aware_flops():
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4")
-    mesh = jax.sharding.Mesh(np.array(topo.devices).reshape(2, 4), ("data", "tensor"),
-                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    mesh = jax.sharding.Mesh(
+        np.array(topo.devices).reshape(2, 4), ("data", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2
+    )
 
     def s(*spec):
         return NamedSharding(mesh, P(*spec))
 
     x = jax.ShapeDtypeStruct((B, D), jnp.float32, sharding=s("data"))
     ws = jax.ShapeDtypeStruct((L, D, D), jnp.float32, sharding=s(None, None, "tensor"))
-    compiled = jax.jit(_scanned, in_shardings=(s("data"), s(None, None, "tensor")),
-                       out_shardings=s("data")).lower(x, ws).compile()
+    compiled = (
+        jax.jit(_scanned, in_shardings=(s("data"), s(None, None, "tensor")), out_shardings=s("data"))
+        .lower(x, ws)
+        .compile()
+    )
     stats = analyze_hlo(compiled.as_text(), MESH_SHAPE)
     assert stats.matmul_flops == pytest.approx(2 * B * D * D * L / 8, rel=0.01)
     assert any(n == L and src.startswith("condition-constant") for _, n, src in stats.while_loops)
@@ -266,8 +305,13 @@ def test_tpu_padded_window_convolutions_count_only_real_taps():
     from codesign.sharding.strategy import Strategy
 
     cfg = get_preset("tiny-dense").replace(layers=1)
-    r = compile_candidate(cfg, Workload(8, 32), Strategy.parse("fsdp=4,tensor=2,remat=none"),
-                          load_hardware("tpu-v5e", devices=8), "tpu")
+    r = compile_candidate(
+        cfg,
+        Workload(8, 32),
+        Strategy.parse("fsdp=4,tensor=2,remat=none"),
+        load_hardware("tpu-v5e", devices=8),
+        "tpu",
+    )
     assert r.outcome == "ok", r.message
     xla = r.xla_cost_analysis["flops"]
     assert 0.8 * xla <= r.matmul_flops <= 1.05 * xla

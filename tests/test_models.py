@@ -50,12 +50,16 @@ def test_causality(kind):
     rng = np.random.RandomState(1)
     tokens = rng.randint(0, cfg.vocab_size, (1, t_len))
     future = tokens.copy()
-    future[0, t + 1:] = (tokens[0, t + 1:] + 1 + rng.randint(0, cfg.vocab_size - 1, t_len - t - 1)) % cfg.vocab_size
+    future[0, t + 1 :] = (
+        tokens[0, t + 1 :] + 1 + rng.randint(0, cfg.vocab_size - 1, t_len - t - 1)
+    ) % cfg.vocab_size
     present = tokens.copy()
     present[0, t] = (tokens[0, t] + 1) % cfg.vocab_size
-    base, fut, pres = (np.asarray(forward(model, jnp.asarray(x, jnp.int32))) for x in (tokens, future, present))
+    base, fut, pres = (
+        np.asarray(forward(model, jnp.asarray(x, jnp.int32))) for x in (tokens, future, present)
+    )
     np.testing.assert_allclose(fut[0, : t + 1], base[0, : t + 1], rtol=1e-6, atol=1e-6)
-    assert np.abs(fut[0, t + 1:] - base[0, t + 1:]).max() > 1e-4  # the future did change
+    assert np.abs(fut[0, t + 1 :] - base[0, t + 1 :]).max() > 1e-4  # the future did change
     assert np.abs(pres[0, t] - base[0, t]).max() > 1e-4
     np.testing.assert_allclose(pres[0, :t], base[0, :t], rtol=1e-6, atol=1e-6)
 

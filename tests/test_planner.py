@@ -15,12 +15,21 @@ from codesign.planner.export_maxtext import maxtext_overrides
 from codesign.presets import get_preset
 from codesign.sharding.strategy import Strategy, StrategyError
 
-SMALL = dict(remats=("full",), microbatches=(1,), constraints=parse_constraints("pipeline=1,sequence=1"))
+SMALL = {"remats": ("full",), "microbatches": (1,), "constraints": parse_constraints("pipeline=1,sequence=1")}
 
 
 def _request(model: str, tmp_path, **kw) -> PlanRequest:
-    base = dict(cfg=get_preset(model), hardware=load_hardware("cpu", devices=8), workload=Workload(8, 32),
-                n_devices=8, target="cpu", top_k=2, workers=2, timeout_s=300, cache_dir=str(tmp_path / "cache"))
+    base = {
+        "cfg": get_preset(model),
+        "hardware": load_hardware("cpu", devices=8),
+        "workload": Workload(8, 32),
+        "n_devices": 8,
+        "target": "cpu",
+        "top_k": 2,
+        "workers": 2,
+        "timeout_s": 300,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     base.update(SMALL)
     base.update(kw)
     return PlanRequest(**base)
@@ -34,7 +43,9 @@ def test_pick_is_within_5_percent_of_the_exhaustive_best(model, tmp_path):
     assert full.search["compiled"] == full.search["scored"]  # every valid candidate compiled
     assert fast.search["compiled"] < full.search["compiled"]
     assert fast.best["step_time_s"] <= 1.05 * full.best["step_time_s"]
-    assert full.search["cache_hits"] >= fast.search["compiled"]  # the second search reused the first's compiles
+    assert (
+        full.search["cache_hits"] >= fast.search["compiled"]
+    )  # the second search reused the first's compiles
 
 
 def test_timeouts_become_rows_and_the_search_finishes(tmp_path):
@@ -52,8 +63,16 @@ def test_plan_file_round_trips_and_names_the_choice(tmp_path):
     assert data["schema"] == "codesign.plan/v1"
     best = data["candidates"][data["chosen"]]
     assert best["fits"] and Strategy.parse(best["strategy"]["spec"]).n_devices == 8
-    for key in ("memory_per_device_bytes", "memory_capacity_bytes", "step_time_s", "tokens_per_s", "mfu",
-                "breakdown", "evidence", "reasons"):
+    for key in (
+        "memory_per_device_bytes",
+        "memory_capacity_bytes",
+        "step_time_s",
+        "tokens_per_s",
+        "mfu",
+        "breakdown",
+        "evidence",
+        "reasons",
+    ):
         assert key in best
     # The file is the plan: reading it back gives the same plan, and the chosen row is the fastest that fits.
     result.scored = []  # the analytic point cloud is for --plot, not saved
@@ -65,8 +84,15 @@ def test_plan_file_round_trips_and_names_the_choice(tmp_path):
 
 
 def test_constraints_are_honoured(tmp_path):
-    result = plan(_request("tiny-dense", tmp_path, target="analytic",
-                           constraints=parse_constraints("tensor<=2,data>=2"), remats=("full", "none")))
+    result = plan(
+        _request(
+            "tiny-dense",
+            tmp_path,
+            target="analytic",
+            constraints=parse_constraints("tensor<=2,data>=2"),
+            remats=("full", "none"),
+        )
+    )
     for c in result.candidates:
         mesh = c["strategy"]["mesh"]
         assert mesh.get("tensor", 1) <= 2 and mesh.get("data", 1) >= 2
@@ -76,19 +102,41 @@ def test_constraints_are_honoured(tmp_path):
 
 def test_no_valid_layout_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="shares no factor"):
-        plan(_request("tiny-dense", tmp_path, target="analytic", workload=Workload(3, 32), n_devices=32,
-                      hardware=load_hardware("cpu", devices=32)))
+        plan(
+            _request(
+                "tiny-dense",
+                tmp_path,
+                target="analytic",
+                workload=Workload(3, 32),
+                n_devices=32,
+                hardware=load_hardware("cpu", devices=32),
+            )
+        )
     # 8 sequences x 8 tokens x 8 heads x 2 layers cannot keep 2048 devices busy.
     with pytest.raises(ConfigError, match="no valid layout"):
-        plan(_request("tiny-dense", tmp_path, target="analytic", workload=Workload(8, 8), n_devices=2048,
-                      hardware=load_hardware("cpu", devices=2048)))
+        plan(
+            _request(
+                "tiny-dense",
+                tmp_path,
+                target="analytic",
+                workload=Workload(8, 8),
+                n_devices=2048,
+                hardware=load_hardware("cpu", devices=2048),
+            )
+        )
 
 
 def test_maxtext_export_splits_axes_into_ici_and_dcn(tmp_path):
     cfg = get_preset("llama3-8b")
     hw = load_hardware("h100", devices=16)
-    req = PlanRequest(cfg=cfg, hardware=hw, workload=Workload(64, 4096), n_devices=16, target="analytic",
-                      constraints=parse_constraints("data=2,tensor=8"))
+    req = PlanRequest(
+        cfg=cfg,
+        hardware=hw,
+        workload=Workload(64, 4096),
+        n_devices=16,
+        target="analytic",
+        constraints=parse_constraints("data=2,tensor=8"),
+    )
     out = maxtext_overrides(plan(req), hw)
     assert out["ici_tensor_parallelism"] == 8 and out["dcn_data_parallelism"] == 2
     # MaxText trains on int(devices * per_device_batch_size) * gradient_accumulation_steps sequences.
@@ -96,32 +144,84 @@ def test_maxtext_export_splits_axes_into_ici_and_dcn(tmp_path):
 
 
 def test_large_moe_plan_uses_expert_parallelism():
-    req = PlanRequest(cfg=get_preset("deepseek-v3"), hardware=load_hardware("h800", devices=2048),
-                      workload=Workload(8192, 4096), n_devices=2048, target="analytic",
-                      microbatches=(4, 8), remats=("full",))
+    req = PlanRequest(
+        cfg=get_preset("deepseek-v3"),
+        hardware=load_hardware("h800", devices=2048),
+        workload=Workload(8192, 4096),
+        n_devices=2048,
+        target="analytic",
+        microbatches=(4, 8),
+        remats=("full",),
+    )
     result = plan(req)
     assert result.best is not None and result.best["strategy"]["mesh"].get("expert", 1) > 1
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--model", "llama9", "--hardware", "h100", "--devices", "8"], "unknown model 'llama9'"),
-    (["--model", "tiny-dense", "--hardware", "h900", "--devices", "8"], "h900"),
-    (["--model", "tiny-dense", "--hardware", "cpu", "--devices", "8", "--global-batch", "3"], "shares no factor"),
-    (["--model", "tiny-dense", "--hardware", "cpu", "--devices", "2048", "--global-batch", "8", "--seq-len", "8"],
-     "no valid layout"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--model", "llama9", "--hardware", "h100", "--devices", "8"], "unknown model 'llama9'"),
+        (["--model", "tiny-dense", "--hardware", "h900", "--devices", "8"], "h900"),
+        (
+            ["--model", "tiny-dense", "--hardware", "cpu", "--devices", "8", "--global-batch", "3"],
+            "shares no factor",
+        ),
+        (
+            [
+                "--model",
+                "tiny-dense",
+                "--hardware",
+                "cpu",
+                "--devices",
+                "2048",
+                "--global-batch",
+                "8",
+                "--seq-len",
+                "8",
+            ],
+            "no valid layout",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_nonzero(argv, needle):
-    out = subprocess.run([sys.executable, "-m", "codesign", "plan", "--target", "analytic", *argv],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "codesign", "plan", "--target", "analytic", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and needle in lines[0], out.stderr
 
 
 def test_cli_json_is_one_document(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "codesign", "plan", "--model", "tiny-dense", "--hardware", "cpu",
-                          "--devices", "8", "--target", "analytic", "--json", "--top", "5", "--export", "maxtext"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codesign",
+            "plan",
+            "--model",
+            "tiny-dense",
+            "--hardware",
+            "cpu",
+            "--devices",
+            "8",
+            "--target",
+            "analytic",
+            "--json",
+            "--top",
+            "5",
+            "--export",
+            "maxtext",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert len(doc["candidates"]) == 5 and doc["export"]["maxtext"]["remat_policy"]

@@ -55,7 +55,9 @@ def test_every_param_names_logical_axes():
         state = nnx.state(build_abstract(get_preset(name)))
         shapes = nnx.to_pure_dict(state)
         axes = logical_axes(state)
-        for a, s in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)):
+        for a, s in zip(
+            jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple)), jax.tree.leaves(shapes)
+        ):
             assert len(a) == len(s.shape)
             assert all(n is None or n in ALL_AXES for n in a)
 
@@ -73,8 +75,11 @@ def test_deepseek_v3_abstract_state_is_cheap():
         "from codesign.models import build_abstract\n"
         "t0=time.time(); m=build_abstract(get_preset('deepseek-v3')); dt=time.time()-t0\n"
         "hwm=[l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "print(json.dumps({'s': dt, 'rss_mb': int(hwm)/1024}))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+        "print(json.dumps({'s': dt, 'rss_mb': int(hwm)/1024}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["s"] < 30
     assert res["rss_mb"] < 2048

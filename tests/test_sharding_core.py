@@ -25,9 +25,17 @@ def test_spec_roundtrip_and_json():
     assert o.order[:2] == ("tensor", "data") and Strategy.parse(o.spec) == o
 
 
-@pytest.mark.parametrize("bad,needle", [
-    ("data=two", "must be an integer"), ("dat=2", "unknown strategy key 'dat'"), ("remat=sometimes", "remat="),
-    ("data=0", "positive"), ("data", "not key=value"), ("microbatches=-1", "positive")])
+@pytest.mark.parametrize(
+    "bad,needle",
+    [
+        ("data=two", "must be an integer"),
+        ("dat=2", "unknown strategy key 'dat'"),
+        ("remat=sometimes", "remat="),
+        ("data=0", "positive"),
+        ("data", "not key=value"),
+        ("microbatches=-1", "positive"),
+    ],
+)
 def test_malformed_specs_say_what_is_wrong(bad, needle):
     with pytest.raises(StrategyError, match=needle):
         Strategy.parse(bad)
@@ -79,7 +87,9 @@ def test_enumeration_for_256_devices_is_large_and_valid():
     assert e.rejected["expert parallelism needs an MoE model"] > 0
     moe = enumerate_strategies(get_preset("deepseek-v3"), w, 256)
     assert any(s.sizes["expert"] > 1 for s in moe.valid)
-    assert all(s.sizes["pipeline"] <= 58 for s in moe.valid)  # uneven stages allowed, never more than MoE layers
+    assert all(
+        s.sizes["pipeline"] <= 58 for s in moe.valid
+    )  # uneven stages allowed, never more than MoE layers
     assert any(s.sizes["pipeline"] == 16 for s in moe.valid)  # DeepSeek-V3 trained on 16 stages of 61 layers
 
 
@@ -99,8 +109,12 @@ def test_describe_rows_use_scaling_book_notation():
     assert rows["embed"].notation == "W[V_tensor, D_fsdp]"
 
 
-TINY = {name: enumerate_strategies(get_preset(name), Workload(8, 32), 8, remats=("none", "full"),
-                                   microbatches=(1, 2)).valid for name in ("tiny-dense", "tiny-moe", "tiny-mla")}
+TINY = {
+    name: enumerate_strategies(
+        get_preset(name), Workload(8, 32), 8, remats=("none", "full"), microbatches=(1, 2)
+    ).valid
+    for name in ("tiny-dense", "tiny-moe", "tiny-mla")
+}
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
@@ -108,8 +122,13 @@ TINY = {name: enumerate_strategies(get_preset(name), Workload(8, 32), 8, remats=
 def test_every_enumerated_tiny_strategy_compiles(case):
     name, strategy = case
     # The planner's mode: soft rules (kv_heads, vocab) that do not divide are dropped and recorded.
-    prog = TrainProgram(get_preset(name), Workload(8, 32), strategy,
-                        MeshSpec.from_strategy(strategy).build(jax.devices()), strict=False)
+    prog = TrainProgram(
+        get_preset(name),
+        Workload(8, 32),
+        strategy,
+        MeshSpec.from_strategy(strategy).build(jax.devices()),
+        strict=False,
+    )
     if strategy.sizes["tensor"] > get_preset(name).kv_heads:
         assert any(d.logical == "kv_heads" for d in prog.dropped_rules)
     compiled = prog.lower().compile()

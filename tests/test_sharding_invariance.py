@@ -12,7 +12,14 @@ from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
 from tests.conftest import require_devices
 
-LAYOUTS = ["data=8", "fsdp=8", "fsdp=4,tensor=2", "data=2,tensor=4", "data=2,sequence=4", "fsdp=2,sequence=2,tensor=2"]
+LAYOUTS = [
+    "data=8",
+    "fsdp=8",
+    "fsdp=4,tensor=2",
+    "data=2,tensor=4",
+    "data=2,sequence=4",
+    "fsdp=2,sequence=2,tensor=2",
+]
 MOE_LAYOUTS = ["expert=8", "expert=4,tensor=2"]
 WORKLOAD = Workload(global_batch=8, seq_len=32, dtype="float32")
 

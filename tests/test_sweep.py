@@ -54,8 +54,9 @@ def test_hardware_only_points_are_recosted_without_compiling(tmp_path, monkeypat
     monkeypatch.setattr(measure, "compile_in_subprocess", counting)
     hw = load_hardware("cpu", devices=8)
     vary = {"hbm_bw": [50e9, 100e9]}
-    result = sw.run_sweep(get_preset("tiny-dense"), hw, Workload(8, 32), 8, vary, verify=True, target="cpu",
-                          top_k=1)
+    result = sw.run_sweep(
+        get_preset("tiny-dense"), hw, Workload(8, 32), 8, vary, verify=True, target="cpu", top_k=1
+    )
     first, second = result.points
     assert first["recompiled"] is True and second["recompiled"] is False
     assert len(calls) >= 1 and len(calls) == len(set(calls))  # nothing compiled twice

@@ -38,8 +38,25 @@ from tests.conftest import REPO, cpu_child_env, require_devices
 
 RUN = {"global_batch": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 3, "schedule_steps": 30, "seed": 0}
 FSDP = "fsdp=8,remat=full"
-CLI_RUN = ["--model", "tiny-dense", "--strategy", FSDP, "--devices", "8", "--global-batch", "8", "--seq-len", "32",
-           "--lr", "1e-2", "--warmup-steps", "3", "--schedule-steps", "30", "--no-progress"]
+CLI_RUN = [
+    "--model",
+    "tiny-dense",
+    "--strategy",
+    FSDP,
+    "--devices",
+    "8",
+    "--global-batch",
+    "8",
+    "--seq-len",
+    "32",
+    "--lr",
+    "1e-2",
+    "--warmup-steps",
+    "3",
+    "--schedule-steps",
+    "30",
+    "--no-progress",
+]
 
 
 def train(model="tiny-dense", *, return_state=False, log=None, **kw):
@@ -49,8 +66,10 @@ def train(model="tiny-dense", *, return_state=False, log=None, **kw):
 
 def _strict_json(text):
     """json.loads that refuses NaN and Infinity, as strict parsers (JavaScript, Go, jq) do."""
+
     def refuse(name):
         raise ValueError(f"non-standard JSON constant {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -71,12 +90,30 @@ def _plan(path, specs_and_times, devices=8, fits=None, chosen=0):
     cands = []
     for i, (spec, t) in enumerate(specs_and_times):
         s = Strategy.parse(spec)
-        cands.append({"rank": i + 1, "strategy": s.to_json(), "fits": True if fits is None else fits[i],
-                      "memory_per_device_bytes": 1, "memory_capacity_bytes": 2, "step_time_s": t,
-                      "tokens_per_s": 256 / t, "mfu": 0.1, "breakdown": {}, "evidence": "analytic", "reasons": []})
-    doc = {"schema": "codesign.plan/v1", "model": {"name": "tiny-dense"}, "hardware": {"name": "cpu", "devices": devices},
-           "workload": {"mode": "train", "global_batch": 8, "seq_len": 32, "dtype": "bfloat16"},
-           "search": {}, "candidates": cands, "chosen": chosen}
+        cands.append(
+            {
+                "rank": i + 1,
+                "strategy": s.to_json(),
+                "fits": True if fits is None else fits[i],
+                "memory_per_device_bytes": 1,
+                "memory_capacity_bytes": 2,
+                "step_time_s": t,
+                "tokens_per_s": 256 / t,
+                "mfu": 0.1,
+                "breakdown": {},
+                "evidence": "analytic",
+                "reasons": [],
+            }
+        )
+    doc = {
+        "schema": "codesign.plan/v1",
+        "model": {"name": "tiny-dense"},
+        "hardware": {"name": "cpu", "devices": devices},
+        "workload": {"mode": "train", "global_batch": 8, "seq_len": 32, "dtype": "bfloat16"},
+        "search": {},
+        "candidates": cands,
+        "chosen": chosen,
+    }
     path.write_text(json.dumps(doc))
     return str(path)
 
@@ -116,8 +153,9 @@ def test_loss_decreases_over_30_steps(tmp_path):
     assert first["compile"] and first["tokens_per_s"] is None and first["mfu"] is None
     for s in rest:
         assert s["tokens_per_s"] * s["step_time_s"] == pytest.approx(TOKENS_PER_STEP)
-        assert s["mfu"] == pytest.approx(TINY_DENSE_TRAIN_FLOPS_PER_TOKEN * TOKENS_PER_STEP
-                                          / (s["step_time_s"] * 8 * CPU_NOMINAL_PEAK))
+        assert s["mfu"] == pytest.approx(
+            TINY_DENSE_TRAIN_FLOPS_PER_TOKEN * TOKENS_PER_STEP / (s["step_time_s"] * 8 * CPU_NOMINAL_PEAK)
+        )
     assert r["mfu_basis"]["nominal"] is True and r["summary"]["timed_steps"] == 29
     lines = [_strict_json(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in lines] == list(range(1, 31)) and lines[-1]["loss"] == losses[-1]
@@ -133,8 +171,17 @@ def test_resume_is_bit_exact_and_keeps_the_saved_schedule(tmp_path):
     first = train(strategy=FSDP, steps=3, checkpoint_dir=ck)
     assert first["checkpoint"] == [{"step": 3, "path": os.path.join(ck, "3")}]
     said = []
-    second = train(strategy=FSDP, steps=6, checkpoint_dir=ck, resume=True, return_state=True, log=said.append,
-                   lr=None, warmup_steps=None, schedule_steps=None)
+    second = train(
+        strategy=FSDP,
+        steps=6,
+        checkpoint_dir=ck,
+        resume=True,
+        return_state=True,
+        log=said.append,
+        lr=None,
+        warmup_steps=None,
+        schedule_steps=None,
+    )
     assert second["resumed_from"] == 3 and [s["step"] for s in second["steps"]] == [4, 5, 6]
     assert second["optimizer"]["total_steps"] == 30 and not [m for m in said if "differ" in m], said
     assert _losses(first) + _losses(second) == _losses(straight)  # exact equality
@@ -153,8 +200,12 @@ def test_resharded_restore_fsdp8_to_data2_tensor4(tmp_path):
     assert _leaves_bytes(state["params"]) == _leaves_bytes(saved["state"]["params"])
     assert _leaves_bytes(state["opt_state"]) == _leaves_bytes(saved["state"]["opt_state"])
     got = jax.tree.map(lambda x: x.sharding, state["params"])
-    assert all(a.is_equivalent_to(b, x.ndim) for a, b, x in
-               zip(jax.tree.leaves(got), jax.tree.leaves(prog.param_shardings), jax.tree.leaves(state["params"])))
+    assert all(
+        a.is_equivalent_to(b, x.ndim)
+        for a, b, x in zip(
+            jax.tree.leaves(got), jax.tree.leaves(prog.param_shardings), jax.tree.leaves(state["params"])
+        )
+    )
     # And training continues under the new layout.
     cont = train(strategy="data=2,tensor=4", steps=3, checkpoint_dir=ck, resume=True)
     assert cont["resumed_from"] == 2 and [s["step"] for s in cont["steps"]] == [3]
@@ -172,7 +223,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
     victim = pathlib.Path(max(files, key=os.path.getsize))
     data = bytearray(victim.read_bytes())
     mid = len(data) // 2
-    data[mid:mid + 64] = bytes(b ^ 0xFF for b in data[mid:mid + 64])
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
     victim.write_bytes(bytes(data))
 
     capsys.readouterr()
@@ -187,7 +238,9 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path, capsys):
     assert moved == str(ck / "3.unreadable") and os.path.isdir(moved)
     assert _losses(out) == _losses(train(strategy=FSDP, steps=4))[2:]
     with Checkpointer(ck, read_only=True) as c:
-        assert c.all_steps() == [1, 2, 4] and c.restore(None, _abstract_of(c, 4)).verified  # 4 saved as the last step
+        assert (
+            c.all_steps() == [1, 2, 4] and c.restore(None, _abstract_of(c, 4)).verified
+        )  # 4 saved as the last step
 
 
 def _abstract_of(ck, step):
@@ -223,6 +276,7 @@ def poison_at(monkeypatch):
     def install(step, loss=True):
         real = trainer.get_program
         monkeypatch.setattr(trainer, "get_program", lambda *a, **kw: _Poisoned(real(*a, **kw), step, loss))
+
     return install
 
 
@@ -232,12 +286,28 @@ def test_nan_stops_the_run_and_keeps_the_good_checkpoints(tmp_path, capsys, monk
     poison_at(5)
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
     capsys.readouterr()
-    rc = main(["train", *CLI_RUN, "--steps", "8", "--checkpoint-dir", str(ck), "--save-every", "1", "--keep", "2",
-               "--metrics", str(metrics)])
+    rc = main(
+        [
+            "train",
+            *CLI_RUN,
+            "--steps",
+            "8",
+            "--checkpoint-dir",
+            str(ck),
+            "--save-every",
+            "1",
+            "--keep",
+            "2",
+            "--metrics",
+            str(metrics),
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "Traceback" not in "\n".join(err)
-    assert err[-1].startswith("codesign train: error: step 5: loss is nan; stopped without saving it (the "
-                              f"checkpoints in {ck} (steps [3, 4]) are intact; --resume continues from step 4)")
+    assert err[-1].startswith(
+        "codesign train: error: step 5: loss is nan; stopped without saving it (the "
+        f"checkpoints in {ck} (steps [3, 4]) are intact; --resume continues from step 4)"
+    )
     assert "--nan-policy skip" in err[-1]
     lines = [_strict_json(line) for line in metrics.read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
@@ -254,8 +324,11 @@ def test_non_finite_update_with_a_finite_loss_is_not_saved(tmp_path, poison_at):
     """The loss of step 2 is finite but its update is not: the save of step 2 is refused, the run stops."""
     poison_at(2, loss=False)
     ck = tmp_path / "ck"
-    with pytest.raises(NonFiniteLoss, match=r"step 2: NaN or Infinity in params/.* and \d+ more leaves; stopped "
-                                            r"without saving it \(the checkpoints in .* \(steps \[1\]\) are intact"):
+    with pytest.raises(
+        NonFiniteLoss,
+        match=r"step 2: NaN or Infinity in params/.* and \d+ more leaves; stopped "
+        r"without saving it \(the checkpoints in .* \(steps \[1\]\) are intact",
+    ):
         train(strategy=FSDP, steps=3, checkpoint_dir=str(ck), save_every=1)
     with Checkpointer(ck, read_only=True) as c:
         assert c.all_steps() == [1]
@@ -267,8 +340,25 @@ def test_nan_policy_skip_keeps_the_previous_state(tmp_path, capsys, poison_at):
     poison_at(3)
     ck, metrics = tmp_path / "ck", tmp_path / "m.jsonl"
     capsys.readouterr()
-    rc = main(["train", *CLI_RUN, "--steps", "5", "--nan-policy", "skip", "--checkpoint-dir", str(ck),
-               "--save-every", "1", "--keep", "5", "--metrics", str(metrics), "--json"])
+    rc = main(
+        [
+            "train",
+            *CLI_RUN,
+            "--steps",
+            "5",
+            "--nan-policy",
+            "skip",
+            "--checkpoint-dir",
+            str(ck),
+            "--save-every",
+            "1",
+            "--keep",
+            "5",
+            "--metrics",
+            str(metrics),
+            "--json",
+        ]
+    )
     out = _strict_json(capsys.readouterr().out)  # strict JSON on stdout despite the NaN
     rows = out["steps"]
     assert rc == 0 and [r["skipped"] for r in rows] == [False, False, True, False, False]
@@ -283,8 +373,11 @@ def test_nan_policy_skip_keeps_the_previous_state(tmp_path, capsys, poison_at):
     assert _leaves_bytes(s3["params"]) == _leaves_bytes(s2["params"])
     assert _leaves_bytes(s3["opt_state"]) == _leaves_bytes(s2["opt_state"])
     assert int(s3["step"]) == 3 and int(s5["step"]) == 5
-    counts = [int(x) for p, x in jax.tree_util.tree_flatten_with_path(s5["opt_state"])[0]
-              if jax.tree_util.keystr(p).endswith("count']") or jax.tree_util.keystr(p).endswith(".count")]
+    counts = [
+        int(x)
+        for p, x in jax.tree_util.tree_flatten_with_path(s5["opt_state"])[0]
+        if jax.tree_util.keystr(p).endswith("count']") or jax.tree_util.keystr(p).endswith(".count")
+    ]
     assert counts and set(counts) == {4}
 
 
@@ -340,8 +433,27 @@ def test_incompatible_checkpoint_leaves_directory_untouched(tmp_path, capsys):
     from codesign.cli import main
 
     capsys.readouterr()
-    rc = main(["train", "--model", "tiny-mla", "--strategy", FSDP, "--devices", "8", "--steps", "2",
-               "--global-batch", "8", "--seq-len", "32", "--checkpoint-dir", ck, "--resume", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "tiny-mla",
+            "--strategy",
+            FSDP,
+            "--devices",
+            "8",
+            "--steps",
+            "2",
+            "--global-batch",
+            "8",
+            "--seq-len",
+            "32",
+            "--checkpoint-dir",
+            ck,
+            "--resume",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("codesign train: error: checkpoint directory")
     assert _tree_snapshot(ck) == before
@@ -352,11 +464,33 @@ def test_train_from_plan_cli_json(tmp_path, capsys):
     from codesign.cli import main
 
     capsys.readouterr()
-    rc = main(["train", "--model", "tiny-dense", "--plan", plan, "--devices", "8", "--steps", "2", "--lr", "1e-2",
-               "--warmup-steps", "3", "--schedule-steps", "30", "--json", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "tiny-dense",
+            "--plan",
+            plan,
+            "--devices",
+            "8",
+            "--steps",
+            "2",
+            "--lr",
+            "1e-2",
+            "--warmup-steps",
+            "3",
+            "--schedule-steps",
+            "30",
+            "--json",
+            "--no-progress",
+        ]
+    )
     out = _strict_json(capsys.readouterr().out)  # stdout holds exactly one (strict) JSON document
     assert rc == 0 and out["devices"] == 8 and out["strategy"] == FSDP and out["checkpoint"] == []
-    assert [set(s) >= {"step", "loss", "tokens_per_s", "mfu", "step_time_s"} for s in out["steps"]] == [True, True]
+    assert [set(s) >= {"step", "loss", "tokens_per_s", "mfu", "step_time_s"} for s in out["steps"]] == [
+        True,
+        True,
+    ]
     assert out["workload"]["global_batch"] == 8 and out["workload"]["seq_len"] == 32
 
 
@@ -374,9 +508,16 @@ def test_spearman():
 def test_validate_rows(tmp_path):
     from codesign.train.validate import run_validation
 
-    plan = _plan(tmp_path / "p.json", [(FSDP, 0.02), ("pipeline=2,fsdp=4,remat=full", 0.025),
-                                       ("data=2,tensor=4,remat=full", 0.03), ("fsdp=8,remat=none", 0.04)],
-                 fits=[True, True, True, False])
+    plan = _plan(
+        tmp_path / "p.json",
+        [
+            (FSDP, 0.02),
+            ("pipeline=2,fsdp=4,remat=full", 0.025),
+            ("data=2,tensor=4,remat=full", 0.03),
+            ("fsdp=8,remat=none", 0.04),
+        ],
+        fits=[True, True, True, False],
+    )
     said = []
     r = run_validation("tiny-dense", plan, top=2, steps=2, warmup=1, log=said.append)
     assert [row["spec"] for row in r["rows"]] == [FSDP, "data=2,tensor=4,remat=full"]
@@ -384,7 +525,9 @@ def test_validate_rows(tmp_path):
         assert set(row) >= {"spec", "estimated_step_time_s", "measured_step_time_s", "ratio"}
         assert row["measured_step_time_s"] > 0 and len(row["step_times_s"]) == 2
         assert min(row["step_times_s"]) <= row["measured_step_time_s"] <= max(row["step_times_s"])
-    assert r["rank_correlation"] is None and "at least 3" in r["rank_correlation_note"]  # two rows: no rank claim
+    assert (
+        r["rank_correlation"] is None and "at least 3" in r["rank_correlation_note"]
+    )  # two rows: no rank claim
     assert [s["spec"] for s in r["skipped"]] == ["pipeline=2,fsdp=4,remat=full"]
     assert "CPU" in r["caveat"] and [m for m in said if m.startswith("note: measured on CPU")]
     assert not [m for m in said if m.startswith("skip ")]  # one summary line, not one per candidate
@@ -395,16 +538,24 @@ def test_validate_refuses_what_it_cannot_measure(tmp_path, capsys):
     from codesign.train.validate import run_validation
 
     plan4 = _plan(tmp_path / "p4.json", [("fsdp=4,remat=full", 0.01), ("data=4,remat=full", 0.02)], devices=4)
-    with pytest.raises(TrainError, match=r"is a plan for 4 devices, but 8 are attached; run validate with "
-                                         r"--devices 4"):
+    with pytest.raises(
+        TrainError,
+        match=r"is a plan for 4 devices, but 8 are attached; run validate with "
+        r"--devices 4",
+    ):
         run_validation("tiny-dense", plan4)
     none_fit = _plan(tmp_path / "big.json", [(FSDP, 0.01), ("data=8,remat=full", 0.02)], fits=[False, False])
-    for plan, message in ((plan4, "is a plan for 4 devices"), (none_fit, "nothing was measured: none of the 2")):
+    for plan, message in (
+        (plan4, "is a plan for 4 devices"),
+        (none_fit, "nothing was measured: none of the 2"),
+    ):
         capsys.readouterr()
         rc = main(["validate", "--model", "tiny-dense", "--plan", plan, "--steps", "1", "--warmup", "0"])
         captured = capsys.readouterr()
         err = captured.err.strip().splitlines()
-        assert rc == 2 and message in err[-1] and err[-1].startswith("codesign validate: error:"), captured.err
+        assert rc == 2 and message in err[-1] and err[-1].startswith("codesign validate: error:"), (
+            captured.err
+        )
         assert captured.out == "" and not [line for line in err if line.startswith("skip ")]
 
 
@@ -412,10 +563,29 @@ def test_validate_devices_below_the_plan_is_one_line(tmp_path):
     """The issue's case in a fresh process: `validate --devices 4` on an 8-device plan used to exit 0 with
     an empty table and a "skip" line per candidate."""
     plan = _plan(tmp_path / "p8.json", [(FSDP, 0.01), ("data=8,remat=full", 0.02)])
-    proc = subprocess.run([sys.executable, "-m", "codesign", "validate", "--model", "tiny-dense", "--plan", plan,
-                           "--devices", "4"], check=False, env=cpu_child_env(4), cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codesign",
+            "validate",
+            "--model",
+            "tiny-dense",
+            "--plan",
+            plan,
+            "--devices",
+            "4",
+        ],
+        check=False,
+        env=cpu_child_env(4),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
-    assert proc.stderr.strip() == (f"codesign validate: error: plan {plan} is a plan for 8 devices, but 4 are "
-                                   f"attached; run validate with --devices 8 (CPU emulation), or make a plan for "
-                                   f"4 devices")
+    assert proc.stderr.strip() == (
+        f"codesign validate: error: plan {plan} is a plan for 8 devices, but 4 are "
+        f"attached; run validate with --devices 8 (CPU emulation), or make a plan for "
+        f"4 devices"
+    )

@@ -57,7 +57,9 @@ def test_optimizer_state_sharded_after_the_params_own_axes():
     prog, _ = program(ZERO2)
     params = prog.param_shardings
     moments = prog.opt_state_shardings[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
-    assert params["lm_head"].spec == P("fsdp") and params["dense_blocks"]["ffn"]["w_down"].spec == P(None, None, "fsdp")
+    assert params["lm_head"].spec == P("fsdp") and params["dense_blocks"]["ffn"]["w_down"].spec == P(
+        None, None, "fsdp"
+    )
     # data goes after fsdp on the dimension FSDP shards: each device's moment slice lies inside its
     # own param shard, so the update needs no resharding, only the all-gather of the new params.
     assert moments.mu["lm_head"].spec == P(("fsdp", "data"))

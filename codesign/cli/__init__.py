@@ -97,8 +97,20 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from codesign.train.distributed import DistributedError
     from codesign.train.trainer import TrainError
 
-    return (UsageError, ConfigError, StrategyError, RulesError, HardwareError, TopologyError, TargetError,
-            SweepError, CheckpointError, DistributedError, TrainError, ExecutorError)
+    return (
+        UsageError,
+        ConfigError,
+        StrategyError,
+        RulesError,
+        HardwareError,
+        TopologyError,
+        TargetError,
+        SweepError,
+        CheckpointError,
+        DistributedError,
+        TrainError,
+        ExecutorError,
+    )
 
 
 def _is_user_error(e: BaseException) -> bool:
@@ -121,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        runtime.configure(cpu_devices=getattr(args, "emulate_devices", None),
-                          use_accelerator=getattr(args, "use_accelerator", False))
+        runtime.configure(
+            cpu_devices=getattr(args, "emulate_devices", None),
+            use_accelerator=getattr(args, "use_accelerator", False),
+        )
         return args.fn(args)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -54,7 +54,7 @@ def emit(args, payload: Any, render: Callable[[], Any] | None) -> None:
         print_json(payload)
         return
     out = console()
-    for item in (render() if render else [json.dumps(payload, indent=1, default=str)]):
+    for item in render() if render else [json.dumps(payload, indent=1, default=str)]:
         out.print(item)
 
 
@@ -69,8 +69,14 @@ class ProgressBar:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self.tasks: dict[str, int] = {}
 
     def __call__(self, label: str, done: int, total: int) -> None:
@@ -82,8 +88,11 @@ class ProgressBar:
         for label, task_id in self.tasks.items():
             task = self.bar.tasks[task_id]
             if task.total is not None and task.completed < task.total:
-                self.bar.update(task_id, total=task.completed,
-                                description=f"{label} (done early: {task.total:.0f} allowed, fewer needed)")
+                self.bar.update(
+                    task_id,
+                    total=task.completed,
+                    description=f"{label} (done early: {task.total:.0f} allowed, fewer needed)",
+                )
 
     def __enter__(self):
         self.bar.__enter__()
@@ -140,17 +149,31 @@ def int_list(text: str) -> list[int]:
 
 def add_model_hw_args(sp) -> None:
     sp.add_argument("--model", required=True, help="preset name, YAML ModelConfig, or HF config.json")
-    sp.add_argument("--hardware", required=True, help="catalog name (see `codesign hardware`) or YAML profile")
+    sp.add_argument(
+        "--hardware", required=True, help="catalog name (see `codesign hardware`) or YAML profile"
+    )
     sp.add_argument("--devices", type=positive_int, required=True, help="device count N")
     sp.add_argument("--global-batch", type=positive_int, help="sequences per step (default: 4 per device)")
     sp.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 4096)")
-    sp.add_argument("--target", default="auto", choices=("auto", "analytic", "cpu", "tpu", "gpu", "attached"),
-                    help="where to compile: auto = tpu/gpu deviceless compilers when installed, else cpu; "
-                         "analytic = closed form only")
-    sp.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="master-weight dtype (compute is bf16)")
-    sp.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
-                    help="attention kernel to cost and compile (cudnn: fused flash attention on NVIDIA GPUs)")
+    sp.add_argument(
+        "--target",
+        default="auto",
+        choices=("auto", "analytic", "cpu", "tpu", "gpu", "attached"),
+        help="where to compile: auto = tpu/gpu deviceless compilers when installed, else cpu; "
+        "analytic = closed form only",
+    )
+    sp.add_argument(
+        "--param-dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="master-weight dtype (compute is bf16)",
+    )
+    sp.add_argument(
+        "--attention",
+        default="xla",
+        choices=("xla", "cudnn"),
+        help="attention kernel to cost and compile (cudnn: fused flash attention on NVIDIA GPUs)",
+    )
 
 
 def check_attention(attention: str, hw, target: str) -> None:
@@ -166,13 +189,17 @@ def check_attention(attention: str, hw, target: str) -> None:
     if attention != "cudnn":
         return
     if hw.platform != "gpu":
-        raise UsageError(f"cuDNN attention needs an NVIDIA GPU target; --hardware {hw.name} is {hw.platform} "
-                         f"hardware. Use --attention xla")
+        raise UsageError(
+            f"cuDNN attention needs an NVIDIA GPU target; --hardware {hw.name} is {hw.platform} "
+            f"hardware. Use --attention xla"
+        )
     if target in ("analytic", "gpu") or (target == "attached" and runtime.nvidia_gpu_present()):
         return
-    raise UsageError(f"cuDNN attention needs an NVIDIA GPU target; the {target} target cannot compile it. Use "
-                     f"--target gpu (deviceless CUDA compiler: pip install -e \".[gpu-aot]\"), --target analytic "
-                     f"(costs it without compiling), or --attention xla")
+    raise UsageError(
+        f"cuDNN attention needs an NVIDIA GPU target; the {target} target cannot compile it. Use "
+        f'--target gpu (deviceless CUDA compiler: pip install -e ".[gpu-aot]"), --target analytic '
+        f"(costs it without compiling), or --attention xla"
+    )
 
 
 def check_host_devices(target: str, devices: int) -> None:
@@ -203,7 +230,9 @@ def check_output_paths(*paths: str | None) -> None:
             continue
         d = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(d):
-            raise UsageError(f"cannot write {path!r}: directory {d!r} does not exist; create it or pick another path")
+            raise UsageError(
+                f"cannot write {path!r}: directory {d!r} does not exist; create it or pick another path"
+            )
         if not os.access(d, os.W_OK):
             raise UsageError(f"cannot write {path!r}: directory {d!r} is not writable")
         if os.path.isdir(path):
@@ -211,9 +240,9 @@ def check_output_paths(*paths: str | None) -> None:
 
 
 def resolve_model_hw(args):
+    from codesign.config import default_workload
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
-    from codesign.config import default_workload
 
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices)

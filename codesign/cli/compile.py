@@ -30,17 +30,23 @@ def cmd_compile(args) -> int:
         raise UsageError("give --strategy SPEC or --plan FILE")
     strategy = Strategy.parse(spec)
     if strategy.n_devices != args.devices:
-        raise StrategyError(f"strategy {strategy.spec} uses {strategy.n_devices} devices but --devices is "
-                            f"{args.devices}; make the mesh sizes multiply to {args.devices}")
+        raise StrategyError(
+            f"strategy {strategy.spec} uses {strategy.n_devices} devices but --devices is "
+            f"{args.devices}; make the mesh sizes multiply to {args.devices}"
+        )
     target = resolve_target(args, hw)
     if args.save_hlo and target == "analytic":
-        raise UsageError("--save-hlo needs a compiler target; the analytic target compiles nothing (use --target cpu)")
+        raise UsageError(
+            "--save-hlo needs a compiler target; the analytic target compiles nothing (use --target cpu)"
+        )
     check_output_paths(args.save_hlo)
     if strategy.rules_file:  # a broken rules= file is one line here, not an error inside the compile worker
         from codesign.sharding.rules import default_rules
 
         default_rules(strategy)
-    report = measure_one(CompileRequest(cfg, w, strategy, hw, target, save_hlo=args.save_hlo), timeout_s=args.timeout)
+    report = measure_one(
+        CompileRequest(cfg, w, strategy, hw, target, save_hlo=args.save_hlo), timeout_s=args.timeout
+    )
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
     if args.json:

@@ -38,39 +38,55 @@ def cmd_kv_cache(args) -> int:
 def cmd_flops(args) -> int:
     from codesign.explore.flops import flops_table, render_flops
 
-    return _print(args, flops_table(_models(args.models), args.seq_len, compile=not args.no_compile), render_flops)
+    return _print(
+        args, flops_table(_models(args.models), args.seq_len, compile=not args.no_compile), render_flops
+    )
 
 
 def cmd_ep_tpot(args) -> int:
     from codesign.explore.ep_tpot import EPAssumptions, ep_tpot, render_ep_tpot
 
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(EPAssumptions)
-                 if getattr(args, f.name, None) is not None}
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EPAssumptions)
+        if getattr(args, f.name, None) is not None
+    }
     return _print(args, ep_tpot(args.model, _models(args.hardware), **overrides), render_ep_tpot)
 
 
 def cmd_decode(args) -> int:
     from codesign.explore.decode import decode_throughput, render_decode
 
-    return _print(args, decode_throughput(args.model, args.hardware, args.contexts, devices=args.devices),
-                  render_decode)
+    return _print(
+        args, decode_throughput(args.model, args.hardware, args.contexts, devices=args.devices), render_decode
+    )
 
 
 def cmd_sweep(args) -> int:
     from codesign.cli._common import progress as _progress
+    from codesign.config import default_workload
     from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
     from codesign.hardware import load_hardware
     from codesign.model_io import load_model_config
-    from codesign.config import default_workload
     from codesign.units import fmt_knob
 
     check_output_paths(args.plot)
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices)
-    w = dataclasses.replace(default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload)
+    w = dataclasses.replace(
+        default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload
+    )
     with _progress() as update:
-        result = run_sweep(cfg, hw, w, args.devices, parse_vary(args.vary), verify=args.verify, target=args.target,
-                           progress=update)
+        result = run_sweep(
+            cfg,
+            hw,
+            w,
+            args.devices,
+            parse_vary(args.vary),
+            verify=args.verify,
+            target=args.target,
+            progress=update,
+        )
     files = write_outputs(result, args.out) if args.out else []
     if args.plot:
         plot_sweep(result, args.plot, metric=args.metric)
@@ -86,13 +102,21 @@ def cmd_sweep(args) -> int:
     for col in knobs + ["best layout", "step time", "MFU", "fits", "recompiled", "reason"]:
         t.add_column(col, no_wrap=col == "best layout")  # a layout is copied whole into --strategy
     for p in result.points:
-        t.add_row(*[fmt_knob(p["knobs"][k]) for k in knobs], p["best_spec"] or "-",
-                  f"{p['step_time_s']:.3g} s" if p["step_time_s"] else "-", f"{p['mfu']:.1%}" if p["mfu"] else "-",
-                  fmt_knob(p["fits"]), fmt_knob(p["recompiled"]), (p.get("reason") or "")[:60])
+        t.add_row(
+            *[fmt_knob(p["knobs"][k]) for k in knobs],
+            p["best_spec"] or "-",
+            f"{p['step_time_s']:.3g} s" if p["step_time_s"] else "-",
+            f"{p['mfu']:.1%}" if p["mfu"] else "-",
+            fmt_knob(p["fits"]),
+            fmt_knob(p["recompiled"]),
+            (p.get("reason") or "")[:60],
+        )
     print_wide(t)
     out = console()
-    out.print(f"{len(result.points)} points in {result.wall_s:.1f} s; re-costing saved "
-              f"{result.recost_saved_s:.1f} s of compiles" + (f"; wrote {', '.join(files)}" if files else ""))
+    out.print(
+        f"{len(result.points)} points in {result.wall_s:.1f} s; re-costing saved "
+        f"{result.recost_saved_s:.1f} s of compiles" + (f"; wrote {', '.join(files)}" if files else "")
+    )
     return 0
 
 
@@ -129,22 +153,32 @@ def register(add) -> None:
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800,gb200-nvl72")
     p.add_argument("--tokens-per-device", dest="tokens_per_device", type=positive_int)
-    p.add_argument("--dispatch-bytes", dest="dispatch_bytes", type=positive_float, help="bytes/element (FP8 = 1)")
-    p.add_argument("--combine-bytes", dest="combine_bytes", type=positive_float, help="bytes/element (BF16 = 2)")
-    p.add_argument("--hidden", type=positive_int, help="hidden size (default: the model's; the paper rounds to 7000)")
+    p.add_argument(
+        "--dispatch-bytes", dest="dispatch_bytes", type=positive_float, help="bytes/element (FP8 = 1)"
+    )
+    p.add_argument(
+        "--combine-bytes", dest="combine_bytes", type=positive_float, help="bytes/element (BF16 = 2)"
+    )
+    p.add_argument(
+        "--hidden", type=positive_int, help="hidden size (default: the model's; the paper rounds to 7000)"
+    )
     p.add_argument("--experts-per-token", dest="experts_per_token", type=positive_int, help="routed + shared")
     p.add_argument("--layers", type=positive_int)
     p.add_argument("--all-to-alls-per-layer", dest="all_to_alls_per_layer", type=positive_int)
     p.add_argument("--ep-devices", dest="ep_devices", type=positive_int)
     p.add_argument("--level", help="force a network level by name")
-    p.add_argument("--bytes-per-s", dest="bytes_per_s", type=positive_float, help="override per-GPU bandwidth")
+    p.add_argument(
+        "--bytes-per-s", dest="bytes_per_s", type=positive_float, help="override per-GPU bandwidth"
+    )
     p.add_argument("--latency-s", dest="latency_s", type=nonneg_float, help="override per-collective latency")
 
     p = sub_add("decode", cmd_decode, "memory-bound decode throughput per GPU vs context (MLA/GQA/MHA)")
     p.add_argument("--model", default="deepseek-v3")
     p.add_argument("--hardware", default="h800")
     p.add_argument("--devices", type=positive_int, default=32)
-    p.add_argument("--contexts", type=int_list, default="1024,4096,16384,65536,131072", help="context lengths")
+    p.add_argument(
+        "--contexts", type=int_list, default="1024,4096,16384,65536,131072", help="context lengths"
+    )
 
     p = sub_add("sweep", cmd_sweep, "vary hardware/model knobs and re-plan at each point")
     p.add_argument("--model", required=True)

@@ -14,19 +14,45 @@ def cmd_models(args) -> int:
     for name in preset_names():
         cfg = get_preset(name)
         pc = param_counts(cfg)
-        rows.append({"name": name, "family": cfg.family, "attention": cfg.attention, "layers": cfg.layers,
-                     "hidden": cfg.hidden, "params_total": pc.total, "params_active": pc.active,
-                     "source": cfg.source})
+        rows.append(
+            {
+                "name": name,
+                "family": cfg.family,
+                "attention": cfg.attention,
+                "layers": cfg.layers,
+                "hidden": cfg.hidden,
+                "params_total": pc.total,
+                "params_active": pc.active,
+                "source": cfg.source,
+            }
+        )
 
     def render():
         from rich.table import Table
 
         t = Table(title="codesign model presets")
-        for col in ("name", "family", "attention", "layers", "hidden", "params total", "active / token", "source"):
+        for col in (
+            "name",
+            "family",
+            "attention",
+            "layers",
+            "hidden",
+            "params total",
+            "active / token",
+            "source",
+        ):
             t.add_column(col, overflow="fold")
         for r in rows:
-            t.add_row(r["name"], r["family"], r["attention"], str(r["layers"]), str(r["hidden"]),
-                      fmt_si(r["params_total"]), fmt_si(r["params_active"]), r["source"])
+            t.add_row(
+                r["name"],
+                r["family"],
+                r["attention"],
+                str(r["layers"]),
+                str(r["hidden"]),
+                fmt_si(r["params_total"]),
+                fmt_si(r["params_active"]),
+                r["source"],
+            )
         return [t]
 
     emit(args, rows, render)
@@ -41,16 +67,24 @@ def cmd_hardware(args) -> int:
     def render():
         from rich.table import Table
 
-        t = Table(title="codesign hardware catalog", caption="sources shortened; `codesign hardware --json` "
-                  "gives each number's full source")
+        t = Table(
+            title="codesign hardware catalog",
+            caption="sources shortened; `codesign hardware --json` gives each number's full source",
+        )
         for col in ("name", "kind", "bf16", "fp8", "HBM", "HBM BW", "network levels", "sources"):
             t.add_column(col, overflow="fold")
         for h in items:
             pf = h["peak_flops"]
-            t.add_row(h["name"], h["kind"], fmt_si(pf.get("bf16"), "FLOP/s"),
-                      fmt_si(pf["fp8"], "FLOP/s") if pf.get("fp8") else "-", fmt_bytes(h["hbm_bytes"]),
-                      fmt_si(h["hbm_bytes_per_s"], "B/s"), "; ".join(_level(lv) for lv in h["levels"]) or "-",
-                      _short_sources(h["sources"]))
+            t.add_row(
+                h["name"],
+                h["kind"],
+                fmt_si(pf.get("bf16"), "FLOP/s"),
+                fmt_si(pf["fp8"], "FLOP/s") if pf.get("fp8") else "-",
+                fmt_bytes(h["hbm_bytes"]),
+                fmt_si(h["hbm_bytes_per_s"], "B/s"),
+                "; ".join(_level(lv) for lv in h["levels"]) or "-",
+                _short_sources(h["sources"]),
+            )
         return [t]
 
     emit(args, items, render)

@@ -29,11 +29,22 @@ def cmd_plan(args) -> int:
     cfg, hw, w = resolve_model_hw(args)
     resolve_target(args, hw)  # fail fast: cuDNN without a GPU target, a conflicting XLA_FLAGS device count
     check_output_paths(args.out, args.plot)  # not after minutes of compiling
-    req = PlanRequest(cfg=cfg, hardware=hw, workload=w, n_devices=args.devices, target=args.target,
-                      top_k=args.compile_top, timeout_s=args.timeout, exhaustive=args.exhaustive,
-                      constraints=parse_constraints(args.strategy_filter) + parse_fix(args.fix),
-                      headroom=args.headroom, max_compile_devices=args.max_compile_devices,
-                      use_cache=not args.no_cache, cache_dir=args.cache_dir, executor=args.executor)
+    req = PlanRequest(
+        cfg=cfg,
+        hardware=hw,
+        workload=w,
+        n_devices=args.devices,
+        target=args.target,
+        top_k=args.compile_top,
+        timeout_s=args.timeout,
+        exhaustive=args.exhaustive,
+        constraints=parse_constraints(args.strategy_filter) + parse_fix(args.fix),
+        headroom=args.headroom,
+        max_compile_devices=args.max_compile_devices,
+        use_cache=not args.no_cache,
+        cache_dir=args.cache_dir,
+        executor=args.executor,
+    )
     if args.executor == "ray":  # fail fast, before the analytic search, when Ray is not installed
         from codesign.compile.measure import make_executor
 
@@ -78,17 +89,27 @@ def register(add) -> None:
     add_model_hw_args(sp)
     sp.add_argument("--top", type=positive_int, help="keep only the first K ranked candidates in the output")
     sp.add_argument("--rows", type=positive_int, default=15, help="table rows to print (default 15)")
-    sp.add_argument("--compile-top", type=nonneg_int, default=4, help="candidates that fit to verify by compiling")
+    sp.add_argument(
+        "--compile-top", type=nonneg_int, default=4, help="candidates that fit to verify by compiling"
+    )
     sp.add_argument("--workers", type=positive_int, help="parallel compile processes (default: CPU cores)")
-    sp.add_argument("--executor", choices=("local", "ray"), default="local",
-                    help="where compiles run: local worker processes, or tasks on a Ray cluster (RAY_ADDRESS; "
-                         'pip install -e ".[ray]")')
-    sp.add_argument("--timeout", type=positive_float, default=600, help="per-candidate compile timeout, seconds")
+    sp.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where compiles run: local worker processes, or tasks on a Ray cluster (RAY_ADDRESS; "
+        'pip install -e ".[ray]")',
+    )
+    sp.add_argument(
+        "--timeout", type=positive_float, default=600, help="per-candidate compile timeout, seconds"
+    )
     sp.add_argument("--strategy-filter", help='constraints, e.g. "tensor<=8,pipeline=1,remat!=none"')
     sp.add_argument("--fix", help='knobs already decided, e.g. "remat=full,tensor=8"')
     sp.add_argument("--headroom", type=fraction, default=0.0, help="extra fraction of HBM to keep free")
     sp.add_argument("--exhaustive", action="store_true", help="compile every valid candidate")
-    sp.add_argument("--max-compile-devices", type=positive_int, help="shrink pure data replicas above this mesh size")
+    sp.add_argument(
+        "--max-compile-devices", type=positive_int, help="shrink pure data replicas above this mesh size"
+    )
     sp.add_argument("--out", help="write the plan JSON here")
     sp.add_argument("--plot", help="write a step-time vs memory PNG with the Pareto front")
     sp.add_argument("--export", choices=("maxtext",), help="print the chosen plan as MaxText overrides")

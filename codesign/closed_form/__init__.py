@@ -11,5 +11,16 @@ from codesign.closed_form.memory import MemoryEstimate, analytic_memory
 from codesign.closed_form.params import Shape, ShardedParam, moe_slots, shape_of, sharded_params, spmd_sizes
 from codesign.closed_form.program import analytic_report, lowering_for, uses_flash
 
-__all__ = ["MemoryEstimate", "Shape", "ShardedParam", "analytic_memory", "analytic_report", "lowering_for",
-           "moe_slots", "shape_of", "sharded_params", "spmd_sizes", "uses_flash"]
+__all__ = [
+    "MemoryEstimate",
+    "Shape",
+    "ShardedParam",
+    "analytic_memory",
+    "analytic_report",
+    "lowering_for",
+    "moe_slots",
+    "shape_of",
+    "sharded_params",
+    "spmd_sizes",
+    "uses_flash",
+]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.config import ModelConfig, Workload
+from codesign.sharding.enumerate import sp_problem
 from codesign.sharding.param_table import ParamGroup, param_groups
 from codesign.sharding.rules import default_rules
 from codesign.sharding.strategy import Strategy
@@ -36,8 +37,14 @@ def spmd_sizes(strategy: Strategy) -> dict[str, int]:
     return {a: n for a, n in strategy.mesh if a != "pipeline"}
 
 
-@functools.lru_cache(maxsize=4096)
 def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, ...]:
+    # Keyed by what the param layout depends on: remat, microbatches and sp variants of one mesh share it.
+    return _sharded_params(cfg, strategy.mesh, strategy.rules_file)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tuple[ShardedParam, ...]:
+    strategy = Strategy(mesh=mesh, rules_file=rules_file)
     rules = default_rules(strategy)
     sizes = spmd_sizes(strategy)
     p = strategy.size("pipeline")
@@ -66,12 +73,24 @@ class Shape:
         return self.b * self.s
 
 
+def sp_active(workload: Workload, strategy: Strategy) -> bool:
+    """Whether sp=1 really shards the residual: the activation rules resolve non-strictly, so positions
+    that do not split over sequence*tensor leave it unsharded (the enumerator never offers that)."""
+    return strategy.sp and sp_problem(workload, strategy.sizes) is None
+
+
 def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
     sizes = spmd_sizes(strategy)
     m = strategy.microbatches
     b = workload.global_batch / (strategy.batch_shards * m)
-    cap = max(1, math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor
-                           / cfg.n_routed_experts)) if cfg.is_moe else 0
+    cap = (
+        max(
+            1,
+            math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor / cfg.n_routed_experts),
+        )
+        if cfg.is_moe
+        else 0
+    )
     return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap)
 
 

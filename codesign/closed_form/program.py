@@ -11,10 +11,11 @@ Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each
 attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer; a fused
 flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
 process E x C slots per group (C = ceil(k S capacity_factor / E)), so expert FLOPs scale with capacity,
-not k; their group dim is sharded by data*fsdp only (not sequence). Backward = 2 x forward; remat
-"full" recomputes each layer's forward except the FFN's last matmul (its output only feeds the
-residual add, so XLA drops it as dead code); "dots" saves matmul outputs (no matmul recompute);
-"dots_nobatch" recomputes the attention-core dots.
+not k; their group dim is sharded by data*fsdp only (not sequence). Backward = 2 x forward; a
+checkpointed layer recomputes the weight matmuls backward needs and its policy did not save
+(`remat.py`: "full" all but the FFN's last matmul, whose output only feeds the residual add, so XLA
+drops it as dead code; "dots" none; the named policies what their names leave out), and the attention
+core where the context is not kept (selective: the scores only).
 
 Collectives, as XLA's SPMD partitioner emits them (studied on the tiny presets, 8 CPU devices; see
 tests/test_analytic.py). Per microbatch unless noted:
@@ -29,12 +30,25 @@ tests/test_analytic.py). Per microbatch unless noted:
   Forward: attention output, FFN output (MoE: routed y_e and the shared expert separately).
   Backward: the input gradient of each column-parallel matmul separately (GQA: q, k, v; MLA: the
   q_lora and kv_lora latents and the broadcast RoPE key; FFN: gate and up). Remat full recomputes the
-  forward all-reduces whose results backward needs (attention output; MoE y_e). Vocab-parallel
-  embedding lookup (fwd) and LM-head input gradient (bwd): one u each; cross-entropy: 3 small b*s.
+  forward all-reduces whose results backward needs and it does not keep (attention output unless
+  out_proj is saved; MoE y_e unless mlpwo is). Vocab-parallel embedding lookup (fwd) and LM-head input
+  gradient (bwd): one u each; cross-entropy: 3 small b*s. On TPU (libtpu 0.0.52, d1024 2 layers,
+  tensor=4) XLA sums a block's partial input gradients before reducing them: one reduction for q, k
+  and v, one for gate and up (`Lowering.sums_input_grads`); XLA:CPU reduces each (as one tuple).
+- tensor with sequence parallelism (sp=1): every reduction that lands in the residual stream
+  (attention and FFN outputs, their recompute, the blocks' input gradients, the embedding lookup,
+  the LM head's input gradient) becomes a reduce-scatter of the same u, and the normed residual is
+  all-gathered (u) before each block: per layer twice forward, twice again in backward where the
+  gathered copy is not kept (a checkpointed layer recomputes it; selective replays it, as Megatron
+  does; remat none keeps it), and the output gradient of each block twice in backward; once forward
+  before the LM head and once backward for the embedding gradient. MoE's y_e reductions stay
+  all-reduces (the slots are not in the residual layout). XLA:CPU writes the reduce-scatter as
+  all-reduce + dynamic-slice, so its lowering keeps the all-reduce kind; libtpu forms its
+  reduce-scatter fusion at d1024 (not on the tiny presets, where the slice is fused elsewhere).
 - sequence: K and V all-gathered to full length per layer (forward, and again when remat recomputes),
   their gradients reduce-scattered (CPU: all-reduced) in backward.
 - expert: all-to-all of the dispatched tokens b x E x C x d, dispatch and combine, forward and backward
-  (and again under remat full); the router statistics of the load-balancing loss (B x S x E f32) are
+  (and again in a checkpointed layer); the router statistics of the load-balancing loss (B x S x E f32) are
   all-gathered over the batch axes once per forward pass.
 Bytes per element follow the backend's lowering (`Lowering`): XLA:CPU promotes bf16 reductions to
 f32 and gathers f32 master weights before the bf16 cast; TPU/GPU move bf16.
@@ -51,6 +65,7 @@ import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
+from codesign.closed_form import remat as R
 from codesign.closed_form.memory import F32, analytic_memory
 from codesign.closed_form.params import (
     Shape,
@@ -58,6 +73,7 @@ from codesign.closed_form.params import (
     replica_axes,
     shape_of,
     sharded_params,
+    sp_active,
     spmd_sizes,
     zero_level,
 )
@@ -68,6 +84,10 @@ from codesign.sharding.strategy import Strategy
 # Elementwise op counts (FLOPs per element), fitted to XLA's HLO op counts on the tiny presets.
 OPT_FLOPS_PER_PARAM = 20  # AdamW + global-norm clipping
 ELEM_PER_RESIDUAL = 40  # per token x d per layer per pass: norms, RoPE, residual adds, casts
+# The part of ELEM_PER_RESIDUAL on the residual stream itself (the two norms and residual adds), which
+# sequence parallelism divides by tensor: fitted to the drop XLA:CPU shows with sp=1 (tiny-dense,
+# data=2,tensor=4: 434k of 2.26M elementwise FLOPs).
+ELEM_PER_NORM = 9
 ELEM_PER_FFN = 6  # per token x ffn width: SiLU/GELU and the gating product
 ELEM_PER_SCORE = 8  # per attention score: scale, mask, max, sub, sum, div
 ELEM_PER_LOGIT = 12  # per logit: log-softmax and its gradient
@@ -82,6 +102,7 @@ class Lowering:
     weight_bytes: int  # FSDP weight all-gathers (f32 master weights)
     grad_bytes: int  # gradient reductions (f32 params)
     scatter_kind: str  # how a reduce-scatter appears in the compiled module
+    sums_input_grads: bool = False  # one tensor reduction per block's input gradient, not per matmul
 
     def dtype(self, nbytes: int) -> str:
         return "f32" if nbytes == 4 else "bf16"
@@ -92,7 +113,7 @@ class Lowering:
 CPU_LOWERING = Lowering("cpu", 4, 4, 4, "all-reduce")
 # libtpu 0.0.52 (v5e:2x4, tiny-dense) moves the bf16 convert before the FSDP all-gathers and reduces
 # gradients in bf16; GPU is assumed to do the same (native bf16 collectives, NCCL reduce-scatter).
-ACCEL_LOWERING = Lowering("accelerator", 2, 2, 2, "reduce-scatter")
+ACCEL_LOWERING = Lowering("accelerator", 2, 2, 2, "reduce-scatter", sums_input_grads=True)
 
 # XLA:CPU's HBM-traffic stand-in (bytes per element), a least-squares fit to the HLO walk's bytes on the
 # tiny presets (19 layouts, all within 0.8-1.2x): XLA:CPU fuses little, so AdamW alone moves ~85 B/param.
@@ -111,27 +132,40 @@ def _attn_widths(cfg: ModelConfig, tp: int) -> tuple[float, float, float, float]
     return n * qk, kvh * qk, kvh * v, n * v
 
 
-def _layer_mm(cfg: ModelConfig, moe: bool, sh: Shape) -> tuple[float, float]:
-    """(forward FLOPs of the weight matmuls, FLOPs of the matmuls remat never recomputes) of one layer,
-    per microbatch. The attention core (QK^T, PV) is `_attention_core`."""
+def _layer_mm(cfg: ModelConfig, moe: bool, sh: Shape) -> dict[str, float]:
+    """Forward FLOPs of one layer's weight matmuls per microbatch, by part (`remat.PARTS`; the MoE
+    combine einsum as "combine"). The attention core (QK^T, PV) is `_attention_core`."""
     tp = sh.sizes["tensor"]
     d, n, t = cfg.hidden, cfg.heads, sh.t
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
     if cfg.attention == "mla":
         rope, r = cfg.qk_rope_head_dim, cfg.kv_lora_rank
         q = (d * cfg.q_lora_rank + cfg.q_lora_rank * n * qk / tp) if cfg.q_lora_rank else d * n * qk / tp
-        attn = q + d * (r + rope) + r * n * (cfg.qk_nope_head_dim + v) / tp + n * v * d / tp
+        qkv = q + d * (r + rope) + r * n * (cfg.qk_nope_head_dim + v) / tp
     else:
-        attn = d * (n + 2 * cfg.kv_heads) * qk / tp + n * v * d / tp
-    fl = 2 * t * attn
-    mats = 3 if cfg.ffn_activation == "swiglu" else 2
+        qkv = d * (n + 2 * cfg.kv_heads) * qk / tp
+    parts = {"qkv": 2 * t * qkv, "out": 2 * t * n * v * d / tp}
+    gates = 2 if cfg.ffn_activation == "swiglu" else 1  # gate and up, or up alone
     if not moe:
-        return fl + 2 * t * mats * d * cfg.mlp_dim / tp, 2 * t * cfg.mlp_dim / tp * d
+        parts.update(wi=2 * t * gates * d * cfg.mlp_dim / tp, wo=2 * t * cfg.mlp_dim / tp * d)
+        return parts
     e, k = cfg.n_routed_experts, cfg.experts_per_token
     shared = cfg.moe_mlp_dim * cfg.n_shared_experts / tp
-    fl += 2 * t * d * e + 2 * moe_slots(cfg, sh) * 3 * d * cfg.moe_mlp_dim / tp  # router, routed experts
-    fl += 2 * t * k * d + 2 * t * mats * d * shared  # combine einsum, shared expert
-    return fl, 2 * t * k * d + 2 * t * shared * d
+    slots = moe_slots(cfg, sh)
+    parts.update(
+        router=2 * t * d * e,
+        routed_wi=2 * slots * 2 * d * cfg.moe_mlp_dim / tp,
+        routed_wo=2 * slots * d * cfg.moe_mlp_dim / tp,
+        combine=2 * t * k * d,
+        shared_wi=2 * t * gates * d * shared,
+        shared_wo=2 * t * shared * d,
+    )
+    return parts
+
+
+def _recomputed(parts: dict[str, float], remat: str) -> float:
+    """Forward matmul FLOPs a layer's backward runs again under `remat` (see `remat.py`)."""
+    return sum(parts.get(p, 0.0) for p in R.recomputed_parts(remat))
 
 
 def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
@@ -143,25 +177,31 @@ def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
 def _attention_core(cfg: ModelConfig, workload: Workload, remat: str, sh: Shape) -> float:
     """Matmul FLOPs of one layer's attention core (QK^T and PV) per microbatch, forward + backward +
     recompute. XLA computes the full S x S scores (masked): 2 dots forward, 4 backward, and the forward
-    again under remat full/dots_nobatch. A fused flash kernel (cudnn) skips the causal half, its
-    backward runs 5 dots (it recomputes the scores), and any remat recomputes its forward (the kernel
-    is a custom call, not a dot that the dots policies would save)."""
-    fwd = 2 * sh.b * (cfg.heads / sh.sizes["tensor"]) * sh.s * sh.seq * (cfg.qk_head_dim + cfg.attn_v_head_dim)
+    again where the policy does not keep the context (`remat.core_recompute`; selective: QK^T only).
+    A fused flash kernel (cudnn) skips the causal half, its backward runs 5 dots (it recomputes the
+    scores), and any remat recomputes its forward (the kernel is a custom call, not a dot that the dots
+    policies would save)."""
+    per = 2 * sh.b * (cfg.heads / sh.sizes["tensor"]) * sh.s * sh.seq
+    scores, pv = per * cfg.qk_head_dim, per * cfg.attn_v_head_dim
+    fwd = scores + pv
     if uses_flash(cfg, workload):
         return 0.5 * fwd * (1 + 2.5 + (1 if remat != "none" else 0))
-    return fwd * (3 + (1 if remat in ("full", "dots_nobatch") else 0))
+    again_scores, again_pv = R.core_recompute(remat)
+    return 3 * fwd + (scores if again_scores else 0.0) + (pv if again_pv else 0.0)
 
 
 def _ffn_width(cfg: ModelConfig, moe: bool, tp: int) -> float:
     """Per-device FFN width per token (MoE: shared experts plus the routed slots a token fills)."""
     if not moe:
         return cfg.mlp_dim / tp
-    return (cfg.moe_mlp_dim * cfg.n_shared_experts
-            + cfg.experts_per_token * cfg.moe_mlp_dim * cfg.capacity_factor) / tp
+    return (
+        cfg.moe_mlp_dim * cfg.n_shared_experts + cfg.experts_per_token * cfg.moe_mlp_dim * cfg.capacity_factor
+    ) / tp
 
 
-def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape, local: float,
-                         gathered: float) -> tuple[float, float]:
+def _accelerator_traffic(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape, local: float, gathered: float
+) -> tuple[float, float]:
     """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
     GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
     XLA fusing each elementwise chain between two matmuls into one kernel (bf16, 2 bytes):
@@ -170,8 +210,10 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
                write h: 6F; ungated 4F);
       backward: two norm backwards (read dy, x and the residual grad, write dx: 8d each), RoPE's (4(q+k)),
                the activation's (gated: read dh, gate, up, write dgate, dup: 10F; ungated 6F);
-      remat none additionally writes and rereads the activation's saved output (4F); remat full runs
-      the forward kernels twice.
+      remat none (and selective) additionally writes and rereads the activation's saved output (4F);
+      a checkpointed layer runs the forward elementwise kernels twice and the matmul kernels it
+      recomputes (`remat.py`) twice; under sp the residual stream's kernels (the 16d terms) touch
+      1/tensor of the positions.
     XLA attention: per score, the softmax reads the f32 scores and writes bf16 probabilities (6 per
     forward pass) and its backward reads P and dP and writes dS (8); the score dots' own reads and
     writes are matmul traffic. A flash kernel keeps scores on chip: only q, k, v, o and their
@@ -186,36 +228,43 @@ def _accelerator_traffic(cfg: ModelConfig, workload: Workload, strategy: Strateg
     m, tp, p = sh.m, sh.sizes["tensor"], strategy.size("pipeline")
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
-    fwd_passes = 2 if remat == "full" else 1
+    ew_passes = 2 if R.layer_checkpointed(remat) else 1  # forward elementwise kernels
+    res = d / tp if sp_active(workload, strategy) else d  # residual-stream width per token (under sp)
     gated_ffn = cfg.ffn_activation == "swiglu"
     mm_elems = other = 0.0  # per microbatch
+    w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
+        parts = _layer_mm(cfg, moe, sh)
+        again = _recomputed(parts, remat) / sum(parts.values())
+        w_again += layers * _recomputed(parts, remat)
+        w_total += layers * sum(parts.values())
         qw, kw, vw, ow = _attn_widths(cfg, tp)
         width = _ffn_width(cfg, moe, tp)
         gated = gated_ffn or moe
         io = t * ((d + qw + kw + vw) + (ow + d) + (d + (2 if gated else 1) * width) + (width + d))
-        mm_elems += layers * io * (fwd_passes + 2)
-        fwd = 16 * d + 4 * (qw + kw) + (6 if gated else 4) * width
-        bwd = 16 * d + 4 * (qw + kw) + (10 if gated else 6) * width
-        per_token = fwd * fwd_passes + bwd + (4 * width if remat == "none" else 0)
+        mm_elems += layers * io * (1 + again + 2)
+        fwd = 16 * res + 4 * (qw + kw) + (6 if gated else 4) * width
+        bwd = 16 * res + 4 * (qw + kw) + (10 if gated else 6) * width
+        per_token = fwd * ew_passes + bwd + (4 * width if not R.layer_checkpointed(remat) else 0)
         other += layers * t * per_token
         if moe:  # dispatch gather and combine scatter of the routed tokens, forward and backward
-            other += layers * 4 * moe_slots(cfg, sh) * d * bf * (fwd_passes + 1)
+            other += layers * 4 * moe_slots(cfg, sh) * d * bf * (ew_passes + 1)
         scores = sh.b * (cfg.heads / tp) * sh.s * sh.seq
         if uses_flash(cfg, workload):
-            mm_elems += layers * t * (qw + kw + vw + ow) * (fwd_passes + 2 + (1 if remat != "none" else 0))
+            mm_elems += layers * t * (qw + kw + vw + ow) * (1 + again + 2 + (1 if remat != "none" else 0))
         else:
-            core_fwd = fwd_passes + (1 if remat == "dots_nobatch" else 0)
+            core_fwd = 1 + (1 if any(R.core_recompute(remat)) else 0)
             mm_elems += layers * scores * (6 * core_fwd + 10) / bf  # f32 score writes counted as 2 bf16
             other += layers * scores * (6 * core_fwd + 8)
     logits = t * cfg.vocab_size / tp
     mm_elems += 3 * t * (d + cfg.vocab_size / tp)  # LM head: forward, input grad, weight grad
     other += 8 * logits + 14 * t * d  # cross-entropy; embedding lookup and its scatter-add gradient
     pb = workload.param_bytes
-    mm_w = bf * gathered * (fwd_passes + 2)  # weight reads (forward, recompute, input grad), dW writes
-    cast = (F32 + bf) * gathered * (fwd_passes + 1) if pb == F32 else 0.0
+    w_frac = w_again / w_total if w_total else 0.0
+    mm_w = bf * gathered * (1 + w_frac + 2)  # weight reads (forward, recompute, input grad), dW writes
+    cast = (F32 + bf) * gathered * (1 + w_frac + 1) if pb == F32 else 0.0
     accumulate = 2 * F32 * local if m > 1 else 0.0
     matmul_bytes = m * (bf * mm_elems + mm_w)
     memory_bound = m * (bf * other + cast + accumulate) + 8 * pb * local
@@ -236,8 +285,10 @@ class _Coll:
         self.rows[key] = self.rows.get(key, 0.0) + count
 
     def collectives(self) -> tuple[Collective, ...]:
-        return tuple(Collective(kind=k, bytes=b, group_size=g, mesh_axes=ax, count=max(1, round(c)), dtype=dt)
-                     for (k, b, g, ax, dt), c in sorted(self.rows.items(), key=lambda kv: kv[0][:2]))
+        return tuple(
+            Collective(kind=k, bytes=b, group_size=g, mesh_axes=ax, count=max(1, round(c)), dtype=dt)
+            for (k, b, g, ax, dt), c in sorted(self.rows.items(), key=lambda kv: kv[0][:2])
+        )
 
 
 def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:
@@ -274,7 +325,9 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
         inner = tuple(a for a in axes if a not in replica)
         outer = tuple(a for a in axes if a in replica)
         if inner:
-            combined[(inner, per_step * m, gdt)] = combined.get((inner, per_step * m, gdt), 0.0) + full * lw.grad_bytes
+            combined[(inner, per_step * m, gdt)] = (
+                combined.get((inner, per_step * m, gdt), 0.0) + full * lw.grad_bytes
+            )
         rest = tuple(a for a in outer if a != "data") if zero else outer
         if rest:  # stacked layers reduce as one array: one collective per step for all of them
             combined[(rest, 1, pdt)] = combined.get((rest, 1, pdt), 0.0) + full * per_step * pb
@@ -286,8 +339,7 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
     for (axes, count, dt), nbytes in combined.items():
         c.add("all-reduce", nbytes, axes, count, dt)
     if scattered:  # written as psum_scatter, so a reduce-scatter on every backend (zero=2: per microbatch)
-        c.add("reduce-scatter", scattered, ("data",),
-              m if zero == 2 else 1, pdt)
+        c.add("reduce-scatter", scattered, ("data",), m if zero == 2 else 1, pdt)
         c.add("all-gather", gathered_back, ("data",), 1, pdt)  # the updated params, once per step
 
 
@@ -296,43 +348,56 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
     ab, adt = lw.act_bytes, lw.dtype(lw.act_bytes)
     p = strategy.size("pipeline")
     u = sh.t * cfg.hidden * ab
-    full = strategy.remat == "full"
+    rec = R.recomputed_parts(strategy.remat)
+    core_again = any(R.core_recompute(strategy.remat))
     swiglu = 2 if cfg.ffn_activation == "swiglu" else 1
+    # Reductions that land in the residual stream: reduce-scatters under sp, all-reduces without.
+    sp = sp_active(workload, strategy)
+    resid_kind = lw.scatter_kind if sp else "all-reduce"
     if cfg.attention == "mla":
         lat = (cfg.q_lora_rank or cfg.hidden) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
         attn_bwd = [sh.t * lat * ab]
     else:
-        attn_bwd = [u] * 3
+        attn_bwd = [u] if lw.sums_input_grads else [u] * 3
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         n = layers * m
         if z["tensor"] > 1:
             ue = moe_slots(cfg, sh) * cfg.hidden * ab if moe else 0.0
-            fwd = [u, ue] + ([u] if (not moe or cfg.n_shared_experts) else [])
-            recompute = [u, ue] if full else []
+            dense_ffn = not moe or cfg.n_shared_experts
+            resid = [u] + ([u] if dense_ffn else []) + ([u] if "out" in rec else [])
             # Routed experts are always gated (gate and up); the dense/shared FFN follows the config.
-            ffn_bwd = ([ue] * 2 if moe else []) + ([u] * swiglu if (not moe or cfg.n_shared_experts) else [])
-            for x in fwd + recompute + attn_bwd + ffn_bwd:
+            ffn_bwd = [u] * (1 if lw.sums_input_grads else swiglu) if dense_ffn else []
+            for x in resid + attn_bwd + ffn_bwd:
+                c.add(resid_kind, x, ("tensor",), n, adt)
+            slots = [ue] + ([ue] if "routed_wo" in rec else []) + ([ue] * 2 if moe else [])
+            for x in slots:  # MoE y_e partial sums at the slot layout (fwd, recompute) and dx_e (bwd)
                 c.add("all-reduce", x, ("tensor",), n, adt)
+            if sp:  # normed residual before each block (fwd, and again in bwd: R.regathered), dy
+                c.add("all-gather", u, ("tensor",), (4 + R.regathered(strategy.remat, moe)) * n, adt)
         if z["sequence"] > 1:
             kvh = cfg.heads if cfg.attention == "mla" else cfg.kv_heads
             for width in (cfg.qk_head_dim, cfg.attn_v_head_dim):
                 kv = sh.b * sh.seq * kvh / z["tensor"] * width * ab
-                c.add("all-gather", kv, ("sequence",), n * (2 if full else 1), adt)
+                c.add("all-gather", kv, ("sequence",), n * (2 if core_again else 1), adt)
                 c.add(lw.scatter_kind, kv, ("sequence",), n, adt)
-        if moe:
-            if z["expert"] > 1:
-                c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (6 if full else 4), adt)
+        if moe and z["expert"] > 1:  # dispatch and combine, fwd and bwd, and again in a checkpointed
+            # layer: no policy names the dispatched tokens (measured on tiny-moe: minimal re-runs both)
+            again = 2 if R.layer_checkpointed(strategy.remat) else 0
+            c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (4 + again), adt)
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
-        c.add("all-reduce", u, ("tensor",), 2 * m, adt)
+        c.add(resid_kind, u, ("tensor",), 2 * m, adt)
         c.add("all-reduce", sh.t * F32, ("tensor",), 3 * m, "f32")
+        if sp:  # the final norm's output before the LM head; the embedding's output gradient
+            c.add("all-gather", u, ("tensor",), 2 * m, adt)
     if z["fsdp"] > 1:  # the embedding's d-shard lookup is redistributed to batch shards, and back
         c.add("all-to-all", u, ("fsdp",), 2 * m, adt)
 
 
-def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
-                    platform: str | None = None) -> CompileReport:
+def analytic_report(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, *, platform: str | None = None
+) -> CompileReport:
     """The report XLA would give for one pipeline stage; `platform` picks the lowering ("cpu": XLA:CPU
     conventions, to compare with CPU compiles; anything else: TPU/GPU conventions)."""
     lw = lowering_for(platform)
@@ -340,24 +405,30 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     z, m, p = sh.sizes, sh.m, strategy.size("pipeline")
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
     flash = uses_flash(cfg, workload)
+    sp = sp_active(workload, strategy)
     fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        f, skip = _layer_mm(cfg, moe, sh)
-        fwd += layers * f
+        parts = _layer_mm(cfg, moe, sh)
+        fwd += layers * sum(parts.values())
+        rec += layers * _recomputed(parts, strategy.remat)
         core += layers * _attention_core(cfg, workload, strategy.remat, sh)
         scores = 0.0 if flash else sh.b * (cfg.heads / tp) * sh.s * sh.seq  # flash: inside its kernel
-        if strategy.remat == "full":
-            rec += layers * (f - skip)
         width = _ffn_width(cfg, moe, tp)
-        passes = 3 + (1 if strategy.remat != "none" else 0)
-        elem += layers * passes * (ELEM_PER_RESIDUAL * sh.t * cfg.hidden + ELEM_PER_FFN * sh.t * width
-                                   + ELEM_PER_SCORE * scores)
-        trans += layers * passes * (scores + sh.t * width)
+        # Elementwise passes: forward, two backward, and the forward again in a checkpointed layer
+        # (selective: the softmax only). Under sp the norms and residual adds see 1/tensor positions.
+        passes = 3 + (1 if R.layer_checkpointed(strategy.remat) else 0)
+        score_passes = 3 + (1 if any(R.core_recompute(strategy.remat)) else 0)
+        per_res = ELEM_PER_RESIDUAL - ELEM_PER_NORM * (1 - 1 / tp if sp else 0)
+        elem += layers * (
+            passes * (per_res * sh.t * cfg.hidden + ELEM_PER_FFN * sh.t * width)
+            + score_passes * ELEM_PER_SCORE * scores
+        )
+        trans += layers * (passes * sh.t * width + score_passes * scores)
         act_elems += layers * passes * sh.t * (4 * cfg.hidden + mats * width)
-        score_elems += layers * passes * scores
+        score_elems += layers * score_passes * scores
     head = 2 * sh.t * cfg.hidden * cfg.vocab_size / tp
     matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * cfg.vocab_size / tp
@@ -366,10 +437,18 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
     if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
-        w_uses = 4 if strategy.remat == "full" else 3
+        w_uses = 3 + (rec / fwd if fwd else 0.0)  # recomputed matmuls read their weights again
         tr = CPU_TRAFFIC
-        nbytes = (m * (tr["act"] * act_elems + tr["score"] * score_elems + tr["logit"] * logits
-                       + tr["weight"] * w_uses * gathered) + tr["opt"] * local_params)
+        nbytes = (
+            m
+            * (
+                tr["act"] * act_elems
+                + tr["score"] * score_elems
+                + tr["logit"] * logits
+                + tr["weight"] * w_uses * gathered
+            )
+            + tr["opt"] * local_params
+        )
         matmul_bytes = 0.0
     else:
         matmul_bytes, memory_bound = _accelerator_traffic(cfg, workload, strategy, sh, local_params, gathered)
@@ -379,10 +458,21 @@ def analytic_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, *,
     _weights_and_grads(cfg, strategy, workload, sh, lw, coll)
     _activations(cfg, strategy, workload, sh, lw, coll)
     mem = analytic_memory(cfg, workload, strategy)
-    notes = ["analytic: closed-form estimate of one pipeline stage" if p > 1 else "analytic: closed-form estimate",
-             f"lowering: {lw.name}"]
-    return CompileReport(outcome="ok", target="analytic", mesh=tuple((a, n) for a, n in strategy.mesh if a != "pipeline"),
-                         flops=flops, matmul_flops=m * matmul, bytes_accessed=nbytes, matmul_bytes=matmul_bytes,
-                         transcendentals=m * (trans + logits), collectives=coll.collectives(),
-                         memory=mem.as_stats(), notes=tuple(notes), lowering=lw.name)
-
+    notes = [
+        "analytic: closed-form estimate of one pipeline stage" if p > 1 else "analytic: closed-form estimate",
+        f"lowering: {lw.name}",
+    ]
+    return CompileReport(
+        outcome="ok",
+        target="analytic",
+        mesh=tuple((a, n) for a, n in strategy.mesh if a != "pipeline"),
+        flops=flops,
+        matmul_flops=m * matmul,
+        bytes_accessed=nbytes,
+        matmul_bytes=matmul_bytes,
+        transcendentals=m * (trans + logits),
+        collectives=coll.collectives(),
+        memory=mem.as_stats(),
+        notes=tuple(notes),
+        lowering=lw.name,
+    )

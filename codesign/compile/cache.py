@@ -45,8 +45,11 @@ def source_digest(root: str | os.PathLike | None = None) -> str:
     base = Path(root) if root is not None else Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for path in sorted(base.rglob("*")):
-        if path.is_file() and path.suffix in (".py", ".yaml", ".json", ".txtpb", ".txt") \
-                and "__pycache__" not in path.parts:
+        if (
+            path.is_file()
+            and path.suffix in (".py", ".yaml", ".json", ".txtpb", ".txt")
+            and "__pycache__" not in path.parts
+        ):
             h.update(path.relative_to(base).as_posix().encode())
             h.update(path.read_bytes())
     return h.hexdigest()[:16]
@@ -69,9 +72,14 @@ def xla_flags() -> dict[str, str]:
 
 def hardware_key(hardware: Hardware) -> dict[str, Any]:
     """The hardware fields that change what a compile reports (network levels do not)."""
-    return {"name": hardware.name, "platform": hardware.platform, "chip": hardware.chip.name,
-            "hbm_bytes": hardware.hbm_bytes, "memory_reserve_bytes": hardware.memory_reserve_bytes,
-            "tpu_generation": hardware.tpu_generation}
+    return {
+        "name": hardware.name,
+        "platform": hardware.platform,
+        "chip": hardware.chip.name,
+        "hbm_bytes": hardware.hbm_bytes,
+        "memory_reserve_bytes": hardware.memory_reserve_bytes,
+        "tpu_generation": hardware.tpu_generation,
+    }
 
 
 def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
@@ -80,10 +88,18 @@ def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
 
     if req.target == "auto":
         raise ValueError("cache_key needs a resolved target; call resolve_target(target, hardware) first")
-    payload = {"schema": CACHE_SCHEMA, "model": req.cfg.fingerprint(), "workload": req.workload.to_json(),
-               "strategy": req.strategy.spec, "target": req.target, "max_compile_devices": req.max_compile_devices,
-               "hardware": hardware_key(req.hardware), "versions": versions(), "flags": xla_flags(),
-               "code": code or _code_digest()}
+    payload = {
+        "schema": CACHE_SCHEMA,
+        "model": req.cfg.fingerprint(),
+        "workload": req.workload.to_json(),
+        "strategy": req.strategy.spec,
+        "target": req.target,
+        "max_compile_devices": req.max_compile_devices,
+        "hardware": hardware_key(req.hardware),
+        "versions": versions(),
+        "flags": xla_flags(),
+        "code": code or _code_digest(),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -160,4 +176,3 @@ class CompileCache:
     @property
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "corrupt": self.corrupt}
-

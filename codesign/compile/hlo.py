@@ -40,20 +40,96 @@ import numpy as np
 from codesign.compile import hlo_parse as hp
 from codesign.report import Collective
 
-_TRANSCENDENTAL = frozenset({
-    "exponential", "exp", "log", "tanh", "logistic", "rsqrt", "sqrt", "cbrt", "power", "sine", "cosine",
-    "tan", "erf", "exponential-minus-one", "log-plus-one", "atan2"})
-_ELEMENTWISE = frozenset({
-    "add", "subtract", "multiply", "divide", "maximum", "minimum", "remainder", "compare", "select",
-    "clamp", "and", "or", "xor", "not", "negate", "abs", "sign", "floor", "ceil", "round-nearest-afz",
-    "round-nearest-even", "is-finite", "shift-left", "shift-right-logical", "shift-right-arithmetic",
-    "popcnt", "count-leading-zeros", "real", "imag", "complex", "stochastic-convert"})
-_NO_BYTES = frozenset({
-    "parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
-    "async-start", "async-update", "async-done", "after-all", "partition-id", "replica-id", "add-dependency",
-    "opt-barrier", "domain", "copy-done", "send-done", "recv-done", "slice-done"})
-_COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
-                "ragged-all-to-all", "send", "recv")
+_TRANSCENDENTAL = frozenset(
+    {
+        "exponential",
+        "exp",
+        "log",
+        "tanh",
+        "logistic",
+        "rsqrt",
+        "sqrt",
+        "cbrt",
+        "power",
+        "sine",
+        "cosine",
+        "tan",
+        "erf",
+        "exponential-minus-one",
+        "log-plus-one",
+        "atan2",
+    }
+)
+_ELEMENTWISE = frozenset(
+    {
+        "add",
+        "subtract",
+        "multiply",
+        "divide",
+        "maximum",
+        "minimum",
+        "remainder",
+        "compare",
+        "select",
+        "clamp",
+        "and",
+        "or",
+        "xor",
+        "not",
+        "negate",
+        "abs",
+        "sign",
+        "floor",
+        "ceil",
+        "round-nearest-afz",
+        "round-nearest-even",
+        "is-finite",
+        "shift-left",
+        "shift-right-logical",
+        "shift-right-arithmetic",
+        "popcnt",
+        "count-leading-zeros",
+        "real",
+        "imag",
+        "complex",
+        "stochastic-convert",
+    }
+)
+_NO_BYTES = frozenset(
+    {
+        "parameter",
+        "constant",
+        "tuple",
+        "get-tuple-element",
+        "bitcast",
+        "while",
+        "call",
+        "conditional",
+        "async-start",
+        "async-update",
+        "async-done",
+        "after-all",
+        "partition-id",
+        "replica-id",
+        "add-dependency",
+        "opt-barrier",
+        "domain",
+        "copy-done",
+        "send-done",
+        "recv-done",
+        "slice-done",
+    }
+)
+_COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+    "ragged-all-to-all",
+    "send",
+    "recv",
+)
 
 
 @dataclass(frozen=True)
@@ -118,12 +194,21 @@ def _window_dims(attrs: str) -> list[dict[str, tuple[int, ...]]]:
     sizes = [int(x) for x in fields.get("size", "").split("x") if x]
     out = []
     for i, size in enumerate(sizes):
+
         def pick(name, default, i=i):
             parts = fields.get(name, "").split("x")
             return parts[i] if i < len(parts) and parts[i] else default
-        lo, _, hi = pick("pad", "0_0").partition("_")
-        out.append({"size": size, "pad_lo": int(lo), "stride": int(pick("stride", "1")),
-                    "lhs_dilate": int(pick("lhs_dilate", "1")), "rhs_dilate": int(pick("rhs_dilate", "1"))})
+
+        lo, _, _hi = pick("pad", "0_0").partition("_")
+        out.append(
+            {
+                "size": size,
+                "pad_lo": int(lo),
+                "stride": int(pick("stride", "1")),
+                "lhs_dilate": int(pick("lhs_dilate", "1")),
+                "rhs_dilate": int(pick("rhs_dilate", "1")),
+            }
+        )
     return out
 
 
@@ -160,8 +245,11 @@ def _conv_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     spatial = sorted(c for c in k_l if c.isdigit())
     taps = 1
     for j, c in enumerate(spatial):
-        w = windows[j] if j < len(windows) else {"size": kdims[k_l.index(c)], "pad_lo": 0, "stride": 1,
-                                                  "lhs_dilate": 1, "rhs_dilate": 1}
+        w = (
+            windows[j]
+            if j < len(windows)
+            else {"size": kdims[k_l.index(c)], "pad_lo": 0, "stride": 1, "lhs_dilate": 1, "rhs_dilate": 1}
+        )
         taps *= _valid_taps(ldims[lhs_l.index(c)], odims[out_l.index(c)], w)
     batch = odims[out_l.index("b")] if "b" in out_l else 1
     out_features = odims[out_l.index("f")] if "f" in out_l else 1
@@ -239,8 +327,9 @@ def _fusion_bytes(ins: hp.Instr, comp: hp.Computation, fused: hp.Computation | N
         full = hp.shape_bytes(_operand_shape(comp, o))
         p = params.get(i)
         users = fused.users(p.name) if p else []
-        if users and all(u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == p.name
-                         for u in users):
+        if users and all(
+            u.opcode in ("dynamic-slice", "slice", "gather") and u.operands[0] == p.name for u in users
+        ):
             total += min(full, sum(hp.shape_bytes(u.shape) for u in users))
         elif users and all(u.opcode == "dynamic-update-slice" and u.operands[0] == p.name for u in users):
             pass  # updated in place: only the update is written (counted with the output)
@@ -363,8 +452,11 @@ class _Walker:
                 acc.add(self.walk(c, fused))
             return
         if op == "conditional":
-            names = (hp.called(ins.attrs, "branch_computations") + hp.called(ins.attrs, "true_computation")
-                     + hp.called(ins.attrs, "false_computation"))
+            names = (
+                hp.called(ins.attrs, "branch_computations")
+                + hp.called(ins.attrs, "true_computation")
+                + hp.called(ins.attrs, "false_computation")
+            )
             branches = [self.walk(c, fused) for c in names]
             if branches:  # the costliest branch: an upper bound on one execution
                 acc.add(max(branches, key=lambda b: (b.flops, b.bytes)))
@@ -412,8 +504,12 @@ def _largest_component(pairs: list[tuple[int, int]]) -> int:
 
 def _is_scatter_fusion(comp: hp.Computation, ins: hp.Instr) -> bool:
     root = comp.root
-    return (root is not None and root.opcode == "dynamic-slice" and bool(root.operands)
-            and root.operands[0] == ins.name)
+    return (
+        root is not None
+        and root.opcode == "dynamic-slice"
+        and bool(root.operands)
+        and root.operands[0] == ins.name
+    )
 
 
 def analyze_hlo(hlo_text: str, mesh_shape: Sequence[tuple[str, int]] | None = None) -> HloStats:
@@ -431,9 +527,17 @@ def analyze_hlo(hlo_text: str, mesh_shape: Sequence[tuple[str, int]] | None = No
     acc = walker.walk(module.entry, False) if module.entry else _Acc()
     collectives = tuple(
         Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt)
-        for (k, b, g, axes, dt), c in acc.coll.items())
-    return HloStats(flops=acc.flops, matmul_flops=acc.mm, transcendentals=acc.trans, bytes_accessed=acc.bytes,
-                    collectives=collectives, while_loops=tuple(walker.loops.values()),
-                    hlo_bytes=len(text.encode()), skipped_lines=module.skipped_lines, matmul_bytes=acc.mm_bytes,
-                    skipped_instructions=tuple(walker.skipped))
-
+        for (k, b, g, axes, dt), c in acc.coll.items()
+    )
+    return HloStats(
+        flops=acc.flops,
+        matmul_flops=acc.mm,
+        transcendentals=acc.trans,
+        bytes_accessed=acc.bytes,
+        collectives=collectives,
+        while_loops=tuple(walker.loops.values()),
+        hlo_bytes=len(text.encode()),
+        skipped_lines=module.skipped_lines,
+        matmul_bytes=acc.mm_bytes,
+        skipped_instructions=tuple(walker.skipped),
+    )

@@ -27,9 +27,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DTYPE_BYTES: dict[str, float] = {
-    "pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
-    "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5,
-    "s2": 0.25, "u2": 0.25, "s1": 0.125, "u1": 0.125, "token": 0,
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f16": 2,
+    "bf16": 2,
+    "f32": 4,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s2": 0.25,
+    "u2": 0.25,
+    "s1": 0.125,
+    "u1": 0.125,
+    "token": 0,
 }  # f8*/f4*/f6* handled by prefix in dtype_bytes()
 
 _ARRAY_RE = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=?\s]*)\]")
@@ -142,10 +161,16 @@ def parse_instruction(line: str) -> Instr | None:
     oend = _balanced(rest, om.end() - 1, "(", ")")
     if oend < 0:
         return None
-    operand_text = rest[om.end():oend - 1]
-    return Instr(name=name, shape=_LAYOUT_RE.sub("", shape), opcode=om.group(1),
-                 operands=_NAME_RE.findall(operand_text), operand_text=operand_text,
-                 attrs=rest[oend:], root=root)
+    operand_text = rest[om.end() : oend - 1]
+    return Instr(
+        name=name,
+        shape=_LAYOUT_RE.sub("", shape),
+        opcode=om.group(1),
+        operands=_NAME_RE.findall(operand_text),
+        operand_text=operand_text,
+        attrs=rest[oend:],
+        root=root,
+    )
 
 
 def parse_module(text: str) -> Module:
@@ -228,7 +253,8 @@ def _iota_text(text: str) -> np.ndarray | None:
 
 
 _MESH_RG_RE = re.compile(
-    r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:,\s*device_ids=\((?P<ids>.*?)\))?\s*\{(?P<grp>[^}]*)\}")
+    r"replica_groups=mesh\[(?P<axes>[^\]]*)\](?:,\s*device_ids=\((?P<ids>.*?)\))?\s*\{(?P<grp>[^}]*)\}"
+)
 _IOTA_RG_RE = re.compile(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?")
 
 
@@ -302,6 +328,7 @@ def source_target_pairs(attrs: str) -> list[tuple[int, int]]:
 
 
 # -- while-loop trip counts (TPU HLO has no known_trip_count) ----------------------------------
+
 
 def _scalar_const(comp: Computation, name: str, depth: int = 0) -> int | None:
     ins = comp.by_name.get(name)

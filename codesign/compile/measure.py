@@ -54,8 +54,17 @@ class _Local:
         self.pool = cf.ThreadPoolExecutor(max_workers=max(1, workers))
 
     def submit(self, req: CompileRequest, timeout_s: float) -> cf.Future:
-        return self.pool.submit(compile_in_subprocess, req.cfg, req.workload, req.strategy, req.hardware,
-                                req.target, timeout_s, req.save_hlo, req.max_compile_devices)
+        return self.pool.submit(
+            compile_in_subprocess,
+            req.cfg,
+            req.workload,
+            req.strategy,
+            req.hardware,
+            req.target,
+            timeout_s,
+            req.save_hlo,
+            req.max_compile_devices,
+        )
 
     def shutdown(self, cancel: bool) -> None:
         if cancel:
@@ -74,8 +83,12 @@ class _Ray:
             raise ExecutorError(f"--executor ray needs Ray: {RAY_INSTALL_HINT}") from None
         self.ray = ray
         if not ray.is_initialized():
-            ray.init(address=address or os.environ.get("RAY_ADDRESS"), include_dashboard=False,
-                     log_to_driver=False, ignore_reinit_error=True)
+            ray.init(
+                address=address or os.environ.get("RAY_ADDRESS"),
+                include_dashboard=False,
+                log_to_driver=False,
+                ignore_reinit_error=True,
+            )
         self.remote = ray.remote(num_cpus=1)(_ray_compile)
         self.refs: list = []
 
@@ -92,8 +105,16 @@ class _Ray:
 
 def _ray_compile(request_json: dict, timeout_s: float) -> CompileReport:
     req = CompileRequest.from_json(request_json)
-    return compile_in_subprocess(req.cfg, req.workload, req.strategy, req.hardware, req.target, timeout_s,
-                                 req.save_hlo, req.max_compile_devices)
+    return compile_in_subprocess(
+        req.cfg,
+        req.workload,
+        req.strategy,
+        req.hardware,
+        req.target,
+        timeout_s,
+        req.save_hlo,
+        req.max_compile_devices,
+    )
 
 
 def make_executor(name: str, workers: int, address: str | None = None):
@@ -109,14 +130,27 @@ def _resolved(req: CompileRequest) -> CompileRequest | CompileReport:
         target = resolve_target(req.target, req.hardware)
     except TargetError as e:
         return CompileReport(outcome="error", target=str(req.target), stage="build", message=str(e))
-    return req if target == req.target else CompileRequest(req.cfg, req.workload, req.strategy, req.hardware,
-                                                            target, req.save_hlo, req.max_compile_devices)
+    return (
+        req
+        if target == req.target
+        else CompileRequest(
+            req.cfg, req.workload, req.strategy, req.hardware, target, req.save_hlo, req.max_compile_devices
+        )
+    )
 
 
-def measure(requests: Sequence[CompileRequest], *, workers: int = 1, timeout_s: float = 600.0,
-            cache: CompileCache | None = None, reuse: dict[str, CompileReport] | None = None,
-            progress: Callable[[int, CompileReport], None] | None = None, executor: str = "local",
-            address: str | None = None, stats: MeasureStats | None = None) -> list[CompileReport]:
+def measure(
+    requests: Sequence[CompileRequest],
+    *,
+    workers: int = 1,
+    timeout_s: float = 600.0,
+    cache: CompileCache | None = None,
+    reuse: dict[str, CompileReport] | None = None,
+    progress: Callable[[int, CompileReport], None] | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    stats: MeasureStats | None = None,
+) -> list[CompileReport]:
     """Reports in request order. `progress(index, report)` is called from this thread as each lands."""
     stats = stats if stats is not None else MeasureStats()
     reports: list[CompileReport | None] = [None] * len(requests)
@@ -168,6 +202,11 @@ def measure(requests: Sequence[CompileRequest], *, workers: int = 1, timeout_s: 
     return [r for r in reports if r is not None]
 
 
-def measure_one(req: CompileRequest, *, timeout_s: float = 600.0, cache: CompileCache | None = None,
-                executor: str = "local") -> CompileReport:
+def measure_one(
+    req: CompileRequest,
+    *,
+    timeout_s: float = 600.0,
+    cache: CompileCache | None = None,
+    executor: str = "local",
+) -> CompileReport:
     return measure([req], timeout_s=timeout_s, cache=cache, executor=executor)[0]

@@ -56,8 +56,13 @@ COMPILERS = ("cpu", "tpu", "gpu", "attached")
 DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
 GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
 # catalog chip name -> GpuTargetConfig text proto in codesign/data/gpu_targets
-GPU_TARGET_CONFIGS = {"a100-sxm-80g": "a100_sxm_80g.txtpb", "h100-sxm": "h100_sxm.txtpb",
-                      "h800-sxm": "h100_sxm.txtpb", "h200-sxm": "h200_sxm.txtpb", "b200-sxm": "b200.txtpb"}
+GPU_TARGET_CONFIGS = {
+    "a100-sxm-80g": "a100_sxm_80g.txtpb",
+    "h100-sxm": "h100_sxm.txtpb",
+    "h800-sxm": "h100_sxm.txtpb",
+    "h200-sxm": "h200_sxm.txtpb",
+    "b200-sxm": "b200.txtpb",
+}
 GPUS_PER_NODE = 8
 
 
@@ -66,6 +71,7 @@ class TargetError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- targets
+
 
 def libtpu_available() -> bool:
     return importlib.util.find_spec("libtpu") is not None
@@ -101,6 +107,7 @@ def versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------- what to compile
+
 
 @dataclass(frozen=True)
 class CompilePlan:
@@ -140,8 +147,14 @@ def _valid_tpu_count(hardware: Hardware, n: int) -> bool:
         return False
 
 
-def plan_compile(cfg: ModelConfig, workload: Workload, strategy: Strategy, target: str,
-                 hardware: Hardware | None = None, max_compile_devices: int | None = None) -> CompilePlan:
+def plan_compile(
+    cfg: ModelConfig,
+    workload: Workload,
+    strategy: Strategy,
+    target: str,
+    hardware: Hardware | None = None,
+    max_compile_devices: int | None = None,
+) -> CompilePlan:
     """Pure bookkeeping (no JAX): the stage/reduced candidate to compile. Raises TargetError when the mesh
     cannot be brought under `max_compile_devices` by shrinking the data axis."""
     notes: list[str] = []
@@ -150,11 +163,15 @@ def plan_compile(cfg: ModelConfig, workload: Workload, strategy: Strategy, targe
     if p > 1:
         stage_cfg = stage_config(cfg, p)
         strategy = strategy.replace(sizes={**strategy.sizes, "pipeline": 1})
-        notes.append(f"pipeline: compiled one of {p} stages ({stage_cfg.layers} of {cfg.layers} layers: "
-                     f"{stage_cfg.dense_layers} dense + {stage_cfg.moe_layers} moe, embedding and LM head "
-                     f"included, whole global batch {workload.global_batch} per stage)")
+        notes.append(
+            f"pipeline: compiled one of {p} stages ({stage_cfg.layers} of {cfg.layers} layers: "
+            f"{stage_cfg.dense_layers} dense + {stage_cfg.moe_layers} moe, embedding and LM head "
+            f"included, whole global batch {workload.global_batch} per stage)"
+        )
         cfg = stage_cfg
-    limit = max_compile_devices if max_compile_devices is not None else DEFAULT_MAX_COMPILE_DEVICES.get(target)
+    limit = (
+        max_compile_devices if max_compile_devices is not None else DEFAULT_MAX_COMPILE_DEVICES.get(target)
+    )
     need_slice = target == "tpu" and hardware is not None and hardware.tpu_generation
     n, data = strategy.n_devices, strategy.size("data")
 
@@ -168,22 +185,38 @@ def plan_compile(cfg: ModelConfig, workload: Workload, strategy: Strategy, targe
                 scale = f
                 break
         else:
-            why = f"max_compile_devices={limit}" if limit is not None and n > limit else \
-                f"a {hardware.tpu_generation} slice shape" if need_slice else "the limit"
+            why = (
+                f"max_compile_devices={limit}"
+                if limit is not None and n > limit
+                else f"a {hardware.tpu_generation} slice shape"
+                if need_slice
+                else "the limit"
+            )
             raise TargetError(
                 f"cannot compile {strategy.spec} on {n} devices for target {target}: {why}, and shrinking the "
-                f"data axis (size {data}) does not help; raise max_compile_devices or use more data parallelism")
+                f"data axis (size {data}) does not help; raise max_compile_devices or use more data parallelism"
+            )
     if scale > 1:
         strategy = strategy.replace(sizes={**strategy.sizes, "data": data // scale})
         workload = dataclasses.replace(workload, global_batch=workload.global_batch // scale)
         full = ",".join(f"{a}={s}" for a, s in full_mesh if s > 1)
-        notes.append(f"reduced-mesh: data_scale={scale} full_mesh={full} compiled_data={data // scale} "
-                     f"full_global_batch={workload.global_batch * scale} (data-axis groups scale back by {scale})")
-    return CompilePlan(cfg=cfg, workload=workload, strategy=strategy, full_mesh=full_mesh, pipeline_stages=p,
-                       data_scale=scale, notes=tuple(notes))
+        notes.append(
+            f"reduced-mesh: data_scale={scale} full_mesh={full} compiled_data={data // scale} "
+            f"full_global_batch={workload.global_batch * scale} (data-axis groups scale back by {scale})"
+        )
+    return CompilePlan(
+        cfg=cfg,
+        workload=workload,
+        strategy=strategy,
+        full_mesh=full_mesh,
+        pipeline_stages=p,
+        data_scale=scale,
+        notes=tuple(notes),
+    )
 
 
 # ---------------------------------------------------------------------------------------------- devices
+
 
 def prepare_libtpu_env() -> None:
     """Environment for a deviceless TPU compile; effective when it runs before libtpu initializes (the
@@ -212,16 +245,19 @@ def tpu_devices(hardware: Hardware, n: int) -> list:
     topo = _compat.get_topology_desc(platform="tpu", topology_name=tpu_topology_name(gen, n), **kwargs)
     devices = sorted(topo.devices, key=lambda d: d.id)
     if len(devices) != n:
-        raise TargetError(f"libtpu topology {tpu_topology_name(gen, n)} has {len(devices)} devices, "
-                          f"expected one per chip ({n})")
+        raise TargetError(
+            f"libtpu topology {tpu_topology_name(gen, n)} has {len(devices)} devices, "
+            f"expected one per chip ({n})"
+        )
     return devices
 
 
 def gpu_target_config_text(hardware: Hardware) -> str:
     fname = GPU_TARGET_CONFIGS.get(hardware.chip.name)
     if fname is None:
-        raise TargetError(f"no GpuTargetConfig for chip {hardware.chip.name!r}; shipped: "
-                          f"{sorted(GPU_TARGET_CONFIGS)}")
+        raise TargetError(
+            f"no GpuTargetConfig for chip {hardware.chip.name!r}; shipped: {sorted(GPU_TARGET_CONFIGS)}"
+        )
     return resources.files("codesign").joinpath(f"data/gpu_targets/{fname}").read_text()
 
 
@@ -239,13 +275,17 @@ def gpu_devices(hardware: Hardware, n: int) -> list:
     if hardware.platform != "gpu":
         raise TargetError(f"target gpu needs GPU hardware; {hardware.name} is {hardware.platform}")
     if not gpu_aot_available():
-        raise TargetError(f"target gpu needs the deviceless CUDA compiler: {GPU_AOT_INSTALL_HINT} "
-                          f"(jax[cuda12], ~5.6 GB)")
+        raise TargetError(
+            f"target gpu needs the deviceless CUDA compiler: {GPU_AOT_INSTALL_HINT} (jax[cuda12], ~5.6 GB)"
+        )
     per_node = GPUS_PER_NODE
     if hardware.levels and hardware.levels[0].max_group_size:
         per_node = min(GPUS_PER_NODE, hardware.levels[0].max_group_size)
-    topo = _compat.get_topology_desc(platform="cuda", target_config=gpu_target_config_text(hardware),
-                                     topology=gpu_topology_string(n, per_node))
+    topo = _compat.get_topology_desc(
+        platform="cuda",
+        target_config=gpu_target_config_text(hardware),
+        topology=gpu_topology_string(n, per_node),
+    )
     return sorted(topo.devices, key=lambda d: d.id)
 
 
@@ -263,13 +303,15 @@ def target_devices(target: str, hardware: Hardware, n: int) -> list:
             raise TargetError(
                 f"target cpu needs {n} emulated devices but this process has {len(devices)}; compile through "
                 f"codesign.compile.worker.compile_in_subprocess (sets XLA_FLAGS before JAX starts) or run the "
-                f"CLI with --devices {n}")
+                f"CLI with --devices {n}"
+            )
         return devices[:n]
     if target == "attached":
         devices = jax.devices()
         if len(devices) < n:
-            raise TargetError(f"target attached: {n} devices needed, {len(devices)} attached "
-                              f"({devices[0].platform})")
+            raise TargetError(
+                f"target attached: {n} devices needed, {len(devices)} attached ({devices[0].platform})"
+            )
         return devices[:n]
     raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
 
@@ -301,11 +343,15 @@ def parse_oom(message: str) -> tuple[int, int] | None:
         m = pat.search(message)
         if m:
             return _bytes(m.group(1), m.group(2)), _bytes(m.group(3), m.group(4))
-    return (0, 0) if ("RESOURCE_EXHAUSTED" in message and "memory" in message.lower()) or \
-        "CompileTimeHbmOom" in message else None
+    return (
+        (0, 0)
+        if ("RESOURCE_EXHAUSTED" in message and "memory" in message.lower()) or "CompileTimeHbmOom" in message
+        else None
+    )
 
 
 # ---------------------------------------------------------------------------------------------- compile
+
 
 def _memory(compiled, capacity: int) -> MemoryStats | None:
     m = _compat.first_executable(compiled.memory_analysis())
@@ -314,8 +360,15 @@ def _memory(compiled, capacity: int) -> MemoryStats | None:
     arg, out = int(m.argument_size_in_bytes), int(m.output_size_in_bytes)
     alias, temp = int(m.alias_size_in_bytes), int(m.temp_size_in_bytes)
     code = int(getattr(m, "generated_code_size_in_bytes", 0) or 0)
-    return MemoryStats(argument=arg, output=out, alias=alias, temp=temp, code=code,
-                       peak=arg + out - alias + temp, capacity=int(capacity))
+    return MemoryStats(
+        argument=arg,
+        output=out,
+        alias=alias,
+        temp=temp,
+        code=code,
+        peak=arg + out - alias + temp,
+        capacity=int(capacity),
+    )
 
 
 def _flops_notes(stats, xla: dict | None) -> list[str]:
@@ -338,8 +391,15 @@ def _error(stage: str, exc: BaseException | str, **kw) -> CompileReport:
     return CompileReport(outcome="error", stage=stage, message=msg.strip()[:4000], versions=versions(), **kw)
 
 
-def _memory_only_report(compiled, hardware: Hardware, target: str, compile_s: float, exc: BaseException,
-                        notes: list[str], base: dict) -> CompileReport:
+def _memory_only_report(
+    compiled,
+    hardware: Hardware,
+    target: str,
+    compile_s: float,
+    exc: BaseException,
+    notes: list[str],
+    base: dict,
+) -> CompileReport:
     """A compile whose HLO text cannot be read back: memory analysis only; the cost model times it."""
     from codesign._compat import normalize_cost_analysis
 
@@ -349,17 +409,38 @@ def _memory_only_report(compiled, hardware: Hardware, target: str, compile_s: fl
         xla = None
     memory = _memory(compiled, hardware.memory_capacity_bytes)
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-    notes = list(notes) + [(f"hlo-unavailable: {type(exc).__name__}: {first}; FLOPs and collectives not read "
-                           "from the HLO (the cost model times this candidate analytically)")]
+    notes = list(notes) + [
+        (
+            f"hlo-unavailable: {type(exc).__name__}: {first}; FLOPs and collectives not read "
+            "from the HLO (the cost model times this candidate analytically)"
+        )
+    ]
     if memory and memory.capacity and memory.peak > memory.capacity:
-        notes.append(f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity {memory.capacity / 2**30:.2f} GiB")
-    return CompileReport(outcome="ok", compile_s=compile_s, xla_cost_analysis=xla, memory=memory,
-                         hlo_analyzed=False, notes=tuple(notes), versions=versions(), **base)
+        notes.append(
+            f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity {memory.capacity / 2**30:.2f} GiB"
+        )
+    return CompileReport(
+        outcome="ok",
+        compile_s=compile_s,
+        xla_cost_analysis=xla,
+        memory=memory,
+        hlo_analyzed=False,
+        notes=tuple(notes),
+        versions=versions(),
+        **base,
+    )
 
 
-def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
-                      target: str = "auto", *, save_hlo: str | None = None,
-                      max_compile_devices: int | None = None) -> CompileReport:
+def compile_candidate(
+    cfg: ModelConfig,
+    workload: Workload,
+    strategy: Strategy,
+    hardware: Hardware,
+    target: str = "auto",
+    *,
+    save_hlo: str | None = None,
+    max_compile_devices: int | None = None,
+) -> CompileReport:
     """Compile one candidate's train step in this process and report what the compiler produced.
 
     Never raises for the candidate: failures are `error` (with stage) or `oom` reports.
@@ -371,14 +452,24 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
     t_start = time.perf_counter()
     if target == "analytic":
         report = analytic_report(cfg, workload, strategy, platform=hardware.platform)
-        return dataclasses.replace(report, compile_s=time.perf_counter() - t_start, full_mesh=strategy.mesh,
-                                   pipeline_stages=strategy.size("pipeline"), versions=versions())
+        return dataclasses.replace(
+            report,
+            compile_s=time.perf_counter() - t_start,
+            full_mesh=strategy.mesh,
+            pipeline_stages=strategy.size("pipeline"),
+            versions=versions(),
+        )
     try:
         plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
     except (TargetError, ValueError) as e:
         return _error("build", e, target=target, full_mesh=strategy.mesh)
-    base = {"target": target, "mesh": plan.strategy.mesh, "full_mesh": plan.full_mesh,
-            "pipeline_stages": plan.pipeline_stages, "data_scale": plan.data_scale}
+    base = {
+        "target": target,
+        "mesh": plan.strategy.mesh,
+        "full_mesh": plan.full_mesh,
+        "pipeline_stages": plan.pipeline_stages,
+        "data_scale": plan.data_scale,
+    }
     notes = list(plan.notes)
     try:
         from codesign.sharding.mesh import MeshSpec
@@ -402,10 +493,18 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
         msg = f"{type(e).__name__}: {e}".strip()
         oom = parse_oom(msg)
         if oom is not None:
-            return CompileReport(outcome="oom", message=msg[:4000], stage="compile",
-                                 compile_s=time.perf_counter() - t_start, oom_required_bytes=oom[0],
-                                 oom_available_bytes=oom[1], notes=tuple(notes), versions=versions(),
-                                 memory=MemoryStats(capacity=hardware.memory_capacity_bytes), **base)
+            return CompileReport(
+                outcome="oom",
+                message=msg[:4000],
+                stage="compile",
+                compile_s=time.perf_counter() - t_start,
+                oom_required_bytes=oom[0],
+                oom_available_bytes=oom[1],
+                notes=tuple(notes),
+                versions=versions(),
+                memory=MemoryStats(capacity=hardware.memory_capacity_bytes),
+                **base,
+            )
         return _error("compile", e, compile_s=time.perf_counter() - t_start, notes=tuple(notes), **base)
     compile_s = time.perf_counter() - t_start
     try:
@@ -433,26 +532,47 @@ def compile_candidate(cfg: ModelConfig, workload: Workload, strategy: Strategy, 
         memory = _memory(compiled, hardware.memory_capacity_bytes)
         notes += _flops_notes(stats, xla)
         if stats.skipped:
-            notes.append(f"HLO walk skipped {stats.skipped} lines/instructions "
-                         f"({', '.join(stats.skipped_instructions[:3]) or 'unparsed lines'})")
+            notes.append(
+                f"HLO walk skipped {stats.skipped} lines/instructions "
+                f"({', '.join(stats.skipped_instructions[:3]) or 'unparsed lines'})"
+            )
         if memory and memory.capacity and memory.peak > memory.capacity:
-            notes.append(f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity "
-                         f"{memory.capacity / 2**30:.2f} GiB (the {target} compiler did not reject it)")
+            notes.append(
+                f"peak memory {memory.peak / 2**30:.2f} GiB exceeds capacity "
+                f"{memory.capacity / 2**30:.2f} GiB (the {target} compiler did not reject it)"
+            )
         if target == "cpu":
             notes.append("memory figures are the CPU compiler's, not the target accelerator's")
         if prog.dropped_rules:
             notes.append("replicated (rule dropped): " + "; ".join(str(d) for d in prog.dropped_rules[:8]))
     except Exception as e:  # noqa: BLE001
-        return _error("analyze", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}",
-                      compile_s=compile_s, notes=tuple(notes), **base)
+        return _error(
+            "analyze",
+            f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}",
+            compile_s=compile_s,
+            notes=tuple(notes),
+            **base,
+        )
     return CompileReport(
-        outcome="ok", compile_s=compile_s, flops=stats.flops, matmul_flops=stats.matmul_flops,
-        bytes_accessed=stats.bytes_accessed, matmul_bytes=stats.matmul_bytes,
-        transcendentals=stats.transcendentals, xla_cost_analysis=xla, collectives=stats.collectives,
-        memory=memory, hlo_bytes=stats.hlo_bytes, while_loops=stats.while_loops, notes=tuple(notes),
-        versions=versions(), skipped_instructions=stats.skipped,
+        outcome="ok",
+        compile_s=compile_s,
+        flops=stats.flops,
+        matmul_flops=stats.matmul_flops,
+        bytes_accessed=stats.bytes_accessed,
+        matmul_bytes=stats.matmul_bytes,
+        transcendentals=stats.transcendentals,
+        xla_cost_analysis=xla,
+        collectives=stats.collectives,
+        memory=memory,
+        hlo_bytes=stats.hlo_bytes,
+        while_loops=stats.while_loops,
+        notes=tuple(notes),
+        versions=versions(),
+        skipped_instructions=stats.skipped,
         skipped_examples=stats.skipped_instructions[:8],
-        closed_form_collective_ratio=_closed_form_ratio(plan, target, stats.collectives), **base)
+        closed_form_collective_ratio=_closed_form_ratio(plan, target, stats.collectives),
+        **base,
+    )
 
 
 def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:

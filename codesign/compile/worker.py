@@ -37,7 +37,8 @@ from codesign.sharding.strategy import Strategy
 _NOISE = re.compile(
     r"(^WARNING: Logging before InitGoogle|^E\d{4} .*(libtpu|tpu_|common_lib|host bounds|TPU_)|"
     r"^=== Source Location Trace|^learning/|^Failed to find host bounds|TPU_ACCELERATOR_TYPE|TPU_WORKER_HOSTNAMES|"
-    r"ALLOW_MULTIPLE_LIBTPU_LOAD|^I\d{4} |^W\d{4} .*(libtpu|tpu))")
+    r"ALLOW_MULTIPLE_LIBTPU_LOAD|^I\d{4} |^W\d{4} .*(libtpu|tpu))"
+)
 STDERR_TAIL_LINES = 40
 _RUNNING: set[subprocess.Popen] = set()  # live worker children, so that Ctrl-C can end them at once
 _RUNNING_LOCK = threading.Lock()
@@ -54,16 +55,27 @@ class CompileRequest:
     max_compile_devices: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"cfg": self.cfg.to_json(), "workload": self.workload.to_json(),
-                "strategy": self.strategy.to_json(), "hardware": self.hardware.to_json(),
-                "target": self.target, "save_hlo": self.save_hlo, "max_compile_devices": self.max_compile_devices}
+        return {
+            "cfg": self.cfg.to_json(),
+            "workload": self.workload.to_json(),
+            "strategy": self.strategy.to_json(),
+            "hardware": self.hardware.to_json(),
+            "target": self.target,
+            "save_hlo": self.save_hlo,
+            "max_compile_devices": self.max_compile_devices,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CompileRequest:
-        return cls(cfg=ModelConfig.from_json(d["cfg"]), workload=Workload.from_json(d["workload"]),
-                   strategy=Strategy.from_json(d["strategy"]), hardware=Hardware.from_json(d["hardware"]),
-                   target=d.get("target", "auto"), save_hlo=d.get("save_hlo"),
-                   max_compile_devices=d.get("max_compile_devices"))
+        return cls(
+            cfg=ModelConfig.from_json(d["cfg"]),
+            workload=Workload.from_json(d["workload"]),
+            strategy=Strategy.from_json(d["strategy"]),
+            hardware=Hardware.from_json(d["hardware"]),
+            target=d.get("target", "auto"),
+            save_hlo=d.get("save_hlo"),
+            max_compile_devices=d.get("max_compile_devices"),
+        )
 
 
 def filter_noise(text: str) -> str:
@@ -94,8 +106,9 @@ def child_env(req: CompileRequest, target: str) -> dict[str, str]:
     n = 1
     if target == "cpu":
         try:
-            n = plan_compile(req.cfg, req.workload, req.strategy, target, req.hardware,
-                             req.max_compile_devices).n_devices
+            n = plan_compile(
+                req.cfg, req.workload, req.strategy, target, req.hardware, req.max_compile_devices
+            ).n_devices
         except ValueError:
             n = 1  # the child reports the planning error itself
     emulate_cpu_devices(env, n)
@@ -105,9 +118,16 @@ def child_env(req: CompileRequest, target: str) -> dict[str, str]:
     return env
 
 
-def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
-                          target: str = "auto", timeout_s: float = 600.0, save_hlo: str | None = None,
-                          max_compile_devices: int | None = None) -> CompileReport:
+def compile_in_subprocess(
+    cfg: ModelConfig,
+    workload: Workload,
+    strategy: Strategy,
+    hardware: Hardware,
+    target: str = "auto",
+    timeout_s: float = 600.0,
+    save_hlo: str | None = None,
+    max_compile_devices: int | None = None,
+) -> CompileReport:
     """`compile_candidate` in a fresh Python process; never raises for the candidate."""
     from codesign.compile.targets import TargetError, resolve_target
 
@@ -118,9 +138,15 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
     req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices)
     env = child_env(req, target)
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "codesign.compile.worker"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codesign.compile.worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        text=True,
+    )
     with _RUNNING_LOCK:
         _RUNNING.add(proc)
     try:
@@ -128,10 +154,15 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        return CompileReport(outcome="timeout", target=target, stage="compile", compile_s=time.perf_counter() - t0,
-                             message=f"compile exceeded {timeout_s:g} s; the worker's process group was killed"
-                                     + (f"\n{_tail(err, 10)}" if _tail(err, 10) else ""),
-                             full_mesh=strategy.mesh)
+        return CompileReport(
+            outcome="timeout",
+            target=target,
+            stage="compile",
+            compile_s=time.perf_counter() - t0,
+            message=f"compile exceeded {timeout_s:g} s; the worker's process group was killed"
+            + (f"\n{_tail(err, 10)}" if _tail(err, 10) else ""),
+            full_mesh=strategy.mesh,
+        )
     except BaseException:
         _kill_group(proc)
         raise
@@ -142,18 +173,31 @@ def compile_in_subprocess(cfg: ModelConfig, workload: Workload, strategy: Strate
 
     if proc.returncode != 0:
         rc = proc.returncode
-        what = f"killed by signal {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() \
+        what = (
+            f"killed by signal {signal.Signals(-rc).name}"
+            if rc < 0 and -rc in signal.valid_signals()
             else f"exit status {rc}"
-        return CompileReport(outcome="error", target=target, stage="compile", compile_s=wall,
-                             message=f"compile worker crashed ({what}); stderr tail:\n{_tail(err)}",
-                             full_mesh=strategy.mesh)
+        )
+        return CompileReport(
+            outcome="error",
+            target=target,
+            stage="compile",
+            compile_s=wall,
+            message=f"compile worker crashed ({what}); stderr tail:\n{_tail(err)}",
+            full_mesh=strategy.mesh,
+        )
     try:
         return CompileReport.from_json(json.loads(out.strip().splitlines()[-1]))
     except Exception as e:  # noqa: BLE001
-        return CompileReport(outcome="error", target=target, stage="analyze", compile_s=wall,
-                             message=f"compile worker returned no readable report ({type(e).__name__}: {e}); "
-                                     f"stdout tail: {out[-500:]!r}; stderr tail:\n{_tail(err)}",
-                             full_mesh=strategy.mesh)
+        return CompileReport(
+            outcome="error",
+            target=target,
+            stage="analyze",
+            compile_s=wall,
+            message=f"compile worker returned no readable report ({type(e).__name__}: {e}); "
+            f"stdout tail: {out[-500:]!r}; stderr tail:\n{_tail(err)}",
+            full_mesh=strategy.mesh,
+        )
 
 
 def kill_running_workers() -> None:
@@ -176,6 +220,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 # ---------------------------------------------------------------------------------------------- child
 
+
 def main() -> int:
     real_stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever libraries print goes to stderr; only the report goes to the real stdout
@@ -186,8 +231,15 @@ def main() -> int:
     req = CompileRequest.from_json(json.loads(sys.stdin.read()))
     from codesign.compile.targets import compile_candidate
 
-    report = compile_candidate(req.cfg, req.workload, req.strategy, req.hardware, req.target,
-                               save_hlo=req.save_hlo, max_compile_devices=req.max_compile_devices)
+    report = compile_candidate(
+        req.cfg,
+        req.workload,
+        req.strategy,
+        req.hardware,
+        req.target,
+        save_hlo=req.save_hlo,
+        max_compile_devices=req.max_compile_devices,
+    )
     real_stdout.write(json.dumps(report.to_json(), default=str) + "\n")
     real_stdout.flush()
     return 0

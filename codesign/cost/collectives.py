@@ -45,9 +45,19 @@ from codesign.hardware.catalog import NetworkLevel
 ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE = "all-gather", "reduce-scatter", "all-reduce"
 ALL_TO_ALL, PERMUTE = "all-to-all", "collective-permute"
 KINDS = (ALL_GATHER, REDUCE_SCATTER, ALL_REDUCE, ALL_TO_ALL, PERMUTE)
-_ALIASES = {"allgather": ALL_GATHER, "reducescatter": REDUCE_SCATTER, "allreduce": ALL_REDUCE,
-            "alltoall": ALL_TO_ALL, "permute": PERMUTE, "send-recv": PERMUTE, "sendrecv": PERMUTE,
-            "send": PERMUTE, "recv": PERMUTE, "ppermute": PERMUTE, "collectivepermute": PERMUTE}
+_ALIASES = {
+    "allgather": ALL_GATHER,
+    "reducescatter": REDUCE_SCATTER,
+    "allreduce": ALL_REDUCE,
+    "alltoall": ALL_TO_ALL,
+    "permute": PERMUTE,
+    "send-recv": PERMUTE,
+    "sendrecv": PERMUTE,
+    "send": PERMUTE,
+    "recv": PERMUTE,
+    "ppermute": PERMUTE,
+    "collectivepermute": PERMUTE,
+}
 
 
 @dataclass(frozen=True)
@@ -82,16 +92,21 @@ class Span:
         wraps = wraps or (False,) * len(dims)
         strides = tuple(self.strides) or (1,) * len(dims)
         if math.prod(dims) != self.size or len(wraps) != len(dims) or len(strides) != len(dims):
-            raise ValueError(f"span on {self.level.name}: dims {dims} must multiply to size {self.size} "
-                             f"and wraps/strides need one entry per dim")
+            raise ValueError(
+                f"span on {self.level.name}: dims {dims} must multiply to size {self.size} "
+                f"and wraps/strides need one entry per dim"
+            )
         object.__setattr__(self, "dims", tuple(int(d) for d in dims))
         object.__setattr__(self, "wraps", tuple(bool(w) for w in wraps))
         object.__setattr__(self, "strides", tuple(int(s) for s in strides))
 
     def torus_parts(self) -> list[tuple[int, bool, float]]:
         """(dim size, wraps, one-way link bandwidth available to this group) per torus dim of size > 1."""
-        return [(d, w, self.level.bytes_per_s / s)
-                for d, w, s in zip(self.dims, self.wraps, self.strides) if d > 1]
+        return [
+            (d, w, self.level.bytes_per_s / s)
+            for d, w, s in zip(self.dims, self.wraps, self.strides)
+            if d > 1
+        ]
 
 
 SpanLike = Span | tuple  # a Span or (NetworkLevel, size)
@@ -121,6 +136,7 @@ def normalize_kind(kind: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- one level
+
 
 def _check(bytes_per_device: float, efficiency: float) -> None:
     if bytes_per_device < 0:
@@ -182,6 +198,7 @@ def _permute_1(b: float, s: Span, eff: float) -> float:
 
 # ---------------------------------------------------------------------------------- hierarchical
 
+
 def _gather(b: float, spans: list[Span], eff: float) -> float:
     if not spans:
         return 0.0
@@ -237,8 +254,13 @@ def permute_time(bytes_per_device: float, spans: Spans, efficiency: float = 1.0)
     return _permute_1(bytes_per_device, spans[-1], efficiency) if spans else 0.0
 
 
-_BY_KIND = {ALL_GATHER: all_gather_time, REDUCE_SCATTER: reduce_scatter_time, ALL_REDUCE: all_reduce_time,
-            ALL_TO_ALL: all_to_all_time, PERMUTE: permute_time}
+_BY_KIND = {
+    ALL_GATHER: all_gather_time,
+    REDUCE_SCATTER: reduce_scatter_time,
+    ALL_REDUCE: all_reduce_time,
+    ALL_TO_ALL: all_to_all_time,
+    PERMUTE: permute_time,
+}
 
 
 def collective_time(kind: str, bytes_per_device: float, spans: Spans, efficiency: float = 1.0) -> float:
@@ -273,8 +295,15 @@ def merge_spans(groups: Iterable[Sequence[Span]], level_order: Sequence[NetworkL
         lv, parts = order[i], by_level[i]
         size = math.prod(p.size for p in parts)
         if lv.topology == "torus":
-            out.append(Span(lv, size, sum((p.dims for p in parts), ()), sum((p.wraps for p in parts), ()),
-                            sum((p.strides for p in parts), ())))
+            out.append(
+                Span(
+                    lv,
+                    size,
+                    sum((p.dims for p in parts), ()),
+                    sum((p.wraps for p in parts), ()),
+                    sum((p.strides for p in parts), ()),
+                )
+            )
         else:
             out.append(Span(lv, size))
     return out

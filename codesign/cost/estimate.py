@@ -112,17 +112,29 @@ class Estimate:
 
     @property
     def breakdown(self) -> dict[str, Any]:
-        return {"compute_s": self.compute_s, "memory_s": self.memory_s, "vector_s": self.vector_s,
-                "collective_s": dict(self.collective_s), "exposed_collective_s": self.exposed_collective_s,
-                "pipeline_bubble_s": self.pipeline_bubble_s}
+        return {
+            "compute_s": self.compute_s,
+            "memory_s": self.memory_s,
+            "vector_s": self.vector_s,
+            "collective_s": dict(self.collective_s),
+            "exposed_collective_s": self.exposed_collective_s,
+            "pipeline_bubble_s": self.pipeline_bubble_s,
+        }
 
     def to_json(self) -> dict[str, Any]:
-        return {"strategy": self.strategy.to_json(), "fits": self.fits,
-                "memory_per_device_bytes": self.memory_per_device_bytes,
-                "memory_capacity_bytes": self.memory_capacity_bytes, "step_time_s": self.step_time_s,
-                "tokens_per_s": self.tokens_per_s, "mfu": self.mfu, "breakdown": self.breakdown,
-                "evidence": self.evidence, "reasons": list(self.reasons),
-                "placements": {a: dict(p) for a, p in self.placements.items()}}
+        return {
+            "strategy": self.strategy.to_json(),
+            "fits": self.fits,
+            "memory_per_device_bytes": self.memory_per_device_bytes,
+            "memory_capacity_bytes": self.memory_capacity_bytes,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "mfu": self.mfu,
+            "breakdown": self.breakdown,
+            "evidence": self.evidence,
+            "reasons": list(self.reasons),
+            "placements": {a: dict(p) for a, p in self.placements.items()},
+        }
 
 
 def busy_time(compute_s: float, memory_s: float, vector_s: float) -> float:
@@ -183,8 +195,11 @@ class _Inputs:
         if self._closed is None:
             r = self.report
             same = r.target == "analytic" and r.lowering == lowering_for(self.hardware.platform).name
-            self._closed = r if same else analytic_report(self.cfg, self.workload, self.strategy,
-                                                          platform=self.hardware.platform)
+            self._closed = (
+                r
+                if same
+                else analytic_report(self.cfg, self.workload, self.strategy, platform=self.hardware.platform)
+            )
         return self._closed
 
     @property
@@ -218,22 +233,35 @@ def _roofline(x: _Inputs) -> _Roofline:
     elif not report.hlo_analyzed:  # the compiler's memory stands; its HLO could not be read for timing
         timing = x.closed
         evidence = f"{report.evidence}-memory+analytic-time"
-        reasons.append("compiled (memory from the compiler), HLO unreadable: step time from the analytic model")
+        reasons.append(
+            "compiled (memory from the compiler), HLO unreadable: step time from the analytic model"
+        )
     traffic, mm_traffic, collectives = timing.bytes_accessed, timing.matmul_bytes, timing.collectives
     if timing is report and not x.native:
         # CPU fusion and f32 lowering predict neither accelerator HBM traffic nor collective sizes (the
         # same reason memory fit comes from the analytic model): FLOPs come from the compile.
-        traffic, mm_traffic, collectives = x.closed.bytes_accessed, x.closed.matmul_bytes, x.closed.collectives
-        reasons.append(f"HBM traffic and collectives from the analytic model in {hardware.platform.upper()} "
-                       f"lowering: {report.target} fusion and f32 all-reduces do not transfer")
+        traffic, mm_traffic, collectives = (
+            x.closed.bytes_accessed,
+            x.closed.matmul_bytes,
+            x.closed.collectives,
+        )
+        reasons.append(
+            f"HBM traffic and collectives from the analytic model in {hardware.platform.upper()} "
+            f"lowering: {report.target} fusion and f32 all-reduces do not transfer"
+        )
         if report.closed_form_collective_ratio is not None:
             ratio = report.closed_form_collective_ratio
-            flag = "" if abs(ratio - 1) <= STRUCTURE_TOLERANCE else \
-                " (outside the tested agreement: the closed form may miss a collective; see `codesign compile --json`)"
+            flag = (
+                ""
+                if abs(ratio - 1) <= STRUCTURE_TOLERANCE
+                else " (outside the tested agreement: the closed form may miss a collective; see `codesign compile --json`)"
+            )
             reasons.append(f"compiled collectives {ratio:.2f}x the closed form's (CPU lowering){flag}")
     if timing.skipped_instructions:
-        reasons.append(f"HLO walk could not read {timing.skipped_instructions} instructions "
-                       f"({', '.join(timing.skipped_examples[:3])}): FLOPs and bytes may be undercounted")
+        reasons.append(
+            f"HLO walk could not read {timing.skipped_instructions} instructions "
+            f"({', '.join(timing.skipped_examples[:3])}): FLOPs and bytes may be undercounted"
+        )
     dtype = compute_dtype(x.workload)
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     n = matmul_size(x.cfg, x.workload, x.strategy)
@@ -242,10 +270,14 @@ def _roofline(x: _Inputs) -> _Roofline:
     compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
     memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
-    vector_s = max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
-    reasons.append(f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
-                   f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
-                   f"({_gb(traffic - mm_traffic)} of HBM traffic)")
+    vector_s = (
+        max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
+    )
+    reasons.append(
+        f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
+        f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
+        f"({_gb(traffic - mm_traffic)} of HBM traffic)"
+    )
     return _Roofline(compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives))
 
 
@@ -280,8 +312,10 @@ def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, Axi
     exposed += hideable - hidden
     reasons = []
     if hideable > 0:
-        reasons.append(f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
-                       f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)")
+        reasons.append(
+            f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
+            f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)"
+        )
     for label, t in sorted(exposed_by.items(), key=lambda kv: -kv[1])[:3]:
         reasons.append(f"{label} exposed: {_ms(t)}")
     return _Network(by_kind, exposed, tuple(reasons))
@@ -297,8 +331,12 @@ def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, flo
     tick = stage_s / m + 2 * p2p
     step = (m + p - 1) * tick
     bubble = (p - 1) * tick
-    return step, bubble, 2 * (m + p - 1) * p2p, ((f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} "
-                                                 "of the step"),)
+    return (
+        step,
+        bubble,
+        2 * (m + p - 1) * p2p,
+        ((f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} of the step"),),
+    )
 
 
 def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
@@ -308,20 +346,31 @@ def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
         return float(report.oom_required_bytes), (), False
     if x.native and report.memory is not None and report.memory.peak > 0:
         return float(report.memory.peak), (), False
-    return float(x.closed.memory.peak), ((f"memory from the analytic model ({report.target} memory figures are "
-                                         f"not {x.hardware.platform.upper()} figures)"),), True
+    return (
+        float(x.closed.memory.peak),
+        (
+            (
+                f"memory from the analytic model ({report.target} memory figures are "
+                f"not {x.hardware.platform.upper()} figures)"
+            ),
+        ),
+        True,
+    )
 
 
-def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware,
-                         report: CompileReport) -> Estimate:
+def estimate_from_report(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware, report: CompileReport
+) -> Estimate:
     """Price one report: roofline -> collectives -> pipeline bubble -> memory -> reasons."""
     x = _Inputs(cfg, workload, strategy, hardware, report)
     placements = assign_levels(strategy.mesh, hardware)
     reasons = [p.reason for p in placements.values() if p.size > 1]
     compiled = dict(report.mesh)
     if compiled and compiled.get("data", 1) != strategy.size("data"):
-        reasons.append(f"compiled data={compiled.get('data', 1)} of {strategy.size('data')}; data-axis groups "
-                       f"scaled to {strategy.size('data')}")
+        reasons.append(
+            f"compiled data={compiled.get('data', 1)} of {strategy.size('data')}; data-axis groups "
+            f"scaled to {strategy.size('data')}"
+        )
 
     roof = _roofline(x)
     net = _collectives(x, roof.collectives, roof.busy, placements)
@@ -334,22 +383,52 @@ def estimate_from_report(cfg: ModelConfig, workload: Workload, strategy: Strateg
     cap = hardware.memory_capacity_bytes
     fits = report.outcome != "oom" and mem <= cap
     evidence = roof.evidence + ("+analytic-memory" if closed_mem and report.target != "analytic" else "")
-    reasons += [*roof.reasons, *net.reasons, *pipe_reasons, *mem_reasons,
-                f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}"]
+    reasons += [
+        *roof.reasons,
+        *net.reasons,
+        *pipe_reasons,
+        *mem_reasons,
+        f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}",
+    ]
 
     tokens = workload.global_batch * workload.seq_len
     model_flops = arithmetic.train_flops_per_token(cfg, workload.seq_len) * tokens
     mfu = model_flops / (step * strategy.n_devices * hardware.peak_flops["bf16"]) if step > 0 else 0.0
-    pl = FrozenMap({a: FrozenMap({"level": "+".join(pp.levels), "levels": tuple(pp.levels), "reason": pp.reason})
-                    for a, pp in placements.items() if pp.size > 1})
-    return Estimate(strategy=strategy, step_time_s=step, tokens_per_s=tokens / step if step > 0 else 0.0,
-                    mfu=mfu, memory_per_device_bytes=int(mem), memory_capacity_bytes=int(cap), fits=fits,
-                    compute_s=roof.compute_s, memory_s=roof.memory_s, vector_s=roof.vector_s,
-                    collective_s=FrozenMap(by_kind), exposed_collective_s=exposed, pipeline_bubble_s=bubble,
-                    evidence=evidence, reasons=tuple(reasons), placements=pl)
+    pl = FrozenMap(
+        {
+            a: FrozenMap({"level": "+".join(pp.levels), "levels": tuple(pp.levels), "reason": pp.reason})
+            for a, pp in placements.items()
+            if pp.size > 1
+        }
+    )
+    return Estimate(
+        strategy=strategy,
+        step_time_s=step,
+        tokens_per_s=tokens / step if step > 0 else 0.0,
+        mfu=mfu,
+        memory_per_device_bytes=int(mem),
+        memory_capacity_bytes=int(cap),
+        fits=fits,
+        compute_s=roof.compute_s,
+        memory_s=roof.memory_s,
+        vector_s=roof.vector_s,
+        collective_s=FrozenMap(by_kind),
+        exposed_collective_s=exposed,
+        pipeline_bubble_s=bubble,
+        evidence=evidence,
+        reasons=tuple(reasons),
+        placements=pl,
+    )
 
 
-def estimate_analytic(cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware) -> Estimate:
+def estimate_analytic(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware
+) -> Estimate:
     """The estimate of the closed-form report in the hardware's lowering (the planner's prescreen)."""
-    return estimate_from_report(cfg, workload, strategy, hardware,
-                                analytic_report(cfg, workload, strategy, platform=hardware.platform))
+    return estimate_from_report(
+        cfg,
+        workload,
+        strategy,
+        hardware,
+        analytic_report(cfg, workload, strategy, platform=hardware.platform),
+    )

@@ -50,11 +50,26 @@ class AxisPlacement:
         return self.size // self.inner_group_size
 
     def to_json(self) -> dict[str, Any]:
-        return {"axis": self.axis, "size": self.size, "levels": list(self.levels), "stride": self.stride,
-                "hierarchical": self.hierarchical, "inner_group_size": self.inner_group_size,
-                "outer_group_count": self.outer_group_count, "reason": self.reason,
-                "spans": [{"level": s.level.name, "size": s.size, "torus_dims": list(s.dims),
-                           "wraps": list(s.wraps), "strides": list(s.strides)} for s in self.spans]}
+        return {
+            "axis": self.axis,
+            "size": self.size,
+            "levels": list(self.levels),
+            "stride": self.stride,
+            "hierarchical": self.hierarchical,
+            "inner_group_size": self.inner_group_size,
+            "outer_group_count": self.outer_group_count,
+            "reason": self.reason,
+            "spans": [
+                {
+                    "level": s.level.name,
+                    "size": s.size,
+                    "torus_dims": list(s.dims),
+                    "wraps": list(s.wraps),
+                    "strides": list(s.strides),
+                }
+                for s in self.spans
+            ],
+        }
 
 
 def _unit(hw: Hardware) -> str:
@@ -92,8 +107,15 @@ def _torus_words(span: Span) -> str:
     parts = [(d, w, s) for d, w, s in zip(span.dims, span.wraps, span.strides) if d > 1]
     shape = "x".join(str(d) for d, _, _ in parts)
     nwrap = sum(w for _, w, _ in parts)
-    wrap = ("no wraparound" if nwrap == 0 else "wraparound" if len(parts) == 1
-            else "wraparound on all" if nwrap == len(parts) else f"wraparound on {nwrap} of {len(parts)}")
+    wrap = (
+        "no wraparound"
+        if nwrap == 0
+        else "wraparound"
+        if len(parts) == 1
+        else "wraparound on all"
+        if nwrap == len(parts)
+        else f"wraparound on {nwrap} of {len(parts)}"
+    )
     apart = max((s for _, _, s in parts), default=1)
     spaced = f", members up to {apart} chips apart" if apart > 1 else ""
     return f"torus dim{'s' if len(parts) > 1 else ''} {shape} ({wrap}{spaced})"
@@ -104,8 +126,9 @@ def _reason(name: str, size: int, spans: list[Span], idx: list[int], hw: Hardwar
         return f"{name}={size}: no communication"
     levels = hw.levels
     if len(spans) > 1:
-        parts = " x ".join(f"{s.size} {'on' if i == 0 else 'across'} {s.level.name}"
-                           for i, s in enumerate(spans))
+        parts = " x ".join(
+            f"{s.size} {'on' if i == 0 else 'across'} {s.level.name}" for i, s in enumerate(spans)
+        )
         return f"{name}={size} spans levels: {parts} (hierarchical){note}"
     s, k = spans[0], idx[0]
     if s.level.topology == "torus":
@@ -155,23 +178,40 @@ def assign_levels(mesh_axes: Sequence[tuple[str, int]], hardware: Hardware) -> d
                 continue
             span = None
             if p_hi % p_lo == 0 and p_lo % a == 0:
-                span = (_torus_span(lv, p_lo // a, p_hi // a) if lv.topology == "torus"
-                        else Span(lv, p_hi // p_lo))
+                span = (
+                    _torus_span(lv, p_lo // a, p_hi // a)
+                    if lv.topology == "torus"
+                    else Span(lv, p_hi // p_lo)
+                )
             if span is None:  # does not split evenly: charge the whole axis to the slowest level it touches
                 last = max(k2 for k2 in range(len(hw.levels)) if bounds[k2] < hi)
                 spans, idx = [Span(hw.levels[last], size)], [last]
-                note = f" (does not split evenly at the {lv.name} boundary; charged to {hw.levels[last].name})"
+                note = (
+                    f" (does not split evenly at the {lv.name} boundary; charged to {hw.levels[last].name})"
+                )
                 break
             spans.append(span)
             idx.append(k)
-        out[name] = AxisPlacement(name, size, tuple(spans), tuple(idx), stride,
-                                  _reason(name, size, spans, idx, hw, note), hw.efficiency.collective)
+        out[name] = AxisPlacement(
+            name,
+            size,
+            tuple(spans),
+            tuple(idx),
+            stride,
+            _reason(name, size, spans, idx, hw, note),
+            hw.efficiency.collective,
+        )
         stride = hi
     return {n: out[n] for n in names}
 
 
-def collective_time_on_axes(kind: str, bytes_per_device: float, axes: Sequence[str],
-                            placements: Mapping[str, AxisPlacement], efficiency: float | None = None) -> float:
+def collective_time_on_axes(
+    kind: str,
+    bytes_per_device: float,
+    axes: Sequence[str],
+    placements: Mapping[str, AxisPlacement],
+    efficiency: float | None = None,
+) -> float:
     """Seconds for one collective whose group is the product of `axes` (see codesign.cost.collectives for
     the bytes convention). Spans of the axes are merged per level; a group that crosses levels is costed
     hierarchically. efficiency defaults to the hardware's collective efficiency."""

@@ -23,7 +23,17 @@ from codesign.explore.flops import (
 from codesign.explore.kv_cache import kv_bytes_per_token, kv_cache_table, render_kv_cache
 
 __all__ = [
-    "EPAssumptions", "analytic_flops_per_token", "attention_variant", "compiled_flops_per_token",
-    "decode_throughput", "ep_tpot", "flops_table", "kv_bytes_per_token", "kv_cache_table", "render_decode",
-    "render_ep_tpot", "render_flops", "render_kv_cache",
+    "EPAssumptions",
+    "analytic_flops_per_token",
+    "attention_variant",
+    "compiled_flops_per_token",
+    "decode_throughput",
+    "ep_tpot",
+    "flops_table",
+    "kv_bytes_per_token",
+    "kv_cache_table",
+    "render_decode",
+    "render_ep_tpot",
+    "render_flops",
+    "render_kv_cache",
 ]

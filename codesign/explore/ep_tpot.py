@@ -61,9 +61,13 @@ class EPAssumptions:
         return dataclasses.replace(
             self,
             hidden=self.hidden if self.hidden is not None else cfg.hidden,
-            experts_per_token=(self.experts_per_token if self.experts_per_token is not None
-                               else cfg.experts_per_token + cfg.n_shared_experts),
-            layers=self.layers if self.layers is not None else cfg.layers)
+            experts_per_token=(
+                self.experts_per_token
+                if self.experts_per_token is not None
+                else cfg.experts_per_token + cfg.n_shared_experts
+            ),
+            layers=self.layers if self.layers is not None else cfg.layers,
+        )
 
 
 def ep_level(hw: Hardware, a: EPAssumptions) -> NetworkLevel:
@@ -83,7 +87,9 @@ def ep_tpot_row(cfg: ModelConfig, hardware: str | Hardware, a: EPAssumptions) ->
     lv = ep_level(hw, a)
     bw = a.bytes_per_s if a.bytes_per_s is not None else lv.bytes_per_s
     lat = a.latency_s if a.latency_s is not None else lv.latency_s
-    per_a2a_bytes = (a.dispatch_bytes + a.combine_bytes) * a.tokens_per_device * a.experts_per_token * a.hidden
+    per_a2a_bytes = (
+        (a.dispatch_bytes + a.combine_bytes) * a.tokens_per_device * a.experts_per_token * a.hidden
+    )
     a2a = per_a2a_bytes / bw
     n = a.layers * a.all_to_alls_per_layer
     tpot = n * a2a
@@ -101,21 +107,32 @@ def ep_tpot_row(cfg: ModelConfig, hardware: str | Hardware, a: EPAssumptions) ->
         "all_to_all_with_latency_s": a2a_lat,
         "tpot_with_latency_s": tpot_lat,
         "tokens_per_s_with_latency": 1.0 / tpot_lat,
-        "sources": {"bytes_per_s": lv.source if a.bytes_per_s is None else "given",
-                    "latency_s": (getattr(lv, "latency_source", "") or "catalog") if a.latency_s is None
-                    else "given"},
+        "sources": {
+            "bytes_per_s": lv.source if a.bytes_per_s is None else "given",
+            "latency_s": (getattr(lv, "latency_source", "") or "catalog") if a.latency_s is None else "given",
+        },
     }
 
 
-def ep_tpot(model: str | ModelConfig = "deepseek-v3", hardware: Sequence[str | Hardware] = ("h800", "gb200-nvl72"),
-            assumptions: EPAssumptions | None = None, **overrides) -> dict:
+def ep_tpot(
+    model: str | ModelConfig = "deepseek-v3",
+    hardware: Sequence[str | Hardware] = ("h800", "gb200-nvl72"),
+    assumptions: EPAssumptions | None = None,
+    **overrides,
+) -> dict:
     """`explore ep-tpot`: one row per hardware. `overrides` are EPAssumptions fields (e.g. hidden=7000)."""
     cfg = resolve_model(model)
     a = dataclasses.replace(assumptions or EPAssumptions(), **overrides)
-    return {"rows": [ep_tpot_row(cfg, h, a) for h in hardware],
-            "notes": [("bound = layers x all-to-alls/layer x (dispatch+combine bytes) x tokens/device x experts/token "
-                      "x hidden / per-GPU bandwidth; compute fully overlapped; latency ignored (the paper's "
-                      "assumptions). The '+ latency' columns add the catalog level's latency per collective.")]}
+    return {
+        "rows": [ep_tpot_row(cfg, h, a) for h in hardware],
+        "notes": [
+            (
+                "bound = layers x all-to-alls/layer x (dispatch+combine bytes) x tokens/device x experts/token "
+                "x hidden / per-GPU bandwidth; compute fully overlapped; latency ignored (the paper's "
+                "assumptions). The '+ latency' columns add the catalog level's latency per collective."
+            )
+        ],
+    }
 
 
 def _rate(x: float) -> str:
@@ -124,18 +141,38 @@ def _rate(x: float) -> str:
 
 def render_ep_tpot(result: dict) -> Table:
     t = Table(title="EP all-to-all bound on decode time per output token")
-    for col in ("model", "hardware", "level", "GB/s", "all-to-all us", "TPOT ms", "tokens/s",
-                "+latency: a2a us", "TPOT ms", "tokens/s"):
+    for col in (
+        "model",
+        "hardware",
+        "level",
+        "GB/s",
+        "all-to-all us",
+        "TPOT ms",
+        "tokens/s",
+        "+latency: a2a us",
+        "TPOT ms",
+        "tokens/s",
+    ):
         t.add_column(col, justify="left" if col in ("model", "hardware", "level") else "right")
     for r in result["rows"]:
         a = r["assumptions"]
-        t.add_row(r["model"], r["hardware"], a["level"], f"{a['bytes_per_s'] / 1e9:,.0f}",
-                  f"{r['all_to_all_s'] * 1e6:.2f}", f"{r['tpot_s'] * 1e3:.2f}", _rate(r['tokens_per_s']),
-                  f"{r['all_to_all_with_latency_s'] * 1e6:.2f}", f"{r['tpot_with_latency_s'] * 1e3:.2f}",
-                  _rate(r['tokens_per_s_with_latency']))
+        t.add_row(
+            r["model"],
+            r["hardware"],
+            a["level"],
+            f"{a['bytes_per_s'] / 1e9:,.0f}",
+            f"{r['all_to_all_s'] * 1e6:.2f}",
+            f"{r['tpot_s'] * 1e3:.2f}",
+            _rate(r["tokens_per_s"]),
+            f"{r['all_to_all_with_latency_s'] * 1e6:.2f}",
+            f"{r['tpot_with_latency_s'] * 1e3:.2f}",
+            _rate(r["tokens_per_s_with_latency"]),
+        )
     if result["rows"]:
         a = result["rows"][0]["assumptions"]
-        t.caption = (f"{a['tokens_per_device']} tokens/device, {a['experts_per_token']} experts/token, hidden "
-                     f"{a['hidden']}, dispatch {a['dispatch_bytes']:g} B + combine {a['combine_bytes']:g} B, "
-                     f"{a['layers']} layers x {a['all_to_alls_per_layer']} all-to-alls, EP group {a['ep_devices']}")
+        t.caption = (
+            f"{a['tokens_per_device']} tokens/device, {a['experts_per_token']} experts/token, hidden "
+            f"{a['hidden']}, dispatch {a['dispatch_bytes']:g} B + combine {a['combine_bytes']:g} B, "
+            f"{a['layers']} layers x {a['all_to_alls_per_layer']} all-to-alls, EP group {a['ep_devices']}"
+        )
     return t

@@ -43,10 +43,12 @@ PAPER_TABLE2: dict[str, float] = {
     "llama3.1-405b": 2448.0,
 }
 
-CONVENTION = ("analytic: 6 x active matmul params/token (input embedding excluded, LM head included) + "
-              "3 x causal attention fwd (context T/2), no recompute [the paper's convention]; "
-              "compiled: remat=none, XLA computes the full masked TxT scores, so it is compared with "
-              "analytic_full (context T)")
+CONVENTION = (
+    "analytic: 6 x active matmul params/token (input embedding excluded, LM head included) + "
+    "3 x causal attention fwd (context T/2), no recompute [the paper's convention]; "
+    "compiled: remat=none, XLA computes the full masked TxT scores, so it is compared with "
+    "analytic_full (context T)"
+)
 
 QWEN_NOTE = (
     "The paper's 394 GFLOPs/token for 'Qwen-72B' does not follow from the published Qwen2.5-72B config "
@@ -56,7 +58,8 @@ QWEN_NOTE = (
     "full moves the number up, not down. 394 would need ~63.0B matmul params per token (6N + 16.1) where "
     "Qwen2.5-72B has 71.46B (80 layers x 877.8M + the 1.25B LM head). The gap sits in the parameter term, "
     "e.g. an FFN width of 24576 (Qwen-72B v1's) instead of Qwen2.5's 29568 removes 9.8B and lands at "
-    "386-394 depending on whether the embedding is counted - a plausible origin, not a verified one.")
+    "386-394 depending on whether the embedding is counted - a plausible origin, not a verified one."
+)
 
 
 @dataclass(frozen=True)
@@ -75,9 +78,15 @@ def analytic_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True
     return arithmetic.train_flops_per_token(cfg, seq_len, causal=causal)
 
 
-def compiled_flops_per_token(cfg: ModelConfig, seq_len: int, *, batch: int = 1,
-                             cache_dir: str | None = None, use_cache: bool = True,
-                             timeout_s: float = 1800.0) -> CompiledFlops:
+def compiled_flops_per_token(
+    cfg: ModelConfig,
+    seq_len: int,
+    *,
+    batch: int = 1,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+    timeout_s: float = 1800.0,
+) -> CompiledFlops:
     """Compile the train step for one CPU device through the measuring loop (cached); count matmul FLOPs.
 
     MoE configs are compiled with capacity_factor=1.0 (expert slots = routed tokens).
@@ -91,18 +100,33 @@ def compiled_flops_per_token(cfg: ModelConfig, seq_len: int, *, batch: int = 1,
     cf = None
     if cfg.is_moe:
         cfg, cf = cfg.replace(capacity_factor=1.0), 1.0
-    req = CompileRequest(cfg, Workload(global_batch=batch, seq_len=seq_len, dtype="bfloat16"),
-                         Strategy.parse("data=1,remat=none"), load_hardware("cpu", 1), "cpu")
+    req = CompileRequest(
+        cfg,
+        Workload(global_batch=batch, seq_len=seq_len, dtype="bfloat16"),
+        Strategy.parse("data=1,remat=none"),
+        load_hardware("cpu", 1),
+        "cpu",
+    )
     stats = MeasureStats()
-    report = measure([req], timeout_s=timeout_s, cache=CompileCache(cache_dir) if use_cache else None,
-                     stats=stats)[0]
+    report = measure(
+        [req], timeout_s=timeout_s, cache=CompileCache(cache_dir) if use_cache else None, stats=stats
+    )[0]
     if not report.ok:
-        raise ConfigError(f"compiling {cfg.name} for the FLOP count failed ({report.outcome}): "
-                          f"{report.message.splitlines()[0] if report.message else ''}; pass --no-compile")
+        raise ConfigError(
+            f"compiling {cfg.name} for the FLOP count failed ({report.outcome}): "
+            f"{report.message.splitlines()[0] if report.message else ''}; pass --no-compile"
+        )
     tokens = batch * seq_len
-    return CompiledFlops(matmul_flops_per_token=report.matmul_flops / tokens, flops_per_token=report.flops / tokens,
-                         compile_s=report.compile_s, capacity_factor=cf, while_loops=report.while_loops,
-                         seq_len=seq_len, batch=batch, cached=stats.cache_hits > 0)
+    return CompiledFlops(
+        matmul_flops_per_token=report.matmul_flops / tokens,
+        flops_per_token=report.flops / tokens,
+        compile_s=report.compile_s,
+        capacity_factor=cf,
+        while_loops=report.while_loops,
+        seq_len=seq_len,
+        batch=batch,
+        cached=stats.cache_hits > 0,
+    )
 
 
 def flops_row(model: str | ModelConfig, seq_len: int = 4096, *, compile: bool = True, batch: int = 1) -> dict:
@@ -134,23 +158,34 @@ def flops_row(model: str | ModelConfig, seq_len: int = 4096, *, compile: bool = 
         row["gflops_per_token_compiled"] = c.matmul_flops_per_token / 1e9
         row["gflops_per_token_compiled_causal"] = (c.matmul_flops_per_token - (full - causal)) / 1e9
         row["compiled_vs_analytic"] = c.matmul_flops_per_token / full
-        row["compile"] = {"target": "cpu (1 device, compile only)", "batch": batch, "remat": "none",
-                          "compile_s": round(c.compile_s, 2), "cached": c.cached,
-                          "capacity_factor": c.capacity_factor, "layers_compiled": cfg.layers,
-                          "while_loops": [list(w) for w in c.while_loops],
-                          "all_ops_gflops_per_token": c.flops_per_token / 1e9}
+        row["compile"] = {
+            "target": "cpu (1 device, compile only)",
+            "batch": batch,
+            "remat": "none",
+            "compile_s": round(c.compile_s, 2),
+            "cached": c.cached,
+            "capacity_factor": c.capacity_factor,
+            "layers_compiled": cfg.layers,
+            "while_loops": [list(w) for w in c.while_loops],
+            "all_ops_gflops_per_token": c.flops_per_token / 1e9,
+        }
         if c.capacity_factor is not None:
-            row["notes"].append("compiled with capacity_factor=1.0 (expert slots = routed tokens, rounded up per "
-                                "expert); the MoE combine dot (6*k*d per token per MoE layer) is compiled work "
-                                "the analytic count omits")
+            row["notes"].append(
+                "compiled with capacity_factor=1.0 (expert slots = routed tokens, rounded up per "
+                "expert); the MoE combine dot (6*k*d per token per MoE layer) is compiled work "
+                "the analytic count omits"
+            )
     return row
 
 
-def flops_table(models: Sequence[str | ModelConfig], seq_len: int = 4096, *, compile: bool = True,
-                batch: int = 1) -> dict:
+def flops_table(
+    models: Sequence[str | ModelConfig], seq_len: int = 4096, *, compile: bool = True, batch: int = 1
+) -> dict:
     """`explore flops`: analytic (causal and full) and compiled training FLOPs per token, per model."""
-    return {"rows": [flops_row(m, seq_len, compile=compile, batch=batch) for m in models],
-            "convention": CONVENTION}
+    return {
+        "rows": [flops_row(m, seq_len, compile=compile, batch=batch) for m in models],
+        "convention": CONVENTION,
+    }
 
 
 def _g(x: float | None, fmt: str = "{:,.1f}") -> str:
@@ -160,16 +195,34 @@ def _g(x: float | None, fmt: str = "{:,.1f}") -> str:
 def render_flops(result: dict) -> Table:
     rows = result["rows"]
     seq = rows[0]["seq_len"] if rows else ""
-    t = Table(title=f"Training GFLOPs per token (fwd+bwd), seq {seq}",
-              caption="analytic = 6N + 3x causal attention (paper convention); compiled = remat none, full TxT "
-                      "masked scores, compared with analytic full; 'compiled->causal' subtracts the masked half")
-    for col in ("model", "analytic (causal)", "paper", "vs paper", "analytic (full)", "compiled (full)",
-                "compiled/analytic", "compiled->causal", "compile s"):
+    t = Table(
+        title=f"Training GFLOPs per token (fwd+bwd), seq {seq}",
+        caption="analytic = 6N + 3x causal attention (paper convention); compiled = remat none, full TxT "
+        "masked scores, compared with analytic full; 'compiled->causal' subtracts the masked half",
+    )
+    for col in (
+        "model",
+        "analytic (causal)",
+        "paper",
+        "vs paper",
+        "analytic (full)",
+        "compiled (full)",
+        "compiled/analytic",
+        "compiled->causal",
+        "compile s",
+    ):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
         comp = r.get("compile") or {}
-        t.add_row(r["model"], _g(r["gflops_per_token_analytic"]), _g(r["paper_gflops_per_token"], "{:,.0f}"),
-                  _g(r["analytic_vs_paper"], "{:+.1%}"), _g(r["gflops_per_token_analytic_full"]),
-                  _g(r["gflops_per_token_compiled"]), _g(r["compiled_vs_analytic"], "{:.4f}"),
-                  _g(r["gflops_per_token_compiled_causal"]), _g(comp.get("compile_s"), "{:.1f}"))
+        t.add_row(
+            r["model"],
+            _g(r["gflops_per_token_analytic"]),
+            _g(r["paper_gflops_per_token"], "{:,.0f}"),
+            _g(r["analytic_vs_paper"], "{:+.1%}"),
+            _g(r["gflops_per_token_analytic_full"]),
+            _g(r["gflops_per_token_compiled"]),
+            _g(r["compiled_vs_analytic"], "{:.4f}"),
+            _g(r["gflops_per_token_compiled_causal"]),
+            _g(comp.get("compile_s"), "{:.1f}"),
+        )
     return t

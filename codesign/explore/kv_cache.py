@@ -45,8 +45,10 @@ def kv_elements_per_token_per_layer(cfg: ModelConfig) -> int:
 
 def kv_formula(cfg: ModelConfig) -> str:
     if cfg.attention == "mla":
-        return (f"(kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim {cfg.qk_rope_head_dim})"
-                f" x {cfg.layers} layers")
+        return (
+            f"(kv_lora_rank {cfg.kv_lora_rank} + qk_rope_head_dim {cfg.qk_rope_head_dim})"
+            f" x {cfg.layers} layers"
+        )
     return f"2 x {cfg.kv_heads} kv_heads x {cfg.head_dim} head_dim x {cfg.layers} layers"
 
 
@@ -66,32 +68,55 @@ def kv_cache_table(models: Sequence[str | ModelConfig], dtype: str = "bf16") -> 
     for cfg in cfgs:
         b = kv_bytes_per_token(cfg, dtype)
         paper = PAPER_TABLE1.get(cfg.name) if dtype_bytes(dtype) == 2 else None
-        rows.append({
-            "model": cfg.name,
-            "attention": cfg.attention,
-            "kv_bytes_per_token": b,
-            "ratio": b / base,
-            "kv_kb_per_token": b / 1000.0,
-            "elements_per_layer": kv_elements_per_token_per_layer(cfg),
-            "layers": cfg.layers,
-            "dtype": dtype,
-            "formula": kv_formula(cfg),
-            "paper_kb_per_token": paper[0] if paper else None,
-            "paper_ratio": paper[1] if paper and cfgs[0].name == "deepseek-v3" else None,
-        })
-    return {"rows": rows, "dtype": dtype, "kb": 1000,
-            "notes": ["KB = 1000 bytes (as the paper). ratio = kv_bytes_per_token / the first model's.",
-                      ("The paper prints 7.28x for LLaMA-3.1 405B, but its own bytes give 516.096/70.272 = 7.34x; "
-                      "the bytes, not the paper's ratio, follow from the configs.")]}
+        rows.append(
+            {
+                "model": cfg.name,
+                "attention": cfg.attention,
+                "kv_bytes_per_token": b,
+                "ratio": b / base,
+                "kv_kb_per_token": b / 1000.0,
+                "elements_per_layer": kv_elements_per_token_per_layer(cfg),
+                "layers": cfg.layers,
+                "dtype": dtype,
+                "formula": kv_formula(cfg),
+                "paper_kb_per_token": paper[0] if paper else None,
+                "paper_ratio": paper[1] if paper and cfgs[0].name == "deepseek-v3" else None,
+            }
+        )
+    return {
+        "rows": rows,
+        "dtype": dtype,
+        "kb": 1000,
+        "notes": [
+            "KB = 1000 bytes (as the paper). ratio = kv_bytes_per_token / the first model's.",
+            (
+                "The paper prints 7.28x for LLaMA-3.1 405B, but its own bytes give 516.096/70.272 = 7.34x; "
+                "the bytes, not the paper's ratio, follow from the configs."
+            ),
+        ],
+    }
 
 
 def render_kv_cache(result: dict) -> Table:
     t = Table(title=f"KV cache per token ({result.get('dtype', 'bf16')}, 1 KB = 1000 B)")
-    for col in ("model", "attention", "per layer (elements)", "KB / token", "ratio", "paper KB", "paper ratio"):
+    for col in (
+        "model",
+        "attention",
+        "per layer (elements)",
+        "KB / token",
+        "ratio",
+        "paper KB",
+        "paper ratio",
+    ):
         t.add_column(col, justify="left" if col in ("model", "attention") else "right")
     for r in result["rows"]:
-        t.add_row(r["model"], r["attention"].upper(), f"{r['elements_per_layer']:,} x {r['layers']}",
-                  f"{r['kv_kb_per_token']:.3f}", f"{r['ratio']:.2f}x",
-                  "" if r.get("paper_kb_per_token") is None else f"{r['paper_kb_per_token']:.3f}",
-                  "" if r.get("paper_ratio") is None else f"{r['paper_ratio']:.2f}x")
+        t.add_row(
+            r["model"],
+            r["attention"].upper(),
+            f"{r['elements_per_layer']:,} x {r['layers']}",
+            f"{r['kv_kb_per_token']:.3f}",
+            f"{r['ratio']:.2f}x",
+            "" if r.get("paper_kb_per_token") is None else f"{r['paper_kb_per_token']:.3f}",
+            "" if r.get("paper_ratio") is None else f"{r['paper_ratio']:.2f}x",
+        )
     return t

@@ -75,7 +75,9 @@ def apply_hardware(hw: Hardware, knobs: dict[str, Any], n_devices: int) -> Hardw
     if "hbm_bw" in knobs:
         chip = dataclasses.replace(chip, hbm_bytes_per_s=float(knobs["hbm_bw"]))
     if "flops_scale" in knobs:
-        chip = dataclasses.replace(chip, peak_flops={k: v * knobs["flops_scale"] for k, v in chip.peak_flops.items()})
+        chip = dataclasses.replace(
+            chip, peak_flops={k: v * knobs["flops_scale"] for k, v in chip.peak_flops.items()}
+        )
     if "dtype" in knobs and knobs["dtype"] not in chip.peak_flops:
         raise SweepError(f"{hw.name} has no {knobs['dtype']} peak (it has {sorted(chip.peak_flops)})")
     return dataclasses.replace(hw, chip=chip, levels=tuple(levels)).with_devices(n_devices)
@@ -99,8 +101,15 @@ def apply_model(cfg: ModelConfig, knobs: dict[str, Any]) -> ModelConfig:
     elif attn == "gqa":
         kw.update(attention="gqa", kv_heads=min(8, cfg.heads), head_dim=hd)
     elif attn == "mla":
-        kw.update(attention="mla", kv_lora_rank=4 * hd, qk_rope_head_dim=hd // 2, qk_nope_head_dim=hd,
-                  v_head_dim=hd, q_lora_rank=0, kv_heads=cfg.heads)
+        kw.update(
+            attention="mla",
+            kv_lora_rank=4 * hd,
+            qk_rope_head_dim=hd // 2,
+            qk_nope_head_dim=hd,
+            v_head_dim=hd,
+            q_lora_rank=0,
+            kv_heads=cfg.heads,
+        )
     elif attn is not None:
         raise SweepError(f"attention={attn!r}: use mha, gqa or mla")
     if "experts" in knobs or "top_k" in knobs:
@@ -108,13 +117,22 @@ def apply_model(cfg: ModelConfig, knobs: dict[str, Any]) -> ModelConfig:
         k = int(knobs.get("top_k", cfg.experts_per_token or 2))
         base_width = cfg.mlp_dim or cfg.moe_mlp_dim * max(1, cfg.experts_per_token)
         if e == 0:
-            kw.update(n_routed_experts=0, n_shared_experts=0, experts_per_token=0, first_dense_layers=0,
-                      mlp_dim=base_width)
+            kw.update(
+                n_routed_experts=0,
+                n_shared_experts=0,
+                experts_per_token=0,
+                first_dense_layers=0,
+                mlp_dim=base_width,
+            )
         else:
             if k > e:
                 raise SweepError(f"top_k={k} > experts={e}")
-            kw.update(n_routed_experts=e, experts_per_token=k, moe_mlp_dim=max(1, base_width // k),
-                      first_dense_layers=cfg.first_dense_layers if cfg.is_moe else 0)
+            kw.update(
+                n_routed_experts=e,
+                experts_per_token=k,
+                moe_mlp_dim=max(1, base_width // k),
+                first_dense_layers=cfg.first_dense_layers if cfg.is_moe else 0,
+            )
     return cfg.replace(**kw) if kw else cfg
 
 
@@ -125,13 +143,26 @@ class SweepResult:
     recost_saved_s: float
 
     def to_json(self) -> dict[str, Any]:
-        return {"points": self.points, "wall_s": round(self.wall_s, 2),
-                "recost_saved_compile_s": round(self.recost_saved_s, 2)}
+        return {
+            "points": self.points,
+            "wall_s": round(self.wall_s, 2),
+            "recost_saved_compile_s": round(self.recost_saved_s, 2),
+        }
 
 
-def run_sweep(cfg: ModelConfig, hardware: Hardware, workload: Workload, n_devices: int, vary: dict[str, list[Any]],
-              *, verify: bool = False, target: str = "auto", top_k: int = 2, timeout_s: float = 600,
-              progress: Callable[[str, int, int], None] | None = None) -> SweepResult:
+def run_sweep(
+    cfg: ModelConfig,
+    hardware: Hardware,
+    workload: Workload,
+    n_devices: int,
+    vary: dict[str, list[Any]],
+    *,
+    verify: bool = False,
+    target: str = "auto",
+    top_k: int = 2,
+    timeout_s: float = 600,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> SweepResult:
     from codesign.planner import PlanRequest, plan
 
     t0 = time.perf_counter()
@@ -149,23 +180,43 @@ def run_sweep(cfg: ModelConfig, hardware: Hardware, workload: Workload, n_device
             program_key = json.dumps([model.fingerprint(), w.to_json(), target])
             reuse = reuse_by_program.setdefault(program_key, {})
             before = {k: v.compile_s for k, v in reuse.items()}
-            req = PlanRequest(cfg=model, hardware=hw, workload=w, n_devices=n_devices,
-                              target=target if verify else "analytic", top_k=top_k, timeout_s=timeout_s,
-                              reuse=reuse if verify else None)
+            req = PlanRequest(
+                cfg=model,
+                hardware=hw,
+                workload=w,
+                n_devices=n_devices,
+                target=target if verify else "analytic",
+                top_k=top_k,
+                timeout_s=timeout_s,
+                reuse=reuse if verify else None,
+            )
             result = plan(req)
             reused = [r for r in result.candidates if r.get("compiled") and r["strategy"]["spec"] in before]
             saved += sum(before[r["strategy"]["spec"]] for r in reused)
             best = result.best
-            row.update({"best_spec": best["strategy"]["spec"] if best else None,
-                        "step_time_s": best["step_time_s"] if best else None,
-                        "mfu": best["mfu"] if best else None,
-                        "memory_per_device_bytes": best["memory_per_device_bytes"] if best else None,
-                        "fits": best is not None,
-                        "recompiled": bool(verify and len(reuse) > len(before)),
-                        "reason": None if best else "; ".join(result.explanation[:1]) or "no layout fits"})
+            row.update(
+                {
+                    "best_spec": best["strategy"]["spec"] if best else None,
+                    "step_time_s": best["step_time_s"] if best else None,
+                    "mfu": best["mfu"] if best else None,
+                    "memory_per_device_bytes": best["memory_per_device_bytes"] if best else None,
+                    "fits": best is not None,
+                    "recompiled": bool(verify and len(reuse) > len(before)),
+                    "reason": None if best else "; ".join(result.explanation[:1]) or "no layout fits",
+                }
+            )
         except Exception as e:  # noqa: BLE001 - a bad point is a row with its reason, never a dead sweep
-            row.update({"best_spec": None, "step_time_s": None, "mfu": None, "memory_per_device_bytes": None,
-                        "fits": False, "recompiled": False, "reason": f"{type(e).__name__}: {e}"})
+            row.update(
+                {
+                    "best_spec": None,
+                    "step_time_s": None,
+                    "mfu": None,
+                    "memory_per_device_bytes": None,
+                    "fits": False,
+                    "recompiled": False,
+                    "reason": f"{type(e).__name__}: {e}",
+                }
+            )
         points.append(row)
         if progress:
             progress("sweep", i + 1, len(grid))
@@ -177,12 +228,20 @@ def write_outputs(result: SweepResult, out_prefix: str) -> list[str]:
     with open(out_prefix + ".json", "w") as f:
         json.dump(result.to_json(), f, indent=1)
     knobs = list(result.points[0]["knobs"]) if result.points else []
-    cols = knobs + ["best_spec", "step_time_s", "mfu", "memory_per_device_bytes", "fits", "recompiled", "reason"]
+    cols = knobs + [
+        "best_spec",
+        "step_time_s",
+        "mfu",
+        "memory_per_device_bytes",
+        "fits",
+        "recompiled",
+        "reason",
+    ]
     with open(out_prefix + ".csv", "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(cols)
         for p in result.points:
-            wr.writerow([p["knobs"][k] for k in knobs] + [p.get(c) for c in cols[len(knobs):]])
+            wr.writerow([p["knobs"][k] for k in knobs] + [p.get(c) for c in cols[len(knobs) :]])
     return [out_prefix + ".json", out_prefix + ".csv"]
 
 
@@ -220,8 +279,15 @@ def plot_sweep(result: SweepResult, path: str, metric: str = "mfu") -> None:
         ax.set_ylabel(k1)
         ax.set_xlabel(k2)
         for p in result.points:
-            ax.text(v2.index(p["knobs"][k2]), v1.index(p["knobs"][k1]), (p.get("best_spec") or "no fit")[:28],
-                    ha="center", va="center", fontsize=5, color="w")
+            ax.text(
+                v2.index(p["knobs"][k2]),
+                v1.index(p["knobs"][k1]),
+                (p.get("best_spec") or "no fit")[:28],
+                ha="center",
+                va="center",
+                fontsize=5,
+                color="w",
+            )
     ax.set_title(f"sweep: {metric} of the best plan")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

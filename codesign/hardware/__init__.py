@@ -19,6 +19,17 @@ from codesign.hardware.topology import (
 )
 
 __all__ = [
-    "Chip", "Efficiency", "Hardware", "HardwareError", "NetworkLevel", "SliceTopology", "TopologyError",
-    "hardware_names", "list_hardware", "load_hardware", "tpu_slice", "tpu_topology_name", "valid_slice_sizes",
+    "Chip",
+    "Efficiency",
+    "Hardware",
+    "HardwareError",
+    "NetworkLevel",
+    "SliceTopology",
+    "TopologyError",
+    "hardware_names",
+    "list_hardware",
+    "load_hardware",
+    "tpu_slice",
+    "tpu_topology_name",
+    "valid_slice_sizes",
 ]

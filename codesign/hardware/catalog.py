@@ -37,8 +37,10 @@ class HardwareError(ConfigError):
     """An unknown hardware name, a malformed profile, or a device count the hardware cannot have."""
 
 
-_PROFILE_SHAPE = ("a hardware profile is a YAML mapping of Hardware fields, as `codesign calibrate --out FILE` "
-                  "writes it (or use a catalog name from `codesign hardware`)")
+_PROFILE_SHAPE = (
+    "a hardware profile is a YAML mapping of Hardware fields, as `codesign calibrate --out FILE` "
+    "writes it (or use a catalog name from `codesign hardware`)"
+)
 
 
 def _number(owner: object, field_name: str, kind: type, lo: float | None = None, lo_open: bool = False):
@@ -102,7 +104,9 @@ class NetworkLevel:
         if not isinstance(self.torus_dims, (list, tuple)) or not isinstance(self.wraps, (list, tuple)):
             raise HardwareError(f"level {self.name!r}: torus_dims and wraps must be lists")
         if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.torus_dims):
-            raise HardwareError(f"level {self.name!r}: torus_dims must be positive integers, got {self.torus_dims}")
+            raise HardwareError(
+                f"level {self.name!r}: torus_dims must be positive integers, got {self.torus_dims}"
+            )
         object.__setattr__(self, "torus_dims", tuple(int(d) for d in self.torus_dims))
         object.__setattr__(self, "wraps", tuple(bool(w) for w in self.wraps))
         if len(self.wraps) != len(self.torus_dims):
@@ -116,9 +120,17 @@ class NetworkLevel:
         return self.bytes_per_s * (2.0 if wraps else 1.0)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "group_size": self.group_size, "bytes_per_s": self.bytes_per_s,
-                "latency_s": self.latency_s, "topology": self.topology, "torus_dims": list(self.torus_dims),
-                "wraps": list(self.wraps), "max_group_size": self.max_group_size, "source": self.source}
+        return {
+            "name": self.name,
+            "group_size": self.group_size,
+            "bytes_per_s": self.bytes_per_s,
+            "latency_s": self.latency_s,
+            "topology": self.topology,
+            "torus_dims": list(self.torus_dims),
+            "wraps": list(self.wraps),
+            "max_group_size": self.max_group_size,
+            "source": self.source,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> NetworkLevel:
@@ -140,20 +152,34 @@ class Chip:
         if self.platform not in _PLATFORMS:
             raise HardwareError(f"chip {self.name!r}: platform must be one of {_PLATFORMS}")
         if not isinstance(self.peak_flops, Mapping) or not self.peak_flops:
-            raise HardwareError(f"chip {self.name!r}: peak_flops must map dtype names to FLOP/s, e.g. {{bf16: 9.89e14}}")
+            raise HardwareError(
+                f"chip {self.name!r}: peak_flops must map dtype names to FLOP/s, e.g. {{bf16: 9.89e14}}"
+            )
         for k, v in self.peak_flops.items():
-            if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) \
-                    or not math.isfinite(v) or v <= 0:
-                raise HardwareError(f"chip {self.name!r}: peak_flops {k!r}: {v!r} is not a positive finite number")
+            if (
+                not isinstance(k, str)
+                or isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v <= 0
+            ):
+                raise HardwareError(
+                    f"chip {self.name!r}: peak_flops {k!r}: {v!r} is not a positive finite number"
+                )
         object.__setattr__(self, "peak_flops", _fm({k: float(v) for k, v in self.peak_flops.items()}))
         _number(self, "hbm_bytes", int, 0, lo_open=True)
         _number(self, "hbm_bytes_per_s", float, 0, lo_open=True)
         object.__setattr__(self, "sources", _sources(self.sources, f"chip {self.name!r}"))
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "platform": self.platform, "peak_flops": dict(self.peak_flops),
-                "hbm_bytes": self.hbm_bytes, "hbm_bytes_per_s": self.hbm_bytes_per_s,
-                "sources": dict(self.sources)}
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "peak_flops": dict(self.peak_flops),
+            "hbm_bytes": self.hbm_bytes,
+            "hbm_bytes_per_s": self.hbm_bytes_per_s,
+            "sources": dict(self.sources),
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Chip:
@@ -203,8 +229,13 @@ class Efficiency:
         return pts[-1][1]
 
     def to_json(self) -> dict[str, Any]:
-        return {"matmul": {k: [list(p) for p in v] for k, v in self.matmul.items()}, "hbm": self.hbm,
-                "collective": self.collective, "source": self.source, "sustained": self.sustained}
+        return {
+            "matmul": {k: [list(p) for p in v] for k, v in self.matmul.items()},
+            "hbm": self.hbm,
+            "collective": self.collective,
+            "source": self.source,
+            "sustained": self.sustained,
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Efficiency:
@@ -259,8 +290,9 @@ class Hardware:
         for lv in self.levels:
             if lv.name == name_or_index:
                 return lv
-        raise HardwareError(f"{self.name} has no network level {name_or_index!r}; "
-                            f"levels: {[lv.name for lv in self.levels]}")
+        raise HardwareError(
+            f"{self.name} has no network level {name_or_index!r}; levels: {[lv.name for lv in self.levels]}"
+        )
 
     def critical_intensity(self, dtype: str = "bf16", level: str | int = 0) -> float:
         """Peak FLOP/s over a level's ring bandwidth (FLOPs per byte moved): a collective on that level
@@ -275,8 +307,10 @@ class Hardware:
         if devices < 0:
             raise HardwareError(f"devices must be >= 0, got {devices}")
         if self.kind == "chip" and devices > 1:
-            raise HardwareError(f"{self.name!r} is a single chip with no network; use a system "
-                                f"(e.g. one of {[h.name for h in list_hardware() if h.kind == 'system']})")
+            raise HardwareError(
+                f"{self.name!r} is a single chip with no network; use a system "
+                f"(e.g. one of {[h.name for h in list_hardware() if h.kind == 'system']})"
+            )
         if self.tpu_generation and self.levels and self.levels[0].topology == "torus":
             levels = _tpu_levels(self, devices)
         else:
@@ -284,13 +318,22 @@ class Hardware:
         return dataclasses.replace(self, devices=devices, levels=levels)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "platform": self.platform, "devices": self.devices,
-                "peak_flops": dict(self.peak_flops), "hbm_bytes": self.hbm_bytes,
-                "hbm_bytes_per_s": self.chip.hbm_bytes_per_s,
-                "memory_reserve_bytes": self.memory_reserve_bytes,
-                "levels": [lv.to_json() for lv in self.levels], "sources": dict(self.sources),
-                "tpu_generation": self.tpu_generation, "description": self.description,
-                "chip": self.chip.to_json(), "efficiency": self.efficiency.to_json()}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "platform": self.platform,
+            "devices": self.devices,
+            "peak_flops": dict(self.peak_flops),
+            "hbm_bytes": self.hbm_bytes,
+            "hbm_bytes_per_s": self.chip.hbm_bytes_per_s,
+            "memory_reserve_bytes": self.memory_reserve_bytes,
+            "levels": [lv.to_json() for lv in self.levels],
+            "sources": dict(self.sources),
+            "tpu_generation": self.tpu_generation,
+            "description": self.description,
+            "chip": self.chip.to_json(),
+            "efficiency": self.efficiency.to_json(),
+        }
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> Hardware:
@@ -299,17 +342,28 @@ class Hardware:
             if "chip" in d:
                 chip = Chip.from_json(d["chip"])
             else:
-                chip = Chip(name=d["name"], platform=d["platform"], peak_flops=d["peak_flops"],
-                            hbm_bytes=int(d["hbm_bytes"]), hbm_bytes_per_s=float(d["hbm_bytes_per_s"]),
-                            sources=d.get("sources", {}))
+                chip = Chip(
+                    name=d["name"],
+                    platform=d["platform"],
+                    peak_flops=d["peak_flops"],
+                    hbm_bytes=int(d["hbm_bytes"]),
+                    hbm_bytes_per_s=float(d["hbm_bytes_per_s"]),
+                    sources=d.get("sources", {}),
+                )
             eff = d.get("efficiency")
             efficiency = Efficiency.from_json(eff) if eff else _efficiency(_catalog(), _default_eff(chip))
-            return cls(name=d["name"], kind=d.get("kind", "system"), chip=chip, efficiency=efficiency,
-                       devices=int(d.get("devices", 0)),
-                       levels=tuple(NetworkLevel.from_json(lv) for lv in d.get("levels", ())),
-                       sources=d.get("sources", {}), tpu_generation=d.get("tpu_generation"),
-                       memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
-                       description=d.get("description", ""))
+            return cls(
+                name=d["name"],
+                kind=d.get("kind", "system"),
+                chip=chip,
+                efficiency=efficiency,
+                devices=int(d.get("devices", 0)),
+                levels=tuple(NetworkLevel.from_json(lv) for lv in d.get("levels", ())),
+                sources=d.get("sources", {}),
+                tpu_generation=d.get("tpu_generation"),
+                memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
+                description=d.get("description", ""),
+            )
         except HardwareError:
             raise
         except KeyError as e:
@@ -320,6 +374,7 @@ class Hardware:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
 
 def _known(cls, d: Mapping[str, Any], what: str) -> dict[str, Any]:
     if not isinstance(d, Mapping):
@@ -339,8 +394,11 @@ def _sources(d: Any, what: str) -> FrozenMap:
 
 def _matmul_point(dtype: Any, p: Any) -> tuple[int, float]:
     """One [n, fraction] row of an efficiency table."""
-    ok = isinstance(p, (list, tuple)) and len(p) == 2 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in p)
+    ok = (
+        isinstance(p, (list, tuple))
+        and len(p) == 2
+        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in p)
+    )
     if not ok or p[0] < 1 or p[1] <= 0:
         raise HardwareError(f"Efficiency.matmul[{dtype!r}]: row {p!r} must be [n >= 1, fraction of peak > 0]")
     return int(p[0]), float(p[1])
@@ -356,14 +414,17 @@ def _tpu_levels(hw: Hardware, devices: int) -> tuple[NetworkLevel, ...]:
     ici, rest = hw.levels[0], hw.levels[1:]
     if devices == 0:
         return (dataclasses.replace(ici, group_size=0, torus_dims=(), wraps=()),) + tuple(
-            dataclasses.replace(lv, group_size=0) for lv in rest)
+            dataclasses.replace(lv, group_size=0) for lv in rest
+        )
     try:
         topo, n_slices = split_slices(hw.tpu_generation, devices)
     except TopologyError as e:
         raise HardwareError(f"{hw.name} with {devices} chips: {e}") from None
     if n_slices > 1 and not rest:
-        raise HardwareError(f"{hw.name}: {devices} chips need {n_slices} slices but the profile has no "
-                            f"level between slices (add a 'dcn' level)")
+        raise HardwareError(
+            f"{hw.name}: {devices} chips need {n_slices} slices but the profile has no "
+            f"level between slices (add a 'dcn' level)"
+        )
     ici = dataclasses.replace(ici, group_size=topo.n_chips, torus_dims=topo.dims, wraps=topo.wraps)
     return (ici,) + tuple(dataclasses.replace(lv, group_size=devices) for lv in rest)
 
@@ -380,8 +441,13 @@ def _default_eff(chip: Chip) -> str:
 
 def _efficiency(cat: dict[str, Any], key: str) -> Efficiency:
     e = cat["efficiency"][key]
-    return Efficiency(matmul=e["matmul"], hbm=float(e["hbm"]), collective=float(e["collective"]),
-                      source=e["source"], sustained=float(e.get("sustained", 1.0)))
+    return Efficiency(
+        matmul=e["matmul"],
+        hbm=float(e["hbm"]),
+        collective=float(e["collective"]),
+        source=e["source"],
+        sustained=float(e.get("sustained", 1.0)),
+    )
 
 
 def _chip(cat: dict[str, Any], name: str) -> Chip:
@@ -389,9 +455,14 @@ def _chip(cat: dict[str, Any], name: str) -> Chip:
     sources = {"peak_flops": c["source"], "hbm_bytes": c["source"], "hbm_bytes_per_s": c["source"]}
     if "fp32_source" in c:
         sources["peak_flops.fp32"] = c["fp32_source"]
-    return Chip(name=name, platform=c["platform"], peak_flops=c["peak_flops"],
-                hbm_bytes=round(float(c["hbm_gib"]) * GiB), hbm_bytes_per_s=float(c["hbm_bytes_per_s"]),
-                sources=sources)
+    return Chip(
+        name=name,
+        platform=c["platform"],
+        peak_flops=c["peak_flops"],
+        hbm_bytes=round(float(c["hbm_gib"]) * GiB),
+        hbm_bytes_per_s=float(c["hbm_bytes_per_s"]),
+        sources=sources,
+    )
 
 
 def _reserve(cat: dict[str, Any], chip: Chip, generation: str | None) -> tuple[int, str]:
@@ -426,14 +497,24 @@ def _build(name: str) -> Hardware:
     else:
         chip, gen = _chip(cat, name), _generation_of(name)
         levels, kind = [], "chip"
-        eff = _efficiency(cat, "hopper-probe" if name in ("h100-sxm", "h200-sxm", "h800-sxm")
-                          else _default_eff(chip))
+        eff = _efficiency(
+            cat, "hopper-probe" if name in ("h100-sxm", "h200-sxm", "h800-sxm") else _default_eff(chip)
+        )
         desc = f"one {name} chip (no network)"
     reserve, reserve_src = _reserve(cat, chip, gen)
     sources = dict(chip.sources, efficiency=eff.source, memory_reserve_bytes=reserve_src)
     sources.update({f"levels.{lv.name}": lv.source for lv in levels})
-    hw = Hardware(name=name, kind=kind, chip=chip, efficiency=eff, levels=tuple(levels), sources=sources,
-                  tpu_generation=gen, memory_reserve_bytes=reserve, description=desc)
+    hw = Hardware(
+        name=name,
+        kind=kind,
+        chip=chip,
+        efficiency=eff,
+        levels=tuple(levels),
+        sources=sources,
+        tpu_generation=gen,
+        memory_reserve_bytes=reserve,
+        description=desc,
+    )
     return hw.with_devices(0)
 
 
@@ -457,18 +538,23 @@ def load_hardware(name_or_path: str | os.PathLike, devices: int | None = None) -
     elif os.path.isfile(key):
         data = read_yaml(key, "hardware profile", HardwareError, _PROFILE_SHAPE)  # JSON is YAML too
         if not isinstance(data, dict):
-            raise HardwareError(f"hardware profile {key!r} holds a {type(data).__name__}, not a mapping; "
-                                f"{_PROFILE_SHAPE}")
+            raise HardwareError(
+                f"hardware profile {key!r} holds a {type(data).__name__}, not a mapping; {_PROFILE_SHAPE}"
+            )
         try:
             hw = Hardware.from_json(data)
             if hw.memory_capacity_bytes <= 0:  # (a sweep may shrink HBM below the reserve; a profile may not)
-                raise HardwareError(f"memory_reserve_bytes ({hw.memory_reserve_bytes}) leaves no HBM "
-                                    f"(hbm_bytes {hw.hbm_bytes})")
+                raise HardwareError(
+                    f"memory_reserve_bytes ({hw.memory_reserve_bytes}) leaves no HBM "
+                    f"(hbm_bytes {hw.hbm_bytes})"
+                )
             return hw if devices is None else hw.with_devices(int(devices))
         except HardwareError as e:  # name the file: the user has to edit it
             raise HardwareError(f"hardware profile {key!r}: {e}") from None
     else:
-        raise HardwareError(f"unknown hardware {key!r}; known names: {', '.join(hardware_names())}; "
-                            f"a path to a YAML hardware profile (as written by `codesign calibrate`) "
-                            f"is also accepted")
+        raise HardwareError(
+            f"unknown hardware {key!r}; known names: {', '.join(hardware_names())}; "
+            f"a path to a YAML hardware profile (as written by `codesign calibrate`) "
+            f"is also accepted"
+        )
     return hw if devices is None else hw.with_devices(int(devices))

@@ -31,8 +31,16 @@ _POD = {
 # Slices below one 4x4x4 cube (3D) and the Cloud 2D shapes. 1- and 2-chip 3D shapes are not Cloud
 # offerings but libtpu compiles for them, which keeps small tests cheap.
 _SMALL_3D = {1: (1, 1, 1), 2: (2, 1, 1), 4: (2, 2, 1), 8: (2, 2, 2), 16: (4, 2, 2), 32: (4, 4, 2)}
-_SHAPES_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
-              256: (16, 16)}
+_SHAPES_2D = {
+    1: (1, 1),
+    4: (2, 2),
+    8: (2, 4),
+    16: (4, 4),
+    32: (4, 8),
+    64: (8, 8),
+    128: (8, 16),
+    256: (16, 16),
+}
 
 TPU_GENERATIONS = tuple(_POD)
 
@@ -124,10 +132,15 @@ def tpu_slice(generation: str, n_chips: int) -> SliceTopology:
     dims = _shape(generation, n_chips)
     if dims is None:
         limit = max_slice_chips(generation)
-        extra = f" (a {generation} slice holds at most {limit} chips; more need several slices over DCN)" \
-            if n_chips > limit else ""
-        raise TopologyError(f"no {generation} slice has {n_chips} chips{extra}; nearby valid counts: "
-                            f"{_nearby(generation, n_chips)}")
+        extra = (
+            f" (a {generation} slice holds at most {limit} chips; more need several slices over DCN)"
+            if n_chips > limit
+            else ""
+        )
+        raise TopologyError(
+            f"no {generation} slice has {n_chips} chips{extra}; nearby valid counts: "
+            f"{_nearby(generation, n_chips)}"
+        )
     return SliceTopology(generation, dims, _wraps(generation, dims))
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as name
 
+from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
 from codesign.sharding.activation import constrain
@@ -16,7 +18,9 @@ from codesign.sharding.activation import constrain
 _init = jax.nn.initializers.normal(stddev=0.02)
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], logical: tuple[str | None, ...], dtype, init=_init) -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], logical: tuple[str | None, ...], dtype, init=_init
+) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=logical)
 
 
@@ -60,10 +64,26 @@ def causal_attention(q, k, v, impl: str | None):
     return out.reshape(b, t, n, v.shape[-1])
 
 
+def attention_core(q, k, v, impl: str | None, remat: str):
+    """`causal_attention`, checkpointed by itself under Megatron's selective recompute: the backward
+    pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
+    if remat in C.SELECTIVE_REMAT:
+        core = jax.checkpoint(
+            causal_attention,
+            static_argnums=(3,),
+            policy=jax.checkpoint_policies.nothing_saveable,
+            prevent_cse=False,
+        )
+        return core(q, k, v, impl)
+    return causal_attention(q, k, v, impl)
+
+
 class Attention(nnx.Module):
     """MHA / GQA / MQA: kv_heads divides heads."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None, remat: str = "none"
+    ):
         d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.wq = param(rngs, (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
         self.wk = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
@@ -75,63 +95,94 @@ class Attention(nnx.Module):
             self.bk = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
             self.bv = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
         self.qkv_bias, self.theta, self.dtype, self.impl = cfg.qkv_bias, cfg.rope_theta, dtype, impl
+        self.remat = remat
 
     def __call__(self, x, positions):
+        return self.attend(self.project(x), positions)
+
+    def project(self, x):
+        """The input projections (what reads the block's input x): q, k, v."""
         c = lambda p: p[...].astype(self.dtype)
         q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
         k = jnp.einsum("btd,dkh->btkh", x, c(self.wk))
         v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
         if self.qkv_bias:
             q, k, v = q + c(self.bq), k + c(self.bk), v + c(self.bv)
+        return name(q, C.QUERY_PROJ), name(k, C.KEY_PROJ), name(v, C.VALUE_PROJ)
+
+    def attend(self, qkv, positions):
+        c = lambda p: p[...].astype(self.dtype)
+        q, k, v = qkv
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(rope(q, positions, self.theta), heads)
         k = constrain(rope(k, positions, self.theta), heads)
         v = constrain(v, heads)
-        o = constrain(causal_attention(q, k, v, self.impl), heads)
-        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+        o = name(constrain(attention_core(q, k, v, self.impl, self.remat), heads), C.CONTEXT)
+        return name(jnp.einsum("btnh,nhd->btd", o, c(self.wo)), C.OUT_PROJ)
 
 
 class MLAttention(nnx.Module):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank KV latent plus a shared RoPE key."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None, remat: str = "none"
+    ):
         d, n = cfg.hidden, cfg.heads
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora = cfg.kv_lora_rank
         qk = self.nope + self.rope_dim
         if cfg.q_lora_rank:
             self.wq_a = param(rngs, (d, cfg.q_lora_rank), (A.EMBED, A.Q_LORA), param_dtype)
-            self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype,
-                                  logical=A.Q_LORA)
+            self.q_norm = RMSNorm(
+                cfg.q_lora_rank, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, logical=A.Q_LORA
+            )
             self.wq_b = param(rngs, (cfg.q_lora_rank, n, qk), (A.Q_LORA, A.HEADS, A.HEAD_DIM), param_dtype)
         else:
             self.wq = param(rngs, (d, n, qk), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
         self.q_lora = cfg.q_lora_rank
         self.wkv_a = param(rngs, (d, self.kv_lora + self.rope_dim), (A.EMBED, A.KV_LORA), param_dtype)
-        self.kv_norm = RMSNorm(self.kv_lora, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, logical=A.KV_LORA)
-        self.wkv_b = param(rngs, (self.kv_lora, n, self.nope + self.v_dim), (A.KV_LORA, A.HEADS, A.HEAD_DIM),
-                           param_dtype)
+        self.kv_norm = RMSNorm(
+            self.kv_lora, cfg.norm_eps, param_dtype=param_dtype, dtype=dtype, logical=A.KV_LORA
+        )
+        self.wkv_b = param(
+            rngs, (self.kv_lora, n, self.nope + self.v_dim), (A.KV_LORA, A.HEADS, A.HEAD_DIM), param_dtype
+        )
         self.wo = param(rngs, (n, self.v_dim, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
-        self.theta, self.dtype, self.impl = cfg.rope_theta, dtype, impl
+        self.theta, self.dtype, self.impl, self.remat = cfg.rope_theta, dtype, impl, remat
 
     def __call__(self, x, positions):
+        return self.attend(self.project(x), positions)
+
+    def project(self, x):
+        """The projections: q, the key/value latent with the shared RoPE key, and the up-projected keys
+        and values. Every projection of a branch carries the branch's name, so a policy that saves
+        q/k/v recomputes none of MLA's low-rank matmuls either."""
         c = lambda p: p[...].astype(self.dtype)
         if self.q_lora:
-            q = jnp.einsum("btr,rnh->btnh", self.q_norm(jnp.einsum("btd,dr->btr", x, c(self.wq_a))), c(self.wq_b))
+            q_a = name(jnp.einsum("btd,dr->btr", x, c(self.wq_a)), C.QUERY_PROJ)
+            q = jnp.einsum("btr,rnh->btnh", self.q_norm(q_a), c(self.wq_b))
         else:
             q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
-        q_nope, q_rope = q[..., : self.nope], q[..., self.nope:]
-        kv = jnp.einsum("btd,dr->btr", x, c(self.wkv_a))
-        latent, k_rope = kv[..., : self.kv_lora], kv[..., self.kv_lora:]
-        k_rope = rope(k_rope[:, :, None, :], positions, self.theta)  # one RoPE key shared by all heads
-        kv_up = jnp.einsum("btr,rnh->btnh", self.kv_norm(latent), c(self.wkv_b))
-        k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope:]
+        kv = name(jnp.einsum("btd,dr->btr", x, c(self.wkv_a)), C.KEY_PROJ)
+        kv_up = jnp.einsum("btr,rnh->btnh", self.kv_norm(kv[..., : self.kv_lora]), c(self.wkv_b))
+        return name(q, C.QUERY_PROJ), kv, name(kv_up, C.KEY_PROJ)
+
+    def attend(self, proj, positions):
+        c = lambda p: p[...].astype(self.dtype)
+        q, kv, kv_up = proj
+        q_nope, q_rope = q[..., : self.nope], q[..., self.nope :]
+        k_rope = rope(kv[:, :, None, self.kv_lora :], positions, self.theta)  # one RoPE key for all heads
+        k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope :]
         heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
         q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)
-        k = constrain(jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (self.rope_dim,))],
-                                      axis=-1), heads)
-        o = constrain(causal_attention(q, k, constrain(v, heads), self.impl), heads)
-        return jnp.einsum("btnh,nhd->btd", o, c(self.wo))
+        k = constrain(
+            jnp.concatenate(
+                [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (self.rope_dim,))], axis=-1
+            ),
+            heads,
+        )
+        o = constrain(attention_core(q, k, constrain(v, heads), self.impl, self.remat), heads)
+        return name(jnp.einsum("btnh,nhd->btd", name(o, C.CONTEXT), c(self.wo)), C.OUT_PROJ)
 
 
 class MLP(nnx.Module):
@@ -148,12 +199,22 @@ class MLP(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x):
+        return self.finish(self.project(x))
+
+    def project(self, x):
+        """The input projections: (gate, up), or (up,) ungated."""
         c = lambda p: p[...].astype(self.dtype)
-        up = jnp.einsum("btd,df->btf", x, c(self.w_up))
+        up = name(jnp.einsum("btd,df->btf", x, c(self.w_up)), C.MLP_WI_1 if self.gated else C.MLP_WI)
+        if not self.gated:
+            return (up,)
+        return name(jnp.einsum("btd,df->btf", x, c(self.w_gate)), C.MLP_WI_0), up
+
+    def finish(self, proj):
+        c = lambda p: p[...].astype(self.dtype)
         if self.gated:
             act = jax.nn.gelu if self.gate_gelu else jax.nn.silu
-            h = act(jnp.einsum("btd,df->btf", x, c(self.w_gate))) * up
+            h = act(proj[0]) * proj[1]
         else:
-            h = jax.nn.gelu(up)
+            h = jax.nn.gelu(proj[0])
         h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))
-        return jnp.einsum("btf,fd->btd", h, c(self.w_down))
+        return name(jnp.einsum("btf,fd->btd", h, c(self.w_down)), C.MLP_WO)

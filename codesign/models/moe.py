@@ -19,7 +19,9 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name as name
 
+from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
 from codesign.models.layers import MLP, param
@@ -84,12 +86,15 @@ class MoE(nnx.Module):
         x_disp = constrain(x_disp, (A.ACT_BATCH, None, None, A.ACT_EMBED))
         # Group-sharded -> expert-sharded: the all-to-all of expert parallelism.
         x_e = constrain(jnp.swapaxes(x_disp, 0, 1), (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_EMBED))
-        h = jax.nn.silu(jnp.einsum("egcd,edf->egcf", x_e, c(self.w_gate))) * jnp.einsum(
-            "egcd,edf->egcf", x_e, c(self.w_up))
+        h = jax.nn.silu(name(jnp.einsum("egcd,edf->egcf", x_e, c(self.w_gate)), C.MLP_WI_0)) * name(
+            jnp.einsum("egcd,edf->egcf", x_e, c(self.w_up)), C.MLP_WI_1
+        )
         h = constrain(h, (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_MLP))
-        y_e = jnp.einsum("egcf,efd->egcd", h, c(self.w_down))
+        y_e = name(jnp.einsum("egcf,efd->egcd", h, c(self.w_down)), C.MLP_WO)
         y_e = constrain(y_e, (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_EMBED))
-        y_disp = constrain(jnp.swapaxes(y_e, 0, 1), (A.ACT_BATCH, None, None, A.ACT_EMBED))  # back: all-to-all
+        y_disp = constrain(
+            jnp.swapaxes(y_e, 0, 1), (A.ACT_BATCH, None, None, A.ACT_EMBED)
+        )  # back: all-to-all
 
         y_flat = jnp.concatenate([y_disp.reshape(g, e * cap, d), jnp.zeros((g, 1, d), y_disp.dtype)], axis=1)
         picked = jax.vmap(lambda yf, sl: yf[sl])(y_flat, slot)  # [G, k, S, d]; dropped slots read zeros

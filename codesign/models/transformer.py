@@ -20,22 +20,51 @@ from codesign.models.layers import MLP, Attention, MLAttention, RMSNorm, param
 from codesign.models.moe import MoE
 from codesign.sharding.activation import constrain
 
-RESIDUAL = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
+# The residual stream between blocks; its positions shard over `tensor` too under sequence parallelism.
+RESIDUAL = (A.ACT_BATCH, A.ACT_NORM_SEQ, A.ACT_EMBED)
+# A norm's output as the next tensor-parallel block reads it: every position of the tensor group's
+# sequence (the same layout as RESIDUAL without sp). Under sp, pinning it makes XLA all-gather the
+# normed activations (Megatron's g) rather than all-gather the block's weights and keep the
+# activations sequence-sharded, which it prefers when a shard of tokens is smaller than the weights.
+GATHERED = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl):
-        kw = dict(dtype=dtype, param_dtype=param_dtype)
+    def __init__(
+        self, cfg: ModelConfig, moe: bool, *, rngs: nnx.Rngs, dtype, param_dtype, impl, remat="none"
+    ):
+        kw = {"dtype": dtype, "param_dtype": param_dtype}
         self.attn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
         attn_cls = MLAttention if cfg.attention == "mla" else Attention
-        self.attn = attn_cls(cfg, rngs=rngs, impl=impl, **kw)
+        self.attn = attn_cls(cfg, rngs=rngs, impl=impl, remat=remat, **kw)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
         self.ffn = MoE(cfg, rngs=rngs, **kw) if moe else MLP(cfg, cfg.mlp_dim, rngs=rngs, **kw)
-        self.moe = moe
+        self.moe, self.remat = moe, remat
+
+    def _project(self, project, h):
+        """The input projections of a tensor-parallel block applied to the normed residual h, laid out
+        as the block reads it (GATHERED). Under selective recompute only the projections' outputs are
+        kept: backward all-gathers the sequence-sharded h again instead of storing the gathered copy
+        (Megatron's sequence parallelism). Without sp the layout is a no-op."""
+
+        def run(y):
+            return project(constrain(y, GATHERED))
+
+        if self.remat in _compat.SELECTIVE_REMAT:
+            keep = jax.checkpoint_policies.save_only_these_names(*_compat.PROJ_NAMES)
+            run = jax.checkpoint(run, policy=keep, prevent_cse=False)
+        return run(h)
 
     def __call__(self, x, positions):
-        x = constrain(x + self.attn(self.attn_norm(x), positions), RESIDUAL)
-        h = self.ffn(self.ffn_norm(x))
+        # The norms run on the residual's layout (under sp: their 1/tensor of the positions); then the
+        # block's input is gathered.
+        h = constrain(self.attn_norm(x), RESIDUAL)
+        x = constrain(x + self.attn.attend(self._project(self.attn.project, h), positions), RESIDUAL)
+        h = constrain(self.ffn_norm(x), RESIDUAL)
+        if self.moe:  # the MoE block reads its gathered input in its router, dispatch and shared expert
+            h = self.ffn(constrain(h, GATHERED))
+        else:
+            h = self.ffn.finish(self._project(self.ffn.project, h))
         h, aux = h if self.moe else (h, jnp.zeros((), jnp.float32))
         return constrain(x + h, RESIDUAL), aux
 
@@ -50,11 +79,24 @@ def _stack(cfg, n: int, moe: bool, rngs: nnx.Rngs, **kw) -> Block:
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                 remat: str = "full", attention_impl: str | None = None):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, impl=attention_impl)
-        self.embed = param(rngs, (cfg.vocab_size, cfg.hidden), (A.VOCAB, A.EMBED), param_dtype,
-                           jax.nn.initializers.normal(1.0))
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        remat: str = "full",
+        attention_impl: str | None = None,
+    ):
+        kw = {"dtype": dtype, "param_dtype": param_dtype, "impl": attention_impl, "remat": remat}
+        self.embed = param(
+            rngs,
+            (cfg.vocab_size, cfg.hidden),
+            (A.VOCAB, A.EMBED),
+            param_dtype,
+            jax.nn.initializers.normal(1.0),
+        )
         self.dense_blocks = _stack(cfg, cfg.dense_layers, False, rngs, **kw) if cfg.dense_layers else None
         self.moe_blocks = _stack(cfg, cfg.moe_layers, True, rngs, **kw) if cfg.moe_layers else None
         self.final_norm = RMSNorm(cfg.hidden, cfg.norm_eps, dtype=dtype, param_dtype=param_dtype)
@@ -71,7 +113,8 @@ class Transformer(nnx.Module):
             return (h, aux + a), None
 
         policy = _compat.remat_policy(self.remat)
-        if self.remat != "none":
+        # none and selective keep the layer's activations (selective: Block._project, attention_core)
+        if policy is not None:
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
         (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), state)
         return x, aux
@@ -86,7 +129,7 @@ class Transformer(nnx.Module):
             if blocks is not None:
                 x, a = self._run_stack(blocks, x, positions)
                 aux = aux + a
-        x = self.final_norm(x)
+        x = constrain(self.final_norm(x), GATHERED)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
         logits = constrain(logits, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_VOCAB))

@@ -9,8 +9,15 @@ from dataclasses import dataclass
 from codesign.axes import MESH_AXES
 from codesign.sharding.strategy import Strategy, StrategyError
 
-_OPS = {"<=": operator.le, ">=": operator.ge, "!=": operator.ne, "==": operator.eq, "=": operator.eq,
-        "<": operator.lt, ">": operator.gt}
+_OPS = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "!=": operator.ne,
+    "==": operator.eq,
+    "=": operator.eq,
+    "<": operator.lt,
+    ">": operator.gt,
+}
 _KEYS = MESH_AXES + ("remat", "microbatches")
 _PATTERN = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|!=|==|=|<|>)\s*([A-Za-z0-9_]+)\s*$")
 
@@ -22,7 +29,13 @@ class Constraint:
     value: str
 
     def __call__(self, s: Strategy) -> bool:
-        have = s.remat if self.key == "remat" else s.microbatches if self.key == "microbatches" else s.sizes[self.key]
+        have = (
+            s.remat
+            if self.key == "remat"
+            else s.microbatches
+            if self.key == "microbatches"
+            else s.sizes[self.key]
+        )
         want = self.value if self.key == "remat" else int(self.value)
         if self.key == "remat" and self.op not in ("=", "==", "!="):
             raise StrategyError(f"remat supports only = and != in filters, got {self.op}")
@@ -37,7 +50,9 @@ def parse_constraints(text: str | None) -> tuple[Constraint, ...]:
     for item in filter(None, (t.strip() for t in (text or "").split(","))):
         m = _PATTERN.match(item)
         if not m:
-            raise StrategyError(f"cannot parse constraint {item!r}; write e.g. tensor<=8, pipeline=1, remat!=none")
+            raise StrategyError(
+                f"cannot parse constraint {item!r}; write e.g. tensor<=8, pipeline=1, remat!=none"
+            )
         key, op, value = m.groups()
         if key not in _KEYS:
             raise StrategyError(f"constraint {item!r}: unknown key {key!r}; keys are {', '.join(_KEYS)}")

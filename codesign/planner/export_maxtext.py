@@ -30,23 +30,63 @@ from codesign.sharding.strategy import Strategy
 
 MAXTEXT_REF = "AI-Hypercomputer/maxtext@e591f30 (src/maxtext/configs/base.yml, types.py)"
 
-_AXES = {"data": "data", "fsdp": "fsdp", "tensor": "tensor", "sequence": "context", "expert": "expert",
-         "pipeline": "pipeline"}
+_AXES = {
+    "data": "data",
+    "fsdp": "fsdp",
+    "tensor": "tensor",
+    "sequence": "context",
+    "expert": "expert",
+    "pipeline": "pipeline",
+}
 # codesign remat -> (MaxText remat_policy, why it is not exact; None when it is)
 _REMAT = {
     "full": ("full", None),
-    "dots_nobatch": ("minimal", ("codesign saves matmul outputs without batch dims; MaxText's 'minimal' "
-                                 "saves the named projection outputs (q/k/v/out, MLP): the closest policy")),
-    "dots": ("minimal_with_context", ("codesign saves every matmul output; MaxText's 'minimal_with_context' "
-                                      "(projections, attention context) is the closest")),
-    "none": ("minimal_with_context", ("codesign keeps every activation (no remat); MaxText has no policy "
-                                      "that saves all: 'minimal_with_context' recomputes elementwise ops")),
+    "dots_nobatch": (
+        "minimal",
+        (
+            "codesign saves matmul outputs without batch dims; MaxText's 'minimal' "
+            "saves the named projection outputs (q/k/v/out, MLP): the closest policy"
+        ),
+    ),
+    "dots": (
+        "minimal_with_context",
+        (
+            "codesign saves every matmul output; MaxText's 'minimal_with_context' "
+            "(projections, attention context) is the closest"
+        ),
+    ),
+    "none": (
+        "minimal_with_context",
+        (
+            "codesign keeps every activation (no remat); MaxText has no policy "
+            "that saves all: 'minimal_with_context' recomputes elementwise ops"
+        ),
+    ),
+    # MaxText's own names: the same saved projections (codesign/_compat.py SAVED_NAMES).
+    "minimal": ("minimal", None),
+    "save_qkv_proj": ("save_qkv_proj", None),
+    "save_dot_except_mlp": ("save_dot_except_mlp", None),
+    "save_dot_except_mlpwi": ("save_dot_except_mlpwi", None),
+    "offload": ("minimal_offloaded", None),
+    "selective": (
+        "minimal_with_context",
+        (
+            "Megatron's selective recompute keeps everything but the "
+            "attention scores; MaxText's 'minimal_with_context' "
+            "(projections and context) is the closest"
+        ),
+    ),
 }
 _ATTENTION = {"xla": "dot_product", "cudnn": "cudnn_flash_te"}
 # codesign presets that are MaxText model configs of the same shapes (configs/models/<name>.yml)
-_MODEL_NAMES = {"llama3-8b": "llama3-8b", "llama3.1-70b": "llama3.1-70b", "llama3.1-405b": "llama3.1-405b",
-                "mixtral-8x7b": "mixtral-8x7b", "deepseek-v2": "deepseek2-236b",
-                "deepseek-v3": "deepseek3-671b"}
+_MODEL_NAMES = {
+    "llama3-8b": "llama3-8b",
+    "llama3.1-70b": "llama3.1-70b",
+    "llama3.1-405b": "llama3.1-405b",
+    "mixtral-8x7b": "mixtral-8x7b",
+    "deepseek-v2": "deepseek2-236b",
+    "deepseek-v3": "deepseek3-671b",
+}
 
 
 @dataclass(frozen=True)
@@ -104,26 +144,34 @@ def _ici_dcn(strategy: Strategy, hardware: Hardware) -> dict[str, tuple[int, int
 
 def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
     """The chosen candidate of `plan` (a `Plan` or a loaded plan file) as MaxText overrides and notes."""
-    best = plan.best if hasattr(plan, "best") else (
-        plan["candidates"][plan["chosen"]] if plan.get("chosen") is not None else None)
+    best = (
+        plan.best
+        if hasattr(plan, "best")
+        else (plan["candidates"][plan["chosen"]] if plan.get("chosen") is not None else None)
+    )
     if best is None:
-        raise ConfigError("the plan has no candidate that fits; nothing to export (relax --strategy-filter "
-                          "or add devices)")
+        raise ConfigError(
+            "the plan has no candidate that fits; nothing to export (relax --strategy-filter or add devices)"
+        )
     model = plan.model if hasattr(plan, "model") else plan["model"]
     workload = plan.workload if hasattr(plan, "workload") else plan["workload"]
     s = Strategy.parse(best["strategy"]["spec"])
     n, sizes = s.n_devices, s.sizes
     batch, stages = int(workload["global_batch"]), sizes["pipeline"]
-    head = (f"codesign plan {s.spec} for {model['name']}, global batch {batch} x {workload['seq_len']} "
-            f"tokens on {n} devices; keys checked against {MAXTEXT_REF}")
+    head = (
+        f"codesign plan {s.spec} for {model['name']}, global batch {batch} x {workload['seq_len']} "
+        f"tokens on {n} devices; keys checked against {MAXTEXT_REF}"
+    )
     notes = [head]
     out: dict[str, Any] = {}
     name = _MODEL_NAMES.get(model["name"])
     if name and _same_as_preset(model):
         out["model_name"] = name
     else:
-        notes.append(f"model: codesign's {model['name']!r} has no MaxText model config of the same shapes; "
-                     "add model_name=... or the base_* architecture keys")
+        notes.append(
+            f"model: codesign's {model['name']!r} has no MaxText model config of the same shapes; "
+            "add model_name=... or the base_* architecture keys"
+        )
 
     split = _ici_dcn(s, hardware)
     for axis, mt_axis in _AXES.items():
@@ -139,16 +187,20 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
         cfg = ModelConfig.from_json(model["config"]) if "config" in model else None
         out["num_pipeline_microbatches"] = s.microbatches
         if s.microbatches % stages or batch % s.microbatches:
-            raise ConfigError(f"MaxText needs num_pipeline_microbatches ({s.microbatches}) to be a multiple "
-                              f"of the pipeline stages ({stages}) and to divide the batch ({batch}); pick a "
-                              f"plan with --fix microbatches={stages * 2}")
+            raise ConfigError(
+                f"MaxText needs num_pipeline_microbatches ({s.microbatches}) to be a multiple "
+                f"of the pipeline stages ({stages}) and to divide the batch ({batch}); pick a "
+                f"plan with --fix microbatches={stages * 2}"
+            )
         if cfg is not None:
             # MaxText pipelines the MoE layers of a DeepSeek-style model (dense prefix outside), else all.
             piped = cfg.moe_layers if cfg.is_moe and cfg.first_dense_layers else cfg.layers
             if piped % stages:
-                raise ConfigError(f"MaxText needs the pipeline stages ({stages}) to divide the {piped} "
-                                  f"pipelined layers of {cfg.name}; pick a plan with --strategy-filter "
-                                  "pipeline=1")
+                raise ConfigError(
+                    f"MaxText needs the pipeline stages ({stages}) to divide the {piped} "
+                    f"pipelined layers of {cfg.name}; pick a plan with --strategy-filter "
+                    "pipeline=1"
+                )
             out["num_layers_per_pipeline_stage"] = piped // stages  # one repeat: codesign's stage order
     else:
         accumulation = s.microbatches
@@ -160,6 +212,12 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
     out["remat_policy"] = policy
     if why:
         notes.append(f"remat: {why}")
+    if s.sp:
+        notes.append(
+            "sp=1: MaxText shards the norm/residual activations over tensor by its "
+            "logical_axis_rules (activation_norm_length -> tensor); no override key sets that, "
+            "edit the rules"
+        )
     attention = workload.get("attention", "xla")
     if attention in _ATTENTION:
         out["attention"] = _ATTENTION[attention]
@@ -170,13 +228,16 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
 
     trained = maxtext_global_batch(out, n)
     if trained != batch:  # a wrong batch would silently train a different run; never emit one
-        raise ConfigError(f"cannot express global batch {batch} on {n} devices with {accumulation} "
-                          f"accumulation steps in MaxText (it would train {trained}); pick a batch divisible "
-                          "by them")
+        raise ConfigError(
+            f"cannot express global batch {batch} on {n} devices with {accumulation} "
+            f"accumulation steps in MaxText (it would train {trained}); pick a batch divisible "
+            "by them"
+        )
     ici, dcn = (math.prod(v[i] for v in split.values()) for i in (0, 1))
     if ici * dcn != n:
-        raise ConfigError(f"the mesh of {s.spec} does not split into ICI x DCN ({ici} x {dcn} != {n} "
-                          "devices)")
+        raise ConfigError(
+            f"the mesh of {s.spec} does not split into ICI x DCN ({ici} x {dcn} != {n} devices)"
+        )
     return MaxTextExport(overrides=out, notes=tuple(notes))
 
 

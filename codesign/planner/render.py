@@ -13,12 +13,25 @@ def plan_table(plan, top: int | None = None):
     from rich.table import Table
 
     cap = plan.hardware["memory_capacity_bytes"]
-    t = Table(title=f"{plan.model['name']} on {plan.hardware['devices']}× {plan.hardware['name']} — "
-                    f"batch {plan.workload['global_batch']}×{plan.workload['seq_len']}")
-    for col in ("rank", "strategy", "fits", "mem/device", "step time", "tokens/s", "MFU", "exposed comm", "evidence"):
+    t = Table(
+        title=f"{plan.model['name']} on {plan.hardware['devices']}× {plan.hardware['name']} — "
+        f"batch {plan.workload['global_batch']}×{plan.workload['seq_len']}"
+    )
+    for col in (
+        "rank",
+        "strategy",
+        "fits",
+        "mem/device",
+        "step time",
+        "tokens/s",
+        "MFU",
+        "exposed comm",
+        "evidence",
+    ):
         # The strategy is never wrapped or cut: people copy it into --strategy.
-        t.add_column(col, justify="left" if col in ("strategy", "evidence") else "right",
-                     no_wrap=col == "strategy")
+        t.add_column(
+            col, justify="left" if col in ("strategy", "evidence") else "right", no_wrap=col == "strategy"
+        )
     for i, r in enumerate(plan.candidates[: top or len(plan.candidates)]):
         mem = r["memory_per_device_bytes"]
         mark = "→ " if i == plan.chosen else ""
@@ -26,10 +39,17 @@ def plan_table(plan, top: int | None = None):
         fits = "yes" if r["fits"] else ("OOM" if outcome == "oom" else "no")
         if outcome in ("error", "timeout"):
             fits = outcome
-        t.add_row(f"{mark}{r['rank']}", r["strategy"]["spec"], fits,
-                  f"{fmt_bytes(mem)} ({mem / cap:.0%})", _num(r["step_time_s"], "{:.3g} s"),
-                  _num(r["tokens_per_s"], "{:,.0f}"), _num(r["mfu"], "{:.1%}"),
-                  _num(r["breakdown"].get("exposed_collective_s", 0), "{:.3g} s"), r["evidence"])
+        t.add_row(
+            f"{mark}{r['rank']}",
+            r["strategy"]["spec"],
+            fits,
+            f"{fmt_bytes(mem)} ({mem / cap:.0%})",
+            _num(r["step_time_s"], "{:.3g} s"),
+            _num(r["tokens_per_s"], "{:,.0f}"),
+            _num(r["mfu"], "{:.1%}"),
+            _num(r["breakdown"].get("exposed_collective_s", 0), "{:.3g} s"),
+            r["evidence"],
+        )
     note = pipeline_note(plan.best["strategy"]["spec"]) if plan.best else None
     if note:
         t.caption = note
@@ -43,9 +63,11 @@ def _num(x, fmt: str) -> str:
 def search_summary(plan) -> str:
     s = plan.search
     rej = ", ".join(f"{k}: {v}" for k, v in sorted(plan.rejected.items(), key=lambda kv: -kv[1])[:4])
-    return (f"searched {s['enumerated']} layouts ({s['pruned']} pruned{'; ' + rej if rej else ''}), scored "
-            f"{s['scored']} analytically, compiled {s['compiled']} on target {s['target']} "
-            f"({s['cache_hits']} from cache) in {s['wall_s']:.1f} s")
+    return (
+        f"searched {s['enumerated']} layouts ({s['pruned']} pruned{'; ' + rej if rej else ''}), scored "
+        f"{s['scored']} analytically, compiled {s['compiled']} on target {s['target']} "
+        f"({s['cache_hits']} from cache) in {s['wall_s']:.1f} s"
+    )
 
 
 CLIP_X_CAPACITY = 10.0  # the plot's memory axis ends at this multiple of the HBM capacity
@@ -54,7 +76,9 @@ CLIP_X_CAPACITY = 10.0  # the plot's memory axis ends at this multiple of the HB
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The fitting points no other fitting point beats on both memory and step time, by memory."""
     front, best_t = [], float("inf")
-    for p in sorted((p for p in points if p["fits"]), key=lambda p: (p["memory_per_device_bytes"], p["step_time_s"])):
+    for p in sorted(
+        (p for p in points if p["fits"]), key=lambda p: (p["memory_per_device_bytes"], p["step_time_s"])
+    ):
         if p["step_time_s"] < best_t:
             front.append(p)
             best_t = p["step_time_s"]
@@ -91,22 +115,54 @@ def pareto_figure(plan):
     fit = [p for p in shown if p["fits"]]
     nofit = [p for p in shown if not p["fits"]]
     hidden = len(pts) - len(shown)
-    ax.scatter([gib(p["memory_per_device_bytes"]) for p in nofit], [p["step_time_s"] for p in nofit], s=8,
-               c="lightgray", label="does not fit (analytic)"
-               + (f"; {hidden} above {CLIP_X_CAPACITY:g}× HBM not shown" if hidden else ""))
-    ax.scatter([gib(p["memory_per_device_bytes"]) for p in fit], [p["step_time_s"] for p in fit], s=8,
-               c="tab:blue", alpha=0.5, label="fits (analytic)")
+    ax.scatter(
+        [gib(p["memory_per_device_bytes"]) for p in nofit],
+        [p["step_time_s"] for p in nofit],
+        s=8,
+        c="lightgray",
+        label="does not fit (analytic)"
+        + (f"; {hidden} above {CLIP_X_CAPACITY:g}× HBM not shown" if hidden else ""),
+    )
+    ax.scatter(
+        [gib(p["memory_per_device_bytes"]) for p in fit],
+        [p["step_time_s"] for p in fit],
+        s=8,
+        c="tab:blue",
+        alpha=0.5,
+        label="fits (analytic)",
+    )
     front = pareto_front(pts)
-    ax.plot([gib(p["memory_per_device_bytes"]) for p in front], [p["step_time_s"] for p in front], "-o",
-            c="tab:orange", ms=4, label=f"Pareto front ({len(front)} layouts)")
+    ax.plot(
+        [gib(p["memory_per_device_bytes"]) for p in front],
+        [p["step_time_s"] for p in front],
+        "-o",
+        c="tab:orange",
+        ms=4,
+        label=f"Pareto front ({len(front)} layouts)",
+    )
     comp = [c for c in plan.candidates if c.get("compiled") and c["memory_per_device_bytes"] > 0]
-    ax.scatter([gib(c["memory_per_device_bytes"]) for c in comp], [c["step_time_s"] for c in comp], marker="s",
-               facecolors="none", edgecolors="k", label="compiled")
+    ax.scatter(
+        [gib(c["memory_per_device_bytes"]) for c in comp],
+        [c["step_time_s"] for c in comp],
+        marker="s",
+        facecolors="none",
+        edgecolors="k",
+        label="compiled",
+    )
     if plan.best:
         b = plan.best
-        ax.scatter([gib(b["memory_per_device_bytes"])], [b["step_time_s"]], marker="*", s=250, c="tab:red",
-                   label=f"chosen: {b['strategy']['spec']}", zorder=5)
-    ax.axvline(cap, ls="--", c="k", lw=0.8, label=f"HBM capacity {fmt_bytes(plan.hardware['memory_capacity_bytes'])}")
+        ax.scatter(
+            [gib(b["memory_per_device_bytes"])],
+            [b["step_time_s"]],
+            marker="*",
+            s=250,
+            c="tab:red",
+            label=f"chosen: {b['strategy']['spec']}",
+            zorder=5,
+        )
+    ax.axvline(
+        cap, ls="--", c="k", lw=0.8, label=f"HBM capacity {fmt_bytes(plan.hardware['memory_capacity_bytes'])}"
+    )
     ax.set_xscale("log")
     ax.axvspan(cap, max(ax.get_xlim()[1], cap * 1.5), color="lightgray", alpha=0.2, lw=0)
     ax.set_yscale("log")

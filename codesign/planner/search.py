@@ -26,7 +26,15 @@ from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.strategy import Strategy
 
-REMATS = ("none", "full", "dots")
+REMATS = ("none", "full", "dots")  # scored for every layout
+# Scored for the layouts of the best REFINE_TOP candidates (by rank, and by step time alone so that a
+# fast layout that only misses memory gets its cheaper-memory variants): the policies between none and
+# full (dots_nobatch and save_dot_except_mlpwi save what minimal and save_dot_except_mlp save in a dense
+# layer, so they would only repeat them; offload is left out while the cost model does not price the
+# host transfers), and sequence parallelism in the tensor group with every policy.
+REFINE_REMATS = ("selective", "minimal", "save_dot_except_mlp", "save_qkv_proj")
+SPS = (False, True)
+REFINE_TOP = 200
 MICROBATCHES = (1, 2, 4, 8)
 ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
 
@@ -47,6 +55,10 @@ class PlanRequest:
     max_compiles: int | None = None
     max_compile_devices: int | None = None
     remats: tuple[str, ...] = REMATS
+    # None: REFINE_REMATS and SPS when `remats` is left at REMATS; a caller that narrows `remats` gets
+    # exactly those policies, without sp, unless it names these too.
+    refine_remats: tuple[str, ...] | None = None
+    sps: tuple[bool, ...] | None = None
     microbatches: tuple[int, ...] = MICROBATCHES
     axis_orders: bool = True
     cache_dir: str | None = None
@@ -84,10 +96,17 @@ def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
     for innermost in (None, "fsdp", "expert", "data", "sequence"):
         if innermost and strategy.sizes[innermost] == 1:
             continue
-        order = MESH_AXES if innermost is None else tuple(a for a in MESH_AXES if a != innermost) + (innermost,)
+        order = (
+            MESH_AXES if innermost is None else tuple(a for a in MESH_AXES if a != innermost) + (innermost,)
+        )
         key = tuple(a for a in order if strategy.sizes[a] > 1)
         seen.setdefault(key, strategy if innermost is None else strategy.replace(order=order))
     return list(seen.values())
+
+
+def _layout(s: Strategy) -> tuple:
+    """The mesh and microbatches of a candidate: what its remat and sp variants share."""
+    return s.mesh, s.microbatches
 
 
 def _smallest_factor(n: int) -> int:
@@ -101,12 +120,15 @@ def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
     if cfg.is_moe:
         expert_params = cfg.moe_layers * cfg.n_routed_experts * 3 * cfg.hidden * cfg.moe_mlp_dim
-        return 16 * ((pc.total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"]))
+        return 16 * (
+            (pc.total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"])
+        )
     return 16 * pc.total / dense_shards
 
 
-def _measure_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_far: int, total: int,
-                   cache) -> int:
+def _measure_batch(
+    req: PlanRequest, target: str, batch: list[Scored], done_so_far: int, total: int, cache
+) -> int:
     """Measure `batch` with the one measuring loop, filling `.report` and re-costing each. Returns the
     reports served without compiling (reuse map or cache)."""
     from codesign.compile.measure import MeasureStats, measure
@@ -120,10 +142,27 @@ def _measure_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_f
         if req.progress:
             req.progress("compiling", done[0], total)
 
-    requests = [CompileRequest(req.cfg, req.workload, sc.strategy, req.hardware, target,
-                               max_compile_devices=req.max_compile_devices) for sc in batch]
-    reports = measure(requests, workers=req.workers, timeout_s=req.timeout_s, cache=cache, reuse=req.reuse,
-                      progress=progress, executor=req.executor, stats=stats)
+    requests = [
+        CompileRequest(
+            req.cfg,
+            req.workload,
+            sc.strategy,
+            req.hardware,
+            target,
+            max_compile_devices=req.max_compile_devices,
+        )
+        for sc in batch
+    ]
+    reports = measure(
+        requests,
+        workers=req.workers,
+        timeout_s=req.timeout_s,
+        cache=cache,
+        reuse=req.reuse,
+        progress=progress,
+        executor=req.executor,
+        stats=stats,
+    )
     for sc, report in zip(batch, reports):
         sc.report = report
         sc.estimate = estimate_from_report(req.cfg, req.workload, sc.strategy, req.hardware, report)
@@ -133,7 +172,12 @@ def _measure_batch(req: PlanRequest, target: str, batch: list[Scored], done_so_f
 def _sort_key(sc: Scored, req: PlanRequest):
     capacity = req.hardware.memory_capacity_bytes
     failed = sc.report is not None and sc.report.outcome in ("error", "timeout")
-    return (failed, not sc.fits(req.headroom, capacity), sc.estimate.step_time_s, sc.estimate.memory_per_device_bytes)
+    return (
+        failed,
+        not sc.fits(req.headroom, capacity),
+        sc.estimate.step_time_s,
+        sc.estimate.memory_per_device_bytes,
+    )
 
 
 def plan(req: PlanRequest) -> Plan:
@@ -142,14 +186,26 @@ def plan(req: PlanRequest) -> Plan:
     t0 = time.perf_counter()
     cfg, w, hw = req.cfg, req.workload, req.hardware
     if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
-        raise ConfigError(f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
-                          f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}")
+        raise ConfigError(
+            f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
+            f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}"
+        )
     target = resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
-    en = enumerate_strategies(cfg, w, req.n_devices, remats=req.remats,
-                              microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0])
+    default = tuple(req.remats) == REMATS
+    refine_remats = req.refine_remats if req.refine_remats is not None else (REFINE_REMATS if default else ())
+    sps = req.sps if req.sps is not None else (SPS if default else (False,))
+    remats = tuple(dict.fromkeys(tuple(req.remats) + tuple(refine_remats)))
+    en = enumerate_strategies(
+        cfg,
+        w,
+        req.n_devices,
+        remats=remats,
+        sps=sps,
+        microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0],
+    )
     rejected: Counter = Counter(en.rejected)
     candidates: list[Strategy] = []
     for s in en.valid:
@@ -162,13 +218,24 @@ def plan(req: PlanRequest) -> Plan:
         candidates.append(s)
     if not candidates:
         reasons = "; ".join(f"{k}: {v}" for k, v in rejected.most_common(4)) or "no factorization"
-        raise ConfigError(f"no valid layout of {cfg.name} on {req.n_devices} devices ({reasons}). Try another "
-                          f"device count, a global batch divisible by more factors, or fewer constraints")
+        raise ConfigError(
+            f"no valid layout of {cfg.name} on {req.n_devices} devices ({reasons}). Try another "
+            f"device count, a global batch divisible by more factors, or fewer constraints"
+        )
 
     # 3. Analytic score for every survivor in the default axis order; then try the other axis
     #    orders (which mesh axis gets the fastest network level) for the best of them.
-    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in candidates]
+    base = [s for s in candidates if s.remat in req.remats and not s.sp]
+    refine = [s for s in candidates if not (s.remat in req.remats and not s.sp)]
+    if not base:  # constraints pinned a refinement (e.g. --fix remat=minimal): score those directly
+        base, refine = refine, []
+    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in base]
     scored.sort(key=lambda sc: _sort_key(sc, req))
+    if refine:  # the other policies and sp, for the layouts worth refining
+        by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
+        keep = {_layout(sc.strategy) for sc in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}
+        scored += [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in refine if _layout(s) in keep]
+        scored.sort(key=lambda sc: _sort_key(sc, req))
     if req.axis_orders:
         for sc in scored[:ORDER_SEARCH_TOP]:
             scored += [Scored(o, estimate_analytic(cfg, w, o, hw)) for o in _orders(sc.strategy, hw)[1:]]
@@ -187,10 +254,12 @@ def plan(req: PlanRequest) -> Plan:
     total = min(limit, len(scored))
     i = 0
     while i < len(scored) and compiled < limit:
-        verified = sum(1 for sc in scored[:i] if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity))
+        verified = sum(
+            1 for sc in scored[:i] if sc.compiled and sc.report.ok and sc.fits(req.headroom, capacity)
+        )
         if verified >= want:
             break
-        batch = scored[i: i + min(max(1, req.workers), want - verified, limit - compiled)]
+        batch = scored[i : i + min(max(1, req.workers), want - verified, limit - compiled)]
         hits += _measure_batch(req, target, batch, compiled, total, cache)
         compiled += len(batch)
         i += len(batch)
@@ -203,30 +272,70 @@ def plan(req: PlanRequest) -> Plan:
     verified_fit.sort(key=lambda sc: _sort_key(sc, req))
     others.sort(key=lambda sc: (not sc.compiled,) + _sort_key(sc, req))
     ranked = verified_fit + others
-    chosen = next((i for i, sc in enumerate(ranked)
-                   if sc.fits(req.headroom, capacity) and not (sc.report and not sc.report.ok)), None)
+    chosen = next(
+        (
+            i
+            for i, sc in enumerate(ranked)
+            if sc.fits(req.headroom, capacity) and not (sc.report and not sc.report.ok)
+        ),
+        None,
+    )
 
     rows = []
     for rank, sc in enumerate(ranked, 1):
-        row = {"rank": rank, "strategy": sc.strategy.to_json(), **sc.estimate.to_json(),
-               "fits": sc.fits(req.headroom, capacity), "compiled": sc.compiled}
+        row = {
+            "rank": rank,
+            "strategy": sc.strategy.to_json(),
+            **sc.estimate.to_json(),
+            "fits": sc.fits(req.headroom, capacity),
+            "compiled": sc.compiled,
+        }
         if sc.report is not None:
-            row["compile"] = {"outcome": sc.report.outcome, "message": sc.report.message[:500],
-                              "compile_s": round(sc.report.compile_s, 2), "notes": list(sc.report.notes)}
+            row["compile"] = {
+                "outcome": sc.report.outcome,
+                "message": sc.report.message[:500],
+                "compile_s": round(sc.report.compile_s, 2),
+                "notes": list(sc.report.notes),
+            }
         rows.append(row)
     wall = time.perf_counter() - t0
     pc = param_counts(cfg)
     return Plan(
-        model={"name": cfg.name, "params_total": pc.total, "params_active": pc.active, "config": cfg.to_json()},
-        hardware={"name": hw.name, "devices": req.n_devices, "platform": hw.platform,
-                  "memory_capacity_bytes": capacity, "peak_bf16_flops": hw.peak_flops.get("bf16")},
+        model={
+            "name": cfg.name,
+            "params_total": pc.total,
+            "params_active": pc.active,
+            "config": cfg.to_json(),
+        },
+        hardware={
+            "name": hw.name,
+            "devices": req.n_devices,
+            "platform": hw.platform,
+            "memory_capacity_bytes": capacity,
+            "peak_bf16_flops": hw.peak_flops.get("bf16"),
+        },
         workload=w.to_json(),
-        search={"enumerated": en.total, "pruned": sum(rejected.values()), "scored": n_analytic,
-                "compiled": compiled, "cache_hits": hits, "target": target, "wall_s": round(wall, 2),
-                "candidates_per_s": round(n_analytic / wall, 1) if wall else None},
-        candidates=rows, chosen=chosen, rejected=dict(rejected),
+        search={
+            "enumerated": en.total,
+            "pruned": sum(rejected.values()),
+            "scored": n_analytic,
+            "compiled": compiled,
+            "cache_hits": hits,
+            "target": target,
+            "wall_s": round(wall, 2),
+            "candidates_per_s": round(n_analytic / wall, 1) if wall else None,
+        },
+        candidates=rows,
+        chosen=chosen,
+        rejected=dict(rejected),
         explanation=explain(rows, chosen, capacity),
-        scored=[{"spec": sc.strategy.spec, "step_time_s": sc.estimate.step_time_s,
-                 "memory_per_device_bytes": sc.estimate.memory_per_device_bytes,
-                 "fits": sc.fits(req.headroom, capacity)} for sc in scored],
+        scored=[
+            {
+                "spec": sc.strategy.spec,
+                "step_time_s": sc.estimate.step_time_s,
+                "memory_per_device_bytes": sc.estimate.memory_per_device_bytes,
+                "fits": sc.fits(req.headroom, capacity),
+            }
+            for sc in scored
+        ],
     )

@@ -11,9 +11,25 @@ from jax.sharding import PartitionSpec
 from codesign.sharding.params import path_str
 
 # Scaling-book letters for the logical axes (D = d_model, F = FFN width, N/K = q/kv heads, ...).
-LETTERS = {"vocab": "V", "embed": "D", "mlp": "F", "heads": "N", "kv_heads": "K", "head_dim": "H", "q_lora": "Q",
-           "kv_lora": "R", "expert": "E", "layers": "L", "act_batch": "B", "act_seq": "T", "act_embed": "D",
-           "act_mlp": "F", "act_heads": "N", "act_vocab": "V", "act_expert": "E"}
+LETTERS = {
+    "vocab": "V",
+    "embed": "D",
+    "mlp": "F",
+    "heads": "N",
+    "kv_heads": "K",
+    "head_dim": "H",
+    "q_lora": "Q",
+    "kv_lora": "R",
+    "expert": "E",
+    "layers": "L",
+    "act_batch": "B",
+    "act_seq": "T",
+    "act_embed": "D",
+    "act_mlp": "F",
+    "act_heads": "N",
+    "act_vocab": "V",
+    "act_expert": "E",
+}
 
 
 @dataclass(frozen=True)
@@ -39,14 +55,27 @@ def notation(logical, spec: PartitionSpec) -> str:
 def describe(program) -> list[ParamRow]:
     """Rows for a `TrainProgram` (its abstract params, logical axes and resolved specs)."""
     sizes = program.mesh_sizes
-    logical = dict(jax.tree_util.tree_flatten_with_path(program.logical_axes, is_leaf=lambda x: isinstance(x, tuple))[0])
-    specs = dict(jax.tree_util.tree_flatten_with_path(program.param_specs,
-                                                      is_leaf=lambda x: isinstance(x, PartitionSpec))[0])
+    logical = dict(
+        jax.tree_util.tree_flatten_with_path(program.logical_axes, is_leaf=lambda x: isinstance(x, tuple))[0]
+    )
+    specs = dict(
+        jax.tree_util.tree_flatten_with_path(
+            program.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+        )[0]
+    )
     rows = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(program.abstract_params)[0]:
         spec = specs[path]
         shards = math.prod(sizes[a] for e in spec if e for a in ((e,) if isinstance(e, str) else e))
         nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize // shards
-        rows.append(ParamRow(path_str(path), tuple(leaf.shape), logical[path], str(spec), nbytes,
-                             notation(logical[path], spec)))
+        rows.append(
+            ParamRow(
+                path_str(path),
+                tuple(leaf.shape),
+                logical[path],
+                str(spec),
+                nbytes,
+                notation(logical[path], spec),
+            )
+        )
     return rows

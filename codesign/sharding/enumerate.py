@@ -34,8 +34,13 @@ def factorizations(n: int, k: int) -> Iterator[tuple[int, ...]]:
             yield (d,) + rest
 
 
-def layout_problem(cfg: ModelConfig, workload: Workload, sizes: dict[str, int], microbatches: int = 1,
-                   rules: Rules | None = None) -> str | None:
+def layout_problem(
+    cfg: ModelConfig,
+    workload: Workload,
+    sizes: dict[str, int],
+    microbatches: int = 1,
+    rules: Rules | None = None,
+) -> str | None:
     """Why this mesh cannot run the model (None when it can).
 
     Which weight dimensions must divide by which mesh axes is the rules' business, so it is asked of
@@ -52,8 +57,10 @@ def layout_problem(cfg: ModelConfig, workload: Workload, sizes: dict[str, int], 
         return "pipeline parallelism is costed for training only"
     shards = batch_shards(sizes)
     if workload.global_batch % (shards * microbatches):
-        return (f"global batch {workload.global_batch} not divisible by data*fsdp*expert*microbatches="
-                f"{shards * microbatches}")
+        return (
+            f"global batch {workload.global_batch} not divisible by data*fsdp*expert*microbatches="
+            f"{shards * microbatches}"
+        )
     if workload.seq_len % s:
         return f"seq_len {workload.seq_len} not divisible by sequence={s}"
     rules = rules if rules is not None else default_rules()
@@ -81,20 +88,43 @@ def _reason_key(reason: str) -> str:
     return reason.split(" (")[0] if " not divisible by " in reason else reason
 
 
-def enumerate_strategies(cfg: ModelConfig, workload: Workload, n_devices: int, *,
-                         remats: Sequence[str] = ("full",), microbatches: Iterable[int] = (1,),
-                         axes: Sequence[str] = MESH_AXES, rules: Rules | None = None) -> Enumeration:
-    """Every factorization of n_devices over `axes` x remat x microbatches, split into valid/rejected.
-    `rules`: the table the layouts will run with (default: the default rules)."""
+def sp_problem(workload: Workload, sizes: dict[str, int]) -> str | None:
+    """Why sequence parallelism in the tensor group cannot shard this layout's residual stream (None
+    when it can): it needs a tensor group, and positions that split over sequence*tensor."""
+    t, s = sizes.get("tensor", 1), sizes.get("sequence", 1)
+    if t == 1:
+        return "sp=1 needs tensor > 1"
+    if workload.seq_len % (s * t):
+        return f"sp=1: seq_len {workload.seq_len} not divisible by sequence*tensor={s * t}"
+    return None
+
+
+def enumerate_strategies(
+    cfg: ModelConfig,
+    workload: Workload,
+    n_devices: int,
+    *,
+    remats: Sequence[str] = ("full",),
+    microbatches: Iterable[int] = (1,),
+    axes: Sequence[str] = MESH_AXES,
+    rules: Rules | None = None,
+    sps: Sequence[bool] = (False,),
+) -> Enumeration:
+    """Every factorization of n_devices over `axes` x remat x microbatches x sp, split into valid/rejected.
+    `rules`: the table the layouts will run with (default: the default rules). `sps`: the sequence
+    parallelism settings to try; sp=True is only tried where the layout has a tensor group it can use
+    (otherwise it would be the same strategy as sp=False)."""
     out = Enumeration()
     mbs = tuple(microbatches)
     for sizes_t in factorizations(n_devices, len(axes)):
         sizes = dict(zip(axes, sizes_t))
+        sp_opts = [sp for sp in sps if not sp or sp_problem(workload, sizes) is None]
         for mb in mbs:
             problem = layout_problem(cfg, workload, sizes, mb, rules)
             if problem:
-                out.rejected[_reason_key(problem)] += len(remats)
+                out.rejected[_reason_key(problem)] += len(remats) * max(1, len(sp_opts))
                 continue
-            for remat in remats:
-                out.valid.append(Strategy.make(sizes, remat=remat, microbatches=mb))
+            for sp in sp_opts:
+                for remat in remats:
+                    out.valid.append(Strategy.make(sizes, remat=remat, microbatches=mb, sp=sp))
     return out

@@ -45,7 +45,8 @@ class MeshSpec:
             raise StrategyError(
                 f"mesh {self.describe()} needs {self.size} devices but only {len(devices)} are available; "
                 f"pass --devices {self.size} (CPU emulation) or pick a strategy whose sizes multiply to "
-                f"{len(devices)}")
+                f"{len(devices)}"
+            )
         return _compat.make_mesh(devices[: self.size], self.shape, self.names)
 
     def describe(self) -> str:

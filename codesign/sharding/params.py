@@ -15,12 +15,13 @@ from codesign.sharding.rules import Dropped, Rules
 
 
 def path_str(path) -> str:
-    """"blocks/attn/wq" for a tree path (jax.tree_util.keystr, with "/" between keys)."""
+    """ "blocks/attn/wq" for a tree path (jax.tree_util.keystr, with "/" between keys)."""
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def logical_axes(abstract_state: nnx.State) -> dict:
     """Pure-dict tree (same structure as nnx.to_pure_dict) of each param's logical axis names."""
+
     def names(v):
         return tuple(_compat.param_logical_axes(v) or (None,) * len(v.shape))
 
@@ -28,14 +29,19 @@ def logical_axes(abstract_state: nnx.State) -> dict:
     return nnx.to_pure_dict(tree) if isinstance(tree, nnx.State) else tree
 
 
-def resolve_specs(shapes: Any, axes_tree: Any, rules: Rules, mesh_sizes: Mapping[str, int],
-                  strict: bool) -> tuple[Any, tuple[Dropped, ...]]:
+def resolve_specs(
+    shapes: Any, axes_tree: Any, rules: Rules, mesh_sizes: Mapping[str, int], strict: bool
+) -> tuple[Any, tuple[Dropped, ...]]:
     """PartitionSpec per leaf of `shapes` (a pure-dict tree of arrays/ShapeDtypeStructs)."""
     dropped: list[Dropped] = []
-    flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0])
+    flat_axes = dict(
+        jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+    )
 
     def one(path, leaf):
-        spec, drops = rules.resolve(flat_axes[path], leaf.shape, mesh_sizes, path=path_str(path), strict=strict)
+        spec, drops = rules.resolve(
+            flat_axes[path], leaf.shape, mesh_sizes, path=path_str(path), strict=strict
+        )
         dropped.extend(drops)
         return spec
 
@@ -47,8 +53,14 @@ def _axes_of(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def zero_dim(spec: PartitionSpec, shape: tuple[int, ...], logical: tuple, rules: Rules,
-             mesh_sizes: Mapping[str, int], axis: str = "data") -> int | None:
+def zero_dim(
+    spec: PartitionSpec,
+    shape: tuple[int, ...],
+    logical: tuple,
+    rules: Rules,
+    mesh_sizes: Mapping[str, int],
+    axis: str = "data",
+) -> int | None:
     """The dimension on which ZeRO shards a param's optimizer state (and gradient) over `axis`.
 
     First choice: the dimension the rules give to `fsdp` (where FSDP would shard it), then the other
@@ -68,11 +80,20 @@ def zero_dim(spec: PartitionSpec, shape: tuple[int, ...], logical: tuple, rules:
     return None
 
 
-def zero_specs(param_specs: Any, shapes: Any, axes_tree: Any, rules: Rules, mesh_sizes: Mapping[str, int],
-               level: int, axis: str = "data") -> tuple[Any, tuple[Dropped, ...]]:
+def zero_specs(
+    param_specs: Any,
+    shapes: Any,
+    axes_tree: Any,
+    rules: Rules,
+    mesh_sizes: Mapping[str, int],
+    level: int,
+    axis: str = "data",
+) -> tuple[Any, tuple[Dropped, ...]]:
     """(specs, dropped) for ZeRO level `level` over `axis`: each param's spec with `axis` added on its
     `zero_dim`; a param where no dimension divides keeps its spec and is recorded in `dropped`."""
-    flat_axes = dict(jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0])
+    flat_axes = dict(
+        jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0]
+    )
     flat_shapes = dict(jax.tree_util.tree_flatten_with_path(shapes)[0])
     dropped: list[Dropped] = []
 
@@ -80,9 +101,15 @@ def zero_specs(param_specs: Any, shapes: Any, axes_tree: Any, rules: Rules, mesh
         shape = tuple(flat_shapes[path].shape)
         d = zero_dim(spec, shape, flat_axes[path], rules, mesh_sizes, axis)
         if d is None:
-            dropped.append(Dropped(f"opt_state/{path_str(path)}", f"zero={level}", axis,
-                                   f"no dimension of {shape} divides by its mesh axes x {axis}="
-                                   f"{mesh_sizes.get(axis, 1)}: optimizer state stays replicated over {axis}"))
+            dropped.append(
+                Dropped(
+                    f"opt_state/{path_str(path)}",
+                    f"zero={level}",
+                    axis,
+                    f"no dimension of {shape} divides by its mesh axes x {axis}="
+                    f"{mesh_sizes.get(axis, 1)}: optimizer state stays replicated over {axis}",
+                )
+            )
             return spec
         entries = list(spec) + [None] * (d + 1 - len(spec))
         new = (*_axes_of(entries[d]), axis)
@@ -102,4 +129,6 @@ def axis_dim(spec: PartitionSpec, axis: str) -> int | None:
 
 
 def named(mesh: Mesh, specs: Any) -> Any:
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )

@@ -2,15 +2,23 @@
 
 Spec grammar (INTERFACE.md): comma-separated key=value. Mesh axes `data, fsdp, tensor, sequence,
 expert, pipeline` take positive sizes whose product is the device count (an axis left out has
-size 1). Other keys: `remat=none|full|dots|dots_nobatch`, `microbatches=K`, `zero=0|1|2`, `order=a.b.c`
-(mesh axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`)
-and `rules=FILE` (an explicit logical->mesh table that replaces the defaults).
+size 1). Other keys: `remat=` one of `REMAT_POLICIES`, `microbatches=K`, `zero=0|1|2`, `order=a.b.c`
+(mesh axis order onto the network, outermost first; default `pipeline.data.fsdp.expert.sequence.tensor`),
+`sp=0|1` (sequence parallelism inside the tensor group) and `rules=FILE` (an explicit logical->mesh
+table that replaces the defaults).
 
 `zero` shards over the `data` axis (the pure replicas): 1 = optimizer state, 2 = optimizer state and the
 gradient accumulator; params stay replicated over `data`. `fsdp` is ZeRO-3 and combines with either.
 With data=1 a zero level is valid but does nothing (nothing to shard over; the program records it as a
 dropped rule). It is not an error, because derived strategies (a compile's reduced data axis) may
 bring data down to 1.
+
+`sp=1` (Megatron's sequence parallelism, MaxText's norm-length -> tensor rule) shards the residual
+stream and its norms over `tensor` along the sequence between the tensor-parallel blocks, so each
+block's all-reduce becomes a reduce-scatter + all-gather. It is distinct from the `sequence` axis
+(context parallelism). With tensor=1 there is no tensor group to shard over: `sp=1` is accepted and
+dropped (as Megatron-LM does), so `data=8,sp=1` is the same strategy as `data=8`. With `rules=FILE`
+the file alone decides the activation layout (map `act_norm_seq` there), so `sp=1` is refused.
 """
 
 from __future__ import annotations
@@ -21,7 +29,22 @@ from typing import Any
 
 from codesign.axes import MESH_AXES
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_nobatch")
+# Remat policies (what each saves: `_compat.remat_policy`). none/full/dots/dots_nobatch are codesign's
+# own; minimal, save_qkv_proj, save_dot_except_mlp, save_dot_except_mlpwi are MaxText's names (and
+# sets of saved projections); offload is MaxText's minimal_offloaded (the same set, kept in host
+# memory); selective is Megatron-LM's selective recompute (only the attention core is recomputed).
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots",
+    "dots_nobatch",
+    "minimal",
+    "save_qkv_proj",
+    "save_dot_except_mlp",
+    "save_dot_except_mlpwi",
+    "offload",
+    "selective",
+)
 BATCH_AXES = ("data", "fsdp", "expert")
 
 
@@ -45,6 +68,7 @@ class Strategy:
     microbatches: int = 1
     rules_file: str | None = None
     zero: int = 0
+    sp: bool = False  # sequence parallelism in the tensor group (normalized to False when tensor=1)
     # Axes the planner swept but kept at size 1 are dropped from `spec` for readability.
     _order_given: bool = field(default=False, compare=False, repr=False)
 
@@ -60,13 +84,31 @@ class Strategy:
         if not isinstance(self.microbatches, int) or self.microbatches < 1:
             raise StrategyError(f"microbatches={self.microbatches!r} must be a positive integer")
         if self.zero not in ZERO_LEVELS or isinstance(self.zero, bool):
-            raise StrategyError(f"zero={self.zero!r}; use 0 (off), 1 (optimizer state) or 2 (+ gradients) "
-                                "sharded over data; fsdp=N is ZeRO-3")
+            raise StrategyError(
+                f"zero={self.zero!r}; use 0 (off), 1 (optimizer state) or 2 (+ gradients) "
+                "sharded over data; fsdp=N is ZeRO-3"
+            )
+        if self.sp and self.rules_file:
+            raise StrategyError(
+                "sp=1 with rules=FILE: the rules file decides the activation layout; map "
+                "act_norm_seq to [sequence, tensor] in the file instead"
+            )
+        if self.sp and dict(self.mesh)["tensor"] == 1:
+            object.__setattr__(self, "sp", False)  # no tensor group: sequence parallelism is a no-op
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def make(cls, sizes: dict[str, int] | None = None, *, remat: str = "full", microbatches: int = 1,
-             order: tuple[str, ...] | None = None, rules_file: str | None = None, zero: int = 0) -> Strategy:
+    def make(
+        cls,
+        sizes: dict[str, int] | None = None,
+        *,
+        remat: str = "full",
+        microbatches: int = 1,
+        order: tuple[str, ...] | None = None,
+        rules_file: str | None = None,
+        zero: int = 0,
+        sp: bool = False,
+    ) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
         if unknown:
@@ -79,8 +121,15 @@ class Strategy:
             if sorted(order) != sorted(MESH_AXES):
                 raise StrategyError(f"order={'.'.join(order)} must list mesh axes from {MESH_AXES} once")
         mesh = tuple((a, int(sizes.get(a, 1))) for a in order)
-        return cls(mesh=mesh, remat=remat, microbatches=microbatches, rules_file=rules_file, zero=zero,
-                   _order_given=given and order != MESH_AXES)
+        return cls(
+            mesh=mesh,
+            remat=remat,
+            microbatches=microbatches,
+            rules_file=rules_file,
+            zero=zero,
+            sp=bool(sp),
+            _order_given=given and order != MESH_AXES,
+        )
 
     @classmethod
     def parse(cls, spec: str) -> Strategy:
@@ -88,7 +137,9 @@ class Strategy:
         kw: dict[str, Any] = {}
         for item in filter(None, (s.strip() for s in spec.split(","))):
             if "=" not in item:
-                raise StrategyError(f"strategy item {item!r} is not key=value (example: data=2,fsdp=4,remat=full)")
+                raise StrategyError(
+                    f"strategy item {item!r} is not key=value (example: data=2,fsdp=4,remat=full)"
+                )
             k, v = (s.strip() for s in item.split("=", 1))
             if k in MESH_AXES:
                 try:
@@ -111,9 +162,17 @@ class Strategy:
                 kw["order"] = tuple(v.split("."))
             elif k == "rules":
                 kw["rules_file"] = v
+            elif k == "sp":
+                if v not in ("0", "1"):
+                    raise StrategyError(
+                        f"sp={v!r}: use sp=1 (sequence parallelism in the tensor group) or sp=0"
+                    )
+                kw["sp"] = v == "1"
             else:
                 raise StrategyError(
-                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, microbatches, zero, order, rules")
+                    f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, "
+                    "microbatches, zero, order, rules, sp"
+                )
         return cls.make(sizes, **kw)
 
     # -- views -------------------------------------------------------------------------------
@@ -156,6 +215,8 @@ class Strategy:
             parts.append(f"microbatches={self.microbatches}")
         if self.zero:
             parts.append(f"zero={self.zero}")
+        if self.sp:
+            parts.append("sp=1")
         if self._order_given:
             parts.append("order=" + ".".join(self.order))
         if self.rules_file:
@@ -168,18 +229,34 @@ class Strategy:
     def replace(self, **kw) -> Strategy:
         sizes = kw.pop("sizes", self.sizes)
         order = kw.pop("order", self.order if self._order_given else None)
-        base = {"remat": self.remat, "microbatches": self.microbatches, "rules_file": self.rules_file,
-                "zero": self.zero}
+        base = {
+            "remat": self.remat,
+            "microbatches": self.microbatches,
+            "rules_file": self.rules_file,
+            "zero": self.zero,
+            "sp": self.sp,
+        }
         base.update(kw)
         return Strategy.make(sizes, order=order, **base)
 
     def to_json(self) -> dict[str, Any]:
-        return {"mesh": {a: n for a, n in self.mesh if n > 1}, "remat": self.remat,
-                "microbatches": self.microbatches, "zero": self.zero, "spec": self.spec}
+        return {
+            "mesh": {a: n for a, n in self.mesh if n > 1},
+            "remat": self.remat,
+            "microbatches": self.microbatches,
+            "zero": self.zero,
+            "sp": self.sp,
+            "spec": self.spec,
+        }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Strategy:
         if "spec" in d:
             return cls.parse(d["spec"])
-        return cls.make(d.get("mesh", {}), remat=d.get("remat", "full"), microbatches=d.get("microbatches", 1),
-                        zero=d.get("zero", 0))
+        return cls.make(
+            d.get("mesh", {}),
+            remat=d.get("remat", "full"),
+            microbatches=d.get("microbatches", 1),
+            zero=d.get("zero", 0),
+            sp=bool(d.get("sp", False)),
+        )

@@ -128,8 +128,12 @@ def _digest(x: jax.Array) -> jax.Array:
     swapped elements; two seeds leave a 2^-64 chance that a corruption goes unnoticed."""
     w = _words(x)
     pos = _positions(w.shape)
-    return jnp.stack([jnp.sum(_fmix(w ^ _fmix(pos + np.uint32(seed))), dtype=jnp.uint32)
-                      for seed in (0x9E3779B9, 0x7F4A7C15)])
+    return jnp.stack(
+        [
+            jnp.sum(_fmix(w ^ _fmix(pos + np.uint32(seed))), dtype=jnp.uint32)
+            for seed in (0x9E3779B9, 0x7F4A7C15)
+        ]
+    )
 
 
 def _finite(x: jax.Array) -> jax.Array:
@@ -158,14 +162,17 @@ def inspect_state(tree: Any) -> tuple[dict[str, str], list[str]]:
     """({leaf path: 16-hex-digit digest}, [paths of float leaves holding NaN or Infinity])."""
     by_path = _leaves_by_path(tree)
     leaves = list(by_path.values())
-    mesh = next((x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)),
-                None)
+    mesh = next(
+        (x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None
+    )
     out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
     digests, finite = _inspect_fn(out)(leaves)
     digests, finite = _host_value(digests), _host_value(finite)
     paths = list(by_path)
-    return ({p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, digests)},
-            [p for p, ok in zip(paths, finite) if not ok])
+    return (
+        {p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, digests)},
+        [p for p, ok in zip(paths, finite) if not ok],
+    )
 
 
 def _extra_sha256(extra: dict[str, Any]) -> str:
@@ -235,8 +242,15 @@ def _names(paths: list[str], n: int = 3) -> str:
 class Checkpointer:
     """Async, keep-last-N checkpoints of a state pytree plus JSON metadata, verified on restore."""
 
-    def __init__(self, directory: str | os.PathLike, save_every: int = 1, keep: int = 3,
-                 async_save: bool = True, *, read_only: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        save_every: int = 1,
+        keep: int = 3,
+        async_save: bool = True,
+        *,
+        read_only: bool = False,
+    ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -301,7 +315,9 @@ class Checkpointer:
         record = meta.pop(INTEGRITY_KEY, None)
         if record is not None:
             if not isinstance(record, dict) or record.get("algorithm") != DIGEST_ALGORITHM:
-                raise CheckpointCorrupt(f"step {step}: integrity record unreadable or of an unknown algorithm")
+                raise CheckpointCorrupt(
+                    f"step {step}: integrity record unreadable or of an unknown algorithm"
+                )
             try:
                 ok = record.get("extra_sha256") == _extra_sha256(meta)
             except ValueError:  # NaN in metadata that claims to be checked: it was altered
@@ -326,9 +342,11 @@ class Checkpointer:
             raise TypeError(f"checkpoint extra must be JSON-serializable: {e}") from None
         except ValueError:
             bad = [k for k, v in extra.items() if isinstance(v, float) and not np.isfinite(v)]
-            raise NonFiniteState(f"step {step}: refusing to save a checkpoint whose metadata holds a "
-                                 f"non-finite number ({_names(bad) or 'nested'}); {self._untouched()}",
-                                 bad) from None
+            raise NonFiniteState(
+                f"step {step}: refusing to save a checkpoint whose metadata holds a "
+                f"non-finite number ({_names(bad) or 'nested'}); {self._untouched()}",
+                bad,
+            ) from None
         if INTEGRITY_KEY in extra:
             raise ValueError(f"checkpoint extra may not use the reserved key {INTEGRITY_KEY!r}")
         if not force and not self._mgr.should_save(step):
@@ -340,24 +358,32 @@ class Checkpointer:
             self._guarded = True
         digests, nonfinite = inspect_state(state)
         if nonfinite:
-            raise NonFiniteState(f"step {step}: refusing to save a checkpoint with NaN or Infinity in "
-                                 f"{_names(nonfinite)}; {self._untouched()}", nonfinite)
+            raise NonFiniteState(
+                f"step {step}: refusing to save a checkpoint with NaN or Infinity in "
+                f"{_names(nonfinite)}; {self._untouched()}",
+                nonfinite,
+            )
         record = {"algorithm": DIGEST_ALGORITHM, "leaves": digests, "extra_sha256": _extra_sha256(extra)}
         return self._mgr.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    meta=ocp.args.JsonSave({**extra, INTEGRITY_KEY: record})),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**extra, INTEGRITY_KEY: record})
+            ),
             force=force,
         )
 
     def _untouched(self) -> str:
         steps = self.all_steps()
-        return (f"the checkpoints in {self.directory} (steps {steps}) are untouched" if steps
-                else f"nothing was written to {self.directory}")
+        return (
+            f"the checkpoints in {self.directory} (steps {steps}) are untouched"
+            if steps
+            else f"nothing was written to {self.directory}"
+        )
 
     # -- restore -------------------------------------------------------------------------------------
-    def restore(self, step: int | None, abstract_state: Any, *,
-                model_fingerprint: str | None = None) -> Restored:
+    def restore(
+        self, step: int | None, abstract_state: Any, *, model_fingerprint: str | None = None
+    ) -> Restored:
         """Read `step` (default: the newest good one) into the shardings of `abstract_state`, verified.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...))`
@@ -404,8 +430,9 @@ class Checkpointer:
             saved = record.get("leaves") or {}
             bad = sorted(p for p in digests if saved.get(p) != digests[p])
             if bad:
-                raise CheckpointCorrupt(f"step {step}: data does not match the digest saved with it "
-                                        f"({_names(bad)})")
+                raise CheckpointCorrupt(
+                    f"step {step}: data does not match the digest saved with it ({_names(bad)})"
+                )
         if nonfinite:  # only possible for steps saved before the finiteness check existed
             raise CheckpointCorrupt(f"step {step}: NaN or Infinity in {_names(nonfinite)}")
         return Restored(step=step, state=state, extra=extra, verified=record is not None)
@@ -448,8 +475,10 @@ class Checkpointer:
             )
         for path, want in wanted.items():
             if getattr(want, "sharding", None) is None:
-                raise ValueError(f"abstract_state leaf {path!r} has no sharding; give every leaf one "
-                                 f"(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)))")
+                raise ValueError(
+                    f"abstract_state leaf {path!r} has no sharding; give every leaf one "
+                    f"(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)))"
+                )
             w, g = (tuple(want.shape), np.dtype(want.dtype)), shapes[path]
             if w != g:
                 raise CheckpointError(

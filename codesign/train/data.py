@@ -70,8 +70,12 @@ class _Source:
 
     def _identity(self) -> dict[str, Any]:
         """Settings a saved position only makes sense under; `restore` insists they match."""
-        return {"source": self.kind, "seed": self.seed, "seq_len": self.seq_len,
-                "global_batch": self.global_batch}
+        return {
+            "source": self.kind,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "global_batch": self.global_batch,
+        }
 
     def state(self) -> dict[str, Any]:
         return {**self._identity(), "step": self.next_step}
@@ -135,8 +139,17 @@ class SyntheticSource(_Source):
 
     kind = "synthetic"
 
-    def __init__(self, vocab_size: int, seq_len: int, global_batch: int, seed: int, *,
-                 noise: float = 0.1, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        *,
+        noise: float = 0.1,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         super().__init__(seq_len, global_batch, seed, process_index, process_count)
         if vocab_size < 2:
             raise ValueError(f"vocab_size must be >= 2, got {vocab_size}")
@@ -158,7 +171,7 @@ class SyntheticSource(_Source):
         tokens = (start + stride * np.arange(n, dtype=np.int64)) % v
         noisy = rng.random((b, n)) < self.noise
         tokens = np.where(noisy, rng.integers(0, v, size=(b, n), dtype=np.int64), tokens)
-        return tokens[self.row_start:self.row_start + self.per_process].astype(np.int32)
+        return tokens[self.row_start : self.row_start + self.per_process].astype(np.int32)
 
 
 class TokenFileSource(_Source):
@@ -172,9 +185,18 @@ class TokenFileSource(_Source):
 
     kind = "token_file"
 
-    def __init__(self, path: str | os.PathLike, seq_len: int, global_batch: int, seed: int,
-                 dtype: str = "uint16", process_index: int = 0, process_count: int = 1, *,
-                 vocab_size: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        dtype: str = "uint16",
+        process_index: int = 0,
+        process_count: int = 1,
+        *,
+        vocab_size: int | None = None,
+    ):
         super().__init__(seq_len, global_batch, seed, process_index, process_count)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
@@ -222,7 +244,7 @@ class TokenFileSource(_Source):
         raw = np.empty(self.local_shape, dtype=self._tokens.dtype)
         for r, i in enumerate(range(first, first + self.per_process)):
             start = int(self._perm(i // self.n_windows)[i % self.n_windows]) * window
-            raw[r] = self._tokens[start:start + window]  # copies only this window from the mapping
+            raw[r] = self._tokens[start : start + window]  # copies only this window from the mapping
         # Check the raw ids before the int32 cast: uint32 ids past 2**31 would wrap silently.
         limit = self.vocab_size if self.vocab_size is not None else 2**31
         top = int(raw.max())
@@ -236,16 +258,30 @@ class TokenFileSource(_Source):
 
 
 # -- what the trainer and validate read: one global batch array per step ------------------------------
-def make_source_factory(data: str, vocab_size: int, seq_len: int, global_batch: int, seed: int,
-                        data_dtype: str = "uint16") -> Callable[[int, int], _Source]:
+def make_source_factory(
+    data: str, vocab_size: int, seq_len: int, global_batch: int, seed: int, data_dtype: str = "uint16"
+) -> Callable[[int, int], _Source]:
     """(process_index, process_count) -> source. Builds one eagerly so a bad path fails now."""
     if data == "synthetic":
+
         def factory(pi: int, pc: int) -> _Source:
-            return SyntheticSource(vocab_size, seq_len, global_batch, seed, process_index=pi, process_count=pc)
+            return SyntheticSource(
+                vocab_size, seq_len, global_batch, seed, process_index=pi, process_count=pc
+            )
     else:
+
         def factory(pi: int, pc: int) -> _Source:
-            return TokenFileSource(data, seq_len, global_batch, seed, dtype=data_dtype, process_index=pi,
-                                   process_count=pc, vocab_size=vocab_size)
+            return TokenFileSource(
+                data,
+                seq_len,
+                global_batch,
+                seed,
+                dtype=data_dtype,
+                process_index=pi,
+                process_count=pc,
+                vocab_size=vocab_size,
+            )
+
     factory(0, 1)
     return factory
 
@@ -255,14 +291,16 @@ class BatchMaker:
     1/P of the batch when the batch is split evenly over processes in order (data parallel across
     hosts); otherwise the row range its devices need (e.g. all rows when the batch is replicated)."""
 
-    def __init__(self, factory: Callable[[int, int], _Source], global_batch: int, seq_len: int,
-                 sharding: NamedSharding):
+    def __init__(
+        self, factory: Callable[[int, int], _Source], global_batch: int, seq_len: int, sharding: NamedSharding
+    ):
         self.sharding = sharding
         b, n = global_batch, seq_len + 1
         self.gshape = (b, n)
         pi, pc = jax.process_index(), jax.process_count()
-        ranges = sorted({idx[0].indices(b)[:2]
-                         for idx in sharding.addressable_devices_indices_map(self.gshape).values()})
+        ranges = sorted(
+            {idx[0].indices(b)[:2] for idx in sharding.addressable_devices_indices_map(self.gshape).values()}
+        )
         self.rows = (ranges[0][0], max(r[1] for r in ranges))
         even = b % pc == 0 and self.rows == (pi * (b // pc), (pi + 1) * (b // pc))
         self.split = pc == 1 or even

@@ -32,8 +32,11 @@ class DistributedSettings:
     process_id: int
 
     def to_json(self) -> dict:
-        return {"coordinator": self.coordinator, "num_processes": self.num_processes,
-                "process_id": self.process_id}
+        return {
+            "coordinator": self.coordinator,
+            "num_processes": self.num_processes,
+            "process_id": self.process_id,
+        }
 
 
 def _int(value, what: str) -> int:
@@ -43,9 +46,12 @@ def _int(value, what: str) -> int:
         raise DistributedError(f"{what}={value!r} must be an integer") from None
 
 
-def settings_from(coordinator: str | None = None, num_processes: int | None = None,
-                  process_id: int | None = None,
-                  environ: Mapping[str, str] | None = None) -> DistributedSettings | None:
+def settings_from(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> DistributedSettings | None:
     """Merge flags with the CODESIGN_* environment; None when this is a single-process run.
 
     A run with num_processes == 1 is single-process (no coordination service is started).
@@ -65,7 +71,8 @@ def settings_from(coordinator: str | None = None, num_processes: int | None = No
     if missing:
         raise DistributedError(
             f"multi-process run needs --coordinator, --num-processes and --process-id (or "
-            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}")
+            f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {', '.join(missing)}"
+        )
     if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", coordinator):
         raise DistributedError(f"--coordinator {coordinator!r} must be HOST:PORT (e.g. 10.0.0.1:8476)")
     if num_processes < 1:
@@ -88,15 +95,21 @@ def initialize(settings: DistributedSettings | None, *, timeout_s: int = 300) ->
 
     gloo = _compat.cpu_gloo_available() and _compat.enable_cpu_collectives("gloo")
     if not gloo and os.environ.get("JAX_PLATFORMS", "").strip() == "cpu":
-        raise DistributedError("this jaxlib has no gloo CPU collectives, so several CPU processes "
-                               "cannot form one mesh; run a single process with --devices N instead")
+        raise DistributedError(
+            "this jaxlib has no gloo CPU collectives, so several CPU processes "
+            "cannot form one mesh; run a single process with --devices N instead"
+        )
     try:
-        jax.distributed.initialize(coordinator_address=settings.coordinator,
-                                   num_processes=settings.num_processes, process_id=settings.process_id,
-                                   initialization_timeout=int(timeout_s))
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+            initialization_timeout=int(timeout_s),
+        )
     except RuntimeError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DistributedError(
             f"could not join the {settings.num_processes}-process run at {settings.coordinator} as "
-            f"process {settings.process_id}: {msg}") from None
+            f"process {settings.process_id}: {msg}"
+        ) from None
     return True

@@ -78,8 +78,12 @@ def guarded_step(prog) -> Callable[[Any, jax.Array], tuple[Any, dict[str, jax.Ar
         kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, state)
         return {**kept, "step": new["step"]}, {**out, "applied": ok}
 
-    return jax.jit(step, in_shardings=(prog.state_shardings, prog.batch_sharding),
-                   out_shardings=(prog.state_shardings, replicated), donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(prog.state_shardings, prog.batch_sharding),
+        out_shardings=(prog.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def stop_message(step: int, what: str, ck: Checkpointer | None) -> str:
@@ -88,10 +92,16 @@ def stop_message(step: int, what: str, ck: Checkpointer | None) -> str:
     else:
         ck.wait()
         steps = ck.all_steps()
-        kept = (f"the checkpoints in {ck.directory} (steps {steps}) are intact; --resume continues from "
-                f"step {steps[-1]}" if steps else f"nothing was saved in {ck.directory}")
-    return (f"step {step}: {what}; stopped without saving it ({kept}). Lower --lr, check --data, or pass "
-            f"--nan-policy skip to skip such batches")
+        kept = (
+            f"the checkpoints in {ck.directory} (steps {steps}) are intact; --resume continues from "
+            f"step {steps[-1]}"
+            if steps
+            else f"nothing was saved in {ck.directory}"
+        )
+    return (
+        f"step {step}: {what}; stopped without saving it ({kept}). Lower --lr, check --data, or pass "
+        f"--nan-policy skip to skip such batches"
+    )
 
 
 def _progress(total: int, start: int, enabled: bool):
@@ -100,8 +110,14 @@ def _progress(total: int, start: int, enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"), console=Console(stderr=True))
+    bar = Progress(
+        TextColumn("train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=Console(stderr=True),
+    )
     task = bar.add_task("train", total=total, completed=start, info="compiling...")
     return bar, task
 
@@ -122,7 +138,14 @@ class _Recorder:
         spec, peak = self.spec, self.spec.peak_flops_per_device
         tps = None if first else spec.tokens_per_step / dt
         mfu = None if first or not peak else spec.flops_per_step / (dt * spec.devices * peak)
-        row = {"step": step, "loss": loss, "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt, "compile": first}
+        row = {
+            "step": step,
+            "loss": loss,
+            "tokens_per_s": tps,
+            "mfu": mfu,
+            "step_time_s": dt,
+            "compile": first,
+        }
         if spec.nan_policy == "skip":
             row["skipped"] = not applied
         row = finite_row(row)
@@ -131,9 +154,12 @@ class _Recorder:
             self.mfile.write(json.dumps({**row, "time": time.time()}, allow_nan=False) + "\n")
             self.mfile.flush()
         if self.bar:
-            info = (f"loss {loss:.4f}" + (f"  {tps:,.0f} tok/s" if tps else "")
-                    + (f"  MFU {mfu:.1%}" if mfu is not None else "")
-                    + (f"  skipped {len(self.out.skipped)}" if self.out.skipped else ""))
+            info = (
+                f"loss {loss:.4f}"
+                + (f"  {tps:,.0f} tok/s" if tps else "")
+                + (f"  MFU {mfu:.1%}" if mfu is not None else "")
+                + (f"  skipped {len(self.out.skipped)}" if self.out.skipped else "")
+            )
             self.bar[0].update(self.bar[1], completed=step, info=info)
 
     def check(self, step: int, loss: float, applied: bool) -> None:
@@ -148,10 +174,14 @@ class _Recorder:
         self.out.skipped.append(step)
         self.in_a_row += 1
         if self.spec.lead:
-            self.say(f"warning: step {step}: loss {loss}, non-finite update skipped "
-                     f"({len(self.out.skipped)} so far)")
+            self.say(
+                f"warning: step {step}: loss {loss}, non-finite update skipped "
+                f"({len(self.out.skipped)} so far)"
+            )
         if self.in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise NonFiniteLoss(stop_message(step, f"{self.in_a_row} steps in a row were non-finite", self.ck))
+            raise NonFiniteLoss(
+                stop_message(step, f"{self.in_a_row} steps in a row were non-finite", self.ck)
+            )
 
     def save(self, step: int, state: Any, extra: dict[str, Any], last: bool) -> None:
         if self.ck is None:
@@ -160,14 +190,22 @@ class _Recorder:
             if self.ck.save(step, state, extra, force=last):
                 self.out.saved.append(step)
         except NonFiniteState as e:
-            what = "NaN or Infinity in " + (", ".join(e.paths[:3]) + (f" and {len(e.paths) - 3} more leaves"
-                                                                      if len(e.paths) > 3 else ""))
+            what = "NaN or Infinity in " + (
+                ", ".join(e.paths[:3]) + (f" and {len(e.paths) - 3} more leaves" if len(e.paths) > 3 else "")
+            )
             raise NonFiniteLoss(stop_message(step, what, self.ck)) from None
 
 
-def run_loop(spec: LoopSpec, step_fn: Callable, batches: Callable[[int], jax.Array], state: Any, start: int,
-             ck: Checkpointer | None, extra_at: Callable[[int, float | None], dict[str, Any]],
-             say: Callable[[str], None]) -> LoopResult:
+def run_loop(
+    spec: LoopSpec,
+    step_fn: Callable,
+    batches: Callable[[int], jax.Array],
+    state: Any,
+    start: int,
+    ck: Checkpointer | None,
+    extra_at: Callable[[int, float | None], dict[str, Any]],
+    say: Callable[[str], None],
+) -> LoopResult:
     """Steps start+1 .. spec.steps. `extra_at(step, loss)` is the checkpoint metadata after `step`.
     Raises NonFiniteLoss when the policy stops the run (the metrics line of that step is written)."""
     rec = _Recorder(spec, ck, say, LoopResult(state, [], [], []))

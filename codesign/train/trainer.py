@@ -88,6 +88,7 @@ class TrainRun:
     hardware: str | None = None  # catalog name for the MFU peak (default: from the device kind)
     progress: bool = False
 
+
 # -- resolving the layout --------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -102,9 +103,16 @@ def workload_fields(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in (d or {}).items() if k in known}
 
 
-def resolve_layout(model: str | ModelConfig, *, plan: str | dict | None = None, strategy: str | None = None,
-                   global_batch: int | None = None, seq_len: int | None = None,
-                   param_dtype: str | None = None, n_devices: int | None = None) -> Layout:
+def resolve_layout(
+    model: str | ModelConfig,
+    *,
+    plan: str | dict | None = None,
+    strategy: str | None = None,
+    global_batch: int | None = None,
+    seq_len: int | None = None,
+    param_dtype: str | None = None,
+    n_devices: int | None = None,
+) -> Layout:
     """The model config, workload and strategy a run uses (plan file or spec; flags override)."""
     from codesign.model_io import load_model_config
 
@@ -119,7 +127,9 @@ def resolve_layout(model: str | ModelConfig, *, plan: str | dict | None = None, 
         base = workload_fields(data.get("workload", {}))
         planned_model = (data.get("model") or {}).get("name")
         if planned_model and planned_model != cfg.name:
-            print(f"note: the plan was made for model {planned_model!r}; training {cfg.name!r}", file=sys.stderr)
+            print(
+                f"note: the plan was made for model {planned_model!r}; training {cfg.name!r}", file=sys.stderr
+            )
         where = f"plan {plan if isinstance(plan, (str, os.PathLike)) else '(dict)'}"
     else:
         spec, base, where = strategy, {}, "--strategy"
@@ -149,10 +159,12 @@ def check_executable(strategy: Strategy, attached: int) -> None:
             f"{strategy.spec}: pipeline={strategy.size('pipeline')} cannot be executed; the planner costs "
             f"pipelining analytically and by compiling one stage, but running pipeline schedules is not "
             f"implemented. Train with a pipeline=1 candidate (e.g. --strategy with the same sizes and the "
-            f"pipeline factor moved to fsdp or data)")
+            f"pipeline factor moved to fsdp or data)"
+        )
     if strategy.n_devices != attached:
-        raise StrategyError(f"plan needs {strategy.n_devices} devices, {attached} attached "
-                            f"(strategy {strategy.spec})")
+        raise StrategyError(
+            f"plan needs {strategy.n_devices} devices, {attached} attached (strategy {strategy.spec})"
+        )
 
 
 def attention_impl(choice: str) -> str | None:
@@ -163,8 +175,10 @@ def attention_impl(choice: str) -> str | None:
     if choice == "auto":
         return "cudnn" if backend == "gpu" else None
     if choice == "cudnn" and backend != "gpu":
-        raise ConfigError(f"cuDNN attention needs an NVIDIA GPU, and this run is on {backend}; the plan may "
-                          f"have been costed for one. Pass --attention xla (or auto) to run here")
+        raise ConfigError(
+            f"cuDNN attention needs an NVIDIA GPU, and this run is on {backend}; the plan may "
+            f"have been costed for one. Pass --attention xla (or auto) to run here"
+        )
     return None if choice == "xla" else choice
 
 
@@ -173,8 +187,9 @@ _PROGRAMS: OrderedDict = OrderedDict()
 _PROGRAM_CACHE_SIZE = 4
 
 
-def get_program(cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh,
-                optimizer: OptimizerConfig) -> TrainProgram:
+def get_program(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh, optimizer: OptimizerConfig
+) -> TrainProgram:
     key = (cfg, workload, strategy, mesh, optimizer)
     prog = _PROGRAMS.pop(key, None)
     if prog is None:
@@ -187,7 +202,6 @@ def get_program(cfg: ModelConfig, workload: Workload, strategy: Strategy, mesh,
 
 def build_mesh(strategy: Strategy):
     return MeshSpec.from_strategy(strategy).build(jax.devices())
-
 
 
 # -- peak FLOP/s for MFU -----------------------------------------------------------------------------
@@ -204,16 +218,30 @@ def peak_flops(compute_dtype: str, hardware: str | None = None) -> dict[str, Any
     name = hardware or (match.chip if match else None)
     dkey = _DTYPE_KEY.get(compute_dtype, compute_dtype)
     if name is None:
-        return {"peak_flops_per_device": None, "hardware": None, "dtype": dkey, "nominal": False,
-                "device_kind": kind, "note": f"device kind {kind!r} is not in the hardware catalog; "
-                                             f"pass --hardware NAME to get MFU"}
+        return {
+            "peak_flops_per_device": None,
+            "hardware": None,
+            "dtype": dkey,
+            "nominal": False,
+            "device_kind": kind,
+            "note": f"device kind {kind!r} is not in the hardware catalog; pass --hardware NAME to get MFU",
+        }
     hw = load_hardware(name)
     peak = hw.peak_flops.get(dkey) or hw.peak_flops.get("bf16")
     nominal = hw.platform == "cpu"
-    note = ("CPU: MFU against the catalog's nominal 1 TFLOP/s per device; not a hardware figure" if nominal
-            else f"{name} dense {dkey} peak from the hardware catalog")
-    return {"peak_flops_per_device": peak, "hardware": name, "dtype": dkey, "nominal": nominal,
-            "device_kind": kind, "note": note}
+    note = (
+        "CPU: MFU against the catalog's nominal 1 TFLOP/s per device; not a hardware figure"
+        if nominal
+        else f"{name} dense {dkey} peak from the hardware catalog"
+    )
+    return {
+        "peak_flops_per_device": peak,
+        "hardware": name,
+        "dtype": dkey,
+        "nominal": nominal,
+        "device_kind": kind,
+        "note": note,
+    }
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -252,14 +280,19 @@ def preflight_checkpoint(directory: str, fingerprint: str, resume: bool) -> tupl
         raise CheckpointError(
             f"checkpoint directory {directory} (step {steps[-1]}) was written for "
             f"{extra.get('model', 'another model')!r}, whose architecture differs from this run's model; "
-            f"use another --checkpoint-dir (nothing was changed)")
+            f"use another --checkpoint-dir (nothing was changed)"
+        )
     if not resume:
-        raise TrainError(f"checkpoint directory {directory} already holds steps {steps}; pass --resume to "
-                         f"continue from step {steps[-1]}, or use another --checkpoint-dir")
+        raise TrainError(
+            f"checkpoint directory {directory} already holds steps {steps}; pass --resume to "
+            f"continue from step {steps[-1]}, or use another --checkpoint-dir"
+        )
     return steps[-1], extra
 
 
-def restore_state(prog: TrainProgram, directory: str, step: int | None = None) -> tuple[int, Any, dict[str, Any]]:
+def restore_state(
+    prog: TrainProgram, directory: str, step: int | None = None
+) -> tuple[int, Any, dict[str, Any]]:
     """Read a checkpoint onto `prog`'s shardings (whatever mesh it was saved under), verified:
     (step, state, extra)."""
     with _reader(directory) as ck:
@@ -273,8 +306,11 @@ def optimizer_for(run: TrainRun, saved: dict[str, Any] | None) -> tuple[Optimize
     fields = {f.name for f in dataclasses.fields(OptimizerConfig)}
     settings = {**dataclasses.asdict(OptimizerConfig()), "total_steps": max(run.steps, 1)}
     settings.update({k: v for k, v in (saved or {}).items() if k in fields})
-    flags = {"learning_rate": ("--lr", run.lr), "warmup_steps": ("--warmup-steps", run.warmup_steps),
-             "total_steps": ("--schedule-steps", run.schedule_steps)}
+    flags = {
+        "learning_rate": ("--lr", run.lr),
+        "warmup_steps": ("--warmup-steps", run.warmup_steps),
+        "total_steps": ("--schedule-steps", run.schedule_steps),
+    }
     changed = [flag for key, (flag, v) in flags.items() if v is not None and saved and saved.get(key, v) != v]
     settings.update({key: v for key, (_, v) in flags.items() if v is not None})
     return OptimizerConfig(**settings), changed
@@ -311,32 +347,65 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
         raise TrainError("--resume needs --checkpoint-dir")
     if run.lr is not None and not (math.isfinite(run.lr) and run.lr > 0):
         raise TrainError(f"--lr must be a positive finite number, got {run.lr}")
-    for flag, value, least in (("--warmup-steps", run.warmup_steps, 0), ("--schedule-steps", run.schedule_steps, 1),
-                               ("--save-every", run.save_every, 1), ("--keep", run.keep, 1)):
+    for flag, value, least in (
+        ("--warmup-steps", run.warmup_steps, 0),
+        ("--schedule-steps", run.schedule_steps, 1),
+        ("--save-every", run.save_every, 1),
+        ("--keep", run.keep, 1),
+    ):
         if value is not None and value < least:
             raise TrainError(f"{flag} must be >= {least}, got {value}")
     attached = jax.device_count()
-    layout = resolve_layout(run.model, plan=run.plan, strategy=run.strategy, global_batch=run.global_batch,
-                            seq_len=run.seq_len, param_dtype=run.param_dtype, n_devices=attached)
+    layout = resolve_layout(
+        run.model,
+        plan=run.plan,
+        strategy=run.strategy,
+        global_batch=run.global_batch,
+        seq_len=run.seq_len,
+        param_dtype=run.param_dtype,
+        n_devices=attached,
+    )
     check_executable(layout.strategy, attached)
     if run.devices is not None and run.devices != attached:
-        raise StrategyError(f"--devices {run.devices} given, but {attached} devices are attached"
-                            + (" (on a real accelerator --devices must equal the attached count)"
-                               if jax.default_backend() != "cpu" else ""))
+        raise StrategyError(
+            f"--devices {run.devices} given, but {attached} devices are attached"
+            + (
+                " (on a real accelerator --devices must equal the attached count)"
+                if jax.default_backend() != "cpu"
+                else ""
+            )
+        )
     impl = attention_impl(run.attention or layout.workload.attention)
     workload = dataclasses.replace(layout.workload, attention=impl or "xla")
     peak = peak_flops(workload.dtype, run.hardware)  # a bad --hardware fails before anything compiles
-    factory = make_source_factory(run.data, layout.cfg.vocab_size, workload.seq_len, workload.global_batch,
-                                  run.seed, run.data_dtype)  # a missing file fails here
+    factory = make_source_factory(
+        run.data, layout.cfg.vocab_size, workload.seq_len, workload.global_batch, run.seed, run.data_dtype
+    )  # a missing file fails here
     ckdir = os.path.abspath(run.checkpoint_dir) if run.checkpoint_dir else None
-    resume_step, saved = (preflight_checkpoint(ckdir, layout.cfg.fingerprint(), run.resume) if ckdir
-                          else (None, None))
-    return _Session(run, layout.cfg, workload, layout.strategy, layout.source, impl or "xla", attached, peak,
-                    factory, ckdir, resume_step, saved, say, jax.process_index() == 0)
+    resume_step, saved = (
+        preflight_checkpoint(ckdir, layout.cfg.fingerprint(), run.resume) if ckdir else (None, None)
+    )
+    return _Session(
+        run,
+        layout.cfg,
+        workload,
+        layout.strategy,
+        layout.source,
+        impl or "xla",
+        attached,
+        peak,
+        factory,
+        ckdir,
+        resume_step,
+        saved,
+        say,
+        jax.process_index() == 0,
+    )
 
 
-def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker,
-                   ck: Checkpointer | None) -> tuple[int, Any, list[dict[str, Any]]]:
+def _initial_state(
+    s: _Session, prog: TrainProgram, batches: BatchMaker, ck: Checkpointer | None
+) -> tuple[int, Any, list[dict[str, Any]]]:
     """(first step, state, unreadable steps set aside): the newest good checkpoint or a fresh init."""
     if s.resume_step is None:
         if s.run.resume and s.lead:
@@ -348,8 +417,10 @@ def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker,
         moved = ck.set_aside(step)
         set_aside.append({"step": step, "reason": why, "moved_to": moved})
         if s.lead:
-            s.say(f"warning: checkpoint {why}; resuming from step {got.step}, the newest good one "
-                  f"(step {step} kept as {moved})")
+            s.say(
+                f"warning: checkpoint {why}; resuming from step {got.step}, the newest good one "
+                f"(step {step} kept as {moved})"
+            )
     try:
         batches.restore(got.extra.get("data", {}))
     except ValueError as e:
@@ -362,14 +433,22 @@ def _initial_state(s: _Session, prog: TrainProgram, batches: BatchMaker,
 
 
 def _loop_spec(s: _Session) -> LoopSpec:
-    return LoopSpec(steps=s.run.steps, nan_policy=s.run.nan_policy, tokens_per_step=s.workload.tokens,
-                    flops_per_step=train_flops_per_token(s.cfg, s.workload.seq_len) * s.workload.tokens,
-                    devices=s.attached, peak_flops_per_device=s.peak["peak_flops_per_device"],
-                    metrics=s.run.metrics, progress=s.run.progress, lead=s.lead)
+    return LoopSpec(
+        steps=s.run.steps,
+        nan_policy=s.run.nan_policy,
+        tokens_per_step=s.workload.tokens,
+        flops_per_step=train_flops_per_token(s.cfg, s.workload.seq_len) * s.workload.tokens,
+        devices=s.attached,
+        peak_flops_per_device=s.peak["peak_flops_per_device"],
+        metrics=s.run.metrics,
+        progress=s.run.progress,
+        lead=s.lead,
+    )
 
 
-def run_training(run: TrainRun, *, return_state: bool = False,
-                 log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_training(
+    run: TrainRun, *, return_state: bool = False, log: Callable[[str], None] | None = None
+) -> dict[str, Any]:
     """Train with one layout on the attached devices; see the module docstring.
 
     Returns {"steps": [{"step","loss","tokens_per_s","mfu","step_time_s","compile"[,"skipped"]
@@ -381,26 +460,40 @@ def run_training(run: TrainRun, *, return_state: bool = False,
     s = _prepare(run, log or (lambda m: print(m, file=sys.stderr)))
     opt, changed = optimizer_for(run, (s.saved_extra or {}).get("optimizer"))
     if changed and s.lead:
-        s.say(f"note: {', '.join(changed)} change the checkpoint's optimizer settings; the continued run "
-              f"differs from an uninterrupted one")
+        s.say(
+            f"note: {', '.join(changed)} change the checkpoint's optimizer settings; the continued run "
+            f"differs from an uninterrupted one"
+        )
     prog = get_program(s.cfg, s.workload, s.strategy, build_mesh(s.strategy), opt)
     dropped = [str(d) for d in prog.dropped_rules]
     if s.lead:
-        s.say(f"training {s.cfg.name} with {s.strategy.spec} on {s.attached} {jax.devices()[0].device_kind} "
-              f"devices ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); global batch "
-              f"{s.workload.global_batch} x {s.workload.seq_len} tokens; from {s.layout_source}")
+        s.say(
+            f"training {s.cfg.name} with {s.strategy.spec} on {s.attached} {jax.devices()[0].device_kind} "
+            f"devices ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); global batch "
+            f"{s.workload.global_batch} x {s.workload.seq_len} tokens; from {s.layout_source}"
+        )
         for d in dropped:
             s.say(f"  rule dropped: {d}")
     batches = BatchMaker(s.factory, s.workload.global_batch, s.workload.seq_len, prog.batch_sharding)
 
     def extra_at(step: int, loss: float | None) -> dict[str, Any]:
-        return {"data": batches.state_at(step), "strategy": s.strategy.spec, FINGERPRINT_KEY: s.cfg.fingerprint(),
-                "model": s.cfg.name, "workload": s.workload.to_json(), "optimizer": dataclasses.asdict(opt),
-                "seed": run.seed, "loss": loss}
+        return {
+            "data": batches.state_at(step),
+            "strategy": s.strategy.spec,
+            FINGERPRINT_KEY: s.cfg.fingerprint(),
+            "model": s.cfg.name,
+            "workload": s.workload.to_json(),
+            "optimizer": dataclasses.asdict(opt),
+            "seed": run.seed,
+            "loss": loss,
+        }
 
     spec = _loop_spec(s)
-    ck = (Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
-          if s.ckdir else None)
+    ck = (
+        Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
+        if s.ckdir
+        else None
+    )
     try:
         start, state, set_aside = _initial_state(s, prog, batches, ck)
         step_fn = guarded_step(prog) if run.nan_policy == "skip" else prog.step_fn

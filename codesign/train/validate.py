@@ -28,8 +28,10 @@ from codesign.train.data import BatchMaker, SyntheticSource
 from codesign.train_step import OptimizerConfig, TrainProgram
 
 MIN_RANK_ROWS = 3
-CPU_CAVEAT = ("measured on CPU: emulated devices share the host's cores, so these step times say nothing about "
-              "the target hardware's; the ratios are not errors of the estimate")
+CPU_CAVEAT = (
+    "measured on CPU: emulated devices share the host's cores, so these step times say nothing about "
+    "the target hardware's; the ratios are not errors of the estimate"
+)
 
 
 def spearman(xs: list[float], ys: list[float]) -> float | None:
@@ -48,9 +50,14 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
 def measure(prog: TrainProgram, steps: int, warmup: int, seed: int = 0) -> dict[str, Any]:
     """Compile, warm up and time one program: {"compile_s", "step_times_s", "median_s", "loss"}."""
     w = prog.workload
-    batches = BatchMaker(lambda pi, pc: SyntheticSource(prog.cfg.vocab_size, w.seq_len, w.global_batch, seed,
-                                                        process_index=pi, process_count=pc),
-                         w.global_batch, w.seq_len, prog.batch_sharding)
+    batches = BatchMaker(
+        lambda pi, pc: SyntheticSource(
+            prog.cfg.vocab_size, w.seq_len, w.global_batch, seed, process_index=pi, process_count=pc
+        ),
+        w.global_batch,
+        w.seq_len,
+        prog.batch_sharding,
+    )
     state = prog.init(seed)
     t0 = time.perf_counter()
     step = prog.lower().compile()
@@ -67,8 +74,12 @@ def measure(prog: TrainProgram, steps: int, warmup: int, seed: int = 0) -> dict[
             times.append(time.perf_counter() - t)
     loss = float(jax.device_get(out["loss"].addressable_shards[0].data)) if out is not None else None
     del state
-    return {"compile_s": compile_s, "step_times_s": times, "median_s": statistics.median(times) if times else None,
-            "loss": loss}
+    return {
+        "compile_s": compile_s,
+        "step_times_s": times,
+        "median_s": statistics.median(times) if times else None,
+        "loss": loss,
+    }
 
 
 def _check_devices(data: dict[str, Any], where: str, attached: int) -> None:
@@ -78,8 +89,10 @@ def _check_devices(data: dict[str, Any], where: str, attached: int) -> None:
         from codesign.train.trainer import TrainError
 
         n = needs[0] if len(needs) == 1 else needs
-        raise TrainError(f"{where} is a plan for {n} devices, but {attached} are attached; run validate with "
-                         f"--devices {needs[0]} (CPU emulation), or make a plan for {attached} devices")
+        raise TrainError(
+            f"{where} is a plan for {n} devices, but {attached} are attached; run validate with "
+            f"--devices {needs[0]} (CPU emulation), or make a plan for {attached} devices"
+        )
 
 
 def _skip_summary(skipped: list[dict[str, str]]) -> str:
@@ -89,9 +102,17 @@ def _skip_summary(skipped: list[dict[str, str]]) -> str:
     return "; ".join(f"{n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
-def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, steps: int = 5,
-                   warmup: int = 2, attention: str | None = None, seed: int = 0,
-                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_validation(
+    model: str | ModelConfig,
+    plan: str | dict,
+    *,
+    top: int = 3,
+    steps: int = 5,
+    warmup: int = 2,
+    attention: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Measure the plan's top `top` runnable candidates; see the module docstring.
 
     Returns {"rows": [{"spec","estimated_step_time_s","measured_step_time_s","ratio", ...}],
@@ -119,8 +140,10 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
         say(f"note: {caveat}")
     impl = attention_impl(attention or workload.attention)  # default: the kernel the plan was costed for
     if impl != workload.attention_impl:
-        say(f"note: the plan was costed for {workload.attention} attention; measuring {impl or 'xla'} "
-            f"(plan with --attention {impl or 'xla'} to compare like with like)")
+        say(
+            f"note: the plan was costed for {workload.attention} attention; measuring {impl or 'xla'} "
+            f"(plan with --attention {impl or 'xla'} to compare like with like)"
+        )
     workload = dataclasses.replace(workload, attention=impl or "xla")
     rows, skipped = [], []
     for cand in data["candidates"]:
@@ -148,20 +171,43 @@ def run_validation(model: str | ModelConfig, plan: str | dict, *, top: int = 3, 
             skipped.append({"spec": spec, "reason": reason})
             continue
         est = float(cand["step_time_s"])
-        rows.append(finite_row({
-            "spec": spec, "estimated_step_time_s": est, "measured_step_time_s": m["median_s"],
-            "ratio": m["median_s"] / est if est > 0 else None, "rank": cand.get("rank"),
-            "evidence": cand.get("evidence"), "compile_s": m["compile_s"], "step_times_s": m["step_times_s"],
-            "loss": m["loss"]}))
+        rows.append(
+            finite_row(
+                {
+                    "spec": spec,
+                    "estimated_step_time_s": est,
+                    "measured_step_time_s": m["median_s"],
+                    "ratio": m["median_s"] / est if est > 0 else None,
+                    "rank": cand.get("rank"),
+                    "evidence": cand.get("evidence"),
+                    "compile_s": m["compile_s"],
+                    "step_times_s": m["step_times_s"],
+                    "loss": m["loss"],
+                }
+            )
+        )
     if skipped:
         say(f"skipped {len(skipped)} candidates: {_skip_summary(skipped)}")
     if not rows:
-        raise TrainError(f"nothing was measured: none of the {len(data['candidates'])} candidates in {where} can "
-                         f"run here ({_skip_summary(skipped) or 'the plan has no candidates'})")
+        raise TrainError(
+            f"nothing was measured: none of the {len(data['candidates'])} candidates in {where} can "
+            f"run here ({_skip_summary(skipped) or 'the plan has no candidates'})"
+        )
     rho = spearman([r["estimated_step_time_s"] for r in rows], [r["measured_step_time_s"] for r in rows])
-    return {"rows": rows, "rank_correlation": rho, "skipped": skipped, "devices": attached,
-            "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-            "model": cfg.name, "workload": workload.to_json(), "steps": steps, "warmup": warmup,
-            "ratio_definition": "measured / estimated", "caveat": caveat,
-            "rank_correlation_note": None if rho is not None else
-            f"needs at least {MIN_RANK_ROWS} measured rows with distinct times"}
+    return {
+        "rows": rows,
+        "rank_correlation": rho,
+        "skipped": skipped,
+        "devices": attached,
+        "platform": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "model": cfg.name,
+        "workload": workload.to_json(),
+        "steps": steps,
+        "warmup": warmup,
+        "ratio_definition": "measured / estimated",
+        "caveat": caveat,
+        "rank_correlation_note": None
+        if rho is not None
+        else f"needs at least {MIN_RANK_ROWS} measured rows with distinct times",
+    }

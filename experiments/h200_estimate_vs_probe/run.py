@@ -36,14 +36,28 @@ def probe_rows(path: Path) -> list[dict]:
         r = json.loads(line)
         if r.get("sec") != "step":
             continue
-        rows.append({**r, "remat": r.get("remat", "full"), "attn": r.get("attn", "xla"),
-                     "pdtype": r.get("pdtype", "float32")})
+        rows.append(
+            {
+                **r,
+                "remat": r.get("remat", "full"),
+                "attn": r.get("attn", "xla"),
+                "pdtype": r.get("pdtype", "float32"),
+            }
+        )
     return rows
 
 
 def model_of(c: dict) -> ModelConfig:
-    return ModelConfig(name=f"llama-d{c['D']}-l{c['L']}", vocab_size=c["V"], hidden=c["D"], layers=c["L"],
-                       heads=c["H"], kv_heads=c["H"], mlp_dim=c["F"], attention="mha")
+    return ModelConfig(
+        name=f"llama-d{c['D']}-l{c['L']}",
+        vocab_size=c["V"],
+        hidden=c["D"],
+        layers=c["L"],
+        heads=c["H"],
+        kv_heads=c["H"],
+        mlp_dim=c["F"],
+        attention="mha",
+    )
 
 
 def compare(rows: list[dict], hardware: str) -> list[dict]:
@@ -55,11 +69,23 @@ def compare(rows: list[dict], hardware: str) -> list[dict]:
         w = Workload(global_batch=c["B"], seq_len=c["S"], param_dtype=r["pdtype"], attention=r["attn"])
         e = estimate_analytic(cfg, w, Strategy.parse(f"data=1,remat={r['remat']}"), hw)
         measured_mfu = train_flops_per_token(cfg, c["S"]) * c["B"] * c["S"] / (r["s"] * hw.peak_flops["bf16"])
-        out.append({"model": f"{r['params'] / 1e9:.2f}B", "batch": f"{c['B']}x{c['S']}", "attention": r["attn"],
-                    "remat": r["remat"], "param_dtype": r["pdtype"], "measured_s": r["s"],
-                    "estimated_s": e.step_time_s, "ratio": e.step_time_s / r["s"], "measured_mfu": measured_mfu,
-                    "estimated_mfu": e.mfu, "matmul_kernels_s": e.compute_s,
-                    "memory_bound_kernels_s": max(e.memory_s, e.vector_s), "memory_fits": e.fits})
+        out.append(
+            {
+                "model": f"{r['params'] / 1e9:.2f}B",
+                "batch": f"{c['B']}x{c['S']}",
+                "attention": r["attn"],
+                "remat": r["remat"],
+                "param_dtype": r["pdtype"],
+                "measured_s": r["s"],
+                "estimated_s": e.step_time_s,
+                "ratio": e.step_time_s / r["s"],
+                "measured_mfu": measured_mfu,
+                "estimated_mfu": e.mfu,
+                "matmul_kernels_s": e.compute_s,
+                "memory_bound_kernels_s": max(e.memory_s, e.vector_s),
+                "memory_fits": e.fits,
+            }
+        )
     return out
 
 
@@ -81,25 +107,34 @@ def markdown(results: dict[str, list[dict]]) -> str:
         ratios = [r["ratio"] for r in rows]
         inside = sum(abs(x - 1) <= 0.10 for x in ratios)
         rho = spearman([r["estimated_s"] for r in rows], [r["measured_s"] for r in rows])
-        title = (f"### `--hardware {hw}`: estimated / measured median {statistics.median(ratios):.2f}, "
-                 f"range {min(ratios):.2f}-{max(ratios):.2f}, {inside} of {len(rows)} within +-10%, "
-                 f"rank correlation {rho:.2f}")
-        header = ("| model | batch | attention | remat | params | measured ms | estimated ms | est/meas | "
-                  "measured MFU | matmul kernels ms | memory-bound kernels ms |")
+        title = (
+            f"### `--hardware {hw}`: estimated / measured median {statistics.median(ratios):.2f}, "
+            f"range {min(ratios):.2f}-{max(ratios):.2f}, {inside} of {len(rows)} within +-10%, "
+            f"rank correlation {rho:.2f}"
+        )
+        header = (
+            "| model | batch | attention | remat | params | measured ms | estimated ms | est/meas | "
+            "measured MFU | matmul kernels ms | memory-bound kernels ms |"
+        )
         lines += [title, "", header, "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
-            lines.append(f"| {r['model']} | {r['batch']} | {r['attention']} | {r['remat']} | {r['param_dtype']} | "
-                         f"{r['measured_s'] * 1e3:.1f} | {r['estimated_s'] * 1e3:.1f} | {r['ratio']:.2f} | "
-                         f"{r['measured_mfu']:.1%} | {r['matmul_kernels_s'] * 1e3:.1f} | "
-                         f"{r['memory_bound_kernels_s'] * 1e3:.1f} |")
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['attention']} | {r['remat']} | {r['param_dtype']} | "
+                f"{r['measured_s'] * 1e3:.1f} | {r['estimated_s'] * 1e3:.1f} | {r['ratio']:.2f} | "
+                f"{r['measured_mfu']:.1%} | {r['matmul_kernels_s'] * 1e3:.1f} | "
+                f"{r['memory_bound_kernels_s'] * 1e3:.1f} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hardware", action="append",
-                    help=f"catalog name or profile (default: h200 and {CALIBRATED.relative_to(HERE.parent.parent)})")
+    ap.add_argument(
+        "--hardware",
+        action="append",
+        help=f"catalog name or profile (default: h200 and {CALIBRATED.relative_to(HERE.parent.parent)})",
+    )
     ap.add_argument("--probe", default=str(HERE / "probe_steps.jsonl"))
     args = ap.parse_args()
     hardware = args.hardware or ["h200", str(CALIBRATED.relative_to(HERE.parent.parent))]

@@ -18,15 +18,22 @@ def markdown(results: dict[str, dict]) -> str:
     out = []
     for hw, res in results.items():
         a = res["assumptions"]
-        out += [(f"### {hw}: {a['hbm_usable_bytes'] / 1e9:.1f} GB usable HBM at {a['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
-                f"{a['peak_flops'] / 1e12:,.0f} TFLOP/s {a['compute_dtype']}"), "",
-                "| attention | KV KB/token | context | batch | memory-bound tok/s/GPU | roofline tok/s/GPU | bound |",
-                "|---|---:|---:|---:|---:|---:|---|"]
+        out += [
+            (
+                f"### {hw}: {a['hbm_usable_bytes'] / 1e9:.1f} GB usable HBM at {a['hbm_bytes_per_s'] / 1e12:.2f} TB/s, "
+                f"{a['peak_flops'] / 1e12:,.0f} TFLOP/s {a['compute_dtype']}"
+            ),
+            "",
+            "| attention | KV KB/token | context | batch | memory-bound tok/s/GPU | roofline tok/s/GPU | bound |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
         for r in res["rows"]:
             if r["context"] in TABLE_CONTEXTS:
-                out.append(f"| {r['variant']} ({r['model']}) | {r['kv_bytes_per_token'] / 1000:,.1f} | {r['context']:,} | "
-                           f"{r['batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s_per_gpu_roofline']:,.0f} | "
-                           f"{r['bound'] if r['batch'] else 'does not fit'} |")
+                out.append(
+                    f"| {r['variant']} ({r['model']}) | {r['kv_bytes_per_token'] / 1000:,.1f} | {r['context']:,} | "
+                    f"{r['batch']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s_per_gpu_roofline']:,.0f} | "
+                    f"{r['bound'] if r['batch'] else 'does not fit'} |"
+                )
         out.append("")
     return "\n".join(out)
 
@@ -46,10 +53,21 @@ def plot(results: dict[str, dict], path: Path) -> None:
                 continue
             ctx = [r["context"] for r in rows]
             kb = rows[0]["kv_bytes_per_token"] / 1000
-            ax.plot(ctx, [r["tokens_per_s_per_gpu"] for r in rows], "o-", color=color,
-                    label=f"{kind.upper()} ({kb:,.0f} KB/token): memory-bound")
-            ax.plot(ctx, [r["tokens_per_s_per_gpu_roofline"] for r in rows], "x--", color=color, alpha=0.6,
-                    label=f"{kind.upper()}: with compute roofline")
+            ax.plot(
+                ctx,
+                [r["tokens_per_s_per_gpu"] for r in rows],
+                "o-",
+                color=color,
+                label=f"{kind.upper()} ({kb:,.0f} KB/token): memory-bound",
+            )
+            ax.plot(
+                ctx,
+                [r["tokens_per_s_per_gpu_roofline"] for r in rows],
+                "x--",
+                color=color,
+                alpha=0.6,
+                label=f"{kind.upper()}: with compute roofline",
+            )
         a = res["assumptions"]
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -73,8 +91,10 @@ def main(argv=None) -> None:
 
     from codesign.explore import decode_throughput
 
-    results = {hw: decode_throughput(args.model, hw, devices=args.devices, weight_bytes=args.weight_bytes)
-               for hw in args.hardware.split(",")}
+    results = {
+        hw: decode_throughput(args.model, hw, devices=args.devices, weight_bytes=args.weight_bytes)
+        for hw in args.hardware.split(",")
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     md = markdown(results)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 
+from codesign.config import default_workload
 from codesign.explore.sweep import parse_vary, plot_sweep, run_sweep, write_outputs
 from codesign.hardware import load_hardware
-from codesign.config import default_workload
 from codesign.presets import get_preset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,8 +32,10 @@ def main() -> None:
     lines = ["| NVLink domain | IB per GPU | best layout | step time | MFU |", "|---|---|---|---|---|"]
     for p in result.points:
         k = p["knobs"]
-        lines.append(f"| {k['scaleup_size']} | {k['scaleout_bw'] / 1e9:g} GB/s | `{p['best_spec']}` | "
-                     f"{p['step_time_s']:.1f} s | {p['mfu']:.1%} |")
+        lines.append(
+            f"| {k['scaleup_size']} | {k['scaleout_bw'] / 1e9:g} GB/s | `{p['best_spec']}` | "
+            f"{p['step_time_s']:.1f} s | {p['mfu']:.1%} |"
+        )
     with open(os.path.join(HERE, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
