@@ -367,3 +367,43 @@ def test_tpu_async_slice_moves_only_the_slice():
     """XLA:TPU's slice-start copies a quarter of the buffer here (format as libtpu 0.0.52 prints it):
     read and write of the slice, like dynamic-slice; the -done is bookkeeping."""
     assert analyze_hlo(_ASYNC_SLICE_HLO).bytes_accessed == 2 * 2 * 2 * 1024 * 128
+
+
+def test_an_unreadable_instruction_is_counted_named_and_reported(monkeypatch):
+    """A parser gap must not quietly lower FLOPs: the walk counts and names what it skipped, the report
+    carries it, and the estimate says so. The gap is simulated: the dot reader fails on one instruction."""
+    from codesign.compile import hlo
+    from codesign.config import Workload
+    from codesign.cost.estimate import estimate_from_report
+    from codesign.hardware import load_hardware
+    from codesign.presets import get_preset
+    from codesign.report import CompileReport
+    from codesign.sharding.strategy import Strategy
+
+    text = (
+        "HloModule m\n\nENTRY %main (a: f32[4,4]) -> f32[4,4] {\n  %a = f32[4,4] parameter(0)\n"
+        "  %ok = f32[4,4] dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+        "  ROOT %bad = f32[4,4] dot(%a, %nowhere), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n"
+    )
+    real = hlo._dot_flops
+
+    def gap(ins, comp):
+        if ins.name == "bad":
+            raise ValueError("an attribute this parser does not know")
+        return real(ins, comp)
+
+    monkeypatch.setattr(hlo, "_dot_flops", gap)
+    stats = analyze_hlo(text)
+    assert stats.matmul_flops == 2 * 4 * 4 * 4  # the readable dot still counts
+    assert stats.skipped == 1 and stats.skipped_instructions[0].startswith("dot bad")
+    report = CompileReport(
+        outcome="ok",
+        target="cpu",
+        matmul_flops=stats.matmul_flops,
+        flops=stats.flops,
+        skipped_instructions=stats.skipped,
+        skipped_examples=stats.skipped_instructions,
+    )
+    s = Strategy.parse("data=1")
+    est = estimate_from_report(get_preset("tiny-dense"), Workload(8, 32), s, load_hardware("cpu", 1), report)
+    assert any("could not read 1 instructions (dot bad" in r for r in est.reasons)
