@@ -34,6 +34,8 @@ REMATS = ("none", "full", "dots")  # scored for every layout
 # host transfers), and sequence parallelism in the tensor group with every policy.
 REFINE_REMATS = ("selective", "minimal", "save_dot_except_mlp", "save_qkv_proj")
 SPS = (False, True)
+# ZeRO levels tried for the refined layouts that have data replicas (zero=0 is every layout's base).
+ZEROS = (1, 2)
 REFINE_TOP = 200
 MICROBATCHES = (1, 2, 4, 8)
 ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
@@ -59,6 +61,7 @@ class PlanRequest:
     # exactly those policies, without sp, unless it names these too.
     refine_remats: tuple[str, ...] | None = None
     sps: tuple[bool, ...] | None = None
+    zeros: tuple[int, ...] | None = None  # None: ZEROS when `remats` is left at REMATS
     microbatches: tuple[int, ...] = MICROBATCHES
     axis_orders: bool = True
     cache_dir: str | None = None
@@ -113,17 +116,22 @@ def _smallest_factor(n: int) -> int:
     return next(p for p in range(2, n + 1) if n % p == 0)
 
 
-def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy) -> float:
-    """f32 params + grads + Adam moments (16 B/param), as finely as this layout can shard them."""
+def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy, zero: int = 0) -> float:
+    """f32 params + grads + Adam moments (16 B/param), as finely as this layout can shard them; with
+    `zero` the moments (1) and gradients (2) are also divided over the data replicas."""
     pc = param_counts(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
     if cfg.is_moe:
         expert_params = cfg.moe_layers * cfg.n_routed_experts * 3 * cfg.hidden * cfg.moe_mlp_dim
-        return 16 * (
-            (pc.total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"])
+        per_device = (pc.total - expert_params) / dense_shards + expert_params / (
+            dense_shards * sizes["expert"]
         )
-    return 16 * pc.total / dense_shards
+    else:
+        per_device = pc.total / dense_shards
+    d = sizes["data"]
+    per_param = {0: 16.0, 1: 8 + 8 / d, 2: 4 + 12 / d}[zero if d > 1 else 0]
+    return per_param * per_device
 
 
 def _measure_batch(
@@ -197,6 +205,7 @@ def plan(req: PlanRequest) -> Plan:
     default = tuple(req.remats) == REMATS
     refine_remats = req.refine_remats if req.refine_remats is not None else (REFINE_REMATS if default else ())
     sps = req.sps if req.sps is not None else (SPS if default else (False,))
+    zeros = req.zeros if req.zeros is not None else (ZEROS if default else ())
     remats = tuple(dict.fromkeys(tuple(req.remats) + tuple(refine_remats)))
     en = enumerate_strategies(
         cfg,
@@ -212,7 +221,7 @@ def plan(req: PlanRequest) -> Plan:
         if any(not c(s) for c in req.constraints):
             rejected["excluded by --strategy-filter/--fix"] += 1
             continue
-        if _state_bytes_lower_bound(cfg, s) > capacity * (1 - req.headroom):
+        if _state_bytes_lower_bound(cfg, s, max(zeros, default=0)) > capacity * (1 - req.headroom):
             rejected["weights+optimizer state alone exceed HBM"] += 1
             continue
         candidates.append(s)
@@ -235,6 +244,17 @@ def plan(req: PlanRequest) -> Plan:
         by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
         keep = {_layout(sc.strategy) for sc in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}
         scored += [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in refine if _layout(s) in keep]
+        scored.sort(key=lambda sc: _sort_key(sc, req))
+    if zeros:  # ZeRO-1/2 for the best layouts with data replicas (optimizer state, then gradients, over data)
+        by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
+        seen = {sc.strategy for sc in scored}
+        for sc in {id(x): x for x in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}.values():
+            if sc.strategy.size("data") > 1 and sc.strategy.zero == 0:
+                for z in zeros:
+                    s = sc.strategy.replace(zero=z)
+                    if s not in seen and all(c(s) for c in req.constraints):
+                        seen.add(s)
+                        scored.append(Scored(s, estimate_analytic(cfg, w, s, hw)))
         scored.sort(key=lambda sc: _sort_key(sc, req))
     if req.axis_orders:
         for sc in scored[:ORDER_SEARCH_TOP]:
