@@ -225,3 +225,36 @@ def test_cli_json_is_one_document(tmp_path):
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert len(doc["candidates"]) == 5 and doc["export"]["maxtext"]["remat_policy"]
+
+
+def test_zero_levels_are_searched_and_fit_where_replicated_state_does_not(tmp_path):
+    """ZeRO-1/2 variants are scored for layouts with data replicas, and the prune does not drop a layout
+    that only ZeRO makes fit: with HBM between the two, data=8 fits with zero=1 and not without."""
+    import dataclasses
+
+    from codesign.closed_form import analytic_memory
+
+    cfg, w = get_preset("tiny-dense"), Workload(8, 32)
+    hw = load_hardware("cpu", devices=8)
+    data8 = analytic_memory(cfg, w, Strategy.parse("data=8,remat=full"))
+    zero1 = analytic_memory(cfg, w, Strategy.parse("data=8,remat=full,zero=1"))
+    assert zero1.optimizer == pytest.approx(data8.optimizer / 8)
+    # HBM between the two: only sharded optimizer state fits for data=8.
+    cap = (data8.total + zero1.total) / 2
+    small = dataclasses.replace(
+        hw, chip=dataclasses.replace(hw.chip, hbm_bytes=int(cap)), memory_reserve_bytes=0
+    )
+    result = plan(
+        _request(
+            "tiny-dense",
+            tmp_path,
+            target="analytic",
+            hardware=small,
+            remats=("full",),
+            microbatches=(1,),
+            zeros=(1, 2),
+        )
+    )
+    specs = {row["spec"]: row for row in result.scored}
+    assert "data=8,remat=full,zero=1" in specs and "data=8,remat=full,zero=2" in specs
+    assert specs["data=8,remat=full,zero=1"]["fits"] and not specs["data=8,remat=full"]["fits"]
