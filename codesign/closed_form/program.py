@@ -1,4 +1,5 @@
-"""The closed form as an instrument: the CompileReport what XLA would emit for one (model, workload, strategy), without compiling.
+"""The closed form as an instrument: the CompileReport XLA would give for one (model, workload,
+strategy), without compiling.
 
 Microseconds per candidate, so the planner can rank thousands of layouts and compile only the best.
 Everything is per device per step, for ONE pipeline stage (layers / pipeline; the embedding and the LM
@@ -24,8 +25,12 @@ tests/test_analytic.py). Per microbatch unless noted:
   embedding is looked up on its d-shard and redistributed by an all-to-all of b*s*d (fwd and bwd),
   so its gradient needs no reduction. Gradients: a reduce-scatter per param over fsdp (XLA:CPU writes
   it as all-reduce + dynamic-slice, so the CPU lowering reports all-reduce of the full size).
-- data / sequence / expert (for non-expert params) are replicas of each param: its gradient is
-  all-reduced over them (after the fsdp scatter, at the scattered size), inside the microbatch loop.
+- sequence / expert (for non-expert params) are replicas of each param: its gradient is all-reduced
+  over them (after the fsdp scatter, at the scattered size), inside the microbatch loop.
+- data (the pure replicas, `replica_axes`): the train step accumulates unreduced gradients and
+  reduces them itself once per step, in the params' dtype: one all-reduce, or under ZeRO one
+  reduce-scatter over data (zero=2: one per microbatch, into the sharded accumulator) and one
+  all-gather of the updated params. With one microbatch and no ZeRO, XLA's own per-param reduction.
 - tensor (Megatron): one all-reduce of a partial sum per matmul that contracts a tensor-sharded dim.
   Forward: attention output, FFN output (MoE: routed y_e and the shared expert separately).
   Backward: the input gradient of each column-parallel matmul separately (GQA: q, k, v; MLA: the
