@@ -277,3 +277,14 @@ def test_ray_executor_gives_the_same_reports_as_local_workers(tmp_path):
     assert (out[0].flops, out[0].collectives, out[0].memory) == (local.flops, local.collectives, local.memory)
     assert out[1].outcome == "ok" and dict(out[1].mesh)["fsdp"] == 2
     assert late.outcome == "timeout"
+
+
+def test_an_executor_failure_is_a_row_not_a_crash(tmp_path, monkeypatch):
+    def lost(*a):
+        raise RuntimeError("worker node died")
+
+    FakeWorker(monkeypatch, make=lost)
+    out = M.measure([_req(), _req(s=Strategy.parse("fsdp=2"))], workers=2, cache=CompileCache(tmp_path))
+    assert [r.outcome for r in out] == ["error", "error"]
+    assert "worker node died" in out[0].message
+    assert not list(tmp_path.rglob("*.json"))  # a lost worker says nothing about the candidate

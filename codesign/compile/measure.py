@@ -189,8 +189,22 @@ def measure(
         futures = {pool.submit(req, timeout_s): (i, req) for i, req in todo}
         for fut in cf.as_completed(futures):
             i, req = futures[fut]
-            report = fut.result()
+            lost = False
+            try:
+                report = fut.result()
+            except Exception as e:  # noqa: BLE001 - an executor failure (a lost Ray worker) is a row too
+                report = CompileReport(
+                    outcome="error",
+                    target=req.target,
+                    stage="compile",
+                    full_mesh=req.strategy.mesh,
+                    message=f"{executor} executor failed: {type(e).__name__}: {str(e)[:500]}",
+                )
+                lost = True  # says nothing about the candidate: never cached, never reused
             stats.compiled += 1
+            if lost:
+                land(i, report)
+                continue
             if cache is not None:
                 cache.put(keys[i], report)  # as it lands: an interrupted search keeps what finished
             if reuse is not None:
