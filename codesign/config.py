@@ -241,6 +241,10 @@ class Workload:
             raise ConfigError(f"workload mode {self.mode!r}; use one of {WORKLOAD_MODES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
+        for name in ("global_batch", "seq_len"):  # a plan file or profile may carry any JSON value here
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"workload {name} must be a whole number, not {value!r}")
         if self.global_batch <= 0 or self.seq_len <= 0:
             raise ConfigError(
                 f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive"
