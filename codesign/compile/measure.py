@@ -54,17 +54,7 @@ class _Local:
         self.pool = cf.ThreadPoolExecutor(max_workers=max(1, workers))
 
     def submit(self, req: CompileRequest, timeout_s: float) -> cf.Future:
-        return self.pool.submit(
-            compile_in_subprocess,
-            req.cfg,
-            req.workload,
-            req.strategy,
-            req.hardware,
-            req.target,
-            timeout_s,
-            req.save_hlo,
-            req.max_compile_devices,
-        )
+        return self.pool.submit(_compile, req, timeout_s)
 
     def shutdown(self, cancel: bool) -> None:
         if cancel:
@@ -103,8 +93,8 @@ class _Ray:
                 self.ray.cancel(ref, force=True)
 
 
-def _ray_compile(request_json: dict, timeout_s: float) -> CompileReport:
-    req = CompileRequest.from_json(request_json)
+def _compile(req: CompileRequest, timeout_s: float) -> CompileReport:
+    """One request in a worker subprocess (what every executor runs)."""
     return compile_in_subprocess(
         req.cfg,
         req.workload,
@@ -115,6 +105,10 @@ def _ray_compile(request_json: dict, timeout_s: float) -> CompileReport:
         req.save_hlo,
         req.max_compile_devices,
     )
+
+
+def _ray_compile(request_json: dict, timeout_s: float) -> CompileReport:
+    return _compile(CompileRequest.from_json(request_json), timeout_s)
 
 
 def make_executor(name: str, workers: int, address: str | None = None):
