@@ -39,45 +39,13 @@ def markdown(results: dict[str, dict]) -> str:
 
 
 def plot(results: dict[str, dict], path: Path) -> None:
+    """The package's decode-throughput figure (the notebooks show the same one), saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from codesign.explore.plots import decode_throughput
 
-    colors = {"mla": "tab:green", "gqa": "tab:blue", "mha": "tab:red"}
-    fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
-    for ax, (hw, res) in zip(axes[0], results.items()):
-        for kind, color in colors.items():
-            rows = [r for r in res["rows"] if r["variant"] == kind and r["batch"] > 0]
-            if not rows:
-                continue
-            ctx = [r["context"] for r in rows]
-            kb = rows[0]["kv_bytes_per_token"] / 1000
-            ax.plot(
-                ctx,
-                [r["tokens_per_s_per_gpu"] for r in rows],
-                "o-",
-                color=color,
-                label=f"{kind.upper()} ({kb:,.0f} KB/token): memory-bound",
-            )
-            ax.plot(
-                ctx,
-                [r["tokens_per_s_per_gpu_roofline"] for r in rows],
-                "x--",
-                color=color,
-                alpha=0.6,
-                label=f"{kind.upper()}: with compute roofline",
-            )
-        a = res["assumptions"]
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("decode tokens/s per GPU (largest batch that fits)")
-        ax.set_title(f"{a['model']} body on {hw}: FP8 weights over {a['devices']} GPUs, BF16 KV")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    decode_throughput(results).savefig(path, dpi=120)
 
 
 def main(argv=None) -> None:
