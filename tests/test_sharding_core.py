@@ -25,6 +25,15 @@ def test_spec_roundtrip_and_json():
     assert o.order[:2] == ("tensor", "data") and Strategy.parse(o.spec) == o
 
 
+def test_pipeline_schedule_keys():
+    s = Strategy.parse("pipeline=4,tensor=2,stages_per_device=3,microbatches=8")
+    assert s.schedule == "interleaved" and s.stages_per_device == 3 and s.stage_chunks == 12
+    assert Strategy.parse(s.spec) == s == Strategy.from_json(s.to_json())
+    assert Strategy.parse("pipeline=2,schedule=gpipe,v=2").schedule == "gpipe"
+    # no pipeline: nothing to schedule, so the keys are dropped rather than refused
+    assert Strategy.parse("data=8,v=3,schedule=gpipe") == Strategy.parse("data=8")
+
+
 @pytest.mark.parametrize(
     "bad,needle",
     [
@@ -34,6 +43,10 @@ def test_spec_roundtrip_and_json():
         ("data=0", "positive"),
         ("data", "not key=value"),
         ("microbatches=-1", "positive"),
+        ("pipeline=2,schedule=zb", "schedule='zb'"),
+        ("pipeline=2,schedule=interleaved", "stages_per_device=V >= 2"),
+        ("pipeline=2,schedule=dualpipe,v=2", "use stages_per_device=1"),
+        ("pipeline=2,v=x", "must be an integer"),
     ],
 )
 def test_malformed_specs_say_what_is_wrong(bad, needle):

@@ -19,6 +19,12 @@ block's all-reduce becomes a reduce-scatter + all-gather. It is distinct from th
 (context parallelism). With tensor=1 there is no tensor group to shard over: `sp=1` is accepted and
 dropped (as Megatron-LM does), so `data=8,sp=1` is the same strategy as `data=8`. With `rules=FILE`
 the file alone decides the activation layout (map `act_norm_seq` there), so `sp=1` is refused.
+
+`schedule=gpipe|1f1b|interleaved|dualpipe` and `stages_per_device=V` (alias `v=V`) describe the pipeline
+(pipeline=p > 1): each device holds V stage chunks of L/(p*V) layers (Megatron's virtual pipeline stages).
+`interleaved` is 1F1B with V > 1 (1f1b with V > 1 is normalized to it); gpipe with V > 1 is MaxText's
+circular pipeline. DualPipe (DeepSeek-V3) runs two directions over the same p devices and needs V=1.
+With pipeline=1 both are dropped (normalized to 1f1b, V=1).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ REMAT_POLICIES = (
     "selective",
 )
 BATCH_AXES = ("data", "fsdp", "expert")
+PIPELINE_SCHEDULES = ("1f1b", "gpipe", "interleaved", "dualpipe")
 
 
 def batch_shards(sizes: dict[str, int]) -> int:
@@ -69,6 +76,8 @@ class Strategy:
     rules_file: str | None = None
     zero: int = 0
     sp: bool = False  # sequence parallelism in the tensor group (normalized to False when tensor=1)
+    schedule: str = "1f1b"  # pipeline schedule (normalized to 1f1b when pipeline=1)
+    stages_per_device: int = 1  # virtual stage chunks per pipeline device (1 when pipeline=1)
     # Axes the planner swept but kept at size 1 are dropped from `spec` for readability.
     _order_given: bool = field(default=False, compare=False, repr=False)
 
@@ -95,6 +104,33 @@ class Strategy:
             )
         if self.sp and dict(self.mesh)["tensor"] == 1:
             object.__setattr__(self, "sp", False)  # no tensor group: sequence parallelism is a no-op
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise StrategyError(
+                f"schedule={self.schedule!r}; use one of {', '.join(PIPELINE_SCHEDULES)} "
+                "(interleaved is 1F1B with stages_per_device=V > 1)"
+            )
+        v = self.stages_per_device
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise StrategyError(
+                f"stages_per_device={v!r} must be a positive integer (stage chunks per device)"
+            )
+        if self.schedule == "dualpipe" and v > 1:
+            raise StrategyError(
+                "schedule=dualpipe holds two chunks per device by design; use stages_per_device=1"
+            )
+        if dict(self.mesh)["pipeline"] == 1:  # no pipeline: nothing to schedule
+            object.__setattr__(self, "schedule", "1f1b")
+            object.__setattr__(self, "stages_per_device", 1)
+        elif self.schedule == "interleaved" and v == 1:
+            raise StrategyError("schedule=interleaved needs stages_per_device=V >= 2 (V=1 is plain 1f1b)")
+        elif self.schedule == "1f1b" and v > 1:
+            object.__setattr__(self, "schedule", "interleaved")
+
+    @property
+    def stage_chunks(self) -> int:
+        """Pipeline stage chunks the layer stack is cut into: pipeline x virtual (x 2 for DualPipe's
+        two directions, which hold mirrored copies, not more chunks)."""
+        return self.size("pipeline") * self.stages_per_device
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -108,6 +144,8 @@ class Strategy:
         rules_file: str | None = None,
         zero: int = 0,
         sp: bool = False,
+        schedule: str = "1f1b",
+        stages_per_device: int = 1,
     ) -> Strategy:
         sizes = dict(sizes or {})
         unknown = sorted(set(sizes) - set(MESH_AXES))
@@ -128,6 +166,8 @@ class Strategy:
             rules_file=rules_file,
             zero=zero,
             sp=bool(sp),
+            schedule=schedule,
+            stages_per_device=stages_per_device,
             _order_given=given and order != MESH_AXES,
         )
 
@@ -168,10 +208,17 @@ class Strategy:
                         f"sp={v!r}: use sp=1 (sequence parallelism in the tensor group) or sp=0"
                     )
                 kw["sp"] = v == "1"
+            elif k == "schedule":
+                kw["schedule"] = v
+            elif k in ("stages_per_device", "v"):
+                try:
+                    kw["stages_per_device"] = int(v)
+                except ValueError:
+                    raise StrategyError(f"{k}={v!r} must be an integer (stage chunks per device)") from None
             else:
                 raise StrategyError(
                     f"unknown strategy key {k!r}; keys are {', '.join(MESH_AXES)}, remat, "
-                    "microbatches, zero, order, rules, sp"
+                    "microbatches, zero, order, rules, sp, schedule, stages_per_device (v)"
                 )
         return cls.make(sizes, **kw)
 
@@ -217,6 +264,10 @@ class Strategy:
             parts.append(f"zero={self.zero}")
         if self.sp:
             parts.append("sp=1")
+        if self.schedule not in ("1f1b", "interleaved"):  # interleaved is implied by v > 1
+            parts.append(f"schedule={self.schedule}")
+        if self.stages_per_device > 1:
+            parts.append(f"v={self.stages_per_device}")
         if self._order_given:
             parts.append("order=" + ".".join(self.order))
         if self.rules_file:
@@ -235,6 +286,8 @@ class Strategy:
             "rules_file": self.rules_file,
             "zero": self.zero,
             "sp": self.sp,
+            "schedule": self.schedule,
+            "stages_per_device": self.stages_per_device,
         }
         base.update(kw)
         return Strategy.make(sizes, order=order, **base)
@@ -246,6 +299,8 @@ class Strategy:
             "microbatches": self.microbatches,
             "zero": self.zero,
             "sp": self.sp,
+            "schedule": self.schedule,
+            "stages_per_device": self.stages_per_device,
             "spec": self.spec,
         }
 
@@ -259,4 +314,6 @@ class Strategy:
             microbatches=d.get("microbatches", 1),
             zero=d.get("zero", 0),
             sp=bool(d.get("sp", False)),
+            schedule=d.get("schedule", "1f1b"),
+            stages_per_device=d.get("stages_per_device", 1),
         )
