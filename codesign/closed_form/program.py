@@ -11,8 +11,9 @@ Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each
 (norms, MLA's wq_a/wkv_a, the MoE router) are computed redundantly on every tensor rank. XLA's
 attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer; a fused
 flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
-process E x C slots per group (C = ceil(k S capacity_factor / E)), so expert FLOPs scale with capacity,
-not k; their group dim is sharded by data*fsdp only (not sequence). Backward = 2 x forward; a
+process E x C slots per routing group (`ModelConfig.expert_capacity`: ceil(k g capacity_factor / E) for
+g tokens per group, g under dropless), so expert FLOPs scale with capacity, not k; the groups are
+sharded by every batch-like axis (data, fsdp, expert) and, when the groups per row divide it, sequence. Backward = 2 x forward; a
 checkpointed layer recomputes the weight matmuls backward needs and its policy did not save
 (`remat.py`: "full" all but the FFN's last matmul, whose output only feeds the residual add, so XLA
 drops it as dead code; "dots" none; the named policies what their names leave out), and the attention
