@@ -8,8 +8,8 @@ Flax model is `codesign.models`' job, and the closed-form parameter/FLOP counts 
 from __future__ import annotations
 
 import dataclasses
-import math
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
