@@ -241,6 +241,9 @@ WORKLOAD_MODES = ("train", "decode")
 # kernel (jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs): causal tiles skipped, no
 # score traffic. The cost model and the compiled program both follow it.
 ATTENTION_IMPLS = ("xla", "cudnn")
+# GEMM precision of the cost model (`--matmul-dtype`): fp8 runs the weight matmuls (and the MoE dispatch)
+# in FP8 with BF16 attention core, embedding, LM head, router and norms, as DeepSeek-V3 trains.
+MATMUL_DTYPES = ("bf16", "fp8")
 
 
 # Short names users type, mapped to the dtype names numpy/ml_dtypes know.
@@ -286,12 +289,15 @@ class Workload:
     dtype: str = "bfloat16"  # compute dtype; master params stay float32
     param_dtype: str = "float32"
     attention: str = "xla"  # see ATTENTION_IMPLS
+    matmul_dtype: str = "bf16"  # see MATMUL_DTYPES: priced by the cost model; the program runs bf16
 
     def __post_init__(self):
         if self.mode not in WORKLOAD_MODES:
             raise ConfigError(f"workload mode {self.mode!r}; use one of {WORKLOAD_MODES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"matmul dtype {self.matmul_dtype!r}; use one of {MATMUL_DTYPES}")
         for name in ("global_batch", "seq_len"):  # a plan file or profile may carry any JSON value here
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

@@ -99,6 +99,19 @@ ELEM_PER_SCORE = 8  # per attention score: scale, mask, max, sub, sum, div
 ELEM_PER_LOGIT = 12  # per logit: log-softmax and its gradient
 
 
+# FP8 (DeepSeek-V3's recipe, `Workload.matmul_dtype == "fp8"`): e4m3 values with one f32 scale per
+# 1x128 activation tile (and per 128x128 weight block), so an FP8 tensor moves 1 + 4/128 bytes per element.
+FP8_BYTES = 1 + 4 / 128
+# The weight matmuls that stay BF16 under fp8: the MoE router (gating) and the top-k combine. The
+# attention core, embedding and LM head are costed outside `_layer_mm` and stay BF16 too.
+BF16_PARTS = frozenset({"router", "combine"})
+
+
+def fp8_active(workload: Workload, lw: Lowering) -> bool:
+    """FP8 is priced on accelerators only: the CPU stand-in compiles (and is compared in) BF16."""
+    return workload.matmul_dtype == "fp8" and lw is not CPU_LOWERING
+
+
 @dataclass(frozen=True)
 class Lowering:
     """How a backend lowers the SPMD program's collectives (bytes per element and the scatter op)."""
@@ -174,6 +187,21 @@ def _recomputed(parts: dict[str, float], remat: str) -> float:
     return sum(parts.get(p, 0.0) for p in R.recomputed_parts(remat))
 
 
+def fp8_matmul_flops(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> float:
+    """Per-device matmul FLOPs per step that run in FP8 under `matmul_dtype="fp8"`: every weight matmul
+    (forward, both backward passes, and recompute) except `BF16_PARTS`; 0 under bf16."""
+    if workload.matmul_dtype != "fp8":
+        return 0.0
+    sh = shape_of(cfg, workload, strategy)
+    total = 0.0
+    for moe, layers in zip((False, True), stage_layers(cfg, strategy.size("pipeline"))):
+        if layers <= 0:
+            continue
+        parts = {k: v for k, v in _layer_mm(cfg, moe, sh).items() if k not in BF16_PARTS}
+        total += layers * (3 * sum(parts.values()) + _recomputed(parts, strategy.remat))
+    return sh.m * total
+
+
 def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
     """Whether the step runs a fused flash kernel: cudnn was asked for and q, k and v share one head
     dim (MLA's narrower value head takes the einsum path, see `models.layers.causal_attention`)."""
@@ -237,7 +265,7 @@ def _accelerator_traffic(
     ew_passes = 2 if R.layer_checkpointed(remat) else 1  # forward elementwise kernels
     res = d / tp if sp_active(workload, strategy) else d  # residual-stream width per token (under sp)
     gated_ffn = cfg.ffn_activation == "swiglu"
-    mm_elems = other = 0.0  # per microbatch
+    mm_elems = other = quantized = 0.0  # per microbatch
     w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
@@ -251,6 +279,10 @@ def _accelerator_traffic(
         gated = gated_ffn or moe
         io = t * ((d + qw + kw + vw) + (ow + d) + (d + (2 if gated else 1) * width) + (width + d))
         mm_elems += layers * io * (1 + again + 2)
+        # FP8: each GEMM operand is quantized where it is used (read bf16, write e4m3 + tile scales):
+        # the input forward (and in recompute), and in backward the input (transposed tiles for the
+        # weight gradient) and the output gradient twice (input and weight gradients).
+        quantized += layers * io / 2 * (2 + again + 2)
         fwd = 16 * res + 4 * (qw + kw) + (6 if gated else 4) * width
         bwd = 16 * res + 4 * (qw + kw) + (10 if gated else 6) * width
         per_token = fwd * ew_passes + bwd + (4 * width if not R.layer_checkpointed(remat) else 0)
@@ -274,6 +306,8 @@ def _accelerator_traffic(
     accumulate = 2 * F32 * local if m > 1 else 0.0
     matmul_bytes = m * (bf * mm_elems + mm_w)
     memory_bound = m * (bf * other + cast + accumulate) + 8 * pb * local
+    if workload.matmul_dtype == "fp8":  # quantize passes; weights (W and W^T blocks) once per step
+        memory_bound += m * quantized * (bf + FP8_BYTES) + 2 * gathered * (pb + FP8_BYTES)
     return matmul_bytes, memory_bound
 
 
@@ -390,8 +424,16 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
                 c.add(lw.scatter_kind, kv, ("sequence",), n, adt)
         if moe and z["expert"] > 1:  # dispatch and combine, fwd and bwd, and again in a checkpointed
             # layer: no policy names the dispatched tokens (measured on tiny-moe: minimal re-runs both)
-            again = 2 if R.layer_checkpointed(strategy.remat) else 0
-            c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (4 + again), adt)
+            # Each direction twice (dispatch, and the combine's gradient going the same way; combine
+            # and the dispatch's gradient), once more each in a checkpointed layer. Under fp8 the
+            # dispatch direction moves e4m3 + scales and the combine stays BF16, as DeepSeek-V3 does.
+            again = 1 if R.layer_checkpointed(strategy.remat) else 0
+            tokens = moe_slots(cfg, sh) * cfg.hidden
+            if fp8_active(workload, lw):
+                c.add("all-to-all", tokens * FP8_BYTES, ("expert",), n * (2 + again), "fp8")
+            else:
+                c.add("all-to-all", tokens * ab, ("expert",), n * (2 + again), adt)
+            c.add("all-to-all", tokens * ab, ("expert",), n * (2 + again), adt)
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
         c.add(resid_kind, u, ("tensor",), 2 * m, adt)
         c.add("all-reduce", sh.t * F32, ("tensor",), 3 * m, "f32")

@@ -51,9 +51,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from codesign import arithmetic
-from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
+from codesign.arithmetic import stage_layers
+from codesign.closed_form import analytic_report, fp8_matmul_flops, lowering_for, moe_slots, shape_of
 from codesign.config import ModelConfig, Workload
 from codesign.cost.collectives import KINDS, normalize_kind
+from codesign.cost.expert_comm import expert_all_to_all_time, hides_expert_all_to_all
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
 from codesign.hardware.catalog import FrozenMap, Hardware
 from codesign.report import CompileReport
@@ -74,12 +76,23 @@ def compute_dtype(workload: Workload) -> str:
     return "fp32" if d in ("float32", "fp32", "f32") else "bf16"
 
 
+# A grouped GEMM over the local experts (tokens of all experts concatenated along M, one kernel) runs at
+# the rate of a dense GEMM with the same total M: DeepGEMM's published H800 FP8 numbers put 8 groups x
+# 4096 rows x N 4096 x K 7168 at 1288 TFLOP/s against 1304 for one dense 4096 x 4096 x 7168 GEMM
+# (github.com/deepseek-ai/DeepGEMM README, "Grouped GEMMs for MoE models (contiguous layout)", Feb 2025).
+# Each expert's rows are padded to the kernel's M block (128), so experts with fewer rows waste the rest.
+GROUPED_GEMM_M_BLOCK = 128
+
+
 def matmul_size(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> float:
-    """The efficiency table's n for this candidate (see the module docstring)."""
+    """The efficiency table's n for this candidate (see the module docstring). MoE models: the grouped
+    GEMM of the local experts, sized by its total work (every local expert's slots)."""
     sh = shape_of(cfg, workload, strategy)
     tp = sh.sizes["tensor"]
     if cfg.is_moe and cfg.moe_layers >= cfg.dense_layers:
-        m_dim = moe_slots(cfg, sh) / (cfg.n_routed_experts / sh.sizes["expert"])
+        local_experts = cfg.n_routed_experts / sh.sizes["expert"]
+        per_expert = moe_slots(cfg, sh) / local_experts
+        m_dim = local_experts * per_expert * min(1.0, per_expert / GROUPED_GEMM_M_BLOCK)
         n_dim = cfg.moe_mlp_dim / tp
     else:
         m_dim, n_dim = sh.t, cfg.mlp_dim / tp
@@ -267,7 +280,14 @@ def _roofline(x: _Inputs) -> _Roofline:
     n = matmul_size(x.cfg, x.workload, x.strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
     hbm_rate = hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm
-    compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
+    fp8_share, fp8_s = _fp8_part(x, n)
+    mm_s = timing.matmul_flops * (1 - fp8_share) / (peak * frac) + timing.matmul_flops * fp8_share * fp8_s
+    compute_s = max(mm_s, mm_traffic / hbm_rate)
+    if fp8_share:
+        reasons.append(
+            f"--matmul-dtype fp8: {fp8_share:.0%} of matmul FLOPs (weight GEMMs) at "
+            f"{1 / (fp8_s * hardware.peak_flops['fp8']):.0%} of fp8 peak; attention core, head, router in {dtype}"
+        )
     memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
     vector_s = (
@@ -281,6 +301,17 @@ def _roofline(x: _Inputs) -> _Roofline:
     return _Roofline(compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives))
 
 
+def _fp8_part(x: _Inputs, n: float) -> tuple[float, float]:
+    """(share of the matmul FLOPs that run in FP8, seconds per FP8 FLOP) under --matmul-dtype fp8; the
+    share comes from the closed form (which matmuls are weight GEMMs), applied to the report's FLOPs."""
+    hw = x.hardware
+    if x.workload.matmul_dtype != "fp8" or not hw.peak_flops.get("fp8"):
+        return 0.0, 0.0
+    closed = x.closed.matmul_flops
+    share = min(1.0, fp8_matmul_flops(x.cfg, x.workload, x.strategy) / closed) if closed else 0.0
+    return share, 1 / (hw.peak_flops["fp8"] * hw.efficiency.matmul_fraction("fp8", n))
+
+
 @dataclass(frozen=True)
 class _Network:
     by_kind: dict[str, float]
@@ -289,16 +320,22 @@ class _Network:
 
 
 def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, AxisPlacement]) -> _Network:
-    """Each collective timed on the network levels of its mesh axes; batch-axis ones hide behind compute."""
+    """Each collective timed on the network levels of its mesh axes; batch-axis ones hide behind compute,
+    and the expert all-to-alls too under a schedule that overlaps them (`expert_comm`)."""
     order = [a for a, _ in x.strategy.mesh]
     hideable_axes = frozenset(x.strategy.batch_axes) | {"pipeline"}
     by_kind: dict[str, float] = {}
-    hideable = exposed = 0.0
+    hideable = exposed = a2a = 0.0
     exposed_by: dict[str, float] = {}
     for c in collectives:
         kind = _kind(c.kind)
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:
+            continue
+        if kind == "all-to-all" and axes == ("expert",) and x.cfg.is_moe:
+            t = expert_all_to_all_time(x.cfg, c.bytes, placements) * c.count
+            by_kind[kind] = by_kind.get(kind, 0.0) + t
+            a2a += t
             continue
         t = collective_time_on_axes(kind, c.bytes, axes, placements) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
@@ -308,17 +345,47 @@ def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, Axi
             exposed += t
             label = f"{'/'.join(axes)} {kind}"
             exposed_by[label] = exposed_by.get(label, 0.0) + t
-    hidden = min(hideable, OVERLAP_FRACTION * busy)
+    room = OVERLAP_FRACTION * busy
+    hidden = min(hideable, room)
     exposed += hideable - hidden
     reasons = []
     if hideable > 0:
         reasons.append(
             f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
-            f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)"
+            f"({_ms(hideable)} of {_ms(room)} overlap room)"
         )
+    if a2a > 0:
+        a2a_hidden = min(a2a, room - hidden) if hides_expert_all_to_all(x.strategy) else 0.0
+        exposed += a2a - a2a_hidden
+        reasons.append(_a2a_reason(x, busy, a2a, a2a_hidden))
+        if a2a > a2a_hidden:
+            exposed_by["expert all-to-all"] = a2a - a2a_hidden
     for label, t in sorted(exposed_by.items(), key=lambda kv: -kv[1])[:3]:
         reasons.append(f"{label} exposed: {_ms(t)}")
     return _Network(by_kind, exposed, tuple(reasons))
+
+
+def _a2a_reason(x: _Inputs, busy: float, a2a: float, hidden: float) -> str:
+    """The expert all-to-all per MoE layer against a layer's compute, so a user sees whether it can hide
+    (DeepSeek-V3 aims at about 1:1 and hides it with DualPipe)."""
+    dense, moe = stage_layers(x.cfg, x.strategy.size("pipeline"))
+    per = x.strategy.microbatches * moe
+    comm = a2a / per
+    compute = busy / (x.strategy.microbatches * (dense + moe))  # the stage's busy time per layer
+    how = (
+        f"{x.strategy.schedule} hides {hidden / a2a:.0%}"
+        if hides_expert_all_to_all(x.strategy)
+        else "exposed (no overlapping schedule: schedule=dualpipe hides it)"
+    )
+    limit = (
+        f", node-limited to {x.cfg.groups_per_token} of {x.cfg.expert_groups} groups"
+        if x.cfg.groups_per_token
+        else ""
+    )
+    return (
+        f"expert all-to-all per MoE layer per microbatch {_ms(comm)} vs compute {_ms(compute)} per "
+        f"layer: compute:comm {compute / comm:.2f}:1{limit}; {how}"
+    )
 
 
 def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, float, tuple[str, ...]]:
