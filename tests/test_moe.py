@@ -125,3 +125,11 @@ def test_compiled_dispatch_flops_halve_when_data_doubles():
         closed = analytic_report(cfg, wl, s, platform="cpu").matmul_flops
         assert closed == pytest.approx(flops[spec], rel=0.05)
     assert flops["data=2,expert=4"] == pytest.approx(flops["data=1,expert=4"] / 2, rel=0.02)
+
+
+def test_deepseek_v3_routes_node_limited_from_preset_and_hf_config():
+    from codesign.model_io import load_model_config
+    from tests.test_hf_import import _path
+
+    for cfg in (get_preset("deepseek-v3"), load_model_config(_path("deepseek-v3"))):
+        assert (cfg.expert_groups, cfg.groups_per_token) == (8, 4)
