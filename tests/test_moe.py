@@ -133,3 +133,67 @@ def test_deepseek_v3_routes_node_limited_from_preset_and_hf_config():
 
     for cfg in (get_preset("deepseek-v3"), load_model_config(_path("deepseek-v3"))):
         assert (cfg.expert_groups, cfg.groups_per_token) == (8, 4)
+
+
+# -- the cost side at DeepSeek-V3 scale (closed form only: microseconds) ---------------------------
+DS_SPEC = "pipeline=16,schedule=dualpipe,expert=64,data=2,zero=1,microbatches=120,remat=none"
+
+
+def _ds(spec=DS_SPEC, matmul_dtype="bf16", **model):
+    from codesign.cost.estimate import estimate_analytic
+    from codesign.hardware import load_hardware
+
+    cfg = get_preset("deepseek-v3").replace(capacity_factor=1.0, **model)
+    wl = Workload(global_batch=15360, seq_len=4096, matmul_dtype=matmul_dtype)
+    s = Strategy.parse(spec)
+    rep = analytic_report(cfg, wl, s, platform="gpu")
+    return rep, estimate_analytic(cfg, wl, s, load_hardware("h800", devices=2048))
+
+
+def test_fp8_prices_gemms_dispatch_and_quantization():
+    bf, e_bf = _ds()
+    f8, e_f8 = _ds(matmul_dtype="fp8")
+    assert f8.matmul_flops == bf.matmul_flops  # same work, faster rate
+    assert e_f8.compute_s < e_bf.compute_s
+    assert f8.bytes_accessed > bf.bytes_accessed  # quantize passes and scales
+    a2a = {(c.dtype, c.count): c.bytes for c in f8.collectives if c.kind == "all-to-all"}
+    disp, comb = a2a[("fp8", 960)], a2a[("bf16", 960)]
+    assert disp == pytest.approx(comb * (1 + 4 / 128) / 2)  # e4m3 + one f32 scale per 128 values
+    assert any("fp8" in r and "weight GEMMs" in r for r in e_f8.reasons)
+    with pytest.raises(ConfigError, match="matmul dtype"):
+        Workload(matmul_dtype="int4")
+
+
+def test_node_limit_and_dualpipe_hide_the_expert_all_to_all():
+    _, limited = _ds()
+    _, plain = _ds(groups_per_token=0)
+    assert limited.collective_s["all-to-all"] < 0.75 * plain.collective_s["all-to-all"]
+    _, one_f_one_b = _ds(DS_SPEC.replace("dualpipe", "1f1b"))
+    assert (
+        limited.exposed_collective_s
+        < one_f_one_b.exposed_collective_s - 0.5 * limited.collective_s["all-to-all"]
+    )
+    assert any("compute:comm" in r and "dualpipe hides" in r for r in limited.reasons)
+    assert any("compute:comm" in r and "exposed" in r for r in one_f_one_b.reasons)
+
+
+def test_cli_takes_matmul_dtype(capsys):
+    import json
+
+    from codesign.cli import main
+
+    argv = [
+        "compile",
+        "--model",
+        "tiny-moe",
+        "--hardware",
+        "h100",
+        "--devices",
+        "8",
+        "--strategy",
+        "expert=8",
+    ]
+    argv += ["--target", "analytic", "--json"]
+    assert main([*argv, "--matmul-dtype", "fp8"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert any("fp8" in r for r in doc["reasons"])
