@@ -32,7 +32,13 @@ Model (all per device, seconds):
   and hide behind compute, up to OVERLAP_FRACTION of it (the first layer's gather and the last
   layer's reduction have nothing to hide behind, and collective kernels take SMs/HBM bandwidth from
   the matmuls they overlap). Anything on tensor or sequence (Megatron partial sums, K/V gathers: the
-  next op needs them) and every all-to-all and permute is exposed.
+  next op needs them) and every other all-to-all and permute is exposed. The expert all-to-alls are
+  timed by `expert_comm` (node-limited routing crosses the scale-out network once per destination
+  node) and hide, in the room the batch-axis collectives leave, under schedule=dualpipe only.
+- --matmul-dtype fp8: the closed form's share of matmul FLOPs that are weight GEMMs runs at the fp8
+  rate and efficiency; the rest (attention core, LM head, router) at the compute dtype's.
+- MoE: the efficiency lookup's n is sized by the local experts' grouped GEMM (all their slots as one
+  M; DeepGEMM's grouped kernels run at the dense rate of the same total M, see GROUPED_GEMM_M_BLOCK).
 - pipeline p > 1: the report is ONE stage running all m microbatches. One pipeline tick is
   stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
   b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
