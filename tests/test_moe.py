@@ -197,3 +197,20 @@ def test_cli_takes_matmul_dtype(capsys):
     assert main([*argv, "--matmul-dtype", "fp8"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert any("fp8" in r for r in doc["reasons"])
+
+
+def test_sweep_knobs_for_fp8_and_node_limit():
+    from codesign.explore.sweep import SweepError, _workload_at, apply_model, parse_vary
+
+    assert parse_vary(["node_limit=0,4", "dtype=bf16,fp8"]) == {
+        "node_limit": [0, 4],
+        "dtype": ["bf16", "fp8"],
+    }
+    ds = get_preset("deepseek-v3")
+    assert apply_model(ds, {"node_limit": 2}).groups_per_token == 2
+    assert apply_model(ds, {"node_limit": 0}).groups_per_token == 0
+    with pytest.raises(SweepError, match="MoE"):
+        apply_model(get_preset("tiny-dense"), {"node_limit": 2})
+    wl = Workload()
+    assert _workload_at(wl, {"dtype": "fp8"}).matmul_dtype == "fp8"
+    assert _workload_at(wl, {"dtype": "fp8"}).dtype == wl.dtype  # activations stay bf16
