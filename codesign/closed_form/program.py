@@ -13,7 +13,8 @@ attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs 
 flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
 process E x C slots per routing group (`ModelConfig.expert_capacity`: ceil(k g capacity_factor / E) for
 g tokens per group, g under dropless), so expert FLOPs scale with capacity, not k; the groups are
-sharded by every batch-like axis (data, fsdp, expert) and, when the groups per row divide it, sequence. Backward = 2 x forward; a
+sharded by every batch-like axis (data, fsdp, expert) and, when the groups per row divide it,
+sequence. Backward = 2 x forward; a
 checkpointed layer recomputes the weight matmuls backward needs and its policy did not save
 (`remat.py`: "full" all but the FFN's last matmul, whose output only feeds the residual add, so XLA
 drops it as dead code; "dots" none; the named policies what their names leave out), and the attention
@@ -55,7 +56,9 @@ tests/test_analytic.py). Per microbatch unless noted:
   their gradients reduce-scattered (CPU: all-reduced) in backward.
 - expert: all-to-all of the dispatched tokens b x E x C x d, dispatch and combine, forward and backward
   (and again in a checkpointed layer); the router statistics of the load-balancing loss (B x S x E f32) are
-  all-gathered over the batch axes once per forward pass.
+  all-gathered over the batch axes once per forward pass. Under --matmul-dtype fp8
+  (accelerator lowering) the dispatch direction moves e4m3 + 1x128-tile scales (`FP8_BYTES`), the
+  combine direction BF16; the quantize passes of every FP8 GEMM operand are HBM traffic.
 Bytes per element follow the backend's lowering (`Lowering`): XLA:CPU promotes bf16 reductions to
 f32 and gathers f32 master weights before the bf16 cast; TPU/GPU move bf16.
 
