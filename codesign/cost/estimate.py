@@ -68,9 +68,13 @@ _NATIVE = {"tpu": ("tpu", "attached"), "gpu": ("gpu", "attached"), "cpu": ("cpu"
 
 
 def compute_dtype(workload: Workload) -> str:
+    """The catalog's dtype key for the workload's compute dtype. fp16 is its own key (a profile may
+    measure it); where a chip or table has no fp16 entry, its peak and table fall back to bf16's."""
     d = workload.dtype.lower()
     if "8" in d and ("f" in d or "e4" in d or "e5" in d):
         return "fp8"
+    if d in ("float16", "fp16", "f16", "half"):
+        return "fp16"
     return "fp32" if d in ("float32", "fp32", "f32") else "bf16"
 
 
