@@ -206,12 +206,16 @@ def run(names: list[str] | None = None, hardware: str = "a100") -> dict:
 def markdown(result: dict) -> str:
     lines = [
         f"Hardware `{result['hardware']}`; published: {result['paper']}, Table 5; Calculon: {result['calculon']}.",
-        "Error = predicted / published - 1. Breakdown columns are codesign's (seconds per iteration): "
-        "matmul kernels, memory-bound kernels, exposed collectives (tensor-parallel and pipeline "
-        "point-to-point), pipeline bubble.",
+        (
+            "Error = predicted / published - 1. Breakdown columns are codesign's (seconds per iteration): "
+            "matmul kernels, memory-bound kernels, exposed collectives (tensor-parallel and pipeline "
+            "point-to-point), pipeline bubble."
+        ),
         "",
-        "| model | recompute | strategy | GPUs | predicted s | published s | error | Calculon s | Calculon error "
-        "| matmul s | memory-bound s | exposed collectives s | bubble s |",
+        (
+            "| model | recompute | strategy | GPUs | predicted s | published s | error | Calculon s | Calculon error "
+            "| matmul s | memory-bound s | exposed collectives s | bubble s |"
+        ),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
