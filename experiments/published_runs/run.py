@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from codesign.config import ModelConfig, Workload
-from codesign.cost.estimate import estimate_analytic
+from codesign.cost.estimate import compute_dtype, estimate_analytic, matmul_size
+from codesign.cost.network import assign_levels, collective_time_on_axes
 from codesign.hardware import load_hardware
 from codesign.sharding.strategy import Strategy
 
@@ -146,6 +147,7 @@ def predict(row: Row, hardware: str) -> list[dict]:
                 "memory_bound_s": max(e.memory_s, e.vector_s),
                 "exposed_collective_s": e.exposed_collective_s,
                 "collective_s": dict(e.collective_s),
+                "pipeline_p2p_s": e.collective_s.get("collective-permute", 0.0),
                 "pipeline_bubble_s": e.pipeline_bubble_s,
                 "memory_per_device_gb": e.memory_per_device_bytes / 1e9,
                 "fits": e.fits,
@@ -181,6 +183,49 @@ def per_layer_22b(hardware: str) -> list[dict]:
     return out
 
 
+def megatron_differences(row: Row, hardware: str) -> dict:
+    """Work Megatron's program does that codesign's does not, counted by mechanism and priced with the
+    estimate's own rates; NOT added to the prediction. Per layer per microbatch, seconds:
+    - full_layer_recompute: Megatron's checkpoint reruns the whole layer forward; XLA drops the FFN
+      down-projection and its tensor all-reduce from the recompute (dead code: their output only feeds
+      the residual sum). Priced: that matmul at the estimate's matmul rate + one all-reduce of b*s*h
+      fp16 on the tensor axis.
+    - dropout: GPT's attention dropout on the b*(heads/tp)*s*s probabilities is its own kernel (read
+      and write fp16, write a 1-byte mask; backward reads the gradient and mask and writes one: 5 + 5
+      bytes per score, 5 more where the core is recomputed), and its two hidden dropouts are fused into
+      bias-dropout-add (1-byte mask written, read back in backward: 2 bytes per residual element,
+      divided by tensor under sp). codesign's models have no dropout. Priced at the HBM rate."""
+    hw = load_hardware(hardware, devices=row.gpus)
+    cfg, w = gpt(row), workload(row)
+    out = {}
+    for label, remat, sp in MODES:
+        s = strategy(row, remat, sp)
+        dtype = compute_dtype(w)
+        rate = (hw.peak_flops.get(dtype) or hw.peak_flops["bf16"]) * hw.efficiency.matmul_fraction(
+            dtype, matmul_size(cfg, w, s)
+        )
+        tokens = row.micro_batch * SEQ_LEN
+        placements = assign_levels(s.mesh, hw)
+        recompute = 0.0
+        if remat == "full":
+            wo = 2 * tokens * cfg.mlp_dim * cfg.hidden / TENSOR / rate
+            reduce = collective_time_on_axes("all-reduce", tokens * cfg.hidden * 2, ("tensor",), placements)
+            recompute = wo + reduce
+        scores = row.micro_batch * cfg.heads / TENSOR * SEQ_LEN * SEQ_LEN
+        core_passes = 3 if remat in ("full", "selective") else 2  # forward, backward, recompute
+        residual = tokens * cfg.hidden / (TENSOR if sp else 1)
+        dropout_bytes = 5 * scores * core_passes + 2 * 2 * residual
+        dropout = dropout_bytes / (hw.chip.hbm_bytes_per_s * hw.efficiency.hbm)
+        per_step = row.layers / row.pipeline * row.microbatches  # layer-microbatches per device
+        out[label] = {
+            "full_layer_recompute_ms_per_layer": recompute * 1e3,
+            "dropout_ms_per_layer": dropout * 1e3,
+            "full_layer_recompute_s_per_step": recompute * per_step,
+            "dropout_s_per_step": dropout * per_step,
+        }
+    return out
+
+
 def summary(rows: list[dict], key: str) -> dict[str, float]:
     errs = [abs(r[key]) for r in rows]
     return {"mean_abs": statistics.fmean(errs), "max_abs": max(errs)} if errs else {}
@@ -191,7 +236,15 @@ def run(names: list[str] | None = None, hardware: str = "a100") -> dict:
     if not chosen:
         raise SystemExit(f"no rows named {names}; rows: {[r.name for r in ROWS]}")
     rows = [p for r in chosen for p in predict(r, hardware)]
-    result = {"hardware": hardware, "paper": PAPER, "calculon": CALCULON, "rows": rows, "summary": {}}
+    differences = {r.name: megatron_differences(r, hardware) for r in chosen}
+    result = {
+        "hardware": hardware,
+        "paper": PAPER,
+        "calculon": CALCULON,
+        "rows": rows,
+        "summary": {},
+        "megatron_differences": differences,
+    }
     for label, _, _ in MODES:
         sel = [r for r in rows if r["recompute"] == label]
         result["summary"][label] = {
@@ -214,16 +267,16 @@ def markdown(result: dict) -> str:
         "",
         (
             "| model | recompute | strategy | GPUs | predicted s | published s | error | Calculon s | Calculon error "
-            "| matmul s | memory-bound s | exposed collectives s | bubble s |"
+            "| matmul s | memory-bound s | exposed collectives s | of which pipeline p2p s | bubble s |"
         ),
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['model']} | {r['recompute']} | `{r['strategy']}` | {r['gpus']} | {r['predicted_s']:.2f} | "
             f"{r['published_s']:.2f} | {r['error']:+.1%} | {r['calculon_s']:.2f} | {r['calculon_error']:+.1%} | "
             f"{r['compute_s']:.2f} | {r['memory_bound_s']:.2f} | {r['exposed_collective_s']:.2f} | "
-            f"{r['pipeline_bubble_s']:.2f} |"
+            f"{r['pipeline_p2p_s']:.2f} | {r['pipeline_bubble_s']:.2f} |"
         )
     lines += ["", "| recompute | codesign mean abs error | codesign max | Calculon mean | Calculon max |"]
     lines.append("|---|---:|---:|---:|---:|")
@@ -232,6 +285,27 @@ def markdown(result: dict) -> str:
         if c:
             lines.append(
                 f"| {label} | {c['mean_abs']:.1%} | {c['max_abs']:.1%} | {k['mean_abs']:.1%} | {k['max_abs']:.1%} |"
+            )
+    lines += [
+        "",
+        (
+            "Work Megatron's program does and codesign's does not (by count, priced at the estimate's rates; "
+            "NOT in the prediction above), per layer per microbatch and per device per iteration "
+            "(busy time, before pipeline ticks):"
+        ),
+        "",
+        (
+            "| model | recompute | full-layer recompute ms/layer | dropout ms/layer | full-layer recompute s/iter "
+            "| dropout s/iter |"
+        ),
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, by_mode in result["megatron_differences"].items():
+        for label, d in by_mode.items():
+            lines.append(
+                f"| {name} | {label} | {d['full_layer_recompute_ms_per_layer']:.2f} | "
+                f"{d['dropout_ms_per_layer']:.2f} | {d['full_layer_recompute_s_per_step']:.2f} | "
+                f"{d['dropout_s_per_step']:.2f} |"
             )
     if "per_layer_22b" in result:
         lines += [
