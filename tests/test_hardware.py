@@ -191,7 +191,9 @@ def test_measured_efficiency_profiles_follow_their_citations():
     for name in ("h100", "h800"):
         eff = load_hardware(name).efficiency
         assert eff.matmul_fraction("fp8", 8192) == pytest.approx(1402.6 / 1979, abs=1e-3)
-        assert eff.matmul_fraction("bf16", 8192) == pytest.approx(794.5 / 989, abs=2e-3)  # probe and MAMF agree
+        assert eff.matmul_fraction("bf16", 8192) == pytest.approx(
+            794.5 / 989, abs=2e-3
+        )  # probe and MAMF agree
     v5e = load_hardware("tpu-v5e").efficiency
     assert v5e.matmul_fraction("bf16", 8192) == pytest.approx(0.923, abs=1e-3)
     assert v5e.matmul_fraction("bf16", 1024) == pytest.approx(0.0913, abs=1e-4)
