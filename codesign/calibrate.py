@@ -328,17 +328,18 @@ def render_calibration(result: dict[str, Any]):
     parts.append(Text("\n".join(lines)))
     if result["collectives"]:
         c = Table(title=f"collectives over {result['devices']} devices")
-        for col in ("kind", "bytes", "time", "bandwidth / device"):
+        for col in ("kind", "bytes", "time", "bandwidth / device", "of the model's"):
             c.add_column(col, justify="left" if col == "kind" else "right")
         for r in result["collectives"]:
             if "error" in r:
-                c.add_row(r["kind"], "-", "-", r["error"][:60])
+                c.add_row(r["kind"], "-", "-", r["error"][:60], "-")
             else:
                 c.add_row(
                     r["kind"],
                     fmt_bytes(r["bytes"]),
                     f"{r['seconds'] * 1e3:.3g} ms",
                     fmt_si(r["bytes_per_s"], "B/s"),
+                    f"{r['efficiency']:.0%}" if "efficiency" in r else "-",
                 )
         parts.append(c)
     else:
