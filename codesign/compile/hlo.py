@@ -398,7 +398,13 @@ class _Walker:
             groups = [[self.position[d] for d in g if d in self.position] for g in ids]
             dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
             size = max((len(g) for g in ids), default=1)
-            return megascale.transfer_kind(ins.attrs) or kind, int(in_bytes), size, self._axes_of(groups), dtype
+            return (
+                megascale.transfer_kind(ins.attrs) or kind,
+                int(in_bytes),
+                size,
+                self._axes_of(groups),
+                dtype,
+            )
         if kind == "collective-permute":
             pairs = hp.source_target_pairs(ins.attrs)
             group_size, groups = _largest_component(pairs), [list(p) for p in pairs]

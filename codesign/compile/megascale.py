@@ -40,7 +40,8 @@ def target_groups(attrs: str) -> list[list[int]]:
         return []
     if m.group(2):  # explicit {{id,id},{id,id}}
         return [
-            [int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m.group(2)[1:-1])
+            [int(x) for x in g.split(",") if x.strip()]
+            for g in re.findall(r"\{([\d,\s]*)\}", m.group(2)[1:-1])
         ]
     c = _COMPACT_RE.match(m.group(1).strip())
     if not c:

@@ -334,6 +334,7 @@ def plan(req: PlanRequest) -> Plan:
         hardware={
             "name": hw.name,
             "devices": req.n_devices,
+            "slices": hw.slice_count,
             "platform": hw.platform,
             "memory_capacity_bytes": capacity,
             "peak_bf16_flops": hw.peak_flops.get("bf16"),

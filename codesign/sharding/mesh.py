@@ -73,6 +73,24 @@ class MeshSpec:
         return "x".join(f"{a}={n}" for a, n in self.axes if n > 1) or "single device"
 
 
+def check_slices(mesh: Sequence[tuple[str, int]], devices: Sequence[Any], slices: int | None) -> int:
+    """The slice count a run on `devices` uses (`--slices`, else what the devices report), after
+    checking that the mesh lays over it (SliceError) and that attached multi-slice devices agree.
+    Emulated CPU devices report no slices: `--slices K` then checks the layout only (their plain mesh
+    has the same block structure as the hybrid one)."""
+    attached = slice_count(devices)
+    if slices is None:
+        slices = attached
+    elif attached > 1 and attached != slices:
+        raise StrategyError(
+            f"--slices {slices} given, but the attached devices report {attached} slices; "
+            f"pass --slices {attached} or leave it out"
+        )
+    if slices > 1:
+        slice_split(mesh, slices)
+    return slices
+
+
 def slice_count(devices: Sequence[Any]) -> int:
     """Distinct `slice_index` values among the devices (1 when they carry none: GPUs, CPUs)."""
     return len({getattr(d, "slice_index", 0) for d in devices}) or 1

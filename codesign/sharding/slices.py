@@ -34,7 +34,9 @@ def slice_split(mesh: Sequence[tuple[str, int]], slices: int) -> dict[str, tuple
     for _, size in mesh:
         n *= int(size)
     if slices < 1 or n % slices:
-        raise SliceError(f"{n} devices do not split into {slices} equal slices; use a slice count dividing {n}")
+        raise SliceError(
+            f"{n} devices do not split into {slices} equal slices; use a slice count dividing {n}"
+        )
     per_slice = n // slices
     out: dict[str, tuple[int, int]] = {}
     stride = 1
