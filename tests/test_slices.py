@@ -200,3 +200,22 @@ def test_two_slice_deviceless_tpu_compile_puts_the_data_axis_on_dcn():
 
     est = estimate_from_report(cfg, w, s, hw, report)
     assert any(r.startswith("data=2 spans slices: rides dcn") for r in est.reasons)
+
+
+def test_maxtext_export_of_a_two_slice_plan_puts_data_on_dcn():
+    from codesign.plan_file import Plan
+    from codesign.planner.export_maxtext import maxtext_export
+    from codesign.presets import get_preset
+
+    cfg = get_preset("llama3-8b")
+    hw = load_hardware("tpu-v5p", 256, slices=2)
+    plan = Plan(
+        model={"name": cfg.name, "config": cfg.to_json()},
+        hardware={"name": hw.name, "devices": 256, "slices": 2, "memory_capacity_bytes": 1},
+        workload={"global_batch": 512, "seq_len": 2048, "mode": "train", "dtype": "bfloat16"},
+        search={},
+        candidates=[{"strategy": {"spec": "data=2,fsdp=128,remat=full"}}],
+        chosen=0,
+    )
+    o = maxtext_export(plan, hw).overrides
+    assert o["dcn_data_parallelism"] == 2 and o["ici_fsdp_parallelism"] == 128 and o["num_slices"] == 2

@@ -292,12 +292,6 @@ class Hardware:
             return 1
         return self.devices // self.levels[0].group_size
 
-    def with_slices(self, slices: int | None) -> Hardware:
-        """The same hardware as `slices` equal TPU slices over DCN (None: unchanged), re-sized."""
-        if slices is None or slices == self.slices:
-            return self
-        return dataclasses.replace(self, slices=slices).with_devices(self.devices)
-
     @property
     def peak_flops(self) -> Mapping[str, float]:
         return self.chip.peak_flops
