@@ -176,9 +176,24 @@ ENTRY %main (p: f32[4,128]) -> f32[4,128] {
 
 def test_megascale_send_is_an_all_reduce_over_the_axis_that_crosses_slices():
     ids = [s * 100_000 + i for s in (1, 2) for i in range(4)]  # deviceless ids, slice-major
-    stats = analyze_hlo(_HLO, [("data", 2), ("fsdp", 4)], ids)
-    rows = {(c.kind, c.mesh_axes, c.group_size, c.bytes, c.count) for c in stats.collectives}
-    assert rows == {("all-reduce", ("fsdp",), 4, 2048, 1), ("all-reduce", ("data",), 2, 2048, 1)}
+    stats = analyze_hlo(_HLO, [("data", 2), ("fsdp", 4)], ids, multislice=True)
+    rows = {(c.kind, c.mesh_axes, c.group_size, c.bytes, c.count, c.network) for c in stats.collectives}
+    assert rows == {
+        ("all-reduce", ("fsdp",), 4, 2048, 1, "ici"),  # inside each slice
+        ("all-reduce", ("data",), 2, 2048, 1, "dcn"),  # the megascale transfer across the 2 slices
+    }
+
+
+def test_each_part_of_a_hierarchical_axis_is_timed_on_its_own_level():
+    # data=4 over 2 slices: 2 inside each slice (ICI) x 2 across (DCN); libtpu compiles one collective
+    # per part, and each must be timed on its own level only.
+    pl = assign_levels(_mesh(data=4, fsdp=64), load_hardware("tpu-v5p", 256, slices=2))
+    nbytes = 1 << 26
+    whole = collective_time_on_axes("all-reduce", nbytes, ["data"], pl)
+    ici = collective_time_on_axes("all-reduce", nbytes, ["data"], pl, network="ici")
+    dcn = collective_time_on_axes("all-reduce", nbytes, ["data"], pl, network="dcn")
+    assert ici < whole and 5 * ici < dcn  # the ICI part alone, and DCN's whole buffer at DCN speed
+    assert dcn == pytest.approx(nbytes / (6.25e9 * pl["data"].collective_efficiency), rel=0.05)
 
 
 tpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")

@@ -365,8 +365,10 @@ class _Walker:
         module: hp.Module,
         mesh_shape: Sequence[tuple[str, int]] | None,
         device_ids: Sequence[int] | None = None,
+        multislice: bool = False,
     ):
         self.m = module
+        self.multislice = multislice
         self.position = {int(d): i for i, d in enumerate(device_ids or ())}  # device id -> mesh index
         self.axes = [a for a, _ in mesh_shape] if mesh_shape else []
         self.sizes = [int(s) for _, s in mesh_shape] if mesh_shape else []
@@ -404,6 +406,7 @@ class _Walker:
                 size,
                 self._axes_of(groups),
                 dtype,
+                "dcn",
             )
         if kind == "collective-permute":
             pairs = hp.source_target_pairs(ins.attrs)
@@ -421,7 +424,10 @@ class _Walker:
         else:
             nbytes = hp.shape_bytes(ins.shape)
         dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
-        return kind, int(nbytes), int(group_size), self._axes_of(groups), dtype or hp.first_dtype(ins.shape)
+        dtype = dtype or hp.first_dtype(ins.shape)
+        # In a multi-slice program every other collective stays inside a slice.
+        network = "ici" if self.multislice else ""
+        return kind, int(nbytes), int(group_size), self._axes_of(groups), dtype, network
 
     # -- the walk ------------------------------------------------------------------------------
     def walk(self, name: str, fused: bool) -> _Acc:
@@ -539,23 +545,26 @@ def analyze_hlo(
     hlo_text: str,
     mesh_shape: Sequence[tuple[str, int]] | None = None,
     device_ids: Sequence[int] | None = None,
+    multislice: bool = False,
 ) -> HloStats:
     """Loop-aware per-device statistics of a post-optimization HLO module (``compiled.as_text()``).
 
     ``mesh_shape`` is the mesh as ``[(axis name, size), ...]`` in mesh order; partition ids in replica
     groups are row-major indices into it. ``device_ids``: the mesh's device ids in that order (what
-    multi-slice megascale transfers name). Never raises on malformed text: it returns what it could read.
+    multi-slice megascale transfers name); ``multislice``: the program runs on several TPU slices, so its
+    ordinary collectives cover only the in-slice part of their groups (``Collective.network``). Never
+    raises on malformed text: it returns what it could read.
     """
     text = hlo_text if isinstance(hlo_text, str) else ""
     try:
         module = hp.parse_module(text)
     except Exception:  # noqa: BLE001 - robustness is the contract: malformed text → empty stats
         module = hp.Module({}, None, None, len(text.splitlines()))
-    walker = _Walker(module, list(mesh_shape) if mesh_shape else None, device_ids)
+    walker = _Walker(module, list(mesh_shape) if mesh_shape else None, device_ids, multislice)
     acc = walker.walk(module.entry, False) if module.entry else _Acc()
     collectives = tuple(
-        Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt)
-        for (k, b, g, axes, dt), c in acc.coll.items()
+        Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt, network=net)
+        for (k, b, g, axes, dt, net), c in acc.coll.items()
     )
     return HloStats(
         flops=acc.flops,

@@ -535,7 +535,14 @@ def compile_candidate(
             os.makedirs(os.path.dirname(os.path.abspath(save_hlo)), exist_ok=True)
             with open(save_hlo, "w") as f:
                 f.write(text)
-        stats = analyze_hlo(text, list(plan.strategy.mesh), [d.id for d in mesh.devices.flat])
+        from codesign.sharding.mesh import slice_count
+
+        stats = analyze_hlo(
+            text,
+            list(plan.strategy.mesh),
+            [d.id for d in mesh.devices.flat],
+            multislice=slice_count(list(mesh.devices.flat)) > 1,
+        )
         try:
             raw = compiled.cost_analysis()
         except Exception as e:  # noqa: BLE001 - some backends do not implement it
