@@ -123,13 +123,11 @@ def enumerate_strategies(
         sizes = dict(zip(axes, sizes_t))
         sp_opts = [sp for sp in sps if not sp or sp_problem(workload, sizes) is None]
         crossing = slice_problem([(a, sizes.get(a, 1)) for a in MESH_AXES], slices)
-        if crossing:
-            out.rejected[slice_reason_key(crossing)] += len(mbs) * len(remats) * max(1, len(sp_opts))
-            continue
         for mb in mbs:
             problem = layout_problem(cfg, workload, sizes, mb, rules)
-            if problem:
-                out.rejected[_reason_key(problem)] += len(remats) * max(1, len(sp_opts))
+            if problem or crossing:  # the model's own reason first; then the slices'
+                key = _reason_key(problem) if problem else slice_reason_key(crossing)
+                out.rejected[key] += len(remats) * max(1, len(sp_opts))
                 continue
             for sp in sp_opts:
                 for remat in remats:
