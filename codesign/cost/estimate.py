@@ -304,7 +304,7 @@ def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, Axi
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:
             continue
-        t = collective_time_on_axes(kind, c.bytes, axes, placements) * c.count
+        t = collective_time_on_axes(kind, c.bytes, axes, placements, network=c.network) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
         if kind in _HIDEABLE and set(axes) <= hideable_axes:
             hideable += t
