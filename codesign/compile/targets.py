@@ -45,6 +45,7 @@ from typing import Any
 from codesign import _compat
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import analytic_report
+from codesign.compile.flags import Flags, platform_of, rejected_flag, resolve_flags
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
@@ -440,9 +441,11 @@ def compile_candidate(
     *,
     save_hlo: str | None = None,
     max_compile_devices: int | None = None,
+    xla_flags: Flags | None = None,
 ) -> CompileReport:
     """Compile one candidate's train step in this process and report what the compiler produced.
 
+    `xla_flags` overrides the target's overlap flags (`codesign.compile.flags.resolve_flags`).
     Never raises for the candidate: failures are `error` (with stage) or `oom` reports.
     """
     try:
@@ -463,8 +466,10 @@ def compile_candidate(
         plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
     except (TargetError, ValueError) as e:
         return _error("build", e, target=target, full_mesh=strategy.mesh)
+    flags = dict(resolve_flags(target, hardware.platform, xla_flags))
     base = {
         "target": target,
+        "xla_flags": flags,  # what the compile applied (rejected flags are dropped below)
         "mesh": plan.strategy.mesh,
         "full_mesh": plan.full_mesh,
         "pipeline_stages": plan.pipeline_stages,
@@ -488,7 +493,7 @@ def compile_candidate(
     except Exception as e:  # noqa: BLE001
         return _error("lower", e, notes=tuple(notes), **base)
     try:
-        compiled = lowered.compile()
+        compiled = _compile_with_flags(lowered, flags, notes)
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}".strip()
         oom = parse_oom(msg)
@@ -571,8 +576,23 @@ def compile_candidate(
         skipped_instructions=stats.skipped,
         skipped_examples=stats.skipped_instructions[:8],
         closed_form_collective_ratio=_closed_form_ratio(plan, target, stats.collectives),
+        overlap_from_schedule=stats.scheduled and platform_of(target, hardware.platform) in ("tpu", "gpu"),
         **base,
     )
+
+
+def _compile_with_flags(lowered, flags: dict[str, str], notes: list[str]):
+    """`lowered.compile` with the target's flags; a flag this compiler does not know is dropped from
+    `flags` (in place, so the report records what applied), named in `notes`, and the compile retried."""
+    while True:
+        try:
+            return lowered.compile(compiler_options=dict(flags)) if flags else lowered.compile()
+        except Exception as e:  # noqa: BLE001 - re-raised unless it names a flag we passed
+            bad = rejected_flag(str(e))
+            if bad is None or bad not in flags:
+                raise
+            del flags[bad]
+            notes.append(f"xla flag {bad} rejected by this compiler (no such option): dropped")
 
 
 def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:
