@@ -190,13 +190,24 @@ def test_schedule_overlap_hides_async_collectives_up_to_their_window():
 
     def est(async_count, window_flops):
         row = Collective(
-            "all-gather", 2**26, 8, ("fsdp",), 4, "bf16", async_count, OverlapWindow(matmul_flops=window_flops)
+            "all-gather",
+            2**26,
+            8,
+            ("fsdp",),
+            4,
+            "bf16",
+            async_count,
+            OverlapWindow(matmul_flops=window_flops),
         )
         return estimate_from_report(CFG, WL, s, hw, _report(s, colls=[row], overlap_from_schedule=True))
 
     sync = est(0, 0.0)
     assert sync.exposed_collective_s == pytest.approx(4 * t1)
-    assert sync.overlap["fsdp all-gather"] == {"s": pytest.approx(4 * t1), "hidden": 0.0, "source": "schedule"}
+    assert sync.overlap["fsdp all-gather"] == {
+        "s": pytest.approx(4 * t1),
+        "hidden": 0.0,
+        "source": "schedule",
+    }
     roomy = est(4, 1e3 * peak)  # far more compute in the window than the gather needs
     assert roomy.exposed_collective_s == pytest.approx(0.0)
     half = est(2, 1e3 * peak)  # half the occurrences async

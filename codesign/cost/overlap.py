@@ -62,7 +62,9 @@ class Rates:
         return compute, memory, vector
 
     def window(self, w: OverlapWindow) -> float:
-        compute, memory, vector = self.kernels(w.flops, w.matmul_flops, w.bytes, w.matmul_bytes, w.transcendentals)
+        compute, memory, vector = self.kernels(
+            w.flops, w.matmul_flops, w.bytes, w.matmul_bytes, w.transcendentals
+        )
         return compute + max(memory, vector)
 
 
