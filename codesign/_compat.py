@@ -55,9 +55,10 @@ def param_logical_axes(variable) -> tuple | None:
 # context (input of the output projection), the output projection, the FFN's gate (wi_0), up (wi_1;
 # wi when ungated) and down (wo) projections, dense and routed experts alike.
 QUERY_PROJ, KEY_PROJ, VALUE_PROJ = "query_proj", "key_proj", "value_proj"
+QKV_PROJ = "qkv_proj"  # the fused q/k/v projection's output (ModelConfig.fused_qkv), MaxText's name
 CONTEXT, OUT_PROJ = "context", "out_proj"
 MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO = "mlpwi_0", "mlpwi_1", "mlpwi", "mlpwo"
-_QKV = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ)
+_QKV = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ, QKV_PROJ)
 _MINIMAL = _QKV + (OUT_PROJ, MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO)
 # The names each MaxText policy saves (its decoders.py get_remat_policy / minimal_policy).
 SAVED_NAMES = {

@@ -65,10 +65,7 @@ def test_flags_default_per_platform_and_override():
 
 def test_a_rejected_flag_is_dropped_and_named():
     class Lowered:
-        seen = []
-
         def compile(self, compiler_options=None):
-            self.seen.append(dict(compiler_options or {}))
             if "xla_unknown" in (compiler_options or {}):
                 raise RuntimeError("INVALID_ARGUMENT: No such compile option: 'xla_unknown'")
             return "compiled"

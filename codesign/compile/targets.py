@@ -587,7 +587,7 @@ def _compile_with_flags(lowered, flags: dict[str, str], notes: list[str]):
     while True:
         try:
             return lowered.compile(compiler_options=dict(flags)) if flags else lowered.compile()
-        except Exception as e:  # noqa: BLE001 - re-raised unless it names a flag we passed
+        except Exception as e:  # re-raised unless it names a flag we passed
             bad = rejected_flag(str(e))
             if bad is None or bad not in flags:
                 raise

@@ -48,7 +48,7 @@ Model (all per device, seconds):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from codesign import arithmetic
@@ -109,7 +109,7 @@ class Estimate:
     placements: FrozenMap  # mesh axis -> {"level", "levels", "reason"}
     # "<axes> <kind>" -> {"s": seconds before overlap, "hidden": fraction hidden, "source": "schedule" or
     # the per-kind model's class}
-    overlap: FrozenMap = FrozenMap({})
+    overlap: FrozenMap = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def busy_s(self) -> float:
