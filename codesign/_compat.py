@@ -181,6 +181,33 @@ def normalize_cost_analysis(raw: Any) -> dict[str, float | None] | None:
     return out
 
 
+def compiled_hlo_text(compiled) -> tuple[str, str]:
+    """(HLO text of the optimized module, the route that produced it).
+
+    ``compiled.as_text()`` first. libtpu 0.0.52 fails it on large programs (a RET_CHECK on
+    ``async-update``, seen on llama3.1-70b v5p-256); the runtime executable's ``HloModule`` is then
+    printed directly, and last the module is rebuilt from its serialized HloModuleProto and printed.
+    Raises the first error when every route fails."""
+    try:
+        return compiled.as_text(), "as_text"
+    except Exception:  # try the other routes; re-raise this error if all fail
+        routes = (
+            ("hlo_modules", lambda m: m.to_string()),
+            (
+                "hlo_module_proto",
+                lambda m: (
+                    type(m).from_serialized_hlo_module_proto(m.as_serialized_hlo_module_proto()).to_string()
+                ),
+            ),
+        )
+        for route, show in routes:
+            try:
+                return show(compiled.runtime_executable().hlo_modules()[0]), route
+            except Exception:  # noqa: BLE001, S112 - the next route may work
+                continue
+        raise
+
+
 def orbax_tree_metadata(item_metadata: Any) -> Any:
     """The array tree of Orbax's StandardCheckpointHandler metadata: newer Orbax wraps it in a
     `TreeMetadata` (`.tree`), older versions return the tree itself."""

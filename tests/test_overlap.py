@@ -114,3 +114,49 @@ def test_tpu_compile_applies_the_targets_flags_and_reads_its_schedule():
     assert len(layer_rows) == 2
     for nbytes, count in layer_rows.items():
         assert sum(c.count for c in gathers if c.bytes == nbytes) == count, nbytes
+
+
+def test_hlo_text_falls_back_to_the_runtime_module_then_its_proto():
+    """libtpu 0.0.52 fails compiled.as_text() on large programs; the module is then printed from the
+    runtime executable, or rebuilt from its serialized proto; if all fail, as_text's error is raised."""
+    from codesign._compat import compiled_hlo_text
+
+    class Module:
+        def __init__(self, printable):
+            self.printable = printable
+
+        def to_string(self):
+            if not self.printable:
+                raise RuntimeError("RET_CHECK async-update")
+            return "HloModule m"
+
+        def as_serialized_hlo_module_proto(self):
+            return b"proto"
+
+        @classmethod
+        def from_serialized_hlo_module_proto(cls, proto):
+            assert proto == b"proto"
+            return cls(True)
+
+    class Compiled:
+        def __init__(self, printable):
+            self.module = Module(printable)
+
+        def as_text(self):
+            raise RuntimeError("as_text failed")
+
+        def runtime_executable(self):
+            return self
+
+        def hlo_modules(self):
+            return [self.module]
+
+    assert compiled_hlo_text(Compiled(True)) == ("HloModule m", "hlo_modules")
+    assert compiled_hlo_text(Compiled(False)) == ("HloModule m", "hlo_module_proto")
+
+    class Hopeless(Compiled):
+        def hlo_modules(self):
+            raise RuntimeError("no modules")
+
+    with pytest.raises(RuntimeError, match="as_text failed"):
+        compiled_hlo_text(Hopeless(True))

@@ -517,12 +517,14 @@ def compile_candidate(
         from codesign.compile.hlo import analyze_hlo
 
         try:
-            text = compiled.as_text()
+            text, route = _compat.compiled_hlo_text(compiled)
         except Exception as e:  # noqa: BLE001
             # Seen with libtpu 0.0.52 on 70B-class steps: the compile succeeds, but turning the TPU
             # executable back into HLO text fails a RET_CHECK ("async-update instruction should have
             # 1 operands but sees 3"). The compiler's memory analysis still holds, so keep it.
             return _memory_only_report(compiled, hardware, target, compile_s, e, notes, base)
+        if route != "as_text":
+            notes.append(f"HLO text read through {route} (compiled.as_text() failed)")
         if save_hlo:
             os.makedirs(os.path.dirname(os.path.abspath(save_hlo)), exist_ok=True)
             with open(save_hlo, "w") as f:
