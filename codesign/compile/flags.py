@@ -75,11 +75,12 @@ def default_flags(target: str, hardware_platform: str) -> Flags:
 
 
 def parse_flags(items: Iterable[str]) -> Flags:
-    """``["xla_x=true", "--xla_y=0"]`` -> ``(("xla_x", "true"), ("xla_y", "0"))``; malformed items raise."""
+    """``["xla_x=true", "--xla_y="]`` -> ``(("xla_x", "true"), ("xla_y", ""))`` (an empty value removes
+    a default); malformed items raise."""
     out = []
     for item in items:
         key, sep, value = item.strip().lstrip("-").partition("=")
-        if not sep or not key or not value or " " in key:
+        if not sep or not key or " " in key:
             raise FlagError(
                 f"XLA flag {item!r} is not NAME=VALUE; write it like xla_tpu_overlap_compute_collective_tc=true"
             )
