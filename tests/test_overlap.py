@@ -160,3 +160,63 @@ def test_hlo_text_falls_back_to_the_runtime_module_then_its_proto():
 
     with pytest.raises(RuntimeError, match="as_text failed"):
         compiled_hlo_text(Hopeless(True))
+
+
+LOOP_CARRIED = """HloModule m, is_scheduled=true, num_partitions=4
+
+%ag_start (p0: bf16[16,64]) -> (bf16[16,64], bf16[64,64]) {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %all-gather.1 = bf16[64,64]{1,0} all-gather(%p0), channel_id=5, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %cc = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) custom-call(%all-gather.1), custom_call_target="AsyncCollectiveStart"
+}
+
+%ag_done (p0: bf16[16,64], p1: bf16[64,64]) -> bf16[64,64] {
+  %p0 = bf16[16,64]{1,0} parameter(0)
+  %p1 = bf16[64,64]{1,0} parameter(1)
+  %all-gather.2 = bf16[64,64]{1,0} all-gather(%p0), channel_id=5, replica_groups=[1,4]<=[4], dimensions={0}
+  ROOT %cc = bf16[64,64]{1,0} custom-call(%p0, %p1, %all-gather.2), custom_call_target="AsyncCollectiveDone"
+}
+
+%body (t: (s32[], bf16[16,64], bf16[64,64], bf16[64,64])) -> (s32[], bf16[16,64], bf16[64,64], bf16[64,64]) {
+  %t = (s32[], bf16[16,64]{1,0}, bf16[64,64]{1,0}, bf16[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %w = bf16[16,64]{1,0} get-tuple-element(%t), index=1
+  %buf = bf16[64,64]{1,0} get-tuple-element(%t), index=2
+  %x = bf16[64,64]{1,0} get-tuple-element(%t), index=3
+  %done = bf16[64,64]{1,0} fusion(%w, %buf), kind=kCustom, calls=%ag_done
+  %dot.1 = bf16[64,64]{1,0} dot(%x, %done), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %start = (bf16[16,64]{1,0}, bf16[64,64]{1,0}) fusion(%w), kind=kCustom, calls=%ag_start
+  %next = bf16[64,64]{1,0} get-tuple-element(%start), index=1
+  %dot.2 = bf16[64,64]{1,0} dot(%dot.1, %dot.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %i1 = s32[] add(%i, %one)
+  ROOT %r = (s32[], bf16[16,64]{1,0}, bf16[64,64]{1,0}, bf16[64,64]{1,0}) tuple(%i1, %w, %next, %dot.2)
+}
+
+%cond (t: (s32[], bf16[16,64], bf16[64,64], bf16[64,64])) -> pred[] {
+  %t = (s32[], bf16[16,64]{1,0}, bf16[64,64]{1,0}, bf16[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (w: bf16[16,64], b: bf16[64,64], x: bf16[64,64]) -> bf16[64,64] {
+  %w = bf16[16,64]{1,0} parameter(0)
+  %b = bf16[64,64]{1,0} parameter(1)
+  %x = bf16[64,64]{1,0} parameter(2)
+  %zero = s32[] constant(0)
+  %t = (s32[], bf16[16,64]{1,0}, bf16[64,64]{1,0}, bf16[64,64]{1,0}) tuple(%zero, %w, %b, %x)
+  %loop = (s32[], bf16[16,64]{1,0}, bf16[64,64]{1,0}, bf16[64,64]{1,0}) while(%t), condition=%cond, body=%body
+  ROOT %out = bf16[64,64]{1,0} get-tuple-element(%loop), index=3
+}
+"""
+
+
+def test_a_collective_issued_for_the_next_iteration_wraps_around_the_loop_body():
+    """Done before start in a loop body: the gather runs from the start (after dot.1) around to the
+    next iteration's done, so dot.2 hides it, not dot.1 (which waits for it)."""
+    stats = analyze_hlo(LOOP_CARRIED, [("fsdp", 4)])
+    (ag,) = stats.collectives
+    assert (ag.count, ag.async_count) == (3, 3)
+    assert ag.overlap.matmul_flops == 3 * DOT  # dot.2 of each of the 3 iterations, never dot.1
+    assert stats.matmul_flops == 6 * DOT

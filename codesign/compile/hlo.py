@@ -455,35 +455,59 @@ class _Walker:
         (``is_scheduled=true``). Each collective is a key seen at one or more positions: a synchronous
         one at one, an async one at its start, its done and (TPU async collective fusion) the compute
         fusions that carry it forward in between. The compute at the positions strictly inside a
-        collective's span is its window, shared equally by every collective in flight there."""
+        collective's span is its window, shared equally by every collective in flight there. A loop
+        body whose collective is done before it is started (issued for the next iteration) wraps: its
+        window is the rest of the body after the start and the body's beginning up to the done."""
         spans: dict[object, list[int]] = {}
         rows: dict[object, list[tuple]] = {}
-        work = []
+        work, roles = [], []
         for i, ins in enumerate(comp.instrs):
             ia = _Acc()
             for key, row in self._guarded(ins, comp, False, ia):
                 pos = spans.setdefault(key, [])
-                if row is not None and not pos:  # counted once, where it starts
+                if row is not None and not pos:  # counted once, where it first appears
                     rows.setdefault(key, []).append(row)
                 if not pos or pos[-1] != i:
                     pos.append(i)
             acc.add(ia)
             work.append(ia.work())
+            roles.append(self._role(ins))
+        n = len(work)
+        inside: dict[object, list[int]] = {}
+        for key, pos in spans.items():
+            first, last = pos[0], pos[-1]
+            if roles[first] == "done" and roles[last] == "start":
+                inside[key] = list(range(last + 1, n)) + list(range(first))
+            else:
+                inside[key] = list(range(first + 1, last))
         ends = {p for pos in spans.values() for p in (pos[0], pos[-1])}
         in_flight: dict[int, int] = {}
-        for pos in spans.values():
-            for i in range(pos[0] + 1, pos[-1]):
+        for idx in inside.values():
+            for i in idx:
                 in_flight[i] = in_flight.get(i, 0) + 1
         for key, key_rows in rows.items():
-            pos = spans[key]
-            window = sum(
-                (work[i] / in_flight[i] for i in range(pos[0] + 1, pos[-1]) if i not in ends),
-                np.zeros(5),
-            )
-            is_async = 1.0 if pos[-1] > pos[0] else 0.0
+            window = sum((work[i] / in_flight[i] for i in inside[key] if i not in ends), np.zeros(5))
+            is_async = 1.0 if len(spans[key]) > 1 else 0.0
             for row in key_rows:
                 vec = np.concatenate(([1.0, is_async], window / len(key_rows)))
                 acc.coll[row] = acc.coll.get(row, 0.0) + vec
+
+    def _role(self, ins: hp.Instr) -> str | None:
+        """ "start" / "done" for an instruction that starts or completes an async collective."""
+        op = ins.opcode
+        if op == "async-start" or (op.endswith("-start") and op[: -len("-start")] in _COLLECTIVES):
+            return "start"
+        if op != "async-update" and _ends_async(op):
+            return "done"
+        if op == "fusion":  # TPU async collective fusion: the fused root says which end it is
+            subs = hp.called(ins.attrs, "calls")
+            fused = self.m.computations.get(subs[0]) if subs else None
+            target = (hp.attr(fused.root.attrs, "custom_call_target") or "") if fused and fused.root else ""
+            if "AsyncCollectiveStart" in target:
+                return "start"
+            if "AsyncCollectiveDone" in target:
+                return "done"
+        return None
 
     def _key(self, comp: hp.Computation, ins: hp.Instr, channel: int | None) -> object:
         """A collective's identity in its computation: its channel id (shared by the start, continuation
