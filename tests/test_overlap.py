@@ -54,6 +54,9 @@ def test_flags_default_per_platform_and_override():
     assert tpu["xla_tpu_enable_async_collective_fusion_fuse_all_gather"] == "true"
     assert F.resolve_flags("cpu", "tpu") == ()
     assert F.resolve_flags("attached", "gpu") == F.resolve_flags("gpu", "gpu")
+    v5p = dict(F.resolve_flags("tpu", "tpu", tpu_generation="v5p"))
+    assert set(tpu) - set(v5p) == set(F.V5E_ONLY)
+    assert dict(F.resolve_flags("tpu", "tpu", tpu_generation="v5e")) == tpu
     gone = dict(F.resolve_flags("tpu", "tpu", {"xla_enable_async_all_gather": ""}))
     assert "xla_enable_async_all_gather" not in gone
     assert not F.collective_matmul_on(tpu)
@@ -73,6 +76,20 @@ def test_a_rejected_flag_is_dropped_and_named():
     flags, notes = {"xla_unknown": "true", "xla_known": "1"}, []
     assert T._compile_with_flags(Lowered(), flags, notes) == "compiled"
     assert flags == {"xla_known": "1"} and "xla_unknown" in notes[0]
+
+    class V5p:  # libtpu 0.0.52 on v5p names the parent flag of the one it refuses
+        def compile(self, compiler_options=None):
+            if "xla_tpu_enable_async_collective_fusion_fuse_all_gather" in (compiler_options or {}):
+                raise RuntimeError(
+                    "FAILED_PRECONDITION: Continuation fusion for AllGather is enabled on platform "
+                    "viperfish ... Please disable it with xla_tpu_enable_async_collective_fusion=false"
+                )
+            return "compiled"
+
+    flags, notes = dict(F.OVERLAP_FLAGS["tpu"]), []
+    assert T._compile_with_flags(V5p(), flags, notes) == "compiled"
+    assert not any(k.startswith("xla_tpu_enable_async_collective_fusion") for k in flags)
+    assert "xla_tpu_overlap_compute_collective_tc" in flags and "FAILED_PRECONDITION" in notes[0]
     with pytest.raises(RuntimeError, match="other"):
 
         class Broken(Lowered):

@@ -101,7 +101,9 @@ def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
         "hardware": hardware_key(req.hardware),
         "versions": versions(),
         "flags": xla_flags(),
-        "target_flags": resolve_flags(req.target, req.hardware.platform, req.xla_flags),
+        "target_flags": resolve_flags(
+            req.target, req.hardware.platform, req.xla_flags, req.hardware.tpu_generation
+        ),
         "code": code or _code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

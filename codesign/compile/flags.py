@@ -17,6 +17,16 @@ The flags go to ``Lowered.compile(compiler_options=...)`` (per compile, so paral
 planner's own process never share them through the environment). A flag this compiler does not know
 (``INVALID_ARGUMENT: No such compile option``) is dropped and the compile retried: the report records
 the flags applied and names each one dropped, and the cache key folds in the requested set.
+
+Measured with libtpu 0.0.52 (jax 0.10.2, deviceless v5e:2x4): every TPU default below and both
+windowed-einsum flags are accepted as compile options and take effect (turning
+``xla_tpu_enable_async_collective_fusion`` off removes the async collective fusions from the scheduled
+module; libtpu already has it on by default); ``xla_enable_async_reduce_scatter`` is rejected ("No such
+compile option"). On v5p (deviceless v5p:2x2x2) libtpu refuses AllGather continuation fusion with
+FAILED_PRECONDITION ("not supported/recommended on platforms other than TPU v5e ... disable it with
+xla_tpu_enable_async_collective_fusion=false"), so that flag is a v5e-only default, and a compile
+error that names one of the flags passed drops the flags it names and retries. The GPU set was not
+compiled here (no CUDA plugin on this machine).
 """
 
 from __future__ import annotations
@@ -57,7 +67,10 @@ COLLECTIVE_MATMUL_FLAGS: dict[str, Flags] = {
         ("xla_gpu_multi_streamed_windowed_einsum", "true"),
     ),
 }
+# libtpu 0.0.52 refuses AllGather continuation fusion on any TPU but v5e (FAILED_PRECONDITION).
+V5E_ONLY = frozenset({"xla_tpu_enable_async_collective_fusion_fuse_all_gather"})
 _REJECTED = re.compile(r"No such compile option:\s*'([^']+)'")
+_FLAG_NAME = re.compile(r"\bxla_[a-z0-9_]+")
 _TRUE = ("true", "1")
 
 
@@ -70,8 +83,11 @@ def platform_of(target: str, hardware_platform: str) -> str:
     return hardware_platform if target == "attached" else target
 
 
-def default_flags(target: str, hardware_platform: str) -> Flags:
-    return OVERLAP_FLAGS.get(platform_of(target, hardware_platform), ())
+def default_flags(target: str, hardware_platform: str, tpu_generation: str | None = None) -> Flags:
+    flags = OVERLAP_FLAGS.get(platform_of(target, hardware_platform), ())
+    if tpu_generation and tpu_generation != "v5e":
+        flags = tuple(kv for kv in flags if kv[0] not in V5E_ONLY)
+    return flags
 
 
 def parse_flags(items: Iterable[str]) -> Flags:
@@ -89,11 +105,15 @@ def parse_flags(items: Iterable[str]) -> Flags:
 
 
 def resolve_flags(
-    target: str, hardware_platform: str, override: Mapping[str, str] | Flags | None = None
+    target: str,
+    hardware_platform: str,
+    override: Mapping[str, str] | Flags | None = None,
+    tpu_generation: str | None = None,
 ) -> Flags:
-    """The flags a compile uses: the platform's overlap defaults, then `override` on top (a value of
-    ``""`` removes a default). Sorted, so that the same settings always give the same cache key."""
-    flags = dict(default_flags(target, hardware_platform))
+    """The flags a compile uses: the platform's (and TPU generation's) overlap defaults, then
+    `override` on top (a value of ``""`` removes a default). Sorted, so that the same settings always
+    give the same cache key."""
+    flags = dict(default_flags(target, hardware_platform, tpu_generation))
     items = override.items() if isinstance(override, Mapping) else (override or ())
     for key, value in items:
         if value == "":
@@ -103,10 +123,16 @@ def resolve_flags(
     return tuple(sorted(flags.items()))
 
 
-def rejected_flag(message: str) -> str | None:
-    """The flag name a compiler refused, from its error message; None for any other error."""
+def refused_flags(message: str, flags: Mapping[str, str]) -> list[str]:
+    """The flags of `flags` a compile error refuses: an unknown option, or flags the message names
+    (a flag named there also refuses the flags it prefixes: libtpu names the parent
+    ``xla_tpu_enable_async_collective_fusion`` when it refuses ``..._fuse_all_gather``). [] for
+    an error that has nothing to do with the flags."""
     m = _REJECTED.search(message)
-    return m.group(1) if m else None
+    if m:
+        return [m.group(1)] if m.group(1) in flags else []
+    named = set(_FLAG_NAME.findall(message))
+    return [k for k in flags if any(k.startswith(n) for n in named)]
 
 
 def collective_matmul_on(flags: Flags | Mapping[str, str]) -> bool:

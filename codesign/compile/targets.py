@@ -45,7 +45,7 @@ from typing import Any
 from codesign import _compat
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import analytic_report
-from codesign.compile.flags import Flags, platform_of, rejected_flag, resolve_flags
+from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
@@ -466,7 +466,7 @@ def compile_candidate(
         plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
     except (TargetError, ValueError) as e:
         return _error("build", e, target=target, full_mesh=strategy.mesh)
-    flags = dict(resolve_flags(target, hardware.platform, xla_flags))
+    flags = dict(resolve_flags(target, hardware.platform, xla_flags, hardware.tpu_generation))
     base = {
         "target": target,
         "xla_flags": flags,  # what the compile applied (rejected flags are dropped below)
@@ -584,17 +584,21 @@ def compile_candidate(
 
 
 def _compile_with_flags(lowered, flags: dict[str, str], notes: list[str]):
-    """`lowered.compile` with the target's flags; a flag this compiler does not know is dropped from
-    `flags` (in place, so the report records what applied), named in `notes`, and the compile retried."""
+    """`lowered.compile` with the target's flags; flags this compiler refuses (an unknown option, or an
+    error that names them) are dropped from `flags` (in place, so the report records what applied),
+    named in `notes`, and the compile retried."""
     while True:
         try:
             return lowered.compile(compiler_options=dict(flags)) if flags else lowered.compile()
-        except Exception as e:  # re-raised unless it names a flag we passed
-            bad = rejected_flag(str(e))
-            if bad is None or bad not in flags:
+        except Exception as e:  # re-raised unless it refuses flags we passed
+            msg = str(e).strip()
+            bad = refused_flags(msg, flags)
+            if not bad:
                 raise
-            del flags[bad]
-            notes.append(f"xla flag {bad} rejected by this compiler (no such option): dropped")
+            for k in bad:
+                del flags[k]
+            first = msg.splitlines()[0][:160] if msg else type(e).__name__
+            notes.append(f"xla flags {', '.join(bad)} refused by this compiler ({first}): dropped")
 
 
 def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:

@@ -10,12 +10,14 @@ Otherwise (the closed form, a CPU compile standing in for an accelerator, an unr
 model per kind, each with its assumption (:data:`ASSUMPTIONS`). Per class, the collectives share
 ``room`` seconds of compute; L = layers per stage, m = microbatches, busy = the step's busy time:
 
-* ``fsdp-gather``: an all-gather over batch axes (FSDP weights). Layer i+1's weights gather while layer
-  i computes (latency-hiding scheduler, TPU async collective fusion); each pass's first gather has
-  nothing before it: room = busy x (1 - 1/L).
+* ``fsdp-gather``: an all-gather over batch axes (FSDP weights), or a collective-permute over them
+  (libtpu decomposes large FSDP gathers and gradient scatters into windowed-einsum loops of permutes,
+  seen on llama3-8b layers on v5e-8). Layer i+1's weights gather while layer i computes (latency-hiding
+  scheduler, TPU async collective fusion); each pass's first gather has nothing before it: at most
+  (1 - 1/L) of them hides, within room = busy x (1 - 1/L).
 * ``grad-reduce``: a reduce-scatter / all-reduce over batch axes inside the microbatch loop. Layer i's
-  gradient reduction runs under layer i-1's backward (backward ~ 2/3 of the step; the last one is
-  exposed): room = 2/3 busy x (1 - 1/L).
+  gradient reduction runs under layer i-1's backward (backward ~ 2/3 of the step); the last one is
+  exposed: at most (1 - 1/L) hides, within room = 2/3 busy x (1 - 1/L).
 * ``step-sync``: a collective over the pure data replicas once per step (the accumulated gradients'
   reduction, ZeRO's reduce-scatter and updated-param gather when m > 1 or ZeRO is on). Only the last
   microbatch's backward is left to hide it: room = 2/3 busy / m x (1 - 1/L).
@@ -37,7 +39,8 @@ from dataclasses import dataclass
 from codesign.report import Collective, OverlapWindow
 
 ASSUMPTIONS = {
-    "fsdp-gather": "layer i+1's weight gather under layer i's compute; each pass's first gather exposed",
+    "fsdp-gather": "layer i+1's weight gather (or its windowed-einsum permutes) under layer i's compute; "
+    "each pass's first gather exposed",
     "grad-reduce": "layer i's gradient reduction under layer i-1's backward (2/3 of busy); the last exposed",
     "step-sync": "once-per-step data reduction/gather under the last microbatch's backward only",
     "tensor-cm": "collective matmul: the tensor all-gather/reduce-scatter under the matmul it feeds",
@@ -84,10 +87,10 @@ class Context:
 def model_class(kind: str, axes: tuple[str, ...], ctx: Context) -> str:
     """The per-kind model's class of one collective (see the module docstring)."""
     ax = set(axes)
-    if kind in ("all-gather", "reduce-scatter", "all-reduce") and ax <= ctx.batch_axes:
-        if ctx.step_sync_axes and ax <= ctx.step_sync_axes:
+    if kind in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute") and ax <= ctx.batch_axes:
+        if ctx.step_sync_axes and ax <= ctx.step_sync_axes and kind != "collective-permute":
             return "step-sync"
-        return "fsdp-gather" if kind == "all-gather" else "grad-reduce"
+        return "grad-reduce" if kind in ("reduce-scatter", "all-reduce") else "fsdp-gather"
     if kind in ("all-gather", "reduce-scatter") and ctx.collective_matmul and ax <= {"tensor", "sequence"}:
         return "tensor-cm"
     return "exposed"
@@ -144,7 +147,9 @@ def from_model(rows: Iterable[Timed], ctx: Context) -> list[Hidden]:
     want: dict[str, float] = {}
     for cls, r in zip(classes, rows):
         want[cls] = want.get(cls, 0.0) + r.seconds
-    share = {cls: min(1.0, model_room(cls, ctx) / w) if w > 0 else 0.0 for cls, w in want.items()}
+    per_layer = {"fsdp-gather", "grad-reduce"}  # one per layer per pass: the pass's first/last is exposed
+    cap_of = {cls: (1 - 1 / max(ctx.layers, 1)) if cls in per_layer else 1.0 for cls in want}
+    share = {cls: min(cap_of[cls], model_room(cls, ctx) / w) if w > 0 else 0.0 for cls, w in want.items()}
     return [Hidden(r.label, r.seconds, r.seconds * share[cls], cls) for cls, r in zip(classes, rows)]
 
 
