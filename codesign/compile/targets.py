@@ -472,6 +472,7 @@ def compile_candidate(
     }
     notes = list(plan.notes)
     try:
+        from codesign.models.attention import REFERENCE_NOTE
         from codesign.sharding.mesh import MeshSpec
         from codesign.train_step import TrainProgram
 
@@ -479,6 +480,8 @@ def compile_candidate(
         devices = target_devices(target, hardware, spec.size)
         mesh = spec.build(devices)
         prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh)
+        if prog.attention_impl == "reference":  # the CPU's flash path: its cost is not a kernel's
+            notes.append(REFERENCE_NOTE)
         state, batch = prog.abstract_state, prog.abstract_batch
         step = prog.step_fn
     except Exception as e:  # noqa: BLE001 - a candidate's failure is data, not an exception
