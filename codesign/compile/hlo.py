@@ -12,7 +12,9 @@ Counting rules (all per device, per execution of ENTRY):
   elements x (kernel elements / output features); cuBLAS/cuDNN-style gemm custom-calls like dot;
   cuDNN flash attention (``__cudnn$fmha*``) 4 x B x N x T x S x H forward and 2.5x that backward (5
   matmuls to 2: the backward recomputes the scores), halved for a causal mask (cuDNN skips the masked
-  tiles). All of these count as matmul FLOPs.
+  tiles). Pallas TPU splash attention (``tpu_custom_call`` ``splash_mha_*``): its causal tiles from the
+  q/k/v operand shapes and the block sizes in its metadata (`_splash_flops`). All of these count as
+  matmul FLOPs; a kernel's bytes are its operands and results, like any top-level instruction.
   Elementwise ops 1 per output element, ``reduce`` 1 per input element, ``reduce-window`` 1 per output
   element per window element. Transcendental ops count in ``transcendentals`` only (as HloCostAnalysis).
   Ops inside fusion computations count (a dot inside a fusion is a dot).
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codesign.arithmetic import causal_block_fraction
 from codesign.compile import hlo_parse as hp
 from codesign.report import Collective
 
@@ -284,6 +287,50 @@ def _fmha_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     return fwd * causal * (2.5 if "backward" in target.lower() else 1.0)
 
 
+_SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dkv|dq)")
+
+
+def _splash_flops(ins: hp.Instr, comp: hp.Computation) -> float:
+    """Pallas TPU splash attention (a ``tpu_custom_call`` named ``splash_mha_fwd*``/``_dkv*``/``_dq*``):
+    q, k and v are its first three floating-point operands of rank >= 3, head dim minor ([..., T, H],
+    the kernel's default layout; leading dims batch x heads, vmapped batches included). The mask is
+    assumed causal (the only one codesign builds) with the block sizes the kernel records in its
+    ``xprof_metadata``: `models.attention.flash_flops` counts the tiles it computes. Forward: QK^T
+    and PV; the fused backward (dkv returning dq too) all 5 backward dots; split, dkv 4 (QK^T,
+    dO V^T, P^T dO, dS^T Q) and dq 3 (QK^T, dO V^T, dS K)."""
+    if "tpu_custom_call" not in (hp.attr(ins.attrs, "custom_call_target") or ""):
+        return 0.0
+    phase = _SPLASH_RE.search(ins.name + " " + ins.attrs)
+    if phase is None:
+        return 0.0
+    arrays = []
+    for name in ins.operands:
+        for dtype, dims in hp.array_shapes(_operand_shape(comp, name)):
+            if dtype.startswith(("bf", "f")) and len(dims) >= 3:
+                arrays.append(dims)
+    if len(arrays) < 3:
+        return 0.0
+    q, k, v = arrays[:3]
+    (t, qk), s, hv = q[-2:], k[-2], v[-1]
+    rows = math.prod(q) / (t * qk)
+    meta = {key: int(val) for key, val in re.findall(r'\\?"(block_\w+)\\?":\s*(\d+)', ins.attrs)}
+    kind = phase.group(1)
+    suffix = {"fwd": "", "dkv": "_dkv", "dq": "_dq"}[kind]
+    bq, bkv = meta.get("block_q" + suffix, t), meta.get("block_kv" + suffix, s)
+    per = 2.0 * rows * t * s * causal_block_fraction(s, min(bq, t), min(bkv, s))
+    if kind == "fwd":
+        return per * (qk + hv)
+    # The fused backward returns dq beside dk and dv (its metadata carries no flag).
+    sizes = {math.prod(x) for x in (q, k, v)}
+    grads = [
+        d for dt, d in hp.array_shapes(ins.shape) if dt.startswith(("bf", "f")) and math.prod(d) in sizes
+    ]
+    fused = len(grads) >= 3
+    if kind == "dkv":
+        return per * ((3 * qk + 2 * hv) if fused else (2 * qk + 2 * hv))
+    return per * (2 * qk + hv)
+
+
 def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     op = ins.opcode
     if op == "dot":
@@ -291,7 +338,7 @@ def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     elif op == "convolution":
         f = _conv_flops(ins, comp)
     elif op == "custom-call":
-        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp)
+        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp) or _splash_flops(ins, comp)
     else:
         f = 0.0
     if f:

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from codesign import _compat as C
 from codesign import axes as A
+from codesign.arithmetic import causal_block_fraction
 from codesign.sharding.activation import active_spec
 
 KERNELS = ("xla", "cudnn", "splash", "reference")
@@ -57,6 +58,41 @@ def kernel_for(attention: str, platform: str) -> str:
 def attention_v_head_dim(qk_head_dim: int, v_head_dim: int, kernel: str) -> int:
     """The value head dim the kernel computes with: cuDNN pads v to the q/k head dim."""
     return max(qk_head_dim, v_head_dim) if kernel == "cudnn" else v_head_dim
+
+
+# cuDNN's fused attention tiles: its flash kernels run 64-128 query rows per tile; 128 is assumed.
+_CUDNN_BLOCK = 128
+# Bytes per query row per head of a flash kernel's f32 softmax statistics in HBM, in the layout the
+# kernel writes them: splash's forward writes the logsumexp broadcast over the 128 lanes of a vector
+# register ([heads, T, 128] f32; backward reads it, and the row sums of dO*O, as [heads, 8, T]);
+# cuDNN writes one f32 per row and its backward one more (the dO*O row sums).
+_STATS_BYTES = {"splash": 128 * 4, "cudnn": 2 * 4}
+
+
+def flash_blocks(kernel: str, q_len: int, kv_len: int) -> tuple[int, int]:
+    """(block_q, block_kv) a flash kernel tiles the scores with, for per-device lengths."""
+    q_len, kv_len = int(q_len), int(kv_len)
+    if kernel == "splash":
+        return math.gcd(q_len, _SPLASH_BLOCK), math.gcd(kv_len, _SPLASH_BLOCK)
+    if kernel == "cudnn":
+        return min(q_len, _CUDNN_BLOCK), min(kv_len, _CUDNN_BLOCK)
+    return kv_len, kv_len  # the reference computes every score (masked), as XLA does
+
+
+def flash_flops(kernel: str, rows: float, q_len: int, kv_len: int, qk: int, v: int) -> tuple[float, float]:
+    """(forward, backward) matmul FLOPs of one flash attention call over `rows` = batch x heads query
+    sequences of q_len (per device) against kv_len keys, causal: the tiles the kernel computes
+    (`arithmetic.causal_block_fraction`; with the query sequence sharded, the average over the shards).
+    Forward QK^T and PV; backward recomputes QK^T and runs dO V^T, P^T dO, dS K and dS^T Q."""
+    bq, bkv = flash_blocks(kernel, q_len, kv_len)
+    per = 2.0 * rows * q_len * kv_len * causal_block_fraction(kv_len, bq, bkv)
+    return per * (qk + v), per * (3 * qk + 2 * v)
+
+
+def stats_bytes(kernel: str, kv_block: int) -> int:
+    """HBM bytes per query row per head of a flash kernel's workspace (row statistics; the reference
+    path: one K/V block of f32 scores and probabilities at a time)."""
+    return _STATS_BYTES.get(kernel, 2 * 4 * kv_block)
 
 
 def causal_attention(q, k, v, kernel: str):
@@ -127,8 +163,7 @@ def _reference(q, k, v):
 
 
 # -- splash (Pallas TPU) ------------------------------------------------------------------------------
-def _block(length: int, what: str) -> int:
-    block = math.gcd(length, _SPLASH_BLOCK)
+def _checked(block: int, length: int, what: str) -> int:
     if block % 128:
         raise ValueError(
             f"splash attention needs the per-device {what} length to be a multiple of 128, got {length}; "
@@ -160,14 +195,16 @@ def _splash(q, k, v):
         # give every query head its own K/V head so that each shard holds the groups it needs.
         k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
     if placed is None:
-        kernel = C.make_splash_mha(n, t, s, _block(t, "query"), _block(s, "key"), 1, 1)
+        bq, bkv = flash_blocks("splash", t, s)
+        kernel = C.make_splash_mha(n, t, s, _checked(bq, t, "query"), _checked(bkv, s, "key"), 1, 1)
         return _splash_local(kernel, q, k, v)
     mesh, q_spec = placed[0], _four(placed[1])
     sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
     kv_spec = _four(active_spec(kv_axes, k.shape)[1])
     seq_shards, head_shards = _shards(sizes, q_spec[1]), _shards(sizes, q_spec[2])
+    bq, bkv = flash_blocks("splash", t // seq_shards, s)
     kernel = C.make_splash_mha(
-        n, t, s, _block(t // seq_shards, "query"), _block(s, "key"), head_shards, seq_shards
+        n, t, s, _checked(bq, t // seq_shards, "query"), _checked(bkv, s, "key"), head_shards, seq_shards
     )
     kernel_spec = C.splash_kernel_spec(kernel, mesh, q_spec[2], q_spec[1])
     out_spec = jax.sharding.PartitionSpec(*q_spec[:3], None)
