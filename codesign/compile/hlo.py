@@ -11,8 +11,8 @@ Counting rules (all per device, per execution of ENTRY):
 * FLOPs: ``dot`` = 2 x output elements x product of lhs contracting dims; ``convolution`` = 2 x output
   elements x (kernel elements / output features); cuBLAS/cuDNN-style gemm custom-calls like dot;
   cuDNN flash attention (``__cudnn$fmha*``) 4 x B x N x T x S x H forward and 2.5x that backward (5
-  matmuls to 2: the backward recomputes the scores), halved for a causal mask (cuDNN skips the masked
-  tiles). Pallas TPU splash attention (``tpu_custom_call`` ``splash_mha_*``): its causal tiles from the
+  matmuls to 2: the backward recomputes the scores), with a causal mask only the tiles cuDNN computes
+  (`models.attention.flash_flops`: 128 x 128 tiles assumed, about half). Pallas TPU splash attention (``tpu_custom_call`` ``splash_mha_*``): its causal tiles from the
   q/k/v operand shapes and the block sizes in its metadata (`_splash_flops`). All of these count as
   matmul FLOPs; a kernel's bytes are its operands and results, like any top-level instruction.
   Elementwise ops 1 per output element, ``reduce`` 1 per input element, ``reduce-window`` 1 per output
@@ -41,6 +41,7 @@ import numpy as np
 
 from codesign.arithmetic import causal_block_fraction
 from codesign.compile import hlo_parse as hp
+from codesign.models.attention import flash_flops
 from codesign.report import Collective
 
 _TRANSCENDENTAL = frozenset(
@@ -282,9 +283,10 @@ def _fmha_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     k = hp.array_shapes(_operand_shape(comp, ins.operands[1]))
     if not q or not k or len(q[0][1]) != 4 or len(k[0][1]) != 4:
         return 0.0
-    fwd = 4.0 * math.prod(q[0][1]) * k[0][1][1]
-    causal = 0.5 if re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) else 1.0
-    return fwd * causal * (2.5 if "backward" in target.lower() else 1.0)
+    (b, t, n, h), s = q[0][1], k[0][1][1]
+    causal = re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) is not None
+    fwd, bwd = flash_flops("cudnn" if causal else "full", b * n, t, s, h, h)
+    return bwd if "backward" in target.lower() else fwd
 
 
 _SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dkv|dq)")
@@ -296,7 +298,7 @@ def _splash_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     the kernel's default layout; leading dims batch x heads, vmapped batches included). The mask is
     assumed causal (the only one codesign builds) with the block sizes the kernel records in its
     ``xprof_metadata``: `models.attention.flash_flops` counts the tiles it computes. Forward: QK^T
-    and PV; the fused backward (dkv returning dq too) all 5 backward dots; split, dkv 4 (QK^T,
+    and PV; the fused backward (dkv returning dq partials too) all 5 backward dots; split, dkv 4 (QK^T,
     dO V^T, P^T dO, dS^T Q) and dq 3 (QK^T, dO V^T, dS K)."""
     if "tpu_custom_call" not in (hp.attr(ins.attrs, "custom_call_target") or ""):
         return 0.0
@@ -317,15 +319,12 @@ def _splash_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     kind = phase.group(1)
     suffix = {"fwd": "", "dkv": "_dkv", "dq": "_dq"}[kind]
     bq, bkv = meta.get("block_q" + suffix, t), meta.get("block_kv" + suffix, s)
-    per = 2.0 * rows * t * s * causal_block_fraction(s, min(bq, t), min(bkv, s))
+    per = 2.0 * rows * t * s * causal_block_fraction(s, min(bq, t), min(bkv, s))  # flash_flops' tiles
     if kind == "fwd":
         return per * (qk + hv)
-    # The fused backward returns dq beside dk and dv (its metadata carries no flag).
-    sizes = {math.prod(x) for x in (q, k, v)}
-    grads = [
-        d for dt, d in hp.array_shapes(ins.shape) if dt.startswith(("bf", "f")) and math.prod(d) in sizes
-    ]
-    fused = len(grads) >= 3
+    # The fused backward returns dq beside dk and dv, as partial sums per K/V block: [..., kv blocks,
+    # heads, T, H] (its metadata carries no flag).
+    fused = any(len(d) == len(q) + 1 and d[-3:] == q[-3:] for _, d in hp.array_shapes(ins.shape))
     if kind == "dkv":
         return per * ((3 * qk + 2 * hv) if fused else (2 * qk + 2 * hv))
     return per * (2 * qk + hv)

@@ -76,7 +76,7 @@ def flash_blocks(kernel: str, q_len: int, kv_len: int) -> tuple[int, int]:
         return math.gcd(q_len, _SPLASH_BLOCK), math.gcd(kv_len, _SPLASH_BLOCK)
     if kernel == "cudnn":
         return min(q_len, _CUDNN_BLOCK), min(kv_len, _CUDNN_BLOCK)
-    return kv_len, kv_len  # the reference computes every score (masked), as XLA does
+    return kv_len, kv_len  # the reference and an unmasked kernel ("full") compute every score
 
 
 def flash_flops(kernel: str, rows: float, q_len: int, kv_len: int, qk: int, v: int) -> tuple[float, float]:
