@@ -175,7 +175,8 @@ def attention_impl(choice: str) -> str:
     if impl == "cudnn" and platform != "gpu":
         raise ConfigError(
             f"cuDNN attention needs an NVIDIA GPU, and this run is on {backend}; the plan may "
-            f"have been costed for one. Pass --attention flash (or auto, or xla) to run here"
+            f"have been costed for one. Pass --attention xla (or auto, or flash: on CPU its reference path) "
+            f"to run here"
         )
     return impl
 
