@@ -176,7 +176,7 @@ def parse_instruction(line: str) -> Instr | None:
 def _joined_lines(text: str):
     """The text's lines, an instruction continued over several lines joined into one: the TPU
     compiler prints a Pallas kernel's `frontend_attributes={kernel_metadata={` and its JSON on lines
-    of their own. An instruction line with more `{` than `}` continues until they balance."""
+    of their own. An instruction line that ends in an unclosed `{` continues until the braces balance."""
     pending, depth = "", 0
     for line in text.splitlines():
         if pending:
@@ -187,7 +187,7 @@ def _joined_lines(text: str):
                 pending = ""
             continue
         depth = line.count("{") - line.count("}")
-        if depth > 0 and _INSTR_RE.match(line):
+        if depth > 0 and line.rstrip().endswith("{") and _INSTR_RE.match(line):
             pending = line
             continue
         yield line
