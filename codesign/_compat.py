@@ -233,3 +233,53 @@ def shard_map(f, *, mesh: Mesh, in_specs, out_specs):
     from jax.experimental.shard_map import shard_map as _sm  # pragma: no cover - jax < 0.7
 
     return _sm(f, mesh, in_specs, out_specs, check_rep=False)  # pragma: no cover
+
+
+def _splash_modules():
+    """The Pallas TPU splash attention kernel and its masks (jax.experimental.pallas.ops.tpu)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask
+
+    return kernel, mask
+
+
+def make_splash_mha(
+    heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, head_shards: int, q_seq_shards: int
+):
+    """A causal splash attention kernel for `heads` query heads (GQA: K/V may have fewer heads), with
+    square-ish blocks in every pass. BlockSizes' fields differ between jax versions (`q_layout`,
+    fused-backward and `block_kv_dkv_compute` flags come and go), so only the fields this jax knows
+    are passed; the fused backward kernel (dq and dkv in one pass) is used where it exists."""
+    import dataclasses as dc
+    import inspect
+
+    kernel, mask = _splash_modules()
+    want = {
+        "block_q": block_q,
+        "block_kv": block_kv,
+        "block_kv_compute": block_kv,
+        "block_q_dkv": block_q,
+        "block_kv_dkv": block_kv,
+        "block_kv_dkv_compute": block_kv,
+        "block_q_dq": block_q,
+        "block_kv_dq": block_kv,
+        "use_fused_bwd_kernel": True,
+    }
+    names = {f.name for f in dc.fields(kernel.BlockSizes)}
+    fused = "use_fused_bwd_kernel" in names
+    if fused:  # the fused backward computes dq in the dkv pass: no separate dq blocks
+        want.pop("block_q_dq"), want.pop("block_kv_dq")
+    sizes = kernel.BlockSizes(**{k: v for k, v in want.items() if k in names})
+    causal = mask.CausalMask((q_len, kv_len), shard_count=q_seq_shards)
+    multi = mask.MultiHeadMask([causal] * heads)
+    kwargs = {"block_sizes": sizes, "head_shards": head_shards, "q_seq_shards": q_seq_shards}
+    accepted = inspect.signature(kernel.make_splash_mha).parameters
+    return kernel.make_splash_mha(multi, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def splash_kernel_spec(kernel, mesh: Mesh, heads_axes, q_seq_axes):
+    """The shard_map spec of a splash kernel's mask info: its head and query-block dims split like
+    the query's heads and sequence."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    return kernel.manual_sharding_spec(NamedSharding(mesh, PartitionSpec(heads_axes, q_seq_axes)))

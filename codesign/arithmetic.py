@@ -101,6 +101,15 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True)
     return 2.0 * matmul_params_per_token(cfg) + attention_fwd_flops_per_token(cfg, seq_len, causal)
 
 
+def causal_block_fraction(seq_len: int, block_q: int, block_kv: int) -> float:
+    """Fraction of the seq_len x seq_len score matrix a block-sparse causal kernel computes: the
+    (block_q x block_kv) tiles that hold at least one unmasked score (j*block_kv <= last query of
+    tile i), the diagonal tiles computed whole. -> 1/2 for long sequences; 1 for one tile."""
+    nq, nk = max(1, seq_len // block_q), max(1, seq_len // block_kv)
+    tiles = sum(min(nk, ((i + 1) * block_q - 1) // block_kv + 1) for i in range(nq))
+    return tiles / (nq * nk)
+
+
 def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
     """(dense, MoE) layers of the heaviest of `stages` pipeline stages: ceil(layers / stages) layers,
     MoE ones first (a MoE layer costs the dense FFN's FLOPs or more, plus its all-to-alls).

@@ -246,10 +246,27 @@ class ModelConfig:
 
 
 WORKLOAD_MODES = ("train", "decode")
-# How attention runs: "xla" materializes the B x N x T x S scores; "cudnn" is a fused flash-attention
-# kernel (jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs): causal tiles skipped, no
-# score traffic. The cost model and the compiled program both follow it.
-ATTENTION_IMPLS = ("xla", "cudnn")
+# How attention runs: "xla" materializes the B x N x T x S scores; "flash" is a fused flash-attention
+# kernel (cuDNN on NVIDIA GPUs, Pallas splash attention on TPU, a plain-JAX blockwise reference on CPU:
+# `models.attention`): causal tiles skipped, no score traffic, only the output and the row statistics
+# kept for backward; "cudnn" asks for cuDNN's by name (GPU only). The cost model and the compiled
+# program both follow it. "auto" (a CLI choice, resolved by `resolve_attention`) is the best the
+# platform has.
+ATTENTION_IMPLS = ("xla", "cudnn", "flash")
+ATTENTION_CHOICES = (*ATTENTION_IMPLS, "auto")
+FLASH_IMPLS = frozenset({"cudnn", "flash"})
+
+
+def resolve_attention(choice: str, platform: str) -> str:
+    """`--attention` for a platform (gpu, tpu, cpu): `auto` -> flash where a flash kernel exists (GPU,
+    TPU), else xla (the CPU's flash path is only a reference for checking numerics)."""
+    if choice not in ATTENTION_CHOICES:
+        raise ConfigError(f"--attention {choice!r}; use one of {ATTENTION_CHOICES}")
+    if choice == "auto":
+        return "flash" if platform in ("gpu", "tpu") else "xla"
+    return choice
+
+
 # GEMM precision of the cost model (`--matmul-dtype`): fp8 runs the weight matmuls (and the MoE dispatch)
 # in FP8 with BF16 attention core, embedding, LM head, router and norms, as DeepSeek-V3 trains.
 MATMUL_DTYPES = ("bf16", "fp8")
@@ -331,9 +348,9 @@ class Workload:
         return self.global_batch * self.seq_len
 
     @property
-    def attention_impl(self) -> str | None:
-        """`implementation=` for jax.nn.dot_product_attention (None: XLA's own)."""
-        return None if self.attention == "xla" else self.attention
+    def flash(self) -> bool:
+        """Whether attention runs as a fused flash kernel (no S x S scores stored or streamed)."""
+        return self.attention in FLASH_IMPLS
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

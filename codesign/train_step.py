@@ -52,6 +52,7 @@ from codesign import _compat
 from codesign import axes as A
 from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
+from codesign.models.attention import kernel_for, platform_of
 from codesign.models.transformer import Transformer
 from codesign.sharding.activation import activation_sharding
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
@@ -107,7 +108,8 @@ class TrainProgram:
         self.opt_cfg = optimizer or OptimizerConfig()
         self.strict = strict
         # The attention kernel is part of the workload (the cost model prices the same one).
-        self.attention_impl = workload.attention_impl
+        # On the mesh's platform (`models.attention.kernel_for`: flash -> cuDNN, splash or the reference).
+        self.attention_impl = kernel_for(workload.attention, platform_of(mesh))
         self.mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
         b = workload.global_batch
         shards = self.strategy.batch_shards

@@ -361,5 +361,5 @@ def test_flash_attention_and_bf16_params_in_the_closed_form():
 def test_unknown_attention_implementation_is_refused():
     from codesign.config import ConfigError
 
-    with pytest.raises(ConfigError, match="attention implementation 'flash'"):
-        Workload(attention="flash")
+    with pytest.raises(ConfigError, match="attention implementation 'splash'"):
+        Workload(attention="splash")  # the TPU kernel's name, not a workload choice (that is flash)

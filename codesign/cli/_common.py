@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from codesign.config import ATTENTION_CHOICES, resolve_attention
+
 
 class UsageError(ValueError):
     """Bad command-line input; printed as one line, exit status 2."""
@@ -182,8 +184,9 @@ def add_model_hw_args(sp) -> None:
     sp.add_argument(
         "--attention",
         default="xla",
-        choices=("xla", "cudnn"),
-        help="attention kernel to cost and compile (cudnn: fused flash attention on NVIDIA GPUs)",
+        choices=ATTENTION_CHOICES,
+        help="attention kernel to cost and compile: flash = cuDNN on GPU, Pallas splash on TPU (the cpu "
+        "target compiles a plain-JAX reference); cudnn = cuDNN by name; auto = flash on GPU/TPU hardware",
     )
 
 
@@ -270,13 +273,14 @@ def resolve_model_hw(args):
     if args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)
+    attention = resolve_attention(args.attention, hw.platform)
     return (
         cfg,
         hw,
         dataclasses.replace(
             w,
             param_dtype=args.param_dtype,
-            attention=args.attention,
+            attention=attention,
             matmul_dtype=getattr(args, "matmul_dtype", "bf16"),
         ),
     )

@@ -17,6 +17,7 @@ import os
 import sys
 
 from codesign.cli._common import add_slices_arg, console, print_json
+from codesign.config import ATTENTION_CHOICES
 
 
 class _EmulationAction(argparse.Action):
@@ -268,8 +269,9 @@ def register(add) -> None:
     sp.add_argument("--metrics", help="append per-step metrics as JSON lines to this file")
     sp.add_argument(
         "--attention",
-        choices=("xla", "cudnn", "auto"),
-        help="attention kernel: auto = cuDNN on GPU, XLA elsewhere (default: the plan's, else xla)",
+        choices=ATTENTION_CHOICES,
+        help="attention kernel: flash = cuDNN on GPU, Pallas splash on TPU, a plain-JAX reference on CPU; "
+        "auto = flash on GPU/TPU, xla on CPU (default: the plan's, else xla)",
     )
     sp.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master parameter dtype")
     sp.add_argument("--hardware", help="catalog name for the MFU peak (default: from the device kind)")
@@ -300,7 +302,7 @@ def register(add) -> None:
     sp.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     sp.add_argument(
         "--attention",
-        choices=("xla", "cudnn", "auto"),
+        choices=ATTENTION_CHOICES,
         help="attention kernel to measure (default: the one the plan was costed for)",
     )
     sp.add_argument("--seed", type=int, default=0)

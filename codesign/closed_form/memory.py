@@ -24,10 +24,14 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
                 in flight.
     layer_transient: one layer's intermediates live while its backward runs (recomputed), or under
                selective its recomputed scores and their gradients; none for remat none.
+    attention_workspace: with flash attention (`Workload.flash`), the kernel's HBM temporaries of the
+               one layer whose attention runs: its f32 row statistics in the layout the kernel writes
+               them (`models.attention.stats_bytes`: splash 512 B per query row per head, cuDNN 8 B).
     logits     b*s*V/tensor x 8 bytes: the float32 logits and their gradient (the cross-entropy peak).
 layer_bytes counts per token: the block input and its two norms (3d), q/k/v before and after RoPE
 (2x(n+2k)h / tensor), the attention output (n h / tensor) and o-projection (d), attention scores in
-f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them), and the FFN's
+f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them; a flash kernel
+keeps instead the output and one f32 logsumexp per query per head), and the FFN's
 gate/up/activation (3f / tensor) and down output (d). MoE layers add the dispatched buffers
 (`params.moe_slots` slots on this device after the all-to-all, E x C per routing group of the rows
 the expert group holds: x, gate, up, act, y at widths d, f, f, f, d; the FFN width sharded by tensor). Under sp the d-wide terms are the sequence-sharded
@@ -43,6 +47,7 @@ from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
 from codesign.closed_form.params import moe_slots, shape_of, sharded_params, sp_active, spmd_sizes, zero_level
 from codesign.config import ModelConfig, Workload, dtype_bytes
+from codesign.models.attention import flash_blocks, kernel_for, stats_bytes
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
 
@@ -59,11 +64,12 @@ class MemoryEstimate:
     saved_activations: float
     layer_transient: float
     logits: float
+    attention_workspace: float = 0.0  # flash kernel temporaries of the layer in flight
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
 
     @property
     def activations(self) -> float:
-        return self.saved_activations + self.layer_transient
+        return self.saved_activations + self.layer_transient + self.attention_workspace
 
     @property
     def total(self) -> float:
@@ -85,6 +91,7 @@ class MemoryEstimate:
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
             "layer_transient": self.layer_transient,
+            "attention_workspace": self.attention_workspace,
             "activations": self.activations,
             "logits": self.logits,
             "host_offloaded": self.host_offloaded,
@@ -97,7 +104,7 @@ class _LayerBytes:
     """One layer's activations for b rows x s positions, bytes per device."""
 
     everything: float  # all intermediates (what remat none keeps)
-    scores: float  # f32 scores + bf16 probabilities of XLA attention
+    scores: float  # f32 scores + bf16 probabilities of XLA attention (0 with flash)
     parts: dict  # saved output bytes of each matmul part (remat.PARTS)
     core_dots: float  # the attention score (f32) and PV outputs: what dots keeps beyond the parts
     layer_input: float
@@ -113,6 +120,7 @@ def _layer_bytes(
     sp: bool,
     remat: str,
     slots: float = 0.0,
+    flash: bool = False,
 ) -> _LayerBytes:
     """`slots`: the MoE layer's dispatched token slots on this device (`params.moe_slots`)."""
     tp = sizes["tensor"]
@@ -125,8 +133,11 @@ def _layer_bytes(
     kvh = n if cfg.attention == "mla" else cfg.kv_heads
     t = b * s
     qkv = (n * qk + kvh * qk + kvh * v) / tp
-    scores = t * (n / tp) * seq * 6  # f32 scores + bf16 probs per query position
-    core_dots = t * ((n / tp) * seq * F32 + n * v / tp * ACT_BYTES)
+    if flash:  # the kernel's logsumexp per query per head; the kernel is no dot for `dots` to save
+        scores, core_dots = t * (n / tp) * F32, 0.0
+    else:
+        scores = t * (n / tp) * seq * 6  # f32 scores + bf16 probs per query position
+        core_dots = t * ((n / tp) * seq * F32 + n * v / tp * ACT_BYTES)
     attn_all = t * (res + norms + 2 * qkv + n * v / tp + res) * ACT_BYTES + scores
     parts = {"qkv": t * qkv * ACT_BYTES, "out": t * res * ACT_BYTES}
     gates = 2 if cfg.ffn_activation == "swiglu" else 1
@@ -160,7 +171,11 @@ def _saved(lb: _LayerBytes, remat: str) -> float:
     return lb.layer_input + kept
 
 
-def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> MemoryEstimate:
+def analytic_memory(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, *, platform: str | None = None
+) -> MemoryEstimate:
+    """Memory per device (module docstring); `platform` picks the flash kernel whose workspace counts
+    (`closed_form.program.flash_kernel`; default an accelerator's)."""
     sizes = spmd_sizes(strategy)
     params = sharded_params(cfg, strategy)
     local = sum(sp.local_elems * sp.count for sp in params)
@@ -190,7 +205,16 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
         if layers <= 0:
             continue
         lb = _layer_bytes(
-            cfg, moe, b, s, workload.seq_len, sizes, sp_active(workload, strategy), remat, slots
+            cfg,
+            moe,
+            b,
+            s,
+            workload.seq_len,
+            sizes,
+            sp_active(workload, strategy),
+            remat,
+            slots,
+            workload.flash,
         )
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
@@ -203,6 +227,11 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
             live = max(live, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
     logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
+    workspace = 0.0
+    if workload.flash:
+        kernel = kernel_for(workload.attention, platform or "tpu")
+        kv_block = flash_blocks(kernel, int(s), workload.seq_len)[1]
+        workspace = b * s * cfg.heads / sizes["tensor"] * stats_bytes(kernel, kv_block)
     return MemoryEstimate(
         params=local * pbytes,
         grads=grads,
@@ -211,5 +240,6 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
         saved_activations=saved * in_flight,
         layer_transient=live,
         logits=logits,
+        attention_workspace=workspace,
         host_offloaded=host * in_flight,
     )

@@ -10,7 +10,7 @@ Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each
 2 x tokens x (weight elements / its tensor and expert shards); weights without a tensor-sharded dim
 (norms, MLA's wq_a/wkv_a, the MoE router) are computed redundantly on every tensor rank. XLA's
 attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer; a fused
-flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
+flash kernel (`Workload.flash`) computes only the causal tiles (see `_attention_core`). MoE experts
 process E x C slots per routing group (`ModelConfig.expert_capacity`: ceil(k g capacity_factor / E) for
 g tokens per group, g under dropless), so expert FLOPs scale with capacity, not k; the groups are
 sharded by every batch-like axis (data, fsdp, expert) and, when the groups per row divide it,
@@ -89,6 +89,7 @@ from codesign.closed_form.params import (
     zero_level,
 )
 from codesign.config import ModelConfig, Workload
+from codesign.models.attention import attention_v_head_dim, flash_flops, kernel_for
 from codesign.report import Collective, CompileReport
 from codesign.sharding.strategy import Strategy
 
@@ -207,24 +208,36 @@ def fp8_matmul_flops(cfg: ModelConfig, workload: Workload, strategy: Strategy) -
     return sh.m * total
 
 
+def flash_kernel(workload: Workload, platform: str | None) -> str | None:
+    """The flash kernel the step runs on `platform` (`models.attention.kernel_for`; None: XLA attention,
+    which materializes the scores). No platform: an accelerator's (TPU's splash)."""
+    return kernel_for(workload.attention, platform or "tpu") if workload.flash else None
+
+
 def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
-    """Whether the step runs a fused flash kernel: cudnn was asked for and q, k and v share one head
-    dim (MLA's narrower value head takes the einsum path, see `models.layers.causal_attention`)."""
-    return workload.attention == "cudnn" and cfg.qk_head_dim == cfg.attn_v_head_dim
+    """Whether the step runs a fused flash kernel (MLA too: `models.attention`)."""
+    return workload.flash
 
 
-def _attention_core(cfg: ModelConfig, workload: Workload, remat: str, sh: Shape) -> float:
+def _attention_core(
+    cfg: ModelConfig, workload: Workload, remat: str, sh: Shape, platform: str | None
+) -> float:
     """Matmul FLOPs of one layer's attention core (QK^T and PV) per microbatch, forward + backward +
     recompute. XLA computes the full S x S scores (masked): 2 dots forward, 4 backward, and the forward
     again where the policy does not keep the context (`remat.core_recompute`; selective: QK^T only).
-    A fused flash kernel (cudnn) skips the causal half, its backward runs 5 dots (it recomputes the
-    scores), and any remat recomputes its forward (the kernel is a custom call, not a dot that the dots
-    policies would save)."""
-    per = 2 * sh.b * (cfg.heads / sh.sizes["tensor"]) * sh.s * sh.seq
+    A flash kernel computes the causal tiles only (`models.attention.flash_flops`; cuDNN with MLA's
+    value head padded to the query/key head), its backward runs 5 dots (it recomputes the scores),
+    and any remat recomputes its forward (the kernel is a custom call, not a dot that the dots
+    policies would save, and its row statistics are not saved by any named policy)."""
+    rows = sh.b * cfg.heads / sh.sizes["tensor"]
+    kernel = flash_kernel(workload, platform)
+    if kernel is not None:
+        v = attention_v_head_dim(cfg.qk_head_dim, cfg.attn_v_head_dim, kernel)
+        fwd, bwd = flash_flops(kernel, rows, sh.s, sh.seq, cfg.qk_head_dim, v)
+        return fwd * (2 if remat != "none" else 1) + bwd
+    per = 2 * rows * sh.s * sh.seq
     scores, pv = per * cfg.qk_head_dim, per * cfg.attn_v_head_dim
     fwd = scores + pv
-    if uses_flash(cfg, workload):
-        return 0.5 * fwd * (1 + 2.5 + (1 if remat != "none" else 0))
     again_scores, again_pv = R.core_recompute(remat)
     return 3 * fwd + (scores if again_scores else 0.0) + (pv if again_pv else 0.0)
 
@@ -239,7 +252,13 @@ def _ffn_width(cfg: ModelConfig, moe: bool, tp: int) -> float:
 
 
 def _accelerator_traffic(
-    cfg: ModelConfig, workload: Workload, strategy: Strategy, sh: Shape, local: float, gathered: float
+    cfg: ModelConfig,
+    workload: Workload,
+    strategy: Strategy,
+    sh: Shape,
+    local: float,
+    gathered: float,
+    platform: str | None,
 ) -> tuple[float, float]:
     """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
     GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
@@ -295,8 +314,11 @@ def _accelerator_traffic(
         if moe:  # dispatch gather and combine scatter of the routed tokens, forward and backward
             other += layers * 4 * moe_slots(cfg, sh) * d * bf * (ew_passes + 1)
         scores = sh.b * (cfg.heads / tp) * sh.s * sh.seq
-        if uses_flash(cfg, workload):
-            mm_elems += layers * t * (qw + kw + vw + ow) * (1 + again + 2 + (1 if remat != "none" else 0))
+        kernel = flash_kernel(workload, platform)
+        if kernel is not None:  # cuDNN reads and writes MLA's value head padded
+            pad = attention_v_head_dim(cfg.qk_head_dim, cfg.attn_v_head_dim, kernel) / cfg.attn_v_head_dim
+            io = qw + kw + (vw + ow) * pad
+            mm_elems += layers * t * io * (1 + again + 2 + (1 if remat != "none" else 0))
         else:
             core_fwd = 1 + (1 if any(R.core_recompute(remat)) else 0)
             mm_elems += layers * scores * (6 * core_fwd + 10) / bf  # f32 score writes counted as 2 bf16
@@ -467,7 +489,7 @@ def analytic_report(
         parts = _layer_mm(cfg, moe, sh)
         fwd += layers * sum(parts.values())
         rec += layers * _recomputed(parts, strategy.remat)
-        core += layers * _attention_core(cfg, workload, strategy.remat, sh)
+        core += layers * _attention_core(cfg, workload, strategy.remat, sh, platform)
         scores = 0.0 if flash else sh.b * (cfg.heads / tp) * sh.s * sh.seq  # flash: inside its kernel
         width = _ffn_width(cfg, moe, tp)
         # Elementwise passes: forward, two backward, and the forward again in a checkpointed layer
@@ -504,13 +526,15 @@ def analytic_report(
         )
         matmul_bytes = 0.0
     else:
-        matmul_bytes, memory_bound = _accelerator_traffic(cfg, workload, strategy, sh, local_params, gathered)
+        matmul_bytes, memory_bound = _accelerator_traffic(
+            cfg, workload, strategy, sh, local_params, gathered, platform
+        )
         nbytes = matmul_bytes + memory_bound
 
     coll = _Coll(strategy)
     _weights_and_grads(cfg, strategy, workload, sh, lw, coll)
     _activations(cfg, strategy, workload, sh, lw, coll)
-    mem = analytic_memory(cfg, workload, strategy)
+    mem = analytic_memory(cfg, workload, strategy, platform=platform)
     notes = [
         "analytic: closed-form estimate of one pipeline stage" if p > 1 else "analytic: closed-form estimate",
         f"lowering: {lw.name}",

@@ -11,8 +11,10 @@ Counting rules (all per device, per execution of ENTRY):
 * FLOPs: ``dot`` = 2 x output elements x product of lhs contracting dims; ``convolution`` = 2 x output
   elements x (kernel elements / output features); cuBLAS/cuDNN-style gemm custom-calls like dot;
   cuDNN flash attention (``__cudnn$fmha*``) 4 x B x N x T x S x H forward and 2.5x that backward (5
-  matmuls to 2: the backward recomputes the scores), halved for a causal mask (cuDNN skips the masked
-  tiles). All of these count as matmul FLOPs.
+  matmuls to 2: the backward recomputes the scores), with a causal mask only the tiles cuDNN computes
+  (`models.attention.flash_flops`: 128 x 128 tiles assumed, about half). Pallas TPU splash attention (``tpu_custom_call`` ``splash_mha_*``): its causal tiles from the
+  q/k/v operand shapes and the block sizes in its metadata (`_splash_flops`). All of these count as
+  matmul FLOPs; a kernel's bytes are its operands and results, like any top-level instruction.
   Elementwise ops 1 per output element, ``reduce`` 1 per input element, ``reduce-window`` 1 per output
   element per window element. Transcendental ops count in ``transcendentals`` only (as HloCostAnalysis).
   Ops inside fusion computations count (a dot inside a fusion is a dot).
@@ -47,8 +49,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from codesign.arithmetic import causal_block_fraction
 from codesign.compile import hlo_parse as hp
 from codesign.compile import megascale
+from codesign.models.attention import flash_flops
 from codesign.report import Collective, OverlapWindow
 
 _TRANSCENDENTAL = frozenset(
@@ -303,9 +307,51 @@ def _fmha_flops(ins: hp.Instr, comp: hp.Computation) -> float:
     k = hp.array_shapes(_operand_shape(comp, ins.operands[1]))
     if not q or not k or len(q[0][1]) != 4 or len(k[0][1]) != 4:
         return 0.0
-    fwd = 4.0 * math.prod(q[0][1]) * k[0][1][1]
-    causal = 0.5 if re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) else 1.0
-    return fwd * causal * (2.5 if "backward" in target.lower() else 1.0)
+    (b, t, n, h), s = q[0][1], k[0][1][1]
+    causal = re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) is not None
+    fwd, bwd = flash_flops("cudnn" if causal else "full", b * n, t, s, h, h)
+    return bwd if "backward" in target.lower() else fwd
+
+
+_SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dkv|dq)")
+
+
+def _splash_flops(ins: hp.Instr, comp: hp.Computation) -> float:
+    """Pallas TPU splash attention (a ``tpu_custom_call`` named ``splash_mha_fwd*``/``_dkv*``/``_dq*``):
+    q, k and v are its first three floating-point operands of rank >= 3, head dim minor ([..., T, H],
+    the kernel's default layout; leading dims batch x heads, vmapped batches included). The mask is
+    assumed causal (the only one codesign builds) with the block sizes the kernel records in its
+    ``xprof_metadata``: `models.attention.flash_flops` counts the tiles it computes. Forward: QK^T
+    and PV; the fused backward (dkv returning dq partials too) all 5 backward dots; split, dkv 4 (QK^T,
+    dO V^T, P^T dO, dS^T Q) and dq 3 (QK^T, dO V^T, dS K)."""
+    if "tpu_custom_call" not in (hp.attr(ins.attrs, "custom_call_target") or ""):
+        return 0.0
+    phase = _SPLASH_RE.search(ins.name + " " + ins.attrs)
+    if phase is None:
+        return 0.0
+    arrays = []
+    for name in ins.operands:
+        for dtype, dims in hp.array_shapes(_operand_shape(comp, name)):
+            if dtype.startswith(("bf", "f")) and len(dims) >= 3:
+                arrays.append(dims)
+    if len(arrays) < 3:
+        return 0.0
+    q, k, v = arrays[:3]
+    (t, qk), s, hv = q[-2:], k[-2], v[-1]
+    rows = math.prod(q) / (t * qk)
+    meta = {key: int(val) for key, val in re.findall(r'\\?"(block_\w+)\\?":\s*(\d+)', ins.attrs)}
+    kind = phase.group(1)
+    suffix = {"fwd": "", "dkv": "_dkv", "dq": "_dq"}[kind]
+    bq, bkv = meta.get("block_q" + suffix, t), meta.get("block_kv" + suffix, s)
+    per = 2.0 * rows * t * s * causal_block_fraction(s, min(bq, t), min(bkv, s))  # flash_flops' tiles
+    if kind == "fwd":
+        return per * (qk + hv)
+    # The fused backward returns dq beside dk and dv, as partial sums per K/V block: [..., kv blocks,
+    # heads, T, H] (its metadata carries no flag).
+    fused = any(len(d) == len(q) + 1 and d[-3:] == q[-3:] for _, d in hp.array_shapes(ins.shape))
+    if kind == "dkv":
+        return per * ((3 * qk + 2 * hv) if fused else (2 * qk + 2 * hv))
+    return per * (2 * qk + hv)
 
 
 def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
@@ -315,7 +361,7 @@ def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     elif op == "convolution":
         f = _conv_flops(ins, comp)
     elif op == "custom-call":
-        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp)
+        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp) or _splash_flops(ins, comp)
     else:
         f = 0.0
     if f:

@@ -174,6 +174,28 @@ def parse_instruction(line: str) -> Instr | None:
     )
 
 
+def _joined_lines(text: str):
+    """The text's lines, an instruction continued over several lines joined into one: the TPU
+    compiler prints a Pallas kernel's `frontend_attributes={kernel_metadata={` and its JSON on lines
+    of their own. An instruction line that ends in an unclosed `{` continues until the braces balance."""
+    pending, depth = "", 0
+    for line in text.splitlines():
+        if pending:
+            pending += " " + line.strip()
+            depth += line.count("{") - line.count("}")
+            if depth <= 0 or len(pending) > 1_000_000:
+                yield pending
+                pending = ""
+            continue
+        depth = line.count("{") - line.count("}")
+        if depth > 0 and line.rstrip().endswith("{") and _INSTR_RE.match(line):
+            pending = line
+            continue
+        yield line
+    if pending:
+        yield pending
+
+
 def parse_module(text: str) -> Module:
     comps: dict[str, Computation] = {}
     entry = None
@@ -181,7 +203,7 @@ def parse_module(text: str) -> Module:
     cur: Computation | None = None
     m = re.search(r"num_partitions=(\d+)", text[:4000])
     num_partitions = int(m.group(1)) if m else None
-    for line in text.splitlines():
+    for line in _joined_lines(text):
         stripped = line.strip()
         if cur is None:
             hm = _HEADER_RE.match(stripped)

@@ -489,6 +489,7 @@ def compile_candidate(
     }
     notes = list(plan.notes)
     try:
+        from codesign.models.attention import REFERENCE_NOTE
         from codesign.sharding.mesh import MeshSpec
         from codesign.train_step import TrainProgram
 
@@ -497,6 +498,8 @@ def compile_candidate(
         # Deviceless TPU slices keep the id order the cost model places axes by (see the docstring).
         mesh = spec.build(devices, hybrid=target != "tpu")
         prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh)
+        if prog.attention_impl == "reference":  # the CPU's flash path: its cost is not a kernel's
+            notes.append(REFERENCE_NOTE)
         state, batch = prog.abstract_state, prog.abstract_batch
         step = prog.step_fn
     except Exception as e:  # noqa: BLE001 - a candidate's failure is data, not an exception

@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name as name
 from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
+from codesign.models.attention import causal_attention
 from codesign.sharding.activation import constrain
 
 _init = jax.nn.initializers.normal(stddev=0.02)
@@ -45,27 +46,8 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def causal_attention(q, k, v, impl: str | None):
-    """q [B,T,N,Hqk], k [B,S,K,Hqk], v [B,S,K,Hv] -> [B,T,N,Hv].
-
-    jax.nn.dot_product_attention needs one head dim for q, k and v; MLA's value head is narrower
-    than its query/key head, so that case takes the plain einsum path (same FLOPs, no padding).
-    """
-    if q.shape[-1] == v.shape[-1]:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    b, t, n, hq = q.shape
-    kh = k.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, hq)
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(hq).astype(jnp.float32)
-    mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, v.shape[-1])
-
-
-def attention_core(q, k, v, impl: str | None, remat: str):
-    """`causal_attention`, checkpointed by itself under Megatron's selective recompute: the backward
+def attention_core(q, k, v, impl: str, remat: str):
+    """`causal_attention` with kernel `impl` (`models.attention.KERNELS`), checkpointed by itself under Megatron's selective recompute: the backward
     pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
     if remat in C.SELECTIVE_REMAT:
         core = jax.checkpoint(
@@ -82,7 +64,7 @@ class Attention(nnx.Module):
     """MHA / GQA / MQA: kv_heads divides heads."""
 
     def __init__(
-        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None, remat: str = "none"
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str, remat: str = "none"
     ):
         d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
         self.fused = cfg.fused_qkv
@@ -154,7 +136,7 @@ class MLAttention(nnx.Module):
     """Multi-head latent attention (DeepSeek-V2/V3): low-rank KV latent plus a shared RoPE key."""
 
     def __init__(
-        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None, remat: str = "none"
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str, remat: str = "none"
     ):
         d, n = cfg.hidden, cfg.heads
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim

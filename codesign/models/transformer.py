@@ -87,7 +87,7 @@ class Transformer(nnx.Module):
         dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
         remat: str = "full",
-        attention_impl: str | None = None,
+        attention_impl: str = "xla",  # a kernel of models.attention.KERNELS
     ):
         kw = {"dtype": dtype, "param_dtype": param_dtype, "impl": attention_impl, "remat": remat}
         self.embed = param(

@@ -219,7 +219,9 @@ def maxtext_export(plan, hardware: Hardware) -> MaxTextExport:
             "edit the rules"
         )
     attention = workload.get("attention", "xla")
-    if attention in _ATTENTION:
+    if attention == "flash":  # MaxText's "flash" is splash on TPU; on GPU its cuDNN kernel
+        out["attention"] = "cudnn_flash_te" if hardware.platform == "gpu" else "flash"
+    elif attention in _ATTENTION:
         out["attention"] = _ATTENTION[attention]
     out["dtype"] = workload.get("dtype", "bfloat16")
     out["weight_dtype"] = workload.get("param_dtype", "float32")

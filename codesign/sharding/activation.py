@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign.sharding.rules import Rules
 
@@ -37,10 +37,22 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+def active_spec(
+    logical_axes: Sequence[str | None], shape: tuple[int, ...]
+) -> tuple[Mesh, PartitionSpec] | None:
+    """(mesh, PartitionSpec) the active plan gives an activation of `shape` with these logical axes
+    (what `constrain` pins), or None outside an `activation_sharding` context. For code that places
+    its own shards (a `shard_map`ped kernel)."""
     active = _ACTIVE.get()
     if active is None:
-        return x
+        return None
     sizes = dict(zip(active.mesh.axis_names, active.mesh.devices.shape))
-    spec, _ = active.rules.resolve(logical_axes, x.shape, sizes, path="activation", strict=False)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
+    spec, _ = active.rules.resolve(logical_axes, shape, sizes, path="activation", strict=False)
+    return active.mesh, spec
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    placed = active_spec(logical_axes, x.shape)
+    if placed is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(*placed))

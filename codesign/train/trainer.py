@@ -42,7 +42,7 @@ from typing import Any
 import jax
 
 from codesign.arithmetic import train_flops_per_token
-from codesign.config import ConfigError, ModelConfig, Workload
+from codesign.config import ConfigError, ModelConfig, Workload, resolve_attention
 from codesign.hardware.device_kind import catalog_match
 from codesign.sharding.mesh import MeshSpec, check_slices
 from codesign.sharding.strategy import Strategy, StrategyError
@@ -52,7 +52,6 @@ from codesign.train.errors import NonFiniteLoss, TrainError  # noqa: F401 - NonF
 from codesign.train.loop import NAN_POLICIES, LoopSpec, guarded_step, run_loop, scalar, summarize
 from codesign.train_step import OptimizerConfig, TrainProgram
 
-ATTENTION_CHOICES = ("xla", "cudnn", "auto")
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
@@ -168,19 +167,19 @@ def check_executable(strategy: Strategy, attached: int) -> None:
         )
 
 
-def attention_impl(choice: str) -> str | None:
-    """`--attention`: xla -> XLA's default path; cudnn -> cuDNN flash attention; auto -> cudnn on GPU."""
-    if choice not in ATTENTION_CHOICES:
-        raise ConfigError(f"--attention {choice!r}; use one of {ATTENTION_CHOICES}")
+def attention_impl(choice: str) -> str:
+    """`--attention` for the attached backend (`config.resolve_attention`): auto -> flash on GPU and
+    TPU, xla on CPU; flash on CPU runs the reference path; cudnn needs an NVIDIA GPU."""
     backend = jax.default_backend()
-    if choice == "auto":
-        return "cudnn" if backend == "gpu" else None
-    if choice == "cudnn" and backend != "gpu":
+    platform = "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+    impl = resolve_attention(choice, platform)
+    if impl == "cudnn" and platform != "gpu":
         raise ConfigError(
             f"cuDNN attention needs an NVIDIA GPU, and this run is on {backend}; the plan may "
-            f"have been costed for one. Pass --attention xla (or auto) to run here"
+            f"have been costed for one. Pass --attention xla (or auto, or flash: on CPU its reference path) "
+            f"to run here"
         )
-    return None if choice == "xla" else choice
+    return impl
 
 
 # -- programs (cached per process: a resumed or repeated run in one process reuses the compile) ---
@@ -378,7 +377,7 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
             )
         )
     impl = attention_impl(run.attention or layout.workload.attention)
-    workload = dataclasses.replace(layout.workload, attention=impl or "xla")
+    workload = dataclasses.replace(layout.workload, attention=impl)
     peak = peak_flops(workload.dtype, run.hardware)  # a bad --hardware fails before anything compiles
     factory = make_source_factory(
         run.data, layout.cfg.vocab_size, workload.seq_len, workload.global_batch, run.seed, run.data_dtype

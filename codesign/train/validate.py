@@ -141,12 +141,12 @@ def run_validation(
     if caveat:
         say(f"note: {caveat}")
     impl = attention_impl(attention or workload.attention)  # default: the kernel the plan was costed for
-    if impl != workload.attention_impl:
+    if impl != workload.attention:
         say(
-            f"note: the plan was costed for {workload.attention} attention; measuring {impl or 'xla'} "
-            f"(plan with --attention {impl or 'xla'} to compare like with like)"
+            f"note: the plan was costed for {workload.attention} attention; measuring {impl} "
+            f"(plan with --attention {impl} to compare like with like)"
         )
-    workload = dataclasses.replace(workload, attention=impl or "xla")
+    workload = dataclasses.replace(workload, attention=impl)
     if slices is None:  # the slices the plan was made for (a candidate that cannot lay over them is skipped)
         slices = (data.get("hardware") or {}).get("slices")
     rows, skipped = [], []
