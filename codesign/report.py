@@ -35,6 +35,9 @@ class Collective:
     set of sources and targets). ``mesh_axes`` are the mesh axes whose coordinate varies inside a group
     (empty when no mesh shape was given). ``count`` is how often it runs per step: identical rows are
     merged and each occurrence contributes the product of its enclosing loops' trip counts.
+    ``network`` says which part of the group's network a multi-slice TPU program's collective covers:
+    "" the whole group as its mesh axes are placed, "ici" only the part inside one slice, "dcn" only the
+    part across slices (libtpu runs a collective over slices as an in-slice one plus a DCN transfer).
     ``async_count`` of those occurrences were issued asynchronously (start and done apart in the
     schedule) and ``overlap`` is the compute scheduled between their starts and dones; both stay zero
     for a synchronous collective and for the closed form, which has no schedule.
@@ -48,6 +51,7 @@ class Collective:
     dtype: str
     async_count: int = 0
     overlap: OverlapWindow = field(default_factory=OverlapWindow)
+    network: str = ""
 
 
 OUTCOMES = ("ok", "oom", "error", "timeout")
