@@ -96,6 +96,10 @@ def _compiled(i: int, cfg, wl, s, hw, cache_dir: str) -> CompileReport:
     )
 
 
+def _why(r: CompileReport) -> str:
+    return r.message or next((n for n in r.notes if n.startswith("hlo-unavailable")), "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", help="comma-separated case indices")
@@ -115,7 +119,7 @@ def main() -> None:
     for (case, cfg, wl, s, hw), r in zip(meta, reports):
         if not r.ok or not r.overlap_from_schedule:
             results.append(
-                {"case": case[0], "strategy": s.spec, "outcome": r.outcome, "message": r.message[:300]}
+                {"case": case[0], "strategy": s.spec, "outcome": r.outcome, "message": _why(r)[:300]}
             )
             continue
         results.append(_case_rows(case, r, cfg, wl, s, hw))
@@ -132,7 +136,7 @@ def main() -> None:
     for res in results:
         if "rows" not in res:
             lines.append(
-                f"| {res['case']} | | `{res['strategy']}` | {res['outcome']}: {res['message'][:80]} | | | | |"
+                f"| {res['case']} | | `{res['strategy']}` | {res['outcome']}: {res['message'][:150]} | | | | |"
             )
             continue
         summary.append(
