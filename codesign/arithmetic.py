@@ -101,6 +101,13 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True)
     return 2.0 * matmul_params_per_token(cfg) + attention_fwd_flops_per_token(cfg, seq_len, causal)
 
 
+def pipeline_ticks(microbatches: int, stages: int, repeats: int = 1) -> int:
+    """Iterations of the executed pipeline loop (`codesign.pipeline`): each of the M x V microbatch
+    chunk-passes enters stage 0 on its own tick, and the last one needs p - 1 more to leave the last
+    stage. Every stage computes on every tick, so p - 1 ticks per stage are fill/drain bubble."""
+    return microbatches * repeats + stages - 1
+
+
 def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
     """(dense, MoE) layers of the heaviest of `stages` pipeline stages: each kind divided, rounded up.
 

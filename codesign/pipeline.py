@@ -30,7 +30,8 @@ runs all M V + p - 1 forward ticks, then all backward ticks in reverse (GPipe or
 microbatch's stage activations stored in between (as much as the remat policy keeps per layer). 1F1B
 and interleaved 1F1B reorder backward passes between forward passes to bound the in-flight microbatches
 to p (per stage); that ordering is not expressible as the autodiff of one forward loop, so
-schedule=1f1b|interleaved|gpipe compile to this same program: the bubble of (interleaved) 1F1B, the
+schedule=1f1b|interleaved|gpipe (and dualpipe, whose two directions are not built) compile to this
+same program: the bubble of (interleaved) 1F1B, the
 activation memory of GPipe (M microbatches in flight).
 
 Embedding, the layers outside the pipelined stack (a DeepSeek-style dense prefix, as MaxText does) and
@@ -45,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codesign.arithmetic import pipeline_ticks
 from codesign.models.transformer import RESIDUAL, run_layers
 from codesign.sharding.activation import constrain
 
@@ -76,11 +78,6 @@ def layer_mask(n_layers: int, stages: int, repeats: int) -> np.ndarray:
     return (np.arange(stages * repeats * lc) < n_layers).reshape(repeats, stages, lc)
 
 
-def ticks(microbatches: int, stages: int, repeats: int) -> int:
-    """Loop iterations of the pipelined program: M V useful ones plus p - 1 of fill and drain."""
-    return microbatches * repeats + stages - 1
-
-
 def _per_stage(fn):
     """vmap over the stage axis, which the sharding constraints inside put on `pipeline`."""
     return jax.vmap(fn, spmd_axis_name=AXIS)
@@ -93,10 +90,7 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
     """
     p, v, m = stages, repeats, xs.shape[0]
     if v > 1 and m < p:
-        raise ValueError(
-            f"the interleaved pipeline needs microbatches >= pipeline stages ({m} < {p}): a microbatch "
-            f"must be back at the first stage before its next chunk; raise microbatches"
-        )
+        raise ValueError(f"an interleaved pipeline needs microbatches >= stages, got {m} < {p}")
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     params = to_stage_layout(layers, n_layers, p, v)
     mask = jnp.asarray(layer_mask(n_layers, p, v))
@@ -134,6 +128,6 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
     state = residual(jnp.zeros((p,) + xs.shape[1:], xs.dtype))
     buf = buffer(jnp.broadcast_to(xs, (p,) + xs.shape))  # each device's copy is local: no transfer
     (state, buf, aux), _ = jax.lax.scan(
-        tick, (state, buf, jnp.zeros((), jnp.float32)), jnp.arange(ticks(m, p, v))
+        tick, (state, buf, jnp.zeros((), jnp.float32)), jnp.arange(pipeline_ticks(m, p, v))
     )
     return buf[0], aux / m

@@ -54,7 +54,7 @@ from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
 from codesign.models.transformer import Transformer
 from codesign.pipeline import run_pipeline
-from codesign.sharding.activation import activation_sharding
+from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
 from codesign.sharding.strategy import Strategy, StrategyError
@@ -126,6 +126,12 @@ class TrainProgram:
         # outside the pipeline.
         self.pipelined = strategy.size("pipeline") > 1
         self.accumulation = 1 if self.pipelined else strategy.microbatches
+        p, v = strategy.size("pipeline"), strategy.stages_per_device
+        if v > 1 and strategy.microbatches < p:
+            raise StrategyError(
+                f"{strategy.spec}: the interleaved pipeline (v={v}) needs microbatches >= pipeline={p} (a "
+                f"microbatch must come back to the first stage before its next chunk); use microbatches={p}"
+            )
         self.model_kwargs = {
             "dtype": _dtype(workload.dtype),
             "param_dtype": _dtype(workload.param_dtype),
@@ -348,7 +354,9 @@ class TrainProgram:
             repeats=self.strategy.stages_per_device,
             remat=self.strategy.remat,
         )
-        return model.head(_unsplit(ys)), aux + a
+        with batch_also_over("pipeline"):
+            logits = model.head(_unsplit(ys))
+        return logits, aux + a
 
     def _split(self, rows, mb: int | None = None):
         """[B, ...] -> [M, B/M, ...]. Row r goes to microbatch r % M, which keeps each microbatch spread

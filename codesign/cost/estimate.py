@@ -33,7 +33,11 @@ Model (all per device, seconds):
   layer's reduction have nothing to hide behind, and collective kernels take SMs/HBM bandwidth from
   the matmuls they overlap). Anything on tensor or sequence (Megatron partial sums, K/V gathers: the
   next op needs them) and every all-to-all and permute is exposed.
-- pipeline p > 1: the report is ONE stage running all m microbatches. One pipeline tick is
+- pipeline p > 1, compiled (the report's mesh has the pipeline axis): the report is the WHOLE pipelined
+  step. Its loop-aware FLOPs already run every stage on every one of the M V + p - 1 ticks (the fill
+  and drain included) and its collectives include the stage-to-stage collective-permutes, so the step
+  is the priced program itself; the bubble reported is its (p - 1) / (M V + p - 1) share.
+- pipeline p > 1, closed form: the report is ONE stage running all m microbatches. One pipeline tick is
   stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
   b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
   (p - 1) idle ticks, (p - 1)/(m + p - 1) of the step.
@@ -326,6 +330,21 @@ def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, flo
     p, m = x.strategy.size("pipeline"), x.strategy.microbatches
     if p <= 1:
         return stage_s, 0.0, 0.0, ()
+    if dict(x.report.mesh).get("pipeline", 1) > 1:  # the whole pipelined program was compiled
+        v = x.strategy.stages_per_device
+        ticks = arithmetic.pipeline_ticks(m, p, v)
+        bubble = stage_s * (p - 1) / ticks
+        return (
+            stage_s,
+            bubble,
+            0.0,
+            (
+                (
+                    f"pipeline={p} x v={v} with {m} microbatches (compiled): {ticks} ticks, bubble "
+                    f"{bubble / stage_s:.0%} of the step"
+                ),
+            ),
+        )
     sh = shape_of(x.cfg, x.workload, x.strategy)
     p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
     tick = stage_s / m + 2 * p2p
