@@ -11,13 +11,13 @@ stage s at tick t works on k = t - s (microbatch k mod M, repeat k // M), valid 
 stages are a `vmap` over the stage axis of the activations `[p, mb, S, D]` and of the params
 `[V, p, Lc, ...]`, with `spmd_axis_name="pipeline"`, so that every sharding constraint in the blocks
 gains `pipeline` on the stage axis and each device computes only its own stage. After the tick the
-outputs rotate one stage forward (`jnp.roll` on the pipeline-sharded axis, which XLA lowers to one
-collective-permute); what the last stage produced arrives at stage 0, which files it in its microbatch
-buffer, to be read again at tick k + M (the next repeat) or to leave the pipeline (the last repeat).
-This needs M >= p when V > 1 (a microbatch is back at stage 0 before it is needed); the buffer is
-`[p, M, mb, S, D]` sharded over `pipeline`, and only stage 0's slice is read, so no tick moves data
-except the rotation. Ticks: M V + p - 1, of which p - 1 are the fill and drain bubble (each stage idles,
-i.e. computes a masked chunk, on p - 1 of them): the interleaved bubble (p - 1) / (M V) in chunk units.
+outputs rotate one stage forward (`rotate`: one collective-permute forward, one backward); what the last
+stage produced arrives at stage 0, which files it in its microbatch buffer, to be read again at tick
+k + M (the next repeat) or to leave the pipeline (the last repeat). This needs M >= p when V > 1 (a
+microbatch is back at stage 0 before it is needed); the buffer is `[p, M, mb, S, D]` sharded over
+`pipeline`, and only stage 0's slice is read, so no tick moves data except the rotation. Ticks:
+M V + p - 1, of which p - 1 are fill and drain (each stage computes a masked chunk on p - 1 of them):
+the interleaved bubble (p - 1) / (M V) in chunk units.
 
 Why this formulation and not `ppermute` inside a `shard_map` over `pipeline` (MaxText has both): it is
 plain SPMD, so fsdp, tensor, sequence, expert, ZeRO and remat compose through the partitioner exactly
@@ -26,16 +26,17 @@ partially manual shard_map would put every gather of the blocks inside a manual 
 XLA's partitioner on this jax/libtpu (see `codesign.train_step`).
 
 What the compiled program executes, precisely: JAX differentiates the whole tick loop, so the program
-runs all M V + p - 1 forward ticks, then all backward ticks in reverse (GPipe order), with every
-microbatch's stage activations stored in between (as much as the remat policy keeps per layer). 1F1B
-and interleaved 1F1B reorder backward passes between forward passes to bound the in-flight microbatches
-to p (per stage); that ordering is not expressible as the autodiff of one forward loop, so
-schedule=1f1b|interleaved|gpipe (and dualpipe, whose two directions are not built) compile to this
-same program: the bubble of (interleaved) 1F1B, the
-activation memory of GPipe (M microbatches in flight).
+runs all M V + p - 1 forward ticks, then all backward ticks in reverse (GPipe order). Between them each
+stage keeps what the remat policy saves of one chunk for every tick, masked ticks included: (M V + p - 1)
+chunk-passes, i.e. M + (p - 1) / V microbatches' worth of the stage's activations. 1F1B and interleaved
+1F1B reorder backward passes between forward passes to bound that to about p microbatches; the ordering
+is not expressible as the autodiff of one forward loop, so schedule=1f1b|interleaved|gpipe (and
+dualpipe, whose two directions are not built) compile to this same program: the bubble of (interleaved)
+1F1B, the activation memory of GPipe.
 
-Embedding, the layers outside the pipelined stack (a DeepSeek-style dense prefix, as MaxText does) and
-the LM head run outside the loop, sharded like the unpipelined step and replicated over `pipeline`.
+Outside the loop: the embedding and the layers outside the pipelined stack (a DeepSeek-style dense
+prefix, as MaxText does) run replicated over `pipeline`; the final norm, LM head and loss run with the
+batch split over `pipeline` too (`batch_also_over`), so no stage repeats the head's work.
 """
 
 from __future__ import annotations
@@ -78,6 +79,17 @@ def layer_mask(n_layers: int, stages: int, repeats: int) -> np.ndarray:
     return (np.arange(stages * repeats * lc) < n_layers).reshape(repeats, stages, lc)
 
 
+@jax.custom_vjp
+def rotate(x):
+    """Stage s's slice moves to stage s + 1, the last wraps to stage 0: one collective-permute over the
+    pipeline-sharded axis 0. Its gradient is the rotation back, also one permute (the autodiff of
+    `jnp.roll` splits it into two partial permutes, which the HLO walk would count as two transfers)."""
+    return jnp.roll(x, 1, axis=0)
+
+
+rotate.defvjp(lambda x: (rotate(x), None), lambda _, g: (jnp.roll(g, -1, axis=0),))
+
+
 def _per_stage(fn):
     """vmap over the stage axis, which the sharding constraints inside put on `pipeline`."""
     return jax.vmap(fn, spmd_axis_name=AXIS)
@@ -114,7 +126,7 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
             stage_ids, state, buf, rep, live, params, mask
         )
         # Stage s's output moves to stage s + 1; the last stage's wraps around to stage 0.
-        ys = residual(jnp.roll(ys, 1, axis=0))
+        ys = residual(rotate(ys))
         done = t - (p - 1)  # the microbatch step the last stage just finished
         slot = jnp.mod(done, m)
 

@@ -76,7 +76,7 @@ def test_pipelined_training_matches_restores_and_resumes(tmp_path):
     straight = _train(pipe_spec)
     assert straight["strategy"] == Strategy.parse(pipe_spec).spec
     np.testing.assert_allclose(_losses(straight), _losses(ref), rtol=1e-5)
-    assert _losses(ref)[-1] < _losses(ref)[0] - 0.5  # it learns: the equality is not of constants
+    assert _losses(ref)[-1] < _losses(ref)[0] - 0.2  # it learns: the equality is not of constants
 
     ck = str(tmp_path / "ck")
     first = _train(pipe_spec, steps=5, checkpoint_dir=ck)

@@ -4,7 +4,8 @@ results.md next to this file.
 
     python experiments/pipeline_compiled/run.py
 
-Model: tiny-dense with 8 layers, sequence 256, bf16 compute, remat=full; every case has one stage per
+Model: tiny-dense with 8 layers, sequence 256, bf16 compute, remat=none (so that saved activations, which
+grow with the microbatches in flight, dominate the memory); every case has one stage per
 device (mesh = pipeline=p only) and microbatches of 2 sequences (global batch = 2 M), so that growing M
 adds microbatches of the same size.
 """
@@ -34,7 +35,7 @@ def main() -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     emulate_cpu_devices(os.environ, 8)
     from codesign import arithmetic
-    from codesign.closed_form import analytic_report
+    from codesign.closed_form import analytic_memory
     from codesign.compile.targets import compile_candidate
     from codesign.config import Workload
     from codesign.hardware.catalog import load_hardware
@@ -50,11 +51,13 @@ def main() -> None:
     outside = arithmetic.train_flops_per_token(cfg, SEQ) - LAYERS * per_layer
     ref_wl = Workload(global_batch=MB_ROWS, seq_len=SEQ)
     t0 = time.perf_counter()
-    ref = compile_candidate(cfg, ref_wl, Strategy.parse("data=1"), hw, "cpu")  # one microbatch, one device
+    ref = compile_candidate(
+        cfg, ref_wl, Strategy.parse("data=1,remat=none"), hw, "cpu"
+    )  # one microbatch, one device
     rows = []
     for p, v, m in CASES:
         wl = Workload(global_batch=MB_ROWS * m, seq_len=SEQ)
-        s = Strategy.parse(f"pipeline={p},microbatches={m},v={v},remat=full")
+        s = Strategy.parse(f"pipeline={p},microbatches={m},v={v},remat=none")
         r = compile_candidate(cfg, wl, s, hw, "cpu")
         if r.outcome != "ok":
             rows.append({"spec": s.spec, "outcome": r.outcome, "message": r.message[:300]})
@@ -65,7 +68,7 @@ def main() -> None:
             c for c in r.collectives if c.kind == "collective-permute" and c.mesh_axes == ("pipeline",)
         ]
         act = MB_ROWS * SEQ * cfg.hidden * 2  # one microbatch's residual stream, bf16
-        closed = analytic_report(cfg, wl, s, platform="cpu")
+        closed = analytic_memory(cfg, wl, s)
         # The stack's share of the useful FLOPs; the compiled program runs it for `ticks` chunk-passes
         # where M V are useful, and the embedding/head outside (head split over stages, embedding not).
         stack_share = LAYERS * per_layer / (LAYERS * per_layer + outside)
@@ -90,15 +93,15 @@ def main() -> None:
                 "permute_bytes_executed_expected": 2 * ticks * act,  # forward + backward rotation per tick
                 "temp_bytes": r.memory.temp if r.memory else None,
                 "peak_bytes": r.memory.peak if r.memory else None,
-                "closed_form_saved_activations": closed.memory.saved_activations if closed.memory else None,
-                "closed_form_peak": closed.memory.peak if closed.memory else None,
+                "closed_form_saved_activations": closed.saved_activations,
+                "closed_form_logits": closed.logits,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     # In-flight microbatches from the compiled memory: the temp growth per added microbatch, against
-    # one microbatch's saved activations for a stage (remat=full keeps each layer's input).
+    # one microbatch's saved activations for a stage by the closed form (pipeline=2 with one microbatch).
     by_m = {r["m"]: r for r in rows if r.get("p") == 2 and r.get("v") == 1 and "temp_bytes" in r}
-    per_mb_saved = (LAYERS // 2) * MB_ROWS * SEQ * cfg.hidden * 2
+    per_mb_saved = analytic_memory(cfg, ref_wl, Strategy.parse("pipeline=2,remat=none")).saved_activations
     slope = None
     if 2 in by_m and 8 in by_m:
         slope = (by_m[8]["temp_bytes"] - by_m[2]["temp_bytes"]) / 6
