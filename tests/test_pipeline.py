@@ -135,3 +135,24 @@ def test_pipelined_moe_matches_accumulation():
     cfg = get_preset("tiny-moe").replace(layers=5)  # 1 dense + 4 MoE layers
     ref = _one_loss_curve(cfg, "data=2,microbatches=2")
     np.testing.assert_allclose(_one_loss_curve(cfg, "pipeline=2,expert=4,microbatches=2"), ref, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiler_sees_the_whole_pipelined_step():
+    """compile_candidate compiles every stage: the tick loop's trip count is M V + p - 1 and the HLO walk
+    counts one rotation forward and one back per tick as collective-permutes on the pipeline axis."""
+    require_devices(8)
+    from codesign.compile.targets import compile_candidate
+    from codesign.hardware.catalog import load_hardware
+
+    s = Strategy.parse("pipeline=4,fsdp=2,microbatches=4,v=2")
+    r = compile_candidate(
+        DENSE4.replace(layers=8), Workload(8, 16), s, load_hardware("cpu", devices=8), "cpu"
+    )
+    assert r.outcome == "ok", r.message
+    assert dict(r.mesh)["pipeline"] == 4 and r.pipeline_stages == 4
+    ticks = pipeline_ticks(4, 4, 2)
+    assert ticks in [n for _, n, _ in r.while_loops]
+    rotation = 1 * 16 * 64 * 2  # one microbatch row per fsdp shard x 16 positions x 64 wide, bf16
+    permutes = [c for c in r.collectives if c.kind == "collective-permute" and c.mesh_axes == ("pipeline",)]
+    assert sum(c.count for c in permutes if c.bytes == rotation) == 2 * ticks, permutes
