@@ -32,6 +32,13 @@ once per step, each replica updates its slice of the params, and the updated par
 over `data` (the pinned out_shardings); 2 = also the gradient accumulator is sharded, so each
 microbatch's gradient is reduce-scattered as it is produced (as DeepSpeed's stage 2 does under
 accumulation): less memory, M reduce-scatters per step instead of one.
+
+Pipeline (pipeline=p > 1, `codesign.pipeline`): the stacked blocks (an MoE model's MoE stack; its dense
+prefix runs before) run as a circular pipeline over the `pipeline` axis, and `microbatches` are the
+pipeline's: all of them flow through the stages in one pass and the gradient sums over them, so there is
+no accumulation loop around it (Megatron's num_microbatches). The state keeps the logical param tree
+(the stack's `layers` axis sharded over `pipeline`), so checkpoints move freely between pipelined and
+unpipelined layouts.
 """
 
 from __future__ import annotations
@@ -52,7 +59,7 @@ from codesign import _compat
 from codesign import axes as A
 from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
-from codesign.models.transformer import Transformer
+from codesign.models.transformer import Transformer, run_layers
 from codesign.pipeline import run_pipeline
 from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
@@ -159,7 +166,7 @@ class TrainProgram:
         shapes = nnx.to_pure_dict(self._abstract[1])
         specs, dropped = resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
         if self.pipelined:
-            specs, more = self._stage_specs(shapes, specs)
+            specs, more = self._stage_specs(specs)
             dropped += more
         return specs, dropped
 
@@ -169,9 +176,13 @@ class TrainProgram:
         before the pipeline, as in MaxText), else the dense stack."""
         return "moe_blocks" if self.cfg.moe_layers else "dense_blocks"
 
-    def _stage_specs(self, shapes, specs):
-        """The pipelined stack's `layers` dimension sharded over `pipeline` (contiguous layer blocks, one
-        per stage: the stage layout itself for V=1). An uneven split keeps it replicated over pipeline."""
+    def _stage_specs(self, specs):
+        """The pipelined stack's `layers` dimension sharded over `pipeline` in contiguous blocks, one per
+        device: for V=1 that is the stage layout itself, so the step moves no params. For V > 1 a device
+        runs chunks s, s + p, ..., so the step's reordering (`pipeline.to_stage_layout`) moves (V-1)/V of
+        the stack's params over `pipeline` each step, and their gradients back (storing the stage layout
+        instead would avoid it; checkpoints keep the logical layout either way). An uneven split keeps
+        the stack replicated over pipeline."""
         p = self.mesh_sizes["pipeline"]
         n = self.cfg.moe_layers if self.pipelined_stack == "moe_blocks" else self.cfg.dense_layers
         if n % p:
@@ -342,7 +353,8 @@ class TrainProgram:
         x = model.embed_tokens(inputs)
         aux = jnp.zeros((), jnp.float32)
         if self.pipelined_stack == "moe_blocks" and model.dense_blocks is not None:
-            x, aux = model._run_stack(model.dense_blocks, x, jnp.broadcast_to(jnp.arange(t), (b, t)))
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            x, aux = run_layers(*nnx.split(model.dense_blocks), x, positions, self.strategy.remat)
         m = self.strategy.microbatches
         graphdef, layers = nnx.split(getattr(model, self.pipelined_stack))
         ys, a = run_pipeline(
