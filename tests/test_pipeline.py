@@ -7,6 +7,7 @@ chunks, stage rotation, FSDP gathers and tensor partial sums at once) through `r
 checks restore and resume with it; the matrix of other layouts is slow (each is one more compile).
 """
 
+import functools
 import os
 import shutil
 
@@ -93,6 +94,7 @@ def test_pipelined_training_matches_restores_and_resumes(tmp_path):
 
 
 # -- the layout matrix (one compile each) ------------------------------------------------------------
+@functools.cache
 def _one_loss_curve(cfg, spec, steps=3):
     strategy = Strategy.parse(spec)
     mesh = MeshSpec.from_strategy(strategy).build(jax.devices())
@@ -123,6 +125,7 @@ def _one_loss_curve(cfg, spec, steps=3):
 def test_pipelined_layouts_match_pipeline_1(layers, spec):
     require_devices(8)
     cfg = get_preset("tiny-dense").replace(layers=layers)
+    # The reference is cached per model: one compile of it for the cases that share a layer count.
     np.testing.assert_allclose(_one_loss_curve(cfg, spec), _one_loss_curve(cfg, "data=1"), rtol=1e-5)
 
 
