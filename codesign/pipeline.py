@@ -49,7 +49,7 @@ import numpy as np
 
 from codesign.arithmetic import pipeline_ticks
 from codesign.models.transformer import RESIDUAL, run_layers
-from codesign.sharding.activation import constrain
+from codesign.sharding.activation import constrain, pin_dims
 
 AXIS = "pipeline"
 
@@ -104,7 +104,11 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
     if v > 1 and m < p:
         raise ValueError(f"an interleaved pipeline needs microbatches >= stages, got {m} < {p}")
     n_layers = jax.tree.leaves(layers)[0].shape[0]
-    params = to_stage_layout(layers, n_layers, p, v)
+    # [V, p, Lc, ...] with the stage axis on `pipeline` before the loop: the per-tick chunk pick is then
+    # local (left to the partitioner, the V > 1 reorder was redone inside the loop, every tick).
+    params = jax.tree.map(
+        lambda a: pin_dims(a, {0: None, 1: AXIS, 2: None}), to_stage_layout(layers, n_layers, p, v)
+    )
     mask = jnp.asarray(layer_mask(n_layers, p, v))
     stage_ids = jnp.arange(p)
     residual = _per_stage(lambda y: constrain(y, RESIDUAL))

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign.axes import ACT_BATCH
 from codesign.sharding.rules import Rules
@@ -53,6 +53,16 @@ def batch_also_over(axis: str) -> Iterator[None]:
     )
     with activation_sharding(active.mesh, Rules(table, active.rules.may_replicate)):
         yield
+
+
+def pin_dims(x: jax.Array, placed: dict[int, str | None]) -> jax.Array:
+    """x with the dimensions in `placed` laid out as given (a mesh axis, or None: not sharded) and its
+    other dimensions left to the partitioner. Identity outside an `activation_sharding` context."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    spec = PartitionSpec(*(placed.get(d, PartitionSpec.UNCONSTRAINED) for d in range(x.ndim)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

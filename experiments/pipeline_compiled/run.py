@@ -22,9 +22,7 @@ CASES = [  # (pipeline, v, microbatches)
     (2, 1, 2),
     (2, 1, 4),
     (2, 1, 8),
-    (4, 1, 4),
     (4, 2, 4),
-    (2, 2, 4),
 ]
 LAYERS, SEQ, MB_ROWS = 8, 256, 2
 
