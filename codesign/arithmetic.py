@@ -110,6 +110,13 @@ def causal_block_fraction(seq_len: int, block_q: int, block_kv: int) -> float:
     return tiles / (nq * nk)
 
 
+def pipeline_ticks(microbatches: int, stages: int, repeats: int = 1) -> int:
+    """Iterations of the executed pipeline loop (`codesign.pipeline`): each of the M x V microbatch
+    chunk-passes enters stage 0 on its own tick, and the last one needs p - 1 more to leave the last
+    stage. Every stage computes on every tick, so p - 1 ticks per stage are fill/drain bubble."""
+    return microbatches * repeats + stages - 1
+
+
 def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
     """(dense, MoE) layers of the heaviest of `stages` pipeline stages: ceil(layers / stages) layers,
     MoE ones first (a MoE layer costs the dense FFN's FLOPs or more, plus its all-to-alls).

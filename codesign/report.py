@@ -89,7 +89,7 @@ class CompileReport:
     stage: str = ""  # where a failure happened: "build" | "lower" | "compile" | "analyze"
     compile_s: float = 0.0
     mesh: tuple[tuple[str, int], ...] = ()  # the mesh actually compiled (may be reduced, see notes)
-    # The candidate's whole mesh; differs from `mesh` for pipeline (one stage compiled) or a reduced
+    # The candidate's whole mesh; differs from `mesh` for the closed form's pipeline (one stage) or a reduced
     # data axis (data_scale > 1: compiled data = full data / data_scale, global batch likewise).
     full_mesh: tuple[tuple[str, int], ...] = ()
     pipeline_stages: int = 1

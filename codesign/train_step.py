@@ -32,6 +32,13 @@ once per step, each replica updates its slice of the params, and the updated par
 over `data` (the pinned out_shardings); 2 = also the gradient accumulator is sharded, so each
 microbatch's gradient is reduce-scattered as it is produced (as DeepSpeed's stage 2 does under
 accumulation): less memory, M reduce-scatters per step instead of one.
+
+Pipeline (pipeline=p > 1, `codesign.pipeline`): the stacked blocks (an MoE model's MoE stack; its dense
+prefix runs before) run as a circular pipeline over the `pipeline` axis, and `microbatches` are the
+pipeline's: all of them flow through the stages in one pass and the gradient sums over them, so there is
+no accumulation loop around it (Megatron's num_microbatches). The state keeps the logical param tree
+(the stack's `layers` axis sharded over `pipeline`), so checkpoints move freely between pipelined and
+unpipelined layouts.
 """
 
 from __future__ import annotations
@@ -53,8 +60,9 @@ from codesign import axes as A
 from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
 from codesign.models.attention import kernel_for, platform_of
-from codesign.models.transformer import Transformer
-from codesign.sharding.activation import activation_sharding
+from codesign.models.transformer import Transformer, run_layers
+from codesign.pipeline import run_pipeline
+from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
 from codesign.sharding.strategy import Strategy, StrategyError
@@ -122,6 +130,17 @@ class TrainProgram:
             raise StrategyError(
                 f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}"
             )
+        # With a pipeline, `microbatches` are the pipeline's: they flow through the stages in one pass,
+        # and the gradient is the sum over them (Megatron's num_microbatches), so nothing accumulates
+        # outside the pipeline.
+        self.pipelined = strategy.size("pipeline") > 1
+        self.accumulation = 1 if self.pipelined else strategy.microbatches
+        p, v = strategy.size("pipeline"), strategy.stages_per_device
+        if v > 1 and strategy.microbatches < p:
+            raise StrategyError(
+                f"{strategy.spec}: the interleaved pipeline (v={v}) needs microbatches >= pipeline={p} (a "
+                f"microbatch must come back to the first stage before its next chunk); use microbatches={p}"
+            )
         self.model_kwargs = {
             "dtype": _dtype(workload.dtype),
             "param_dtype": _dtype(workload.param_dtype),
@@ -147,7 +166,39 @@ class TrainProgram:
     @cached_property
     def _param_specs(self) -> tuple[Any, tuple[Dropped, ...]]:
         shapes = nnx.to_pure_dict(self._abstract[1])
-        return resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
+        specs, dropped = resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
+        if self.pipelined:
+            specs, more = self._stage_specs(specs)
+            dropped += more
+        return specs, dropped
+
+    @property
+    def pipelined_stack(self) -> str:
+        """The stacked blocks the pipeline runs: the MoE stack of an MoE model (its dense prefix runs
+        before the pipeline, as in MaxText), else the dense stack."""
+        return "moe_blocks" if self.cfg.moe_layers else "dense_blocks"
+
+    def _stage_specs(self, specs):
+        """The pipelined stack's `layers` dimension sharded over `pipeline` in contiguous blocks, one per
+        device: for V=1 that is the stage layout itself, so the step moves no params. For V > 1 a device
+        runs chunks s, s + p, ..., so the step's reordering (`pipeline.to_stage_layout`) moves (V-1)/V of
+        the stack's params over `pipeline` each step, and their gradients back (storing the stage layout
+        instead would avoid it; checkpoints keep the logical layout either way). An uneven split keeps
+        the stack replicated over pipeline."""
+        p = self.mesh_sizes["pipeline"]
+        n = self.cfg.moe_layers if self.pipelined_stack == "moe_blocks" else self.cfg.dense_layers
+        if n % p:
+            why = f"{n} pipelined layers do not divide by pipeline={p}; each device holds every layer"
+            return specs, (Dropped(self.pipelined_stack, "layers", "pipeline", why),)
+
+        def one(spec):
+            head = spec[0] if len(spec) else None
+            if head is not None:  # a rules file already placed the layers axis
+                return spec
+            return PartitionSpec("pipeline", *spec[1:])
+
+        stack = jax.tree.map(one, specs[self.pipelined_stack], is_leaf=self._is_spec)
+        return {**specs, self.pipelined_stack: stack}, ()
 
     @property
     def param_specs(self):
@@ -290,19 +341,46 @@ class TrainProgram:
 
     def loss(self, params, tokens):
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        logits, aux = self._model(params)(inputs)
+        if self.pipelined:
+            logits, aux = self._pipelined_forward(params, inputs)
+        else:
+            logits, aux = self._model(params)(inputs)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + self.cfg.router_aux_loss_coef * aux, ce
 
-    def _split(self, tokens):
-        """[B, T] -> [M, B/M, T]. Row r goes to microbatch r % M, which keeps each microbatch spread over
-        all batch shards (no data moves)."""
-        mb, b = self.strategy.microbatches, tokens.shape[0]
-        return jnp.moveaxis(tokens.reshape(b // mb, mb, -1), 1, 0)
+    def _pipelined_forward(self, params, inputs):
+        """The model's forward with its stacked blocks run by the pipeline (`codesign.pipeline`)."""
+        model = self._model(params)
+        b, t = inputs.shape
+        x = model.embed_tokens(inputs)
+        aux = jnp.zeros((), jnp.float32)
+        if self.pipelined_stack == "moe_blocks" and model.dense_blocks is not None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            x, aux = run_layers(*nnx.split(model.dense_blocks), x, positions, self.strategy.remat)
+        m = self.strategy.microbatches
+        graphdef, layers = nnx.split(getattr(model, self.pipelined_stack))
+        ys, a = run_pipeline(
+            graphdef,
+            layers,
+            self._split(x, m),
+            jnp.broadcast_to(jnp.arange(t), (b // m, t)),
+            stages=self.mesh_sizes["pipeline"],
+            repeats=self.strategy.stages_per_device,
+            remat=self.strategy.remat,
+        )
+        with batch_also_over("pipeline"):
+            logits = model.head(_unsplit(ys))
+        return logits, aux + a
+
+    def _split(self, rows, mb: int | None = None):
+        """[B, ...] -> [M, B/M, ...]. Row r goes to microbatch r % M, which keeps each microbatch spread
+        over all batch shards (no data moves)."""
+        mb, b = mb or self.accumulation, rows.shape[0]
+        return jnp.moveaxis(rows.reshape(b // mb, mb, *rows.shape[1:]), 1, 0)
 
     def _grads_auto(self, params, tokens):
         """The partitioner places every reduction (inside the loop when microbatches > 1)."""
-        mb = self.strategy.microbatches
+        mb = self.accumulation
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if mb == 1:
             (_, ce), grads = grad_fn(params, tokens)
@@ -396,12 +474,12 @@ class TrainProgram:
     def _grads(self, params, tokens):
         """(mean loss, mean gradient) over the global batch, reduced over the replica axes once per step
         (zero=2: once per microbatch, into a sharded accumulator)."""
-        if not self.replica_axes or (self.strategy.microbatches == 1 and not self.zero):
+        if not self.replica_axes or (self.accumulation == 1 and not self.zero):
             # Nothing to restructure: without accumulation the step reduces once anyway, and XLA picks how
             # (one all-reduce over data and expert together for an MoE's dense params; bf16 partial sums
             # on TPU). The explicit path would reduce over expert first, then over data.
             return self._grads_auto(params, tokens)
-        mb = self.strategy.microbatches
+        mb = self.accumulation
         n = math.prod(self.mesh_sizes[a] for a in self.replica_axes) * mb  # local means -> global mean
         if mb == 1:
             ce, g = self._replica_grads(params, tokens)
@@ -471,6 +549,11 @@ class TrainProgram:
         return TrainProgram(
             self.cfg, self.workload, strategy, mesh, rules=None, optimizer=self.opt_cfg, strict=self.strict
         )
+
+
+def _unsplit(xs):
+    """The inverse of `TrainProgram._split`: [M, B/M, ...] -> [B, ...]."""
+    return jnp.moveaxis(xs, 0, 1).reshape(-1, *xs.shape[2:])
 
 
 def replace_workload(w: Workload, **kw) -> Workload:

@@ -323,37 +323,6 @@ def test_plan_table_never_cuts_the_strategy_and_uses_gib(tiny_plan, capsys):
     assert " GB " not in out
 
 
-def test_pipeline_pick_says_train_cannot_run_it(tiny_plan):
-    import copy
-
-    from codesign.planner.explain import explain
-    from codesign.planner.render import plan_table
-
-    p = copy.deepcopy(tiny_plan)
-    assert plan_table(p).caption is None  # tiny-dense on 8 CPUs picks no pipeline
-    p.candidates[p.chosen]["strategy"]["spec"] = "pipeline=2,fsdp=4,remat=full"
-    assert "cannot run this pick yet" in plan_table(p).caption
-
-    def row(spec, t, fits=True):
-        mesh = dict(kv.split("=") for kv in spec.split(",") if not kv.startswith("remat"))
-        return {
-            "strategy": {"spec": spec, "mesh": mesh},
-            "step_time_s": t,
-            "mfu": 0.5,
-            "fits": fits,
-            "memory_per_device_bytes": 2**30,
-            "evidence": "analytic",
-            "reasons": [],
-            "compiled": False,
-        }
-
-    rows = [row("pipeline=2,fsdp=4,remat=full", 1.0), row("fsdp=8,remat=full", 1.2)]
-    lines = explain(rows, 0, 80 * 2**30)
-    note = next(line for line in lines if "cannot run" in line)
-    assert "pipeline=2" in note and "fsdp=8,remat=full" in note
-    assert not any("cannot run" in line for line in explain(rows[1:], 0, 80 * 2**30))
-
-
 def test_pareto_plot_log_memory_axis_front_and_hbm_line(tiny_plan, tmp_path):
     import matplotlib.pyplot as plt
 

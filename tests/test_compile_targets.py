@@ -189,13 +189,18 @@ def test_parse_oom_formats():
 # ---------------------------------------------------------------------------------------------- planning
 
 
-def test_pipeline_compiles_one_stage():
+def test_pipeline_compiles_the_whole_pipelined_step():
     moe = get_preset("deepseek-v3")  # 3 dense + 58 MoE layers
-    plan = plan_compile(moe, W, Strategy.parse("pipeline=4,expert=8"), "tpu", load_hardware("tpu-v5p", 32))
-    assert (plan.cfg.dense_layers, plan.cfg.moe_layers) == (1, 15)
-    assert plan.strategy.size("pipeline") == 1 and plan.n_devices == 8 and plan.pipeline_stages == 4
+    s = Strategy.parse("pipeline=4,expert=8,microbatches=8,v=2")
+    plan = plan_compile(moe, W, s, "tpu", load_hardware("tpu-v5p", 32))
+    assert plan.cfg == moe and plan.strategy == s and plan.n_devices == 32 and plan.pipeline_stages == 4
     assert plan.workload.global_batch == W.global_batch
-    assert any(n.startswith("pipeline: compiled one of 4 stages") for n in plan.notes)
+    assert any("whole pipelined step" in n and "19 ticks of which 3 fill/drain" in n for n in plan.notes)
+    # The reduced-mesh rule shrinks data replicas, never stages.
+    wl = Workload(global_batch=1024, seq_len=32)
+    s = Strategy.parse("pipeline=4,data=64,fsdp=4,microbatches=4")
+    plan = plan_compile(get_preset("tiny-dense"), wl, s, "cpu", max_compile_devices=256)
+    assert plan.strategy.size("pipeline") == 4 and plan.data_scale == 4 and plan.n_devices == 256
 
 
 def test_large_mesh_shrinks_the_data_axis():

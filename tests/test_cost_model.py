@@ -89,16 +89,34 @@ def test_pipeline_bubble_formula():
     hw = load_hardware("h100", devices=32)
     for p, m in ((4, 8), (2, 2), (8, 32)):
         s = Strategy.parse(f"pipeline={p},fsdp={32 // p},microbatches={m}")
-        flat = estimate_from_report(
-            CFG, WL, s.replace(sizes={"fsdp": 32 // p}, microbatches=m), hw, _report(s)
-        )
-        e = estimate_from_report(CFG, WL, s, hw, _report(s))
+        one_stage = s.replace(sizes={"fsdp": 32 // p}, microbatches=m)  # a report of one stage's mesh
+        flat = estimate_from_report(CFG, WL, one_stage, hw, _report(one_stage))
+        e = estimate_from_report(CFG, WL, s, hw, _report(one_stage))
         stage = flat.step_time_s
         assert e.pipeline_bubble_s / e.step_time_s == pytest.approx((p - 1) / (m + p - 1))
         assert e.step_time_s >= stage * (m + p - 1) / m
         p2p = e.collective_s["collective-permute"]
         assert e.step_time_s == pytest.approx(stage * (m + p - 1) / m + p2p)
         assert p2p > 0 and e.exposed_collective_s >= p2p
+
+
+def test_compiled_whole_pipeline_is_priced_as_the_program_it_is():
+    """A report of the whole pipelined step (its mesh has the pipeline axis) already runs the bubble ticks
+    and the stage-to-stage permutes: the step is the program's own time, the bubble its share."""
+    hw = load_hardware("h100", devices=32)
+    s = Strategy.parse("pipeline=4,fsdp=8,microbatches=8,v=2")
+    ticks = 8 * 2 + 4 - 1
+    permute = Collective("collective-permute", 2**20, 4, ("pipeline",), 2 * ticks, "bf16")
+    whole = _report(s, colls=[permute])
+    e = estimate_from_report(CFG, WL, s, hw, whole)
+    flat = estimate_from_report(CFG, WL, s.replace(sizes={"fsdp": 32}, microbatches=1), hw, _report(s))
+    assert e.pipeline_bubble_s / e.step_time_s == pytest.approx(3 / ticks, rel=0.05)
+    assert e.collective_s["collective-permute"] > 0  # the compiled permutes, priced on the pipeline axis
+    assert e.step_time_s < flat.step_time_s * ticks / 8  # not the stage-report formula on top
+    # A CPU compile for GPU hardware takes collectives from the one-stage closed form: the rotations
+    # are added back, two per tick.
+    cpu = estimate_from_report(CFG, WL, s, hw, _report(s, target="cpu", colls=[permute]))
+    assert cpu.collective_s["collective-permute"] > 0
 
 
 def test_fits_and_does_not_fit():

@@ -19,14 +19,13 @@ Targets (DESIGN.md):
 What gets compiled can differ from the candidate, and the report says so (notes, ``mesh``,
 ``full_mesh``, ``data_scale``, ``pipeline_stages``):
 
-* pipeline=p > 1: ONE stage. Dense and MoE layers are each divided by p (rounded up: the stage the
-  step waits for is the fullest one), so ``first_dense_layers`` stays proportional. The stage keeps the
-  embedding and the LM head (the first/last stage carry them), runs on n/p devices with pipeline=1, and
-  sees the whole global batch (every microbatch passes through every stage over one step).
+* pipeline=p > 1: the WHOLE pipelined step (``codesign.pipeline``: every stage, the tick loop with its
+  fill and drain, the collective-permutes between stages, the stored activations of the microbatches in
+  flight) on the full mesh, pipeline axis included; ``pipeline_stages`` says so.
 * a mesh larger than ``max_compile_devices`` (default 512 on cpu/attached, unlimited on tpu/gpu except
   that a TPU compile needs a device count the hardware's slices can hold): the ``data`` axis (pure
-  replicas) and the global batch are
-  divided by the same factor. Per-device compute, memory and every non-data collective are unchanged;
+  replicas) and the global batch are divided by the same factor (never the pipeline stages).
+  Per-device compute, memory and every non-data collective are unchanged;
   the cost model scales the data-axis group sizes back up by ``data_scale``.
 
 `compile_candidate` never raises for a candidate's failure: it returns outcome ``error`` (with the
@@ -47,7 +46,7 @@ from importlib import metadata, resources
 from typing import Any
 
 from codesign import _compat
-from codesign.arithmetic import stage_layers
+from codesign.arithmetic import pipeline_ticks
 from codesign.closed_form import analytic_report
 from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
 from codesign.config import ModelConfig, Workload
@@ -116,11 +115,11 @@ def versions() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class CompilePlan:
-    """What is actually compiled for a candidate (a pipeline stage, a reduced data axis)."""
+    """What is actually compiled for a candidate (the data axis possibly reduced)."""
 
     cfg: ModelConfig
     workload: Workload
-    strategy: Strategy  # pipeline=1, data axis possibly reduced
+    strategy: Strategy  # the candidate's, data axis possibly reduced
     full_mesh: tuple[tuple[str, int], ...]
     pipeline_stages: int = 1
     data_scale: int = 1
@@ -129,17 +128,6 @@ class CompilePlan:
     @property
     def n_devices(self) -> int:
         return self.strategy.n_devices
-
-
-def stage_config(cfg: ModelConfig, stages: int) -> ModelConfig:
-    """The layers one of `stages` pipeline stages holds: dense and MoE layers each divided (rounded up)."""
-    if stages <= 1:
-        return cfg
-    dense, moe = stage_layers(cfg, stages)
-    kw: dict[str, Any] = {"layers": dense + moe}
-    if cfg.is_moe:
-        kw["first_dense_layers"] = dense
-    return cfg.replace(**kw)
 
 
 def _valid_tpu_count(hardware: Hardware, n: int) -> bool:
@@ -161,20 +149,18 @@ def plan_compile(
     hardware: Hardware | None = None,
     max_compile_devices: int | None = None,
 ) -> CompilePlan:
-    """Pure bookkeeping (no JAX): the stage/reduced candidate to compile. Raises TargetError when the mesh
-    cannot be brought under `max_compile_devices` by shrinking the data axis."""
+    """Pure bookkeeping (no JAX): the (possibly data-reduced) candidate to compile. Raises TargetError when
+    the mesh cannot be brought under `max_compile_devices` by shrinking the data axis."""
     notes: list[str] = []
     full_mesh = strategy.mesh
     p = strategy.size("pipeline")
     if p > 1:
-        stage_cfg = stage_config(cfg, p)
-        strategy = strategy.replace(sizes={**strategy.sizes, "pipeline": 1})
+        v, m = strategy.stages_per_device, strategy.microbatches
         notes.append(
-            f"pipeline: compiled one of {p} stages ({stage_cfg.layers} of {cfg.layers} layers: "
-            f"{stage_cfg.dense_layers} dense + {stage_cfg.moe_layers} moe, embedding and LM head "
-            f"included, whole global batch {workload.global_batch} per stage)"
+            f"pipeline: compiled the whole pipelined step ({p} stages x {v} chunks, {m} microbatches: "
+            f"{pipeline_ticks(m, p, v)} ticks of which {p - 1} fill/drain, schedule {strategy.schedule} executed "
+            f"as forward then backward)"
         )
-        cfg = stage_cfg
     limit = (
         max_compile_devices if max_compile_devices is not None else DEFAULT_MAX_COMPILE_DEVICES.get(target)
     )
@@ -627,8 +613,10 @@ def _compile_with_flags(lowered, flags: dict[str, str], notes: list[str]):
 def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:
     """A CPU compile's collective bytes against the closed form's CPU lowering of the same program: the
     structure check that lets the cost model trust the closed form's accelerator collectives."""
-    if target != "cpu" or plan.data_scale > 1:
-        return None  # a reduced data axis changes group sizes the closed form does not see
+    if target != "cpu" or plan.data_scale > 1 or plan.pipeline_stages > 1:
+        # a reduced data axis changes group sizes the closed form does not see; a pipelined compile is
+        # the whole step, the closed form one stage
+        return None
     closed = analytic_report(plan.cfg, plan.workload, plan.strategy, platform="cpu")
     want = sum(c.bytes * c.count for c in closed.collectives)
     got = sum(c.bytes * c.count for c in collectives)

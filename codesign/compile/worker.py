@@ -2,8 +2,8 @@
 
 `compile_in_subprocess` runs ``python -m codesign.compile.worker`` with one request as JSON on stdin.
 The child's environment is set before JAX starts there: ``JAX_PLATFORMS=cpu``, for the cpu target
-N emulated devices through `runtime.emulate_cpu_devices` (N = the devices actually compiled: one pipeline stage,
-a reduced data axis), silenced libtpu host discovery, and libtpu's multi-process lock lifted so that
+N emulated devices through `runtime.emulate_cpu_devices` (N = the devices actually compiled: the full mesh, or a
+reduced data axis), silenced libtpu host discovery, and libtpu's multi-process lock lifted so that
 parallel TPU compiles do not collide. The child writes the report JSON to the real stdout; anything
 libraries print goes to stderr (fd 1 is pointed at fd 2 while it runs).
 

@@ -34,7 +34,11 @@ Model (all per device, seconds):
   next layer's backward, a once-per-step data reduction under the last microbatch's backward, tensor
   all-gather/reduce-scatter under their matmul only with collective matmul on, tensor all-reduces,
   all-to-alls and permutes exposed. `Estimate.overlap` records each row's hidden fraction and source.
-- pipeline p > 1: the report is ONE stage running all m microbatches. One pipeline tick is
+- pipeline p > 1, compiled (the report's mesh has the pipeline axis): the report is the WHOLE pipelined
+  step. Its loop-aware FLOPs already run every stage on every one of the M V + p - 1 ticks (the fill
+  and drain included) and its collectives include the stage-to-stage collective-permutes, so the step
+  is the priced program itself; the bubble reported is its (p - 1) / (M V + p - 1) share.
+- pipeline p > 1, closed form: the report is ONE stage running all m microbatches. One pipeline tick is
   stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
   b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
   (p - 1) idle ticks, (p - 1)/(m + p - 1) of the step.
@@ -430,6 +434,21 @@ def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, flo
         return stage_s, 0.0, 0.0, ()
     sh = shape_of(x.cfg, x.workload, x.strategy)
     p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
+    r = x.report
+    if r.ok and r.hlo_analyzed and dict(r.mesh).get("pipeline", 1) > 1:  # the whole program was timed
+        v = x.strategy.stages_per_device
+        ticks = arithmetic.pipeline_ticks(m, p, v)
+        bubble = stage_s * (p - 1) / ticks
+        # Its rotations are in its collectives, unless those came from the (one-stage) closed form.
+        sends = 0.0 if x.native else 2 * ticks * p2p
+        return (
+            stage_s + sends,
+            bubble,
+            sends,
+            (
+                f"pipeline={p} x v={v}, {m} microbatches, compiled whole: {ticks} ticks, bubble {bubble / stage_s:.0%}",
+            ),
+        )
     tick = stage_s / m + 2 * p2p
     step = (m + p - 1) * tick
     bubble = (p - 1) * tick

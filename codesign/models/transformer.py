@@ -106,34 +106,53 @@ class Transformer(nnx.Module):
 
     def _run_stack(self, blocks, x, positions):
         graphdef, state = nnx.split(blocks)
+        return run_layers(graphdef, state, x, positions, self.remat)
 
-        def body(carry, layer_state):
-            h, aux = carry
-            h, a = nnx.merge(graphdef, layer_state)(h, positions)
-            return (h, aux + a), None
+    def embed_tokens(self, tokens):
+        """tokens int [B, T] -> the residual stream [B, T, D] entering the first block."""
+        return constrain(self.embed[...].astype(self.dtype)[tokens], RESIDUAL)
 
-        policy = _compat.remat_policy(self.remat)
-        # none and selective keep the layer's activations (selective: Block._project, attention_core)
-        if policy is not None:
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), state)
-        return x, aux
+    def head(self, x):
+        """The residual stream after the last block [B, T, D] -> logits float32 [B, T, vocab]."""
+        x = constrain(self.final_norm(x), GATHERED)
+        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
+        logits = constrain(logits, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_VOCAB))
+        return logits.astype(jnp.float32)
 
     def __call__(self, tokens):
         """tokens int [B, T] -> (logits float32 [B, T, vocab], MoE aux loss summed over layers)."""
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        x = constrain(self.embed[...].astype(self.dtype)[tokens], RESIDUAL)
+        x = self.embed_tokens(tokens)
         aux = jnp.zeros((), jnp.float32)
         for blocks in (self.dense_blocks, self.moe_blocks):
             if blocks is not None:
                 x, a = self._run_stack(blocks, x, positions)
                 aux = aux + a
-        x = constrain(self.final_norm(x), GATHERED)
-        head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
-        logits = constrain(logits, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_VOCAB))
-        return logits.astype(jnp.float32), aux
+        return self.head(x), aux
+
+
+def run_layers(graphdef, layers, x, positions, remat: str, valid=None):
+    """Scan a stack of blocks (`layers`: the stacked state, leading `layers` axis) over x.
+
+    `valid` (bool [layers], optional) marks padding layers of an uneven pipeline split: a layer whose
+    flag is False passes x through unchanged and adds no aux loss. Returns (x, aux summed)."""
+
+    def body(carry, xs):
+        h, aux = carry
+        layer_state, ok = xs
+        out, a = nnx.merge(graphdef, layer_state)(h, positions)
+        if ok is not None:
+            out, a = jnp.where(ok, out, h), jnp.where(ok, a, 0.0)
+        return (out, aux + a), None
+
+    policy = _compat.remat_policy(remat)
+    # none and selective keep the layer's activations (selective: Block._project, attention_core)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), (layers, valid))
+    return x, aux
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, **kw: Any) -> Transformer:

@@ -4,20 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from codesign.sharding.strategy import Strategy
 from codesign.units import fmt_bytes as _gb
-
-
-def pipeline_note(spec: str) -> str | None:
-    """Why `codesign train` would refuse this layout, or None. The same rule as
-    `codesign.train.trainer.check_executable` (the planner may not import the trainer)."""
-    stages = Strategy.parse(spec).size("pipeline")
-    if stages <= 1:
-        return None
-    return (
-        f"note: `codesign train` cannot run this pick yet: pipeline={stages} schedules are costed, not "
-        f"executed; train the best pipeline=1 layout (plan with --strategy-filter pipeline=1)"
-    )
 
 
 def explain(rows: list[dict[str, Any]], chosen: int | None, capacity: int) -> list[str]:
@@ -37,11 +24,6 @@ def explain(rows: list[dict[str, Any]], chosen: int | None, capacity: int) -> li
         f"{_gb(win['memory_per_device_bytes'])} of {_gb(capacity)} per device ({win['evidence']})"
     )
     lines += [f"  {r}" for r in win.get("reasons", [])[:4]]
-    note = pipeline_note(win["strategy"]["spec"])
-    if note:
-        runnable = next((r for r in rows if r["fits"] and not pipeline_note(r["strategy"]["spec"])), None)
-        lines.append(note + (f" (best here: {runnable['strategy']['spec']})" if runnable else ""))
-
     # The fastest layouts that do not fit.
     faster_oom = [
         r

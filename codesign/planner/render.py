@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from codesign.planner.explain import pipeline_note
 from codesign.units import GiB, fmt_bytes
 
 
@@ -50,9 +49,6 @@ def plan_table(plan, top: int | None = None):
             _num(r["breakdown"].get("exposed_collective_s", 0), "{:.3g} s"),
             r["evidence"],
         )
-    note = pipeline_note(plan.best["strategy"]["spec"]) if plan.best else None
-    if note:
-        t.caption = note
     return t
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codesign.axes import ACT_BATCH
 from codesign.sharding.rules import Rules
 
 
@@ -35,6 +36,33 @@ def activation_sharding(mesh: Mesh, rules: Rules) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def batch_also_over(axis: str) -> Iterator[None]:
+    """Within: the active rules shard activations' batch over `axis` too (after the batch axes already
+    there). The pipelined step runs its LM head this way, so the pipeline devices split the head's
+    work instead of each repeating it."""
+    active = _ACTIVE.get()
+    if active is None:
+        yield
+        return
+    table = tuple(
+        (name, tuple(m for m in axes if m != axis) + (axis,)) if name == ACT_BATCH else (name, axes)
+        for name, axes in active.rules.table
+    )
+    with activation_sharding(active.mesh, Rules(table, active.rules.may_replicate)):
+        yield
+
+
+def pin_dims(x: jax.Array, placed: dict[int, str | None]) -> jax.Array:
+    """x with the dimensions in `placed` laid out as given (a mesh axis, or None: not sharded) and its
+    other dimensions left to the partitioner. Identity outside an `activation_sharding` context."""
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    spec = PartitionSpec(*(placed.get(d, PartitionSpec.UNCONSTRAINED) for d in range(x.ndim)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
 
 
 def active_spec(

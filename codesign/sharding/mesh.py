@@ -26,7 +26,7 @@ class MeshSpec:
 
     @classmethod
     def from_strategy(cls, strategy: Strategy, drop: Sequence[str] = ()) -> MeshSpec:
-        """`drop` removes axes handled outside the SPMD mesh (pipeline stages compile one stage)."""
+        """`drop` removes axes handled outside the SPMD mesh (e.g. a closed-form stage's mesh)."""
         return cls(tuple((a, n) for a, n in strategy.mesh if a not in drop))
 
     @property

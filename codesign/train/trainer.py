@@ -154,13 +154,6 @@ def resolve_layout(
 
 def check_executable(strategy: Strategy, attached: int) -> None:
     """Refuse layouts this trainer cannot execute on the attached devices."""
-    if strategy.size("pipeline") > 1:
-        raise StrategyError(
-            f"{strategy.spec}: pipeline={strategy.size('pipeline')} cannot be executed; the planner costs "
-            f"pipelining analytically and by compiling one stage, but running pipeline schedules is not "
-            f"implemented. Train with a pipeline=1 candidate (e.g. --strategy with the same sizes and the "
-            f"pipeline factor moved to fsdp or data)"
-        )
     if strategy.n_devices != attached:
         raise StrategyError(
             f"plan needs {strategy.n_devices} devices, {attached} attached (strategy {strategy.spec})"
@@ -473,6 +466,11 @@ def run_training(
             f"devices ({jax.process_count()} process{'es' if jax.process_count() > 1 else ''}); global batch "
             f"{s.workload.global_batch} x {s.workload.seq_len} tokens; from {s.layout_source}"
         )
+        if s.strategy.size("pipeline") > 1:
+            s.say(
+                f"  pipeline: schedule={s.strategy.schedule} runs as the circular pipeline of "
+                f"codesign.pipeline (all forward ticks, then all backward ticks; GPipe's activation memory)"
+            )
         for d in dropped:
             s.say(f"  rule dropped: {d}")
     batches = BatchMaker(s.factory, s.workload.global_batch, s.workload.seq_len, prog.batch_sharding)

@@ -1,7 +1,7 @@
 """`run_validation`: measure a plan's top candidates on the attached devices, next to their estimates.
 
 For each of the first K candidates that fit and can run here (their mesh uses exactly the attached
-device count, no pipeline axis): build the TrainProgram, initialize the state into its shardings,
+device count): build the TrainProgram, initialize the state into its shardings,
 compile the step ahead of time, run W warm-up steps, then time M steps one by one (each waited for)
 and take the median. Rows report estimated and measured step time and `ratio = measured /
 estimated`; `rank_correlation` is Spearman's rho between the estimated and the measured order (the
@@ -158,8 +158,6 @@ def run_validation(
         reason = None
         if not cand.get("fits", True):
             reason = "does not fit in memory (per the plan)"
-        elif strategy.size("pipeline") > 1:
-            reason = "pipeline schedules are not executed (the planner costs them analytically)"
         elif strategy.n_devices != attached:
             reason = f"needs {strategy.n_devices} devices, {attached} attached"
         elif cand.get("step_time_s") is None:
