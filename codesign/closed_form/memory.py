@@ -37,12 +37,11 @@ an MoE block's input under selective).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import sharded_params, sp_active, spmd_sizes, zero_level
+from codesign.closed_form.params import Shape, shape_of, sharded_params, spmd_sizes, zero_level
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy
@@ -53,27 +52,39 @@ F32 = 4
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes per device, one field per term (`to_json` names them in a report's breakdown)."""
+
     params: float
-    grads: float
+    grads: float  # the step's gradients (one microbatch's)
     optimizer: float
-    gathered: float
+    gathered: float  # FSDP: one layer's weights all-gathered, current and prefetched
     saved_activations: float
-    layer_transient: float
+    layer_transient: float  # one layer's recomputed intermediates while its backward runs
     logits: float
+    grad_accumulator: float = 0.0  # microbatches > 1: the accumulated gradients beside a microbatch's
+    attention_workspace: float = 0.0  # XLA attention's scores and probabilities of the layer in backward
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
 
     @property
     def activations(self) -> float:
-        return self.saved_activations + self.layer_transient
+        return self.saved_activations + self.layer_transient + self.attention_workspace
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations + self.logits
+        return (
+            self.params
+            + self.grads
+            + self.grad_accumulator
+            + self.optimizer
+            + self.gathered
+            + self.activations
+            + self.logits
+        )
 
     def as_stats(self, capacity: int = 0) -> MemoryStats:
         """MemoryStats-shaped: state (params + optimizer) is argument/output (donated, aliased)."""
         state = int(self.params + self.optimizer)
-        temp = int(self.grads + self.gathered + self.activations + self.logits)
+        temp = int(self.total) - state
         return MemoryStats(
             argument=state, output=state, alias=state, temp=temp, peak=int(self.total), capacity=capacity
         )
@@ -82,9 +93,11 @@ class MemoryEstimate:
         return {
             "params": self.params,
             "grads": self.grads,
+            "grad_accumulator": self.grad_accumulator,
             "optimizer": self.optimizer,
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
+            "attention_workspace": self.attention_workspace,
             "layer_transient": self.layer_transient,
             "activations": self.activations,
             "logits": self.logits,
@@ -104,32 +117,29 @@ class _LayerBytes:
     layer_input: float
 
 
-def _layer_bytes(
-    cfg: ModelConfig, moe: bool, b: float, s: float, seq: int, sizes: dict[str, int], sp: bool, remat: str
-) -> _LayerBytes:
-    tp, ep = sizes["tensor"], sizes["expert"]
-    d, n = cfg.hidden, cfg.heads
-    res = d / tp if sp else d  # the residual stream (sequence-sharded under sp)
-    # The two norms' outputs as kept for backward: sequence-sharded where backward gathers them again,
+def _layer_bytes(cfg: ModelConfig, moe: bool, sh: Shape, remat: str) -> _LayerBytes:
+    tp, ep, act = sh.sizes["tensor"], sh.sizes["expert"], sh.act
+    d, t, seq = cfg.hidden, sh.t, sh.seq
+    res = act.res  # the residual stream (sequence-sharded under sp)
+    # The two norms' outputs as kept for backward: residual-sharded where backward gathers them again,
     # else the gathered copies the blocks read.
-    norms = (R.regathered(remat, moe) * res + (2 - R.regathered(remat, moe)) * d) if sp else 2 * d
+    rg = R.regathered(remat, moe) if act.res_tensor else 0
+    norms = rg * res + (2 - rg) * act.gathered
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
-    kvh = n if cfg.attention == "mla" else cfg.kv_heads
-    t = b * s
-    qkv = (n * qk + kvh * qk + kvh * v) / tp
-    scores = t * (n / tp) * seq * 6  # f32 scores + bf16 probs per query position
-    core_dots = t * ((n / tp) * seq * F32 + n * v / tp * ACT_BYTES)
-    attn_all = t * (res + norms + 2 * qkv + n * v / tp + res) * ACT_BYTES + scores
+    n, kvh = act.heads, act.kv_heads
+    qkv = n * qk + kvh * qk + kvh * v
+    scores = t * n * seq * 6  # f32 scores + bf16 probs per query position
+    core_dots = t * (n * seq * F32 + n * v * ACT_BYTES)
+    attn_all = t * (res + norms + 2 * qkv + n * v + res) * ACT_BYTES + scores
     parts = {"qkv": t * qkv * ACT_BYTES, "out": t * res * ACT_BYTES}
     gates = 2 if cfg.ffn_activation == "swiglu" else 1
     if not moe:
-        f = cfg.mlp_dim / tp
+        f = act.ffn
         parts.update(wi=t * gates * f * ACT_BYTES, wo=t * res * ACT_BYTES)
         everything = attn_all + t * (3 * f + res) * ACT_BYTES
         return _LayerBytes(everything, scores, parts, core_dots, t * res * ACT_BYTES)
     f = cfg.moe_mlp_dim / tp
-    cap = max(1, math.ceil(cfg.experts_per_token * seq * cfg.capacity_factor / cfg.n_routed_experts))
-    slots = b * (cfg.n_routed_experts / ep) * cap  # dispatched token slots on this device (per expert shard)
+    slots = sh.b * (cfg.n_routed_experts / ep) * sh.cap  # dispatched token slots on this device
     sf = f * cfg.n_shared_experts
     ffn_all = slots * (2 * d + 3 * f) * ACT_BYTES + t * (cfg.experts_per_token * d + 3 * sf + res) * ACT_BYTES
     parts.update(
@@ -163,7 +173,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
     zero = zero_level(cfg, strategy)
     zero_shards = sizes["data"] if zero else 1
-    grads = local * pbytes * (2 if m > 1 else 1) / (zero_shards if zero == 2 else 1)
+    grads = local * pbytes / (zero_shards if zero == 2 else 1)
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
         per_layer = {}
@@ -174,33 +184,35 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
                 )
         gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
 
-    b = workload.global_batch / (strategy.batch_shards * m)
-    s = workload.seq_len / sizes["sequence"]
+    sh = shape_of(cfg, workload, strategy)
     in_flight = min(m, p) if p > 1 else 1
     remat = strategy.remat
-    saved = host = live = 0.0
+    saved = host = live = workspace = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, sp_active(workload, strategy), remat)
+        lb = _layer_bytes(cfg, moe, sh, remat)
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)
             keep = lb.layer_input
         saved += layers * keep
-        if R.layer_checkpointed(remat):
-            live = max(live, lb.everything)
+        if R.layer_checkpointed(remat):  # the recomputed layer, its attention scores apart
+            live = max(live, lb.everything - lb.scores)
+            workspace = max(workspace, lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
-            live = max(live, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
+            workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
-    logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
+    logits = sh.t * sh.act.vocab * 2 * F32
     return MemoryEstimate(
         params=local * pbytes,
         grads=grads,
+        grad_accumulator=grads if m > 1 else 0.0,
         optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
         gathered=gathered,
         saved_activations=saved * in_flight,
         layer_transient=live,
+        attention_workspace=workspace,
         logits=logits,
         host_offloaded=host * in_flight,
     )
