@@ -256,3 +256,43 @@ def test_sp_memory_against_the_tpu_compiler():
         peak[spec] = rep.memory.peak
         assert 0.9 <= analytic_memory(cfg, w, s).total / rep.memory.peak <= 1.3, spec
     assert peak["data=2,tensor=4,remat=full,sp=1"] < peak["data=2,tensor=4,remat=full"]
+
+
+def _rules_file(path, rules) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(rules.to_json()))
+    return str(path)
+
+
+@pytest.mark.parametrize("spec", ["fsdp=8,tensor=4,remat=full", "fsdp=8,tensor=4,remat=minimal,sp=1"])
+def test_a_rules_file_equal_to_the_defaults_gives_the_same_closed_form(tmp_path, spec):
+    """Rule files reach the closed form through the same resolution as the defaults: written out as a
+    file, the default table (with sp=1's act_norm_seq -> [sequence, tensor]) costs identically."""
+    from codesign.sharding.rules import default_rules
+
+    cfg, wl = get_preset("llama3-8b"), Workload(global_batch=64, seq_len=4096)
+    s = Strategy.parse(spec)
+    f = _rules_file(tmp_path / "rules.yaml", default_rules(s))
+    s_file = Strategy.parse(spec.replace(",sp=1", "") + f",rules={f}")
+    assert analytic_memory(cfg, wl, s_file) == analytic_memory(cfg, wl, s)
+    a, b = analytic_report(cfg, wl, s_file, platform="tpu"), analytic_report(cfg, wl, s, platform="tpu")
+    assert (a.flops, a.bytes_accessed, a.collectives, a.memory) == (b.flops, b.bytes_accessed, b.collectives, b.memory)
+
+
+def test_a_rules_file_sharding_the_embed_activation_over_tensor_shrinks_saved_activations(tmp_path):
+    """MaxText's activation_embed -> tensor: the residual stream (what remat full keeps per layer) and the
+    norms' outputs are split over tensor, so full remat keeps 1/tensor of the layer inputs, and the
+    tensor reductions into the residual become reduce-scatters as under sp."""
+    from codesign.sharding.rules import Rules, default_rules
+
+    cfg, wl = get_preset("llama3-8b"), Workload(global_batch=64, seq_len=4096)
+    s = Strategy.parse("fsdp=8,tensor=4,remat=full")
+    table = [r for r in default_rules(s).table if r[0] != "act_embed"] + [("act_embed", ("tensor",))]
+    f = _rules_file(tmp_path / "embed_tensor.yaml", Rules(tuple(table)))
+    base, ruled = analytic_memory(cfg, wl, s), analytic_memory(cfg, wl, Strategy.parse(f"{s.spec},rules={f}"))
+    assert ruled.saved_activations == pytest.approx(base.saved_activations / 4)
+    assert ruled.layer_transient < base.layer_transient
+    assert (ruled.params, ruled.optimizer, ruled.logits) == (base.params, base.optimizer, base.logits)
+    kinds = {c.kind for c in analytic_report(cfg, wl, Strategy.parse(f"{s.spec},rules={f}")).collectives}
+    assert "reduce-scatter" in kinds

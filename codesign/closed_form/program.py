@@ -409,7 +409,6 @@ def analytic_report(
     z, m, p = sh.sizes, sh.m, strategy.size("pipeline")
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
     flash = uses_flash(cfg, workload)
-    sp = sh.act.res_tensor
     fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):

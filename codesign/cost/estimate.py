@@ -41,17 +41,19 @@ Model (all per device, seconds):
 - memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
   gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
   model, since CPU memory figures are not TPU/GPU figures; evidence says "+analytic-memory". Capacity
-  is `hardware.memory_capacity_bytes` (HBM net of the catalog's runtime reserve).
+  is `hardware.memory_capacity_bytes` (HBM net of the catalog's runtime reserve). `memory_breakdown`
+  names the closed form's terms (`closed_form.memory`) and the runtime reserve, whichever instrument
+  gave the total, and a layout that does not fit says which terms are the largest.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from codesign import arithmetic
-from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
+from codesign.closed_form import analytic_memory, analytic_report, lowering_for, moe_slots, shape_of
 from codesign.config import ModelConfig, Workload
 from codesign.cost.collectives import KINDS, normalize_kind
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
@@ -105,6 +107,8 @@ class Estimate:
     evidence: str
     reasons: tuple[str, ...]
     placements: FrozenMap  # mesh axis -> {"level", "levels", "reason"}
+    # The closed form's memory terms (bytes per device) and the runtime reserve kept out of capacity.
+    memory_breakdown: FrozenMap = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def busy_s(self) -> float:
@@ -131,6 +135,7 @@ class Estimate:
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
             "breakdown": self.breakdown,
+            "memory_breakdown": dict(self.memory_breakdown),
             "evidence": self.evidence,
             "reasons": list(self.reasons),
             "placements": {a: dict(p) for a, p in self.placements.items()},
@@ -358,6 +363,23 @@ def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
     )
 
 
+# Terms that are sums of others or not in HBM: never "the largest term" of a layout that does not fit.
+_NOT_TERMS = frozenset({"total", "activations", "host_offloaded", "runtime_reserve"})
+
+
+def memory_breakdown(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware
+) -> dict[str, float]:
+    """The closed form's named memory terms per device, plus the runtime reserve the capacity excludes."""
+    terms = analytic_memory(cfg, workload, strategy).to_json()
+    return {**terms, "runtime_reserve": float(hardware.memory_reserve_bytes)}
+
+
+def _largest_terms(terms: dict[str, float], k: int = 3) -> str:
+    top = sorted(((v, n) for n, v in terms.items() if n not in _NOT_TERMS and v > 0), reverse=True)[:k]
+    return ", ".join(f"{n} {_gb(v)}" for v, n in top)
+
+
 def estimate_from_report(
     cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware, report: CompileReport
 ) -> Estimate:
@@ -382,13 +404,16 @@ def estimate_from_report(
     mem, mem_reasons, closed_mem = _memory(x)
     cap = hardware.memory_capacity_bytes
     fits = report.outcome != "oom" and mem <= cap
+    terms = memory_breakdown(cfg, workload, strategy, hardware)
     evidence = roof.evidence + ("+analytic-memory" if closed_mem and report.target != "analytic" else "")
     reasons += [
         *roof.reasons,
         *net.reasons,
         *pipe_reasons,
         *mem_reasons,
-        f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}",
+        f"fits: {_gb(mem)} of {_gb(cap)}"
+        if fits
+        else f"does not fit: {_gb(mem)} > {_gb(cap)}; largest terms (closed form): {_largest_terms(terms)}",
     ]
 
     tokens = workload.global_batch * workload.seq_len
@@ -418,6 +443,7 @@ def estimate_from_report(
         evidence=evidence,
         reasons=tuple(reasons),
         placements=pl,
+        memory_breakdown=FrozenMap(terms),
     )
 
 
