@@ -3,14 +3,16 @@
 
 Memory formula (bytes per device; P = local param elements = sum of elems / shards over all params):
     params     4 P  (float32 master weights; `Workload.param_dtype`)
-    grads      4 P  (float32: the grads of f32 params), x2 with microbatches > 1 (the accumulator and
-                    the microbatch's own grads are live together)
-    optimizer  8 P  (AdamW mu and nu in float32)
+    grads      4 P  (float32: the grads of f32 params; zero=2: sharded over data)
+    grad_accumulator  4 P with microbatches > 1 (the accumulator beside the microbatch's own grads)
+    optimizer  8 P  (AdamW mu and nu in the params' dtype; zero>=1: sharded over data)
     gathered   2 x one layer's FSDP-gathered weights (the layer in use and the prefetched next one)
     saved_activations: what every layer keeps for its backward, per microbatch of
                b = B/(data*fsdp*expert*microbatches) rows and s = S/sequence positions, bf16 (2 bytes),
-               tensor-sharded widths divided by tensor, and under sequence parallelism (sp=1) the
-               residual stream and the norms' outputs (width d) divided by tensor too:
+               each activation as split by the strategy's rules (`params.act_layout`: the defaults
+               divide tensor-sharded widths by tensor, and under sequence parallelism (sp=1) the
+               residual stream and the norms' outputs (width d) by tensor too; a rules file may split
+               them otherwise):
       none:      all of the layer's intermediates (layer_bytes below)
       selective: the same without the attention scores and probabilities (Megatron's selective
                  recompute: the core is recomputed from the kept q, k, v)
@@ -22,9 +24,15 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
                  memory instead (`host_offloaded`, not part of the device total)
       pipeline: a stage holds L/p layers and, under a 1F1B schedule, min(microbatches, p) microbatches
                 in flight.
-    layer_transient: one layer's intermediates live while its backward runs (recomputed), or under
-               selective its recomputed scores and their gradients; none for remat none.
+    layer_transient: one layer's intermediates live while its backward runs (recomputed in a
+               checkpointed layer; none for remat none or selective), its attention scores apart:
+    attention_workspace: XLA attention's f32 scores and bf16 probabilities of that layer (recomputed),
+               or under selective the recomputed ones and their gradients; none for remat none (its
+               scores are saved activations).
     logits     b*s*V/tensor x 8 bytes: the float32 logits and their gradient (the cross-entropy peak).
+    total      params + grads (+ accumulator) + optimizer + saved_activations + the larger of logits
+               and one layer's backward (gathered + layer_transient + attention_workspace): the loss
+               is computed and its logits freed before the first layer's backward starts.
 layer_bytes counts per token: the block input and its two norms (3d), q/k/v before and after RoPE
 (2x(n+2k)h / tensor), the attention output (n h / tensor) and o-projection (d), attention scores in
 f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them), and the FFN's
@@ -70,15 +78,23 @@ class MemoryEstimate:
         return self.saved_activations + self.layer_transient + self.attention_workspace
 
     @property
+    def layer_phase(self) -> float:
+        """What one layer's backward adds to the saved activations: its gathered weights, its
+        recomputed intermediates and its attention scores."""
+        return self.gathered + self.layer_transient + self.attention_workspace
+
+    @property
     def total(self) -> float:
+        """The peak: the state, the gradients and every saved activation, plus the larger of the two
+        phases that never overlap: the loss (the f32 logits and their gradient, freed by the LM head's
+        backward before the layers' backward starts) and one layer's backward."""
         return (
             self.params
             + self.grads
             + self.grad_accumulator
             + self.optimizer
-            + self.gathered
-            + self.activations
-            + self.logits
+            + self.saved_activations
+            + max(self.logits, self.layer_phase)
         )
 
     def as_stats(self, capacity: int = 0) -> MemoryStats:
@@ -101,6 +117,7 @@ class MemoryEstimate:
             "layer_transient": self.layer_transient,
             "activations": self.activations,
             "logits": self.logits,
+            "layer_phase": self.layer_phase,
             "host_offloaded": self.host_offloaded,
             "total": self.total,
         }

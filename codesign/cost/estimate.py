@@ -364,7 +364,7 @@ def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
 
 
 # Terms that are sums of others or not in HBM: never "the largest term" of a layout that does not fit.
-_NOT_TERMS = frozenset({"total", "activations", "host_offloaded", "runtime_reserve"})
+_NOT_TERMS = frozenset({"total", "activations", "layer_phase", "host_offloaded", "runtime_reserve"})
 
 
 def memory_breakdown(
