@@ -56,6 +56,8 @@ from codesign.sharding.strategy import Strategy
 
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
+SCORE_BYTES = 6  # per attention score in XLA's forward: f32 scores, bf16 probabilities
+SOFTMAX_BWD_BYTES = 10  # the softmax's backward: its f32 output, the bf16 dP and the f32 dS
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class _LayerBytes:
 
     everything: float  # all intermediates (what remat none keeps)
     scores: float  # f32 scores + bf16 probabilities of XLA attention
+    attention: float  # the attention block's intermediates other than its scores
     parts: dict  # saved output bytes of each matmul part (remat.PARTS)
     core_dots: float  # the attention score (f32) and PV outputs: what dots keeps beyond the parts
     layer_input: float
@@ -145,7 +148,7 @@ def _layer_bytes(cfg: ModelConfig, moe: bool, sh: Shape, remat: str) -> _LayerBy
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
     n, kvh = act.heads, act.kv_heads
     qkv = n * qk + kvh * qk + kvh * v
-    scores = t * n * seq * 6  # f32 scores + bf16 probs per query position
+    scores = t * n * seq * SCORE_BYTES  # f32 scores + bf16 probs per query position
     core_dots = t * (n * seq * F32 + n * v * ACT_BYTES)
     attn_all = t * (res + norms + 2 * qkv + n * v + res) * ACT_BYTES + scores
     parts = {"qkv": t * qkv * ACT_BYTES, "out": t * res * ACT_BYTES}
@@ -154,7 +157,7 @@ def _layer_bytes(cfg: ModelConfig, moe: bool, sh: Shape, remat: str) -> _LayerBy
         f = act.ffn
         parts.update(wi=t * gates * f * ACT_BYTES, wo=t * res * ACT_BYTES)
         everything = attn_all + t * (3 * f + res) * ACT_BYTES
-        return _LayerBytes(everything, scores, parts, core_dots, t * res * ACT_BYTES)
+        return _LayerBytes(everything, scores, attn_all - scores, parts, core_dots, t * res * ACT_BYTES)
     f = cfg.moe_mlp_dim / tp
     slots = sh.b * (cfg.n_routed_experts / ep) * sh.cap  # dispatched token slots on this device
     sf = f * cfg.n_shared_experts
@@ -166,7 +169,7 @@ def _layer_bytes(cfg: ModelConfig, moe: bool, sh: Shape, remat: str) -> _LayerBy
         shared_wi=t * gates * sf * ACT_BYTES,
         shared_wo=t * res * ACT_BYTES if sf else 0.0,
     )
-    return _LayerBytes(attn_all + ffn_all, scores, parts, core_dots, t * res * ACT_BYTES)
+    return _LayerBytes(attn_all + ffn_all, scores, attn_all - scores, parts, core_dots, t * res * ACT_BYTES)
 
 
 def _saved(lb: _LayerBytes, remat: str) -> float:
@@ -215,8 +218,15 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
             keep = lb.layer_input
         saved += layers * keep
         if R.layer_checkpointed(remat):  # the recomputed layer, its attention scores apart
-            live = max(live, lb.everything - lb.scores)
-            workspace = max(workspace, lb.scores)
+            # Backward runs the FFN's backward with the whole recomputed layer live (scores as f32
+            # softmax output + bf16 probabilities, 6 bytes each), then the softmax's: the f32 output,
+            # the bf16 dP and the f32 dS (10 bytes per score) with only the attention block's
+            # intermediates left. The larger of the two is the layer's peak.
+            softmax_bwd = lb.scores * SOFTMAX_BWD_BYTES / SCORE_BYTES
+            if lb.attention + softmax_bwd > lb.everything:
+                live, workspace = max(live, lb.attention), max(workspace, softmax_bwd)
+            else:
+                live, workspace = max(live, lb.everything - lb.scores), max(workspace, lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
             workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.

@@ -22,6 +22,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,21 +104,63 @@ def compiler_memory(cfg: ModelConfig, w: Workload, s: Strategy, hw) -> dict:
     return {"outcome": "ok", "memory": memory}
 
 
-def compile_row(row) -> dict:
+def buffer_assignment(dump_dir: Path) -> dict | None:
+    """The HBM the compiler assigned, read from its buffer-assignment dump (None until it is written):
+    `argument` = the entry parameters' allocations, `temp` = the preallocated temporaries of the
+    default memory space; their sum is the report's `Total bytes` and what `memory_analysis()` returns
+    once the (much slower) TPU code generation has finished."""
+    files = sorted(dump_dir.glob("*jit__step*after_optimizations-buffer-assignment.txt"))
+    reports = sorted(dump_dir.glob("*jit__step*after_optimizations-memory-usage-report.txt"))
+    if not files or not reports:
+        return None
+    arg = temp = 0
+    for line in files[0].read_text().splitlines():
+        m = re.match(r"allocation \d+: size (\d+)(.*)", line)
+        if not m:
+            continue
+        if "parameter" in m.group(2):
+            arg += int(m.group(1))
+        elif "preallocated-temp" in m.group(2) and "color" not in m.group(2):
+            temp += int(m.group(1))
+    total = re.search(r"Memory Space: default \(color=0\)\nTotal bytes: (\d+)", reports[0].read_text())
+    return {
+        "argument": arg,
+        "temp": temp,
+        "peak": arg + temp,
+        "report_total": int(total.group(1)) if total else None,
+    }
+
+
+def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
+    """Compile one row in a child process with XLA's dumps on. Unless `wait_codegen`, the child is
+    stopped as soon as its buffer assignment is dumped (the memory figures are final there)."""
     from codesign.compile.targets import plan_compile, versions
 
-    _, model, hw_name, chips, batch, seq, spec, attn = row
+    rid, model, hw_name, chips, batch, seq, spec, attn = row
     cfg, w, s = (
         model_of(model),
         Workload(global_batch=batch, seq_len=seq, attention=attn),
         Strategy.parse(spec),
     )
-    hw = load_hardware(hw_name, devices=chips)
-    plan = plan_compile(cfg, w, s, "tpu", hw, MAX_COMPILE_DEVICES)
+    plan = plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
+    dump = dump_root / rid
+    shutil.rmtree(dump, ignore_errors=True)
+    out = dump / "result.json"
+    env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=^$"}
     t0 = time.time()
-    got = compiler_memory(
-        plan.cfg, plan.workload, plan.strategy, load_hardware(hw_name, devices=plan.n_devices)
-    )
+    child = subprocess.Popen([sys.executable, __file__, "--child", rid, "--child-out", str(out)], env=env)
+    got = None
+    while child.poll() is None:
+        time.sleep(5)
+        if not wait_codegen and (mem := buffer_assignment(dump)) is not None:
+            child.kill()
+            child.wait()
+            got = {"outcome": "ok", "memory": mem, "source": "buffer-assignment dump"}
+    if got is None:
+        got = json.loads(out.read_text()) if out.exists() else {"outcome": "error", "message": "child died"}
+        got["source"] = "memory_analysis"
+        if got["outcome"] == "ok" and (mem := buffer_assignment(dump)) is not None:
+            got["dump_memory"] = mem
     return {
         "key": row_key(row),
         "compiled_spec": plan.strategy.spec,
@@ -126,6 +173,21 @@ def compile_row(row) -> dict:
     }
 
 
+def child(rid: str, out: str) -> None:
+    from codesign.compile.targets import plan_compile
+
+    (row,) = [r for r in ROWS if r[0] == rid]
+    _, model, hw_name, chips, batch, seq, spec, attn = row
+    cfg, w, s = (
+        model_of(model),
+        Workload(global_batch=batch, seq_len=seq, attention=attn),
+        Strategy.parse(spec),
+    )
+    plan = plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
+    hw = load_hardware(hw_name, devices=plan.n_devices)
+    Path(out).write_text(json.dumps(compiler_memory(plan.cfg, plan.workload, plan.strategy, hw)))
+
+
 def closed_row(row, comp: dict) -> dict:
     rid, model, hw_name, chips, batch, seq, spec, attn = row
     cfg = model_of(model)
@@ -135,7 +197,7 @@ def closed_row(row, comp: dict) -> dict:
     est = analytic_memory(cfg, w, s)
     cap = hw.memory_capacity_bytes
     if comp["outcome"] == "ok":
-        compiler = comp["memory"]["peak"]
+        compiler = comp["memory"]["peak"]  # memory_analysis() or the same figures from the dump
     elif comp["outcome"] == "oom":
         compiler = comp["oom_required_bytes"]
     else:
@@ -189,7 +251,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--no-compile", action="store_true", help="tabulate stored compiles only")
     ap.add_argument("--only", action="append", help="row id (repeatable)")
+    ap.add_argument("--dump-root", default="/tmp/memory_vs_compiler", help="XLA dumps, one folder per row")
+    ap.add_argument(
+        "--wait-codegen", action="store_true", help="finish each compile and read memory_analysis()"
+    )
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        return child(args.child, args.child_out)
     store_path = HERE / "compiled.json"
     store = json.loads(store_path.read_text()) if store_path.exists() else {}
     rows = [r for r in ROWS if not args.only or r[0] in args.only]
@@ -198,8 +268,12 @@ def main() -> None:
         key = row_key(row)
         if key not in store and not args.no_compile:
             print(f"compiling {row[0]} ...", flush=True)
-            store[key] = compile_row(row)
+            store[key] = compile_row(row, Path(args.dump_root), args.wait_codegen)
+            # Merge with what other runs stored meanwhile (one compile per process is the usual way).
+            now = json.loads(store_path.read_text()) if store_path.exists() else {}
+            store = {**now, key: store[key]}
             store_path.write_text(json.dumps(store, indent=1, sort_keys=True) + "\n")
+            (Path(args.dump_root) / row[0] / "row.json").write_text(json.dumps(store[key]))
             print(f"  {store[key]['outcome']} in {store[key]['compile_wall_s']} s", flush=True)
         if key in store:
             out.append(closed_row(row, store[key]))
