@@ -45,6 +45,8 @@ LLAMA2_13B = ModelConfig(
     attention="mha",
 )  # fmt: skip
 
+EMBED_TENSOR = "experiments/memory_vs_compiler/embed_tensor.yaml"  # run from the repository root
+
 # id, model, hardware, chips, global batch, seq len, strategy, attention
 ROWS = [
     ("8b-v5e-full", "llama3-8b", "tpu-v5e", 64, 64, 4096, "fsdp=16,tensor=4,remat=full", "xla"),
@@ -58,6 +60,7 @@ ROWS = [
     ("70b-v5p-minimal-sp", "llama3.1-70b", "tpu-v5p", 256, 256, 4096, "data=4,fsdp=16,tensor=4,remat=minimal,sp=1", "xla"),
     ("72b-v5p-dots", "qwen2.5-72b", "tpu-v5p", 256, 64, 2048, "data=4,fsdp=16,tensor=4,remat=dots,sp=1", "xla"),
     ("70b-v4-full", "llama3.1-70b", "tpu-v4", 256, 256, 4096, "data=4,fsdp=16,tensor=4,remat=full", "xla"),
+    ("8b-v5e-embed-tensor", "llama3-8b", "tpu-v5e", 64, 64, 4096, f"fsdp=16,tensor=4,remat=full,rules={EMBED_TENSOR}", "xla"),
     ("mixtral-v5p-ep", "mixtral-8x7b", "tpu-v5p", 64, 64, 4096, "fsdp=8,expert=8,remat=full", "xla"),
     ("mixtral-v5p-tp", "mixtral-8x7b", "tpu-v5p", 128, 128, 4096, "data=2,fsdp=16,tensor=4,remat=full", "xla"),
 ]  # fmt: skip
@@ -149,13 +152,15 @@ def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=^$"}
     t0 = time.time()
     child = subprocess.Popen([sys.executable, __file__, "--child", rid, "--child-out", str(out)], env=env)
-    got = None
+    got, seen = None, None
     while child.poll() is None:
         time.sleep(5)
-        if not wait_codegen and (mem := buffer_assignment(dump)) is not None:
+        mem = None if wait_codegen else buffer_assignment(dump)
+        if mem is not None and mem == seen:  # the same twice: the dump is complete
             child.kill()
             child.wait()
             got = {"outcome": "ok", "memory": mem, "source": "buffer-assignment dump"}
+        seen = mem
     if got is None:
         got = json.loads(out.read_text()) if out.exists() else {"outcome": "error", "message": "child died"}
         got["source"] = "memory_analysis"
