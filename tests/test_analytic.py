@@ -279,7 +279,12 @@ def test_a_rules_file_equal_to_the_defaults_gives_the_same_closed_form(tmp_path,
     s_file = Strategy.parse(spec.replace(",sp=1", "") + f",rules={f}")
     assert analytic_memory(cfg, wl, s_file) == analytic_memory(cfg, wl, s)
     a, b = analytic_report(cfg, wl, s_file, platform="tpu"), analytic_report(cfg, wl, s, platform="tpu")
-    assert (a.flops, a.bytes_accessed, a.collectives, a.memory) == (b.flops, b.bytes_accessed, b.collectives, b.memory)
+    assert (a.flops, a.bytes_accessed, a.collectives, a.memory) == (
+        b.flops,
+        b.bytes_accessed,
+        b.collectives,
+        b.memory,
+    )
 
 
 def test_a_rules_file_sharding_the_embed_activation_over_tensor_shrinks_saved_activations(tmp_path):
