@@ -17,6 +17,7 @@ from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload
 from codesign.sharding.param_table import param_groups
 from codesign.sharding.rules import Rules, default_rules
+from codesign.sharding.slices import slice_problem, slice_reason_key
 from codesign.sharding.strategy import Strategy, batch_shards
 
 
@@ -109,20 +110,24 @@ def enumerate_strategies(
     axes: Sequence[str] = MESH_AXES,
     rules: Rules | None = None,
     sps: Sequence[bool] = (False,),
+    slices: int = 1,
 ) -> Enumeration:
     """Every factorization of n_devices over `axes` x remat x microbatches x sp, split into valid/rejected.
     `rules`: the table the layouts will run with (default: the default rules). `sps`: the sequence
     parallelism settings to try; sp=True is only tried where the layout has a tensor group it can use
-    (otherwise it would be the same strategy as sp=False)."""
+    (otherwise it would be the same strategy as sp=False). `slices`: TPU slices over DCN; a layout (in
+    the default axis order) whose tensor, sequence or expert axis would cross them is rejected."""
     out = Enumeration()
     mbs = tuple(microbatches)
     for sizes_t in factorizations(n_devices, len(axes)):
         sizes = dict(zip(axes, sizes_t))
         sp_opts = [sp for sp in sps if not sp or sp_problem(workload, sizes) is None]
+        crossing = slice_problem([(a, sizes.get(a, 1)) for a in MESH_AXES], slices)
         for mb in mbs:
             problem = layout_problem(cfg, workload, sizes, mb, rules)
-            if problem:
-                out.rejected[_reason_key(problem)] += len(remats) * max(1, len(sp_opts))
+            if problem or crossing:  # the model's own reason first; then the slices'
+                key = _reason_key(problem) if problem else slice_reason_key(crossing)
+                out.rejected[key] += len(remats) * max(1, len(sp_opts))
                 continue
             for sp in sp_opts:
                 for remat in remats:
