@@ -326,3 +326,23 @@ def test_memory_model_within_ten_percent_of_the_tpu_compiler(spec):
     assert closed.params + closed.optimizer == pytest.approx(m.argument_size_in_bytes, rel=0.01)
     assert 0.9 <= closed.total / peak <= 1.1, (spec, closed.total / peak)
     assert closed.total <= hw.memory_capacity_bytes and peak <= hw.memory_capacity_bytes
+
+
+def test_fused_qkv_has_one_backward_tensor_reduction():
+    """A fused q/k/v projection has one input gradient, so one tensor all-reduce where XLA:CPU reduces
+    q, k and v separately; the closed form counts it so, and matches the compile."""
+    require_devices(8)
+    s = Strategy.parse("data=2,tensor=4")
+    sep, fused = get_preset("tiny-dense"), get_preset("tiny-dense").replace(fused_qkv=True)
+    prog = TrainProgram(fused, WL, s, MeshSpec.from_strategy(s).build(jax.devices()))
+    stats = analyze_hlo(prog.lower().compile().as_text(), s.mesh)
+
+    def tensor_reduced(colls):
+        return sum(c.bytes * c.count for c in colls if c.kind == "all-reduce" and c.mesh_axes == ("tensor",))
+
+    closed = analytic_report(fused, WL, s, platform="cpu")
+    assert tensor_reduced(closed.collectives) == pytest.approx(tensor_reduced(stats.collectives), rel=0.15)
+    assert tensor_reduced(closed.collectives) < tensor_reduced(
+        analytic_report(sep, WL, s, platform="cpu").collectives
+    )
+    assert closed.matmul_flops == pytest.approx(analytic_report(sep, WL, s, platform="cpu").matmul_flops)
