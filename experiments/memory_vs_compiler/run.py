@@ -148,6 +148,7 @@ def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
     plan = plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
     dump = dump_root / rid
     shutil.rmtree(dump, ignore_errors=True)
+    dump.mkdir(parents=True)  # XLA writes nothing here when the executable comes from a cache
     out = dump / "result.json"
     env = {**os.environ, "XLA_FLAGS": f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=^$"}
     t0 = time.time()
