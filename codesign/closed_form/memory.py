@@ -3,14 +3,16 @@
 
 Memory formula (bytes per device; P = local param elements = sum of elems / shards over all params):
     params     4 P  (float32 master weights; `Workload.param_dtype`)
-    grads      4 P  (float32: the grads of f32 params), x2 with microbatches > 1 (the accumulator and
-                    the microbatch's own grads are live together)
-    optimizer  8 P  (AdamW mu and nu in float32)
+    grads      4 P  (float32: the grads of f32 params; zero=2: sharded over data)
+    grad_accumulator  4 P with microbatches > 1 (the accumulator beside the microbatch's own grads)
+    optimizer  8 P  (AdamW mu and nu in the params' dtype; zero>=1: sharded over data)
     gathered   2 x one layer's FSDP-gathered weights (the layer in use and the prefetched next one)
     saved_activations: what every layer keeps for its backward, per microbatch of
                b = B/(data*fsdp*expert*microbatches) rows and s = S/sequence positions, bf16 (2 bytes),
-               tensor-sharded widths divided by tensor, and under sequence parallelism (sp=1) the
-               residual stream and the norms' outputs (width d) divided by tensor too:
+               each activation as split by the strategy's rules (`params.act_layout`: the defaults
+               divide tensor-sharded widths by tensor, and under sequence parallelism (sp=1) the
+               residual stream and the norms' outputs (width d) by tensor too; a rules file may split
+               them otherwise):
       none:      all of the layer's intermediates (layer_bytes below)
       selective: the same without the attention scores and probabilities (Megatron's selective
                  recompute: the core is recomputed from the kept q, k, v)
@@ -22,19 +24,23 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
                  memory instead (`host_offloaded`, not part of the device total)
       pipeline: a stage holds L/p layers and, under a 1F1B schedule, min(microbatches, p) microbatches
                 in flight.
-    layer_transient: one layer's intermediates live while its backward runs (recomputed), or under
-               selective its recomputed scores and their gradients; none for remat none.
-    attention_workspace: with flash attention (`Workload.flash`), the kernel's HBM temporaries of the
-               one layer whose attention runs: its f32 row statistics in the layout the kernel writes
-               them (`models.attention.stats_bytes`: splash 512 B per query row per head, cuDNN 8 B).
+    layer_transient: one layer's intermediates live while its backward runs (recomputed in a
+               checkpointed layer; none for remat none or selective), its attention scores apart:
+    attention_workspace: XLA attention's f32 scores and bf16 probabilities of that layer (recomputed),
+               or under selective the recomputed ones and their gradients; none for remat none (its
+               scores are saved activations). With flash attention (`Workload.flash`) no scores exist:
+               the kernel's f32 row statistics in the layout it writes them
+               (`models.attention.stats_bytes`: splash 512 B per query row per head, cuDNN 8 B).
     logits     b*s*V/tensor x 8 bytes: the float32 logits and their gradient (the cross-entropy peak).
+    total      params + grads (+ accumulator) + optimizer + saved_activations + the larger of logits
+               and one layer's backward (gathered + layer_transient + attention_workspace): the loss
+               is computed and its logits freed before the first layer's backward starts.
 layer_bytes counts per token: the block input and its two norms (3d), q/k/v before and after RoPE
 (2x(n+2k)h / tensor), the attention output (n h / tensor) and o-projection (d), attention scores in
-f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them; a flash kernel
-keeps instead the output and one f32 logsumexp per query per head), and the FFN's
+f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them), and the FFN's
 gate/up/activation (3f / tensor) and down output (d). MoE layers add the dispatched buffers
-(`params.moe_slots` slots on this device after the all-to-all, E x C per routing group of the rows
-the expert group holds: x, gate, up, act, y at widths d, f, f, f, d; the FFN width sharded by tensor). Under sp the d-wide terms are the sequence-sharded
+(E x C tokens per group of S: x, gate, up, act, y at widths d, f, f, f, d; the expert dim is
+sharded by expert and the FFN width by tensor). Under sp the d-wide terms are the sequence-sharded
 d/tensor, except the norms' gathered outputs where backward does not gather them again (remat none;
 an MoE block's input under selective).
 """
@@ -45,7 +51,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import moe_slots, shape_of, sharded_params, sp_active, spmd_sizes, zero_level
+from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes, zero_level
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.models.attention import flash_blocks, kernel_for, stats_bytes
 from codesign.report import MemoryStats
@@ -53,18 +59,23 @@ from codesign.sharding.strategy import Strategy
 
 ACT_BYTES = 2  # bf16 activations
 F32 = 4
+SCORE_BYTES = 6  # per attention score in XLA's forward: f32 scores, bf16 probabilities
+SOFTMAX_BWD_BYTES = 10  # the softmax's backward: its f32 output, the bf16 dP and the f32 dS
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes per device, one field per term (`to_json` names them in a report's breakdown)."""
+
     params: float
-    grads: float
+    grads: float  # the step's gradients (one microbatch's)
     optimizer: float
-    gathered: float
+    gathered: float  # FSDP: one layer's weights all-gathered, current and prefetched
     saved_activations: float
-    layer_transient: float
+    layer_transient: float  # one layer's recomputed intermediates while its backward runs
     logits: float
-    attention_workspace: float = 0.0  # flash kernel temporaries of the layer in flight
+    grad_accumulator: float = 0.0  # microbatches > 1: the accumulated gradients beside a microbatch's
+    attention_workspace: float = 0.0  # the attention scores (XLA) or kernel statistics (flash) in backward
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
 
     @property
@@ -72,13 +83,29 @@ class MemoryEstimate:
         return self.saved_activations + self.layer_transient + self.attention_workspace
 
     @property
+    def layer_phase(self) -> float:
+        """What one layer's backward adds to the saved activations: its gathered weights, its
+        recomputed intermediates and its attention scores."""
+        return self.gathered + self.layer_transient + self.attention_workspace
+
+    @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.gathered + self.activations + self.logits
+        """The peak: the state, the gradients and every saved activation, plus the larger of the two
+        phases that never overlap: the loss (the f32 logits and their gradient, freed by the LM head's
+        backward before the layers' backward starts) and one layer's backward."""
+        return (
+            self.params
+            + self.grads
+            + self.grad_accumulator
+            + self.optimizer
+            + self.saved_activations
+            + max(self.logits, self.layer_phase)
+        )
 
     def as_stats(self, capacity: int = 0) -> MemoryStats:
         """MemoryStats-shaped: state (params + optimizer) is argument/output (donated, aliased)."""
         state = int(self.params + self.optimizer)
-        temp = int(self.grads + self.gathered + self.activations + self.logits)
+        temp = int(self.total) - state
         return MemoryStats(
             argument=state, output=state, alias=state, temp=temp, peak=int(self.total), capacity=capacity
         )
@@ -87,13 +114,15 @@ class MemoryEstimate:
         return {
             "params": self.params,
             "grads": self.grads,
+            "grad_accumulator": self.grad_accumulator,
             "optimizer": self.optimizer,
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
-            "layer_transient": self.layer_transient,
             "attention_workspace": self.attention_workspace,
+            "layer_transient": self.layer_transient,
             "activations": self.activations,
             "logits": self.logits,
+            "layer_phase": self.layer_phase,
             "host_offloaded": self.host_offloaded,
             "total": self.total,
         }
@@ -104,49 +133,39 @@ class _LayerBytes:
     """One layer's activations for b rows x s positions, bytes per device."""
 
     everything: float  # all intermediates (what remat none keeps)
-    scores: float  # f32 scores + bf16 probabilities of XLA attention (0 with flash)
+    scores: float  # f32 scores + bf16 probabilities of XLA attention
+    attention: float  # the attention block's intermediates other than its scores
     parts: dict  # saved output bytes of each matmul part (remat.PARTS)
     core_dots: float  # the attention score (f32) and PV outputs: what dots keeps beyond the parts
     layer_input: float
 
 
-def _layer_bytes(
-    cfg: ModelConfig,
-    moe: bool,
-    b: float,
-    s: float,
-    seq: int,
-    sizes: dict[str, int],
-    sp: bool,
-    remat: str,
-    slots: float = 0.0,
-    flash: bool = False,
-) -> _LayerBytes:
-    """`slots`: the MoE layer's dispatched token slots on this device (`params.moe_slots`)."""
-    tp = sizes["tensor"]
-    d, n = cfg.hidden, cfg.heads
-    res = d / tp if sp else d  # the residual stream (sequence-sharded under sp)
-    # The two norms' outputs as kept for backward: sequence-sharded where backward gathers them again,
+def _layer_bytes(cfg: ModelConfig, moe: bool, sh: Shape, remat: str, flash: bool = False) -> _LayerBytes:
+    tp, act = sh.sizes["tensor"], sh.act
+    d, t, seq = cfg.hidden, sh.t, sh.seq
+    res = act.res  # the residual stream (sequence-sharded under sp)
+    # The two norms' outputs as kept for backward: residual-sharded where backward gathers them again,
     # else the gathered copies the blocks read.
-    norms = (R.regathered(remat, moe) * res + (2 - R.regathered(remat, moe)) * d) if sp else 2 * d
+    rg = R.regathered(remat, moe) if act.res_tensor else 0
+    norms = rg * res + (2 - rg) * act.gathered
     qk, v = cfg.qk_head_dim, cfg.attn_v_head_dim
-    kvh = n if cfg.attention == "mla" else cfg.kv_heads
-    t = b * s
-    qkv = (n * qk + kvh * qk + kvh * v) / tp
+    n, kvh = act.heads, act.kv_heads
+    qkv = n * qk + kvh * qk + kvh * v
     if flash:  # the kernel's logsumexp per query per head; the kernel is no dot for `dots` to save
-        scores, core_dots = t * (n / tp) * F32, 0.0
+        scores, core_dots = t * n * F32, 0.0
     else:
-        scores = t * (n / tp) * seq * 6  # f32 scores + bf16 probs per query position
-        core_dots = t * ((n / tp) * seq * F32 + n * v / tp * ACT_BYTES)
-    attn_all = t * (res + norms + 2 * qkv + n * v / tp + res) * ACT_BYTES + scores
+        scores = t * n * seq * SCORE_BYTES  # f32 scores + bf16 probs per query position
+        core_dots = t * (n * seq * F32 + n * v * ACT_BYTES)
+    attn_all = t * (res + norms + 2 * qkv + n * v + res) * ACT_BYTES + scores
     parts = {"qkv": t * qkv * ACT_BYTES, "out": t * res * ACT_BYTES}
     gates = 2 if cfg.ffn_activation == "swiglu" else 1
     if not moe:
-        f = cfg.mlp_dim / tp
+        f = act.ffn
         parts.update(wi=t * gates * f * ACT_BYTES, wo=t * res * ACT_BYTES)
         everything = attn_all + t * (3 * f + res) * ACT_BYTES
-        return _LayerBytes(everything, scores, parts, core_dots, t * res * ACT_BYTES)
+        return _LayerBytes(everything, scores, attn_all - scores, parts, core_dots, t * res * ACT_BYTES)
     f = cfg.moe_mlp_dim / tp
+    slots = moe_slots(cfg, sh)  # dispatched token slots on this device
     sf = f * cfg.n_shared_experts
     ffn_all = slots * (2 * d + 3 * f) * ACT_BYTES + t * (cfg.experts_per_token * d + 3 * sf + res) * ACT_BYTES
     parts.update(
@@ -156,7 +175,7 @@ def _layer_bytes(
         shared_wi=t * gates * sf * ACT_BYTES,
         shared_wo=t * res * ACT_BYTES if sf else 0.0,
     )
-    return _LayerBytes(attn_all + ffn_all, scores, parts, core_dots, t * res * ACT_BYTES)
+    return _LayerBytes(attn_all + ffn_all, scores, attn_all - scores, parts, core_dots, t * res * ACT_BYTES)
 
 
 def _saved(lb: _LayerBytes, remat: str) -> float:
@@ -184,7 +203,7 @@ def analytic_memory(
     # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
     zero = zero_level(cfg, strategy)
     zero_shards = sizes["data"] if zero else 1
-    grads = local * pbytes * (2 if m > 1 else 1) / (zero_shards if zero == 2 else 1)
+    grads = local * pbytes / (zero_shards if zero == 2 else 1)
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
         per_layer = {}
@@ -195,51 +214,46 @@ def analytic_memory(
                 )
         gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
 
-    b = workload.global_batch / (strategy.batch_shards * m)
-    s = workload.seq_len / sizes["sequence"]
+    sh = shape_of(cfg, workload, strategy)
     in_flight = min(m, p) if p > 1 else 1
-    slots = moe_slots(cfg, shape_of(cfg, workload, strategy)) if cfg.is_moe else 0.0
     remat = strategy.remat
-    saved = host = live = 0.0
+    saved = host = live = workspace = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        lb = _layer_bytes(
-            cfg,
-            moe,
-            b,
-            s,
-            workload.seq_len,
-            sizes,
-            sp_active(workload, strategy),
-            remat,
-            slots,
-            workload.flash,
-        )
+        lb = _layer_bytes(cfg, moe, sh, remat, workload.flash)
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)
             keep = lb.layer_input
         saved += layers * keep
-        if R.layer_checkpointed(remat):
-            live = max(live, lb.everything)
+        if R.layer_checkpointed(remat):  # the recomputed layer, its attention scores apart
+            # Backward runs the FFN's backward with the whole recomputed layer live (scores as f32
+            # softmax output + bf16 probabilities, 6 bytes each), then the softmax's: the f32 output,
+            # the bf16 dP and the f32 dS (10 bytes per score) with only the attention block's
+            # intermediates left. The larger of the two is the layer's peak.
+            softmax_bwd = lb.scores * SOFTMAX_BWD_BYTES / SCORE_BYTES
+            if lb.attention + softmax_bwd > lb.everything:
+                live, workspace = max(live, lb.attention), max(workspace, softmax_bwd)
+            else:
+                live, workspace = max(live, lb.everything - lb.scores), max(workspace, lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
-            live = max(live, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
+            workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
-    logits = b * s * cfg.vocab_size / sizes["tensor"] * 2 * F32
-    workspace = 0.0
-    if workload.flash:
+    logits = sh.t * sh.act.vocab * 2 * F32
+    if workload.flash:  # the kernel's statistics in the layout it writes them, not the bare logsumexp
         kernel = kernel_for(workload.attention, platform or "tpu")
-        kv_block = flash_blocks(kernel, int(s), workload.seq_len)[1]
-        workspace = b * s * cfg.heads / sizes["tensor"] * stats_bytes(kernel, kv_block)
+        kv_block = flash_blocks(kernel, int(sh.s), workload.seq_len)[1]
+        workspace = max(workspace, sh.t * sh.act.heads * stats_bytes(kernel, kv_block))
     return MemoryEstimate(
         params=local * pbytes,
         grads=grads,
+        grad_accumulator=grads if m > 1 else 0.0,
         optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
         gathered=gathered,
         saved_activations=saved * in_flight,
         layer_transient=live,
-        logits=logits,
         attention_workspace=workspace,
+        logits=logits,
         host_offloaded=host * in_flight,
     )

@@ -2,8 +2,12 @@
 factor, and the per-device shape of one microbatch.
 
 `sharded_params` resolves each through the strategy's rules (non-strict, as the planner does) so that
-the shard factor of every param is the one `TrainProgram` would use. The closed-form report
-(`program.py`) and the memory model (`memory.py`) both read this one table.
+the shard factor of every param is the one `TrainProgram` would use. `act_layout` resolves the
+activations the models pin (`sharding.activation`: the residual stream, a norm's output as a block
+reads it, the attention heads, the FFN intermediate, the logits) through the same rules and the same
+`activation_spec` the program's constraints call, so a `rules=FILE` strategy is costed with the layout
+it is compiled with (`sp=1` is the default rules' `act_norm_seq -> [sequence, tensor]`). The
+closed-form report (`program.py`) and the memory model (`memory.py`) both read these tables.
 """
 
 from __future__ import annotations
@@ -14,9 +18,9 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.config import ModelConfig, Workload
-from codesign.sharding.enumerate import sp_problem
+from codesign.sharding.activation import FFN, GATHERED, HEADS, LOGITS, RESIDUAL, activation_spec, mesh_axes_of
 from codesign.sharding.param_table import ParamGroup, param_groups
-from codesign.sharding.rules import default_rules
+from codesign.sharding.rules import Rules, default_rules
 from codesign.sharding.strategy import Strategy
 
 
@@ -42,10 +46,20 @@ def sharded_params(cfg: ModelConfig, strategy: Strategy) -> tuple[ShardedParam, 
     return _sharded_params(cfg, strategy.mesh, strategy.rules_file)
 
 
+@functools.lru_cache(maxsize=64)
+def _rules(mesh: tuple, rules_file: str | None, sp: bool) -> Rules:
+    return default_rules(Strategy(mesh=mesh, rules_file=rules_file, sp=sp))
+
+
+def strategy_rules(strategy: Strategy) -> Rules:
+    """The logical->mesh table `TrainProgram` compiles this strategy with (read once per file)."""
+    return _rules(strategy.mesh, strategy.rules_file, strategy.sp)
+
+
 @functools.lru_cache(maxsize=4096)
 def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tuple[ShardedParam, ...]:
     strategy = Strategy(mesh=mesh, rules_file=rules_file)
-    rules = default_rules(strategy)
+    rules = _rules(mesh, rules_file, False)
     sizes = spmd_sizes(strategy)
     p = strategy.size("pipeline")
     out = []
@@ -58,6 +72,60 @@ def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tu
 
 
 @dataclass(frozen=True)
+class ActLayout:
+    """How the rules split the activations the models pin, as per-device widths per token of the
+    t = b x s tokens a device holds under the strategy's batch and sequence sharding: an activation
+    split further (the residual over tensor under sp, or an embed dim a rules file maps to tensor) has a
+    narrower width, one split less (a batch the rules leave replicated) a wider one."""
+
+    res: float  # the residual stream between blocks (and a norm's input), of width d
+    gathered: float  # a norm's output as the next block reads it, of width d
+    heads: float  # query heads (of n) per device in q and the attention context
+    kv_heads: float  # key/value heads per device (MLA: its up-projected heads, n)
+    ffn: float  # the FFN intermediate, of width mlp_dim (MoE: of one expert's width moe_mlp_dim)
+    vocab: float  # the logits, of width vocab_size
+    res_tensor: bool  # the residual stream is sharded over tensor: tensor reductions into it scatter
+
+
+@functools.lru_cache(maxsize=4096)
+def _act_layout(
+    cfg: ModelConfig, mesh: tuple, rules_file: str | None, sp: bool, rows: int, seq: int
+) -> ActLayout:
+    rules, sizes = _rules(mesh, rules_file, sp), {a: n for a, n in mesh if a != "pipeline"}
+    # The default split of tokens: what b x s assumes (batch over the batch axes, positions over sequence).
+    tokens = math.prod(sizes[a] for a in Strategy(mesh=mesh).batch_axes) * sizes["sequence"]
+
+    def width(layout, shape) -> float:
+        spec = activation_spec(rules, layout, shape, sizes)
+        shards = math.prod(sizes[a] for dim in mesh_axes_of(spec) for a in dim)
+        return math.prod(shape[2:]) * tokens / shards
+
+    d = cfg.hidden
+    res_axes = mesh_axes_of(activation_spec(rules, RESIDUAL, (rows, seq, d), sizes))
+    return ActLayout(
+        res=width(RESIDUAL, (rows, seq, d)),
+        gathered=width(GATHERED, (rows, seq, d)),
+        heads=width(HEADS, (rows, seq, cfg.heads, 1)),
+        kv_heads=width(HEADS, (rows, seq, cfg.heads if cfg.attention == "mla" else cfg.kv_heads, 1)),
+        ffn=width(FFN, (rows, seq, cfg.mlp_dim or cfg.moe_mlp_dim)),  # the dense (or shared) FFN
+        vocab=width(LOGITS, (rows, seq, cfg.vocab_size)),
+        res_tensor=any("tensor" in dim for dim in res_axes),
+    )
+
+
+def act_layout(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> ActLayout:
+    rows = workload.global_batch // strategy.microbatches
+    return _act_layout(cfg, strategy.mesh, strategy.rules_file, strategy.sp, rows, workload.seq_len)
+
+
+def sp_active(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> bool:
+    """Whether the residual stream is sharded over tensor (sp=1, or a rules file that maps
+    act_norm_seq or act_embed there): the activation rules resolve non-strictly, so positions that do
+    not split over sequence*tensor leave it unsharded (the enumerator never offers that)."""
+    return act_layout(cfg, workload, strategy).res_tensor
+
+
+@dataclass(frozen=True)
 class Shape:
     """Per-device sizes of one strategy: what every formula above is written in."""
 
@@ -67,17 +135,12 @@ class Shape:
     m: int  # microbatches
     sizes: dict
     cap: int  # MoE expert capacity per routing group
+    act: ActLayout  # the activations' widths as the rules split them
     groups: float = 1.0  # MoE routing groups per row on this device (context parallelism splits them)
 
     @property
     def t(self) -> float:
         return self.b * self.s
-
-
-def sp_active(workload: Workload, strategy: Strategy) -> bool:
-    """Whether sp=1 really shards the residual: the activation rules resolve non-strictly, so positions
-    that do not split over sequence*tensor leave it unsharded (the enumerator never offers that)."""
-    return strategy.sp and sp_problem(workload, strategy.sizes) is None
 
 
 def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
@@ -89,7 +152,8 @@ def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
         per_row = workload.seq_len // cfg.routing_group(workload.seq_len)
         groups = per_row / sizes["sequence"] if per_row % sizes["sequence"] == 0 else per_row
         cap = cfg.expert_capacity(cfg.routing_group(workload.seq_len))
-    return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap, groups)
+    s = workload.seq_len / sizes["sequence"]
+    return Shape(b, s, workload.seq_len, m, sizes, cap, act_layout(cfg, workload, strategy), groups)
 
 
 def moe_slots(cfg: ModelConfig, sh: Shape) -> float:

@@ -84,7 +84,6 @@ from codesign.closed_form.params import (
     replica_axes,
     shape_of,
     sharded_params,
-    sp_active,
     spmd_sizes,
     zero_level,
 )
@@ -287,7 +286,7 @@ def _accelerator_traffic(
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
     ew_passes = 2 if R.layer_checkpointed(remat) else 1  # forward elementwise kernels
-    res = d / tp if sp_active(workload, strategy) else d  # residual-stream width per token (under sp)
+    res = sh.act.res  # residual-stream width per token (d/tensor under sp)
     gated_ffn = cfg.ffn_activation == "swiglu"
     mm_elems = other = quantized = 0.0  # per microbatch
     w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
@@ -323,8 +322,8 @@ def _accelerator_traffic(
             core_fwd = 1 + (1 if any(R.core_recompute(remat)) else 0)
             mm_elems += layers * scores * (6 * core_fwd + 10) / bf  # f32 score writes counted as 2 bf16
             other += layers * scores * (6 * core_fwd + 8)
-    logits = t * cfg.vocab_size / tp
-    mm_elems += 3 * t * (d + cfg.vocab_size / tp)  # LM head: forward, input grad, weight grad
+    logits = t * sh.act.vocab
+    mm_elems += 3 * t * (d + sh.act.vocab)  # LM head: forward, input grad, weight grad
     other += 8 * logits + 14 * t * d  # cross-entropy; embedding lookup and its scatter-add gradient
     pb = workload.param_bytes
     w_frac = w_again / w_total if w_total else 0.0
@@ -419,7 +418,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
     core_again = any(R.core_recompute(strategy.remat))
     swiglu = 2 if cfg.ffn_activation == "swiglu" else 1
     # Reductions that land in the residual stream: reduce-scatters under sp, all-reduces without.
-    sp = sp_active(workload, strategy)
+    sp = sh.act.res_tensor
     resid_kind = lw.scatter_kind if sp else "all-reduce"
     if cfg.attention == "mla":
         lat = (cfg.q_lora_rank or cfg.hidden) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
@@ -480,7 +479,6 @@ def analytic_report(
     z, m, p = sh.sizes, sh.m, strategy.size("pipeline")
     tp, mats = z["tensor"], 3 if cfg.ffn_activation == "swiglu" else 2
     flash = uses_flash(cfg, workload)
-    sp = sp_active(workload, strategy)
     fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
@@ -496,7 +494,7 @@ def analytic_report(
         # (selective: the softmax only). Under sp the norms and residual adds see 1/tensor positions.
         passes = 3 + (1 if R.layer_checkpointed(strategy.remat) else 0)
         score_passes = 3 + (1 if any(R.core_recompute(strategy.remat)) else 0)
-        per_res = ELEM_PER_RESIDUAL - ELEM_PER_NORM * (1 - 1 / tp if sp else 0)
+        per_res = ELEM_PER_RESIDUAL - ELEM_PER_NORM * (1 - sh.act.res / cfg.hidden)
         elem += layers * (
             passes * (per_res * sh.t * cfg.hidden + ELEM_PER_FFN * sh.t * width)
             + score_passes * ELEM_PER_SCORE * scores
@@ -506,7 +504,7 @@ def analytic_report(
         score_elems += layers * score_passes * scores
     head = 2 * sh.t * cfg.hidden * cfg.vocab_size / tp
     matmul = 3 * (fwd + head) + rec + core
-    logits = sh.t * cfg.vocab_size / tp
+    logits = sh.t * sh.act.vocab
     params = sharded_params(cfg, strategy)
     local_params = sum(sp.local_elems * sp.count for sp in params)
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)

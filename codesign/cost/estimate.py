@@ -46,7 +46,9 @@ Model (all per device, seconds):
 - memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
   gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
   model, since CPU memory figures are not TPU/GPU figures; evidence says "+analytic-memory". Capacity
-  is `hardware.memory_capacity_bytes` (HBM net of the catalog's runtime reserve).
+  is `hardware.memory_capacity_bytes` (HBM net of the catalog's runtime reserve). `memory_breakdown`
+  names the closed form's terms (`closed_form.memory`) and the runtime reserve, whichever instrument
+  gave the total, and a layout that does not fit says which terms are the largest.
 """
 
 from __future__ import annotations
@@ -56,7 +58,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from codesign import arithmetic
-from codesign.closed_form import analytic_report, fp8_matmul_flops, lowering_for, moe_slots, shape_of
+from codesign.closed_form import (
+    analytic_memory,
+    analytic_report,
+    fp8_matmul_flops,
+    lowering_for,
+    moe_slots,
+    shape_of,
+)
 from codesign.closed_form.params import replica_axes, zero_level
 from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
@@ -130,6 +139,8 @@ class Estimate:
     # "<axes> <kind>" -> {"s": seconds before overlap, "hidden": fraction hidden, "source": "schedule" or
     # the per-kind model's class}
     overlap: FrozenMap = field(default_factory=lambda: FrozenMap({}))
+    # The closed form's memory terms (bytes per device) and the runtime reserve kept out of capacity.
+    memory_breakdown: FrozenMap = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def busy_s(self) -> float:
@@ -157,6 +168,7 @@ class Estimate:
             "tokens_per_s": self.tokens_per_s,
             "mfu": self.mfu,
             "breakdown": self.breakdown,
+            "memory_breakdown": dict(self.memory_breakdown),
             "evidence": self.evidence,
             "reasons": list(self.reasons),
             "placements": {a: dict(p) for a, p in self.placements.items()},
@@ -479,6 +491,23 @@ def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
     )
 
 
+# Terms that are sums of others or not in HBM: never "the largest term" of a layout that does not fit.
+_NOT_TERMS = frozenset({"total", "activations", "layer_phase", "host_offloaded", "runtime_reserve"})
+
+
+def memory_breakdown(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware
+) -> dict[str, float]:
+    """The closed form's named memory terms per device, plus the runtime reserve the capacity excludes."""
+    terms = analytic_memory(cfg, workload, strategy, platform=hardware.platform).to_json()
+    return {**terms, "runtime_reserve": float(hardware.memory_reserve_bytes)}
+
+
+def _largest_terms(terms: dict[str, float], k: int = 3) -> str:
+    top = sorted(((v, n) for n, v in terms.items() if n not in _NOT_TERMS and v > 0), reverse=True)[:k]
+    return ", ".join(f"{n} {_gb(v)}" for v, n in top)
+
+
 def estimate_from_report(
     cfg: ModelConfig, workload: Workload, strategy: Strategy, hardware: Hardware, report: CompileReport
 ) -> Estimate:
@@ -503,13 +532,16 @@ def estimate_from_report(
     mem, mem_reasons, closed_mem = _memory(x)
     cap = hardware.memory_capacity_bytes
     fits = report.outcome != "oom" and mem <= cap
+    terms = memory_breakdown(cfg, workload, strategy, hardware)
     evidence = roof.evidence + ("+analytic-memory" if closed_mem and report.target != "analytic" else "")
     reasons += [
         *roof.reasons,
         *net.reasons,
         *pipe_reasons,
         *mem_reasons,
-        f"fits: {_gb(mem)} of {_gb(cap)}" if fits else f"does not fit: {_gb(mem)} > {_gb(cap)}",
+        f"fits: {_gb(mem)} of {_gb(cap)}"
+        if fits
+        else f"does not fit: {_gb(mem)} > {_gb(cap)}; largest terms (closed form): {_largest_terms(terms)}",
     ]
 
     tokens = workload.global_batch * workload.seq_len
@@ -540,6 +572,7 @@ def estimate_from_report(
         reasons=tuple(reasons),
         placements=pl,
         overlap=net.overlap,
+        memory_breakdown=FrozenMap(terms),
     )
 
 

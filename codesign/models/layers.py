@@ -14,7 +14,7 @@ from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
 from codesign.models.attention import causal_attention
-from codesign.sharding.activation import constrain
+from codesign.sharding.activation import FFN, HEADS, constrain
 
 _init = jax.nn.initializers.normal(stddev=0.02)
 
@@ -108,11 +108,10 @@ class Attention(nnx.Module):
     def attend(self, qkv, positions):
         c = lambda p: p[...].astype(self.dtype)
         q, k, v = qkv
-        heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
-        q = constrain(rope(q, positions, self.theta), heads)
-        k = constrain(rope(k, positions, self.theta), heads)
-        v = constrain(v, heads)
-        o = name(constrain(attention_core(q, k, v, self.impl, self.remat), heads), C.CONTEXT)
+        q = constrain(rope(q, positions, self.theta), HEADS)
+        k = constrain(rope(k, positions, self.theta), HEADS)
+        v = constrain(v, HEADS)
+        o = name(constrain(attention_core(q, k, v, self.impl, self.remat), HEADS), C.CONTEXT)
         return name(jnp.einsum("btnh,nhd->btd", o, c(self.wo)), C.OUT_PROJ)
 
 
@@ -184,15 +183,14 @@ class MLAttention(nnx.Module):
         q_nope, q_rope = q[..., : self.nope], q[..., self.nope :]
         k_rope = rope(kv[:, :, None, self.kv_lora :], positions, self.theta)  # one RoPE key for all heads
         k_nope, v = kv_up[..., : self.nope], kv_up[..., self.nope :]
-        heads = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_HEADS, None)
-        q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), heads)
+        q = constrain(jnp.concatenate([q_nope, rope(q_rope, positions, self.theta)], axis=-1), HEADS)
         k = constrain(
             jnp.concatenate(
                 [k_nope, jnp.broadcast_to(k_rope, k_nope.shape[:-1] + (self.rope_dim,))], axis=-1
             ),
-            heads,
+            HEADS,
         )
-        o = constrain(attention_core(q, k, constrain(v, heads), self.impl, self.remat), heads)
+        o = constrain(attention_core(q, k, constrain(v, HEADS), self.impl, self.remat), HEADS)
         return name(jnp.einsum("btnh,nhd->btd", name(o, C.CONTEXT), c(self.wo)), C.OUT_PROJ)
 
 
@@ -227,5 +225,5 @@ class MLP(nnx.Module):
             h = act(proj[0]) * proj[1]
         else:
             h = jax.nn.gelu(proj[0])
-        h = constrain(h, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_MLP))
+        h = constrain(h, FFN)
         return name(jnp.einsum("btf,fd->btd", h, c(self.w_down)), C.MLP_WO)

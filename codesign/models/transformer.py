@@ -18,15 +18,7 @@ from codesign import axes as A
 from codesign.config import ModelConfig
 from codesign.models.layers import MLP, Attention, MLAttention, RMSNorm, param
 from codesign.models.moe import MoE
-from codesign.sharding.activation import constrain
-
-# The residual stream between blocks; its positions shard over `tensor` too under sequence parallelism.
-RESIDUAL = (A.ACT_BATCH, A.ACT_NORM_SEQ, A.ACT_EMBED)
-# A norm's output as the next tensor-parallel block reads it: every position of the tensor group's
-# sequence (the same layout as RESIDUAL without sp). Under sp, pinning it makes XLA all-gather the
-# normed activations (Megatron's g) rather than all-gather the block's weights and keep the
-# activations sequence-sharded, which it prefers when a shard of tokens is smaller than the weights.
-GATHERED = (A.ACT_BATCH, A.ACT_SEQ, A.ACT_EMBED)
+from codesign.sharding.activation import GATHERED, LOGITS, RESIDUAL, constrain
 
 
 class Block(nnx.Module):
@@ -117,7 +109,7 @@ class Transformer(nnx.Module):
         x = constrain(self.final_norm(x), GATHERED)
         head = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum("btd,dv->btv", x, head.astype(self.dtype))
-        logits = constrain(logits, (A.ACT_BATCH, A.ACT_SEQ, A.ACT_VOCAB))
+        logits = constrain(logits, LOGITS)
         return logits.astype(jnp.float32)
 
     def __call__(self, tokens):
