@@ -20,8 +20,10 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
       named (minimal, save_qkv_proj, save_dot_except_mlp(wi), offload): the input + the projections
                  the policy names that backward uses (`remat.py`); `offload` keeps them in pinned host
                  memory instead (`host_offloaded`, not part of the device total)
-      pipeline: a stage holds L/p layers and, under a 1F1B schedule, min(microbatches, p) microbatches
-                in flight.
+    pipeline_in_flight: a device holds L/p layers (V chunks of L/(pV)) and its schedule keeps more
+               microbatches' saved activations than the one above in flight (`pipeline.py`: gpipe m,
+               1f1b min(m, p), interleaved p(1 + (p-1)/(pV)), dualpipe p + 1): the extra ones.
+               DualPipe also holds two stages' params, grads and optimizer state (2x).
     layer_transient: one layer's intermediates live while its backward runs (recomputed), or under
                selective its recomputed scores and their gradients; none for remat none.
     logits     b*s*V/tensor x 8 bytes: the float32 logits and their gradient (the cross-entropy peak).
@@ -42,6 +44,7 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
+from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.closed_form.params import sharded_params, sp_active, spmd_sizes, zero_level
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
@@ -61,10 +64,11 @@ class MemoryEstimate:
     layer_transient: float
     logits: float
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
+    pipeline_in_flight: float = 0.0  # saved activations of the pipeline's other microbatches in flight
 
     @property
     def activations(self) -> float:
-        return self.saved_activations + self.layer_transient
+        return self.saved_activations + self.pipeline_in_flight + self.layer_transient
 
     @property
     def total(self) -> float:
@@ -85,6 +89,7 @@ class MemoryEstimate:
             "optimizer": self.optimizer,
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
+            "pipeline_in_flight": self.pipeline_in_flight,
             "layer_transient": self.layer_transient,
             "activations": self.activations,
             "logits": self.logits,
@@ -157,8 +162,9 @@ def _saved(lb: _LayerBytes, remat: str) -> float:
 def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> MemoryEstimate:
     sizes = spmd_sizes(strategy)
     params = sharded_params(cfg, strategy)
-    local = sum(sp.local_elems * sp.count for sp in params)
     m, p = strategy.microbatches, strategy.size("pipeline")
+    # DualPipe holds stage i and stage p - 1 - i: two copies of the state.
+    local = sum(sp.local_elems * sp.count for sp in params) * param_copies(strategy.schedule)
     pbytes = workload.param_bytes
     # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
     zero = zero_level(cfg, strategy)
@@ -176,7 +182,7 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
 
     b = workload.global_batch / (strategy.batch_shards * m)
     s = workload.seq_len / sizes["sequence"]
-    in_flight = min(m, p) if p > 1 else 1
+    in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
     remat = strategy.remat
     saved = host = live = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
@@ -199,8 +205,9 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
         grads=grads,
         optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
         gathered=gathered,
-        saved_activations=saved * in_flight,
+        saved_activations=saved,
         layer_transient=live,
         logits=logits,
         host_offloaded=host * in_flight,
+        pipeline_in_flight=saved * (in_flight - 1),
     )

@@ -33,10 +33,12 @@ Model (all per device, seconds):
   layer's reduction have nothing to hide behind, and collective kernels take SMs/HBM bandwidth from
   the matmuls they overlap). Anything on tensor or sequence (Megatron partial sums, K/V gathers: the
   next op needs them) and every all-to-all and permute is exposed.
-- pipeline p > 1: the report is ONE stage running all m microbatches. One pipeline tick is
-  stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
-  b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
-  (p - 1) idle ticks, (p - 1)/(m + p - 1) of the step.
+- pipeline p > 1: the report is ONE stage running all m microbatches: one device's work. It is
+  split into per-chunk forward/backward times (`pipeline.chunk_times`) and the strategy's schedule
+  (gpipe, 1f1b, interleaved with V chunks, dualpipe) prices step, bubble and point-to-point transfers
+  of b x s x d x 2 bytes over the pipeline axis's level (`closed_form/pipeline.py`). For 1F1B-like
+  schedules the bubble is the p - 1 idle ticks, (p - 1)/(V m + p - 1) of the step. DualPipe hides the
+  share of the all-to-all its paired chunks overlap (`pipeline.overlapped_fraction`).
 - MFU = arithmetic.train_flops_per_token(cfg, S) x B / (step x devices x bf16 peak).
 - memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
   gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
@@ -52,6 +54,8 @@ from typing import Any
 
 from codesign import arithmetic
 from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
+from codesign.closed_form import pipeline as PL
+from codesign.closed_form import remat as R
 from codesign.config import ModelConfig, Workload
 from codesign.cost.collectives import KINDS, normalize_kind
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
@@ -321,22 +325,35 @@ def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, Axi
     return _Network(by_kind, exposed, tuple(reasons))
 
 
-def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, float, tuple[str, ...]]:
-    """(step, bubble, point-to-point seconds) of p stages running m microbatches each."""
-    p, m = x.strategy.size("pipeline"), x.strategy.microbatches
+def _pipeline(
+    x: _Inputs, stage_s: float, all_to_all_s: float, placements
+) -> tuple[float, float, float, float, tuple[str, ...]]:
+    """(step, bubble, point-to-point seconds, all-to-all seconds hidden) of the candidate's schedule.
+
+    `stage_s` is one device's work for all m microbatches (the report is one stage); the schedule
+    arithmetic is `closed_form/pipeline.py`'s. The reasons weigh the pipeline in the candidate's own
+    numbers: its bubble and transfers against the compute it spreads over p devices.
+    """
+    s = x.strategy
+    p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
     if p <= 1:
-        return stage_s, 0.0, 0.0, ()
-    sh = shape_of(x.cfg, x.workload, x.strategy)
+        return stage_s, 0.0, 0.0, 0.0, ()
+    sh = shape_of(x.cfg, x.workload, s)
     p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
-    tick = stage_s / m + 2 * p2p
-    step = (m + p - 1) * tick
-    bubble = (p - 1) * tick
-    return (
-        step,
-        bubble,
-        2 * (m + p - 1) * p2p,
-        ((f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} of the step"),),
-    )
+    hidden = PL.overlapped_fraction(s.schedule, p, m, "all-to-all") * all_to_all_s
+    # Assumption: every layer-checkpointing policy recomputes about one forward in backward.
+    recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
+    cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
+    level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
+    reasons = [
+        f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
+        f"({cost.bubble_fraction:.0%} of the step), {cost.p2p_transfers} transfers of "
+        f"{_gb(sh.t * x.cfg.hidden * 2)} over {level} ({_ms(cost.p2p_s)}), "
+        f"{cost.in_flight:.3g} microbatches in flight"
+    ]
+    if hidden:
+        reasons.append(f"{s.schedule} hides {_ms(hidden)} of all-to-all behind the other direction")
+    return cost.step_s, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons)
 
 
 def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
@@ -374,8 +391,10 @@ def estimate_from_report(
 
     roof = _roofline(x)
     net = _collectives(x, roof.collectives, roof.busy, placements)
-    step, bubble, p2p, pipe_reasons = _pipeline(x, roof.busy + net.exposed, placements)
-    by_kind, exposed = dict(net.by_kind), net.exposed
+    step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(
+        x, roof.busy + net.exposed, net.by_kind.get("all-to-all", 0.0), placements
+    )
+    by_kind, exposed = dict(net.by_kind), net.exposed - a2a_hidden
     if p2p:
         by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + p2p
         exposed += p2p
