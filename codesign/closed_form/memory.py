@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
-from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.closed_form.params import sharded_params, sp_active, spmd_sizes, zero_level
+from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
 from codesign.sharding.strategy import Strategy

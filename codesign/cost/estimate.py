@@ -346,10 +346,12 @@ def _pipeline(
     cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
     level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
     reasons = [
-        f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
-        f"({cost.bubble_fraction:.0%} of the step), {cost.p2p_transfers} transfers of "
-        f"{_gb(sh.t * x.cfg.hidden * 2)} over {level} ({_ms(cost.p2p_s)}), "
-        f"{cost.in_flight:.3g} microbatches in flight"
+        (
+            f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
+            f"({cost.bubble_fraction:.0%} of the step), {cost.p2p_transfers} transfers of "
+            f"{_gb(sh.t * x.cfg.hidden * 2)} over {level} ({_ms(cost.p2p_s)}), "
+            f"{cost.in_flight:.3g} microbatches in flight"
+        )
     ]
     if hidden:
         reasons.append(f"{s.schedule} hides {_ms(hidden)} of all-to-all behind the other direction")

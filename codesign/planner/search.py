@@ -152,6 +152,38 @@ def step_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, hardware
     return PL.pipeline_cost(s.schedule, p, v, m, chunk).step_s
 
 
+def _pipeline_costs(row: dict) -> tuple[float, float, float]:
+    """(bubble, point-to-point, other exposed collectives) seconds of a plan row's own estimate."""
+    bd = row["breakdown"]
+    p2p = (
+        bd["collective_s"].get("collective-permute", 0.0) if row["strategy"]["mesh"].get("pipeline") else 0.0
+    )
+    return bd["pipeline_bubble_s"], p2p, bd["exposed_collective_s"] - p2p
+
+
+def pipeline_verdict(rows: list[dict], chosen: int | None) -> str | None:
+    """Why a pipeline was or was not worth it, in the candidates' own estimates: the chosen row
+    against the fastest fitting row of the other kind (pipelined vs not)."""
+    if chosen is None:
+        return None
+    win = rows[chosen]
+    piped = bool(win["strategy"]["mesh"].get("pipeline"))
+    other = next(
+        (r for r in rows if r["fits"] and bool(r["strategy"]["mesh"].get("pipeline")) != piped), None
+    )
+    if other is None:
+        return None
+    p_row, u_row = (win, other) if piped else (other, win)
+    bubble, p2p, p_exposed = _pipeline_costs(p_row)
+    u_exposed = _pipeline_costs(u_row)[2]
+    head = "pipeline worth it" if piped else "pipeline not worth it"
+    return (
+        f"{head}: {p_row['strategy']['spec']} spends {bubble:.3g} s in its bubble and {p2p:.3g} s on "
+        f"stage transfers, and exposes {p_exposed:.3g} s of other collectives against {u_exposed:.3g} s "
+        f"for {u_row['strategy']['spec']} ({p_row['step_time_s']:.3g} vs {u_row['step_time_s']:.3g} s/step)"
+    )
+
+
 def _smallest_factor(n: int) -> int:
     return next(p for p in range(2, n + 1) if n % p == 0)
 
@@ -342,7 +374,9 @@ def plan(req: PlanRequest) -> Plan:
             rejected["excluded by --strategy-filter/--fix"] += 1
             continue
         p = s.size("pipeline")
-        why = PL.schedule_problem(s.schedule, p, s.stages_per_device, s.microbatches, sum(stage_layers(cfg, p)))
+        why = PL.schedule_problem(
+            s.schedule, p, s.stages_per_device, s.microbatches, sum(stage_layers(cfg, p))
+        )
         if why:  # grouped by the rule, not the microbatch count
             rejected[why.split(" (got")[0]] += 1
             continue
@@ -445,6 +479,9 @@ def plan(req: PlanRequest) -> Plan:
                 "notes": list(sc.report.notes),
             }
         rows.append(row)
+    verdict = pipeline_verdict(rows, chosen)
+    if verdict:
+        rows[chosen]["reasons"].append(verdict)
     wall = time.perf_counter() - t0
     pc = param_counts(cfg)
     return Plan(
@@ -475,7 +512,7 @@ def plan(req: PlanRequest) -> Plan:
         candidates=rows,
         chosen=chosen,
         rejected=dict(rejected),
-        explanation=explain(rows, chosen, capacity),
+        explanation=explain(rows, chosen, capacity) + ([verdict] if verdict else []),
         scored=[
             {
                 "spec": sc.strategy.spec,

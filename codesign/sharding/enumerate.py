@@ -172,7 +172,12 @@ def enumerate_strategies(
                     for remat in remats:
                         out.valid.append(
                             Strategy.make(
-                                sizes, remat=remat, microbatches=mb, sp=sp, schedule=sched, stages_per_device=v
+                                sizes,
+                                remat=remat,
+                                microbatches=mb,
+                                sp=sp,
+                                schedule=sched,
+                                stages_per_device=v,
                             )
                         )
     return out
