@@ -37,6 +37,7 @@ from codesign.cost.estimate import (
 from codesign.hardware.catalog import Hardware
 from codesign.plan_file import Plan
 from codesign.planner.constraints import Constraint
+from codesign.planner import plan_cache
 from codesign.planner.explain import explain
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
@@ -237,6 +238,7 @@ class _Scorer:
         self.best = math.inf  # the fastest fitting step scored so far
         self.capacity = req.hardware.memory_capacity_bytes
         self.busy: dict[tuple, dict[int, float]] = {}  # stage key -> {microbatches: busy seconds}
+        self.prune = not req.exhaustive  # exhaustive: every valid candidate is scored and compiled
 
     def _fits(self, s: Strategy) -> bool:
         mem = analytic_memory(self.req.cfg, self.req.workload, s).total
@@ -260,14 +262,14 @@ class _Scorer:
         out = []
         while heap:
             bound, m, v, i, fb, s = heapq.heappop(heap)
-            if bound > self.best:  # every bound left is at least this one: none of them can win
+            if self.prune and bound > self.best:  # every bound left is at least this one: none can win
                 self.rejected[PRUNED] += len(heap) + 1
                 break
             fresh = self._bound(s, fb)
             if fresh > bound:  # a scored sibling raised the bound: back in line
                 heapq.heappush(heap, (fresh, m, v, i, fb, s))
                 continue
-            if (s.schedule, s.stages_per_device) != ("1f1b", 1) and not self._fits(s):
+            if self.prune and (s.schedule, s.stages_per_device) != ("1f1b", 1) and not self._fits(s):
                 # The plain-1F1B sibling holds the fewest microbatches in flight and one copy of the
                 # state: it stands for the layout's memory in the plan; a schedule that needs more
                 # than HBM is only a rejection.
@@ -347,6 +349,11 @@ def plan(req: PlanRequest) -> Plan:
         )
     target = resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
+    key = plan_cache.plan_key(req, target)
+    cached = plan_cache.load(req.cache_dir, key) if key else None
+    if cached is not None:  # the same request on the same code: nothing to search again
+        cached.search = {**cached.search, "wall_s": round(time.perf_counter() - t0, 2), "plan_cache": True}
+        return cached
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
     default = tuple(req.remats) == REMATS
@@ -484,7 +491,7 @@ def plan(req: PlanRequest) -> Plan:
         rows[chosen]["reasons"].append(verdict)
     wall = time.perf_counter() - t0
     pc = param_counts(cfg)
-    return Plan(
+    result = Plan(
         model={
             "name": cfg.name,
             "params_total": pc.total,
@@ -523,3 +530,7 @@ def plan(req: PlanRequest) -> Plan:
             for sc in scored
         ],
     )
+    timed_out = any(sc.report is not None and sc.report.outcome == "timeout" for sc in scored)
+    if key and not timed_out:  # like the compile cache: a rerun with more time may do better
+        plan_cache.store(req.cache_dir, key, result)
+    return result
