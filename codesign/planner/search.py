@@ -36,8 +36,8 @@ from codesign.cost.estimate import (
 )
 from codesign.hardware.catalog import Hardware
 from codesign.plan_file import Plan
-from codesign.planner.constraints import Constraint
 from codesign.planner import plan_cache
+from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
