@@ -157,3 +157,24 @@ def test_plan_searches_schedules_v_and_many_microbatches():
     # The invalid combinations are rows of the rejection table, with the rule as the reason.
     assert any(k.startswith("interleaved needs microbatches divisible by pipeline") for k in result.rejected)
     assert any("pipeline" in line and "worth it" in line for line in result.explanation)
+
+
+def test_plan_rerun_reads_the_plan_cache(tmp_path):
+    hw = load_hardware("h100", devices=8)
+    kw = {
+        "cfg": CFG,
+        "hardware": hw,
+        "workload": WL,
+        "n_devices": 8,
+        "target": "analytic",
+        "remats": ("full",),
+    }
+    first = plan(PlanRequest(**kw, cache_dir=str(tmp_path)))
+    again = plan(PlanRequest(**kw, cache_dir=str(tmp_path)))
+    assert again.search.get("plan_cache") and not first.search.get("plan_cache")
+    assert [(r["strategy"]["spec"], r["step_time_s"]) for r in again.candidates] == [
+        (r["strategy"]["spec"], r["step_time_s"]) for r in first.candidates
+    ]
+    assert again.chosen == first.chosen and len(again.scored) == len(first.scored)
+    other = plan(PlanRequest(**{**kw, "remats": ("dots",)}, cache_dir=str(tmp_path)))
+    assert not other.search.get("plan_cache")  # a different request is searched again
