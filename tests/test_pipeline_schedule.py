@@ -178,3 +178,22 @@ def test_plan_rerun_reads_the_plan_cache(tmp_path):
     assert again.chosen == first.chosen and len(again.scored) == len(first.scored)
     other = plan(PlanRequest(**{**kw, "remats": ("dots",)}, cache_dir=str(tmp_path)))
     assert not other.search.get("plan_cache")  # a different request is searched again
+
+
+def test_fix_pins_schedule_and_v():
+    from codesign.planner.constraints import parse_fix
+
+    hw = load_hardware("h100", devices=8)
+    req = PlanRequest(
+        cfg=CFG,
+        hardware=hw,
+        workload=WL,
+        n_devices=8,
+        target="analytic",
+        remats=("full",),
+        use_cache=False,
+        constraints=parse_fix("pipeline=4,schedule=interleaved,v=2"),
+    )
+    got = {Strategy.parse(r["spec"]) for r in plan(req).scored}
+    assert got and all(s.schedule == "interleaved" and s.stages_per_device == 2 for s in got)
+    assert all(s.microbatches % 4 == 0 for s in got)  # Megatron's rule, applied by the search
