@@ -36,7 +36,8 @@ Model (all per device, seconds):
 - pipeline p > 1: the report is ONE stage running all m microbatches: one device's work. It is
   split into per-chunk forward/backward times (`pipeline.chunk_times`) and the strategy's schedule
   (gpipe, 1f1b, interleaved with V chunks, dualpipe) prices step, bubble and point-to-point transfers
-  of b x s x d x 2 bytes over the pipeline axis's level (`closed_form/pipeline.py`). For 1F1B-like
+  of b x s x d x 2 / tensor bytes (Megatron's scatter/gather: each tensor rank sends its share) over
+  the pipeline axis's level (`closed_form/pipeline.py`). For 1F1B-like
   schedules the bubble is the p - 1 idle ticks, (p - 1)/(V m + p - 1) of the step. DualPipe hides the
   share of the all-to-all its paired chunks overlap (`pipeline.overlapped_fraction`).
 - MFU = arithmetic.train_flops_per_token(cfg, S) x B / (step x devices x bf16 peak).
@@ -339,7 +340,10 @@ def _pipeline(
     if p <= 1:
         return stage_s, 0.0, 0.0, 0.0, ()
     sh = shape_of(x.cfg, x.workload, s)
-    p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
+    # Megatron's scatter/gather optimization (Narayanan et al. 2021, arXiv 2104.04473, sec. 4.1): the
+    # tensor ranks hold the same boundary activation, so each sends 1/tensor of it over its own link.
+    nbytes = sh.t * x.cfg.hidden * 2 / sh.sizes["tensor"]
+    p2p = collective_time_on_axes("collective-permute", nbytes, ("pipeline",), placements)
     hidden = PL.overlapped_fraction(s.schedule, p, m, "all-to-all") * all_to_all_s
     # Assumption: every layer-checkpointing policy recomputes about one forward in backward.
     recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
@@ -349,7 +353,7 @@ def _pipeline(
         (
             f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
             f"({cost.bubble_fraction:.0%} of the step), {cost.p2p_transfers} transfers of "
-            f"{_gb(sh.t * x.cfg.hidden * 2)} over {level} ({_ms(cost.p2p_s)}), "
+            f"{_gb(nbytes)} over {level} ({_ms(cost.p2p_s)}), "
             f"{cost.in_flight:.3g} microbatches in flight"
         )
     ]
