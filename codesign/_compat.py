@@ -44,6 +44,16 @@ def get_topology_desc(platform: str, **kwargs):
     return topologies.get_topology_desc(platform=platform, **kwargs)
 
 
+def create_hybrid_device_mesh(ici_shape: Sequence[int], dcn_shape: Sequence[int], devices: Sequence[Any]):
+    """jax.experimental.mesh_utils.create_hybrid_device_mesh over the devices' `slice_index`, splitting
+    physical torus axes where a logical axis needs it (MaxText passes the same flag)."""
+    from jax.experimental import mesh_utils
+
+    return mesh_utils.create_hybrid_device_mesh(
+        tuple(ici_shape), tuple(dcn_shape), list(devices), allow_split_physical_axes=True
+    )
+
+
 def param_logical_axes(variable) -> tuple | None:
     """The logical axis names an NNX param carries: `out_sharding` (Flax >= 0.12) or `sharding_names`."""
     meta = variable.get_metadata()

@@ -2,9 +2,10 @@
 
 Measured (each: warm-up calls, then the median of several timed runs, every run ending in
 `block_until_ready`):
-- matmul FLOP/s of n x n x n products by size and dtype (bf16, fp32 at Precision.HIGHEST; fp8 e4m3
-  with bf16 output when the backend runs it and is not a CPU, whose fp8 would be emulated). On an
-  accelerator each timed run chains calls for >= 20 ms after >= 0.5 s of warm-up (clocks ramp).
+- matmul FLOP/s of n x n x n products by size and dtype (`PLATFORM_DTYPES`: bf16 and fp32 at
+  Precision.HIGHEST everywhere; on GPU also fp16 and fp8 e4m3 with bf16 output; a dtype the backend
+  refuses is recorded as an error row). On an accelerator each timed run chains calls for >= 20 ms
+  after >= 0.5 s of warm-up (clocks ramp).
 - sustained matmul: the largest bf16 size again, each timed run chaining calls for >= 1 s (a train
   step keeps the chip busy for 0.1-1 s; power-limited clocks can drop below the short runs' rate).
   Its throughput over the table's at that size becomes `efficiency.sustained` (capped at 1).
@@ -13,10 +14,13 @@ Measured (each: warm-up calls, then the median of several timed runs, every run 
   all-to-all. Bandwidth is reported in the convention of `codesign.cost.collectives` (per device, one
   direction): a ring all-gather of B bytes takes (n-1)/n B / bw, an all-reduce twice that.
 
-The profile is the closest catalog system (by device kind) with its efficiency replaced: matmul
-fraction = measured / the catalog chip's peak for that dtype, hbm = measured / datasheet HBM,
-collective = measured all-gather bandwidth / the innermost level's bandwidth. `load_hardware(path)`
-reads it back; the raw measurements ride along under `measurements` (ignored by the loader).
+The profile is the closest catalog system (by device kind: GPUs and TPU v4/v5e/v5p/v6e, see
+`codesign.hardware.device_kind`) with its efficiency replaced, in the catalog's own shape: matmul =
+{dtype: [[n, measured / the catalog chip's peak for that dtype], ...]}, hbm = measured / datasheet HBM,
+collective = the cost model's all-gather time at efficiency 1 on the system's levels (NVLink switch, or
+the slice's ICI torus rings on a TPU VM) over the measured time. `load_hardware(path)` reads it back;
+the raw measurements ride along under `measurements` (ignored by the loader). The benchmarks are
+injectable (`Bench`), so the profile writing is tested with a fake TPU on CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import datetime
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -35,10 +40,11 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from codesign import _compat
+from codesign.cost.network import assign_levels, collective_time_on_axes
 from codesign.hardware.catalog import Efficiency, Hardware, load_hardware
 from codesign.hardware.device_kind import closest_system
 
-_DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
+_DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
 
 
 def _time(
@@ -124,10 +130,48 @@ def bench_collectives(
     return rows
 
 
-def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Bench:
+    """The devices calibrate measures and the microbenchmarks it runs on them (`attached_bench()`; tests
+    pass a fake one, which is how the TPU and GPU paths are checked without the hardware).
+    matmul(n, dtype, reps, warmup_s, min_run_s, max_calls) -> seconds per n^3 product;
+    hbm(nbytes, reps, warmup_s, min_run_s) -> bytes/s; collectives(nbytes, reps, warmup_s, min_run_s) ->
+    rows as `bench_collectives` returns them."""
+
+    platform: str
+    device_kind: str
+    devices: int
+    matmul: Callable[..., float] = bench_matmul
+    hbm: Callable[..., float] = bench_hbm
+    collectives: Callable[..., list[dict[str, Any]]] = bench_collectives
+
+
+def attached_bench() -> Bench:
     devices = jax.devices()
     dev = devices[0]
-    platform, kind = dev.platform, getattr(dev, "device_kind", dev.platform)
+    return Bench(dev.platform, getattr(dev, "device_kind", dev.platform), len(devices))
+
+
+# Matmul dtypes per platform: the tensor-core / MXU input types the catalog has peaks for. fp16 runs on
+# GPU tensor cores (TPUs have no fp16 MXU mode); fp8 is skipped on CPU (emulated) and TPU v4-v6e (no fp8).
+PLATFORM_DTYPES = {"cpu": ("bf16", "fp32"), "gpu": ("bf16", "fp16", "fp32", "fp8"), "tpu": ("bf16", "fp32")}
+
+
+def collective_efficiency(row: dict[str, Any], hardware: Hardware) -> float | None:
+    """Measured over modelled bandwidth of one collective row: the model's time for the same kind, bytes
+    and device group at efficiency 1 (`collective_time_on_axes` on the hardware's levels: a switch
+    level's per-device bandwidth, or the ICI torus rings of the slice shape) over the measured time."""
+    if "seconds" not in row or row["devices"] < 2:
+        return None
+    n = row["devices"]
+    placements = assign_levels((("x", n),), hardware.with_devices(n))
+    ideal = collective_time_on_axes(row["kind"], row["bytes"], ("x",), placements, efficiency=1.0)
+    return ideal / row["seconds"]
+
+
+def run_calibration(out_path: str | None, quick: bool = False, bench: Bench | None = None) -> dict[str, Any]:
+    bench = bench or attached_bench()
+    platform, kind, n_devices = bench.platform, bench.device_kind, bench.devices
     on_cpu = platform == "cpu"
     base = load_hardware(closest_system(kind, platform))
     if quick or on_cpu:
@@ -141,7 +185,7 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
     else:
         sizes, reps, hbm_bytes, coll_bytes = (1024, 2048, 4096, 8192), 7, 1 << 31, 1 << 28
         timing = {"warmup_s": 0.5, "min_run_s": 0.02}
-    dtypes = ["bf16", "fp32"] + ([] if on_cpu else ["fp8"])
+    dtypes = PLATFORM_DTYPES.get(platform, ("bf16", "fp32"))
     t0 = time.perf_counter()
 
     matmul: list[dict[str, Any]] = []
@@ -150,7 +194,7 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
         peak = base.peak_flops.get(dt)
         for n in sizes:
             try:
-                s = bench_matmul(n, dt, reps, **timing)
+                s = bench.matmul(n, dt, reps, **timing)
             except Exception as e:  # noqa: BLE001 - e.g. no fp8 on this backend
                 matmul.append({"dtype": dt, "n": n, "error": f"{type(e).__name__}: {e}"[:200]})
                 break
@@ -164,7 +208,7 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
     short = next((r for r in reversed(matmul) if r.get("dtype") == "bf16" and "seconds" in r), None)
     if short:
         n = short["n"]
-        long_s = bench_matmul(
+        long_s = bench.matmul(
             n, "bf16", 3, timing["warmup_s"], 0.2 if (quick or on_cpu) else 1.0, max_calls=100_000
         )
         sustained = {
@@ -173,14 +217,17 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
             "flops_per_s": 2 * n**3 / long_s,
             "relative_to_table": short["seconds"] / long_s,
         }
-    hbm = bench_hbm(hbm_bytes, reps, **timing)
-    colls = bench_collectives(coll_bytes, reps, **timing) if len(devices) > 1 else []
+    hbm = bench.hbm(hbm_bytes, reps, **timing)
+    colls = bench.collectives(coll_bytes, reps, **timing) if n_devices > 1 else []
+    for r in colls:
+        eff = collective_efficiency(r, base) if base.levels else None
+        if eff is not None:
+            r["efficiency"] = eff
 
     stamp = datetime.date.today().isoformat()
     source = f"measured by codesign calibrate on {kind}, {stamp}"
-    gathers = [r["bytes_per_s"] for r in colls if r.get("kind") == "all-gather" and "bytes_per_s" in r]
-    level_bw = base.levels[0].bytes_per_s if base.levels else 0.0
-    collective = gathers[0] / level_bw if gathers and level_bw else base.efficiency.collective
+    gathers = [r["efficiency"] for r in colls if r.get("kind") == "all-gather" and "efficiency" in r]
+    collective = gathers[0] if gathers else base.efficiency.collective
     if "bf16" not in table:  # the loader needs a bf16 table; keep the catalog's if bf16 failed
         table["bf16"] = [list(p) for p in base.efficiency.matmul["bf16"]]
     eff = Efficiency(
@@ -195,19 +242,19 @@ def run_calibration(out_path: str | None, quick: bool = False) -> dict[str, Any]
         kind="system",
         chip=base.chip,
         efficiency=eff,
-        devices=len(devices),
+        devices=n_devices,
         levels=base.levels,
         sources={**dict(base.sources), "efficiency": source},
         tpu_generation=base.tpu_generation,
         memory_reserve_bytes=base.memory_reserve_bytes,
         description=f"{base.description} [{source}]",
     )
-    if len(devices) > 1:
-        hw = hw.with_devices(len(devices))
+    if n_devices > 1:
+        hw = hw.with_devices(n_devices)
     measurements = {
         "device_kind": kind,
         "platform": platform,
-        "devices": len(devices),
+        "devices": n_devices,
         "matmul": matmul,
         "sustained_matmul": sustained,
         "hbm_bytes_per_s": hbm,
@@ -281,17 +328,18 @@ def render_calibration(result: dict[str, Any]):
     parts.append(Text("\n".join(lines)))
     if result["collectives"]:
         c = Table(title=f"collectives over {result['devices']} devices")
-        for col in ("kind", "bytes", "time", "bandwidth / device"):
+        for col in ("kind", "bytes", "time", "bandwidth / device", "of the model's"):
             c.add_column(col, justify="left" if col == "kind" else "right")
         for r in result["collectives"]:
             if "error" in r:
-                c.add_row(r["kind"], "-", "-", r["error"][:60])
+                c.add_row(r["kind"], "-", "-", r["error"][:60], "-")
             else:
                 c.add_row(
                     r["kind"],
                     fmt_bytes(r["bytes"]),
                     f"{r['seconds'] * 1e3:.3g} ms",
                     fmt_si(r["bytes_per_s"], "B/s"),
+                    f"{r['efficiency']:.0%}" if "efficiency" in r else "-",
                 )
         parts.append(c)
     else:

@@ -22,6 +22,9 @@ class Collective:
     set of sources and targets). ``mesh_axes`` are the mesh axes whose coordinate varies inside a group
     (empty when no mesh shape was given). ``count`` is how often it runs per step: identical rows are
     merged and each occurrence contributes the product of its enclosing loops' trip counts.
+    ``network`` says which part of the group's network a multi-slice TPU program's collective covers:
+    "" the whole group as its mesh axes are placed, "ici" only the part inside one slice, "dcn" only the
+    part across slices (libtpu runs a collective over slices as an in-slice one plus a DCN transfer).
     """
 
     kind: str
@@ -30,6 +33,7 @@ class Collective:
     mesh_axes: tuple[str, ...]
     count: int
     dtype: str
+    network: str = ""
 
 
 OUTCOMES = ("ok", "oom", "error", "timeout")

@@ -73,3 +73,86 @@ def test_sustained_factor_scales_matmul_time(tmp_path):
     )
     with pytest.raises(HardwareError, match="sustained"):
         dataclasses.replace(hw.efficiency, sustained=1.5)
+
+
+def _fake_bench(platform: str, kind: str, devices: int, system: str, coll_eff: float):
+    """A Bench whose 'measurements' follow known efficiencies of the catalog `system`: matmul
+    0.3 -> 0.9 of each dtype's peak from n = 1024 to 8192, HBM 0.8, the all-gather at `coll_eff` of the
+    cost model's time. A dtype the chip has no peak for fails, as a backend without it would."""
+    import math
+
+    from codesign.calibrate import Bench
+    from codesign.cost.network import assign_levels, collective_time_on_axes
+
+    hw = load_hardware(system)
+
+    def frac(n):
+        return 0.3 + 0.2 * math.log2(n / 1024)
+
+    def matmul(n, dtype, reps, warmup_s=0.0, min_run_s=0.0, max_calls=200):
+        if dtype not in hw.peak_flops:
+            raise TypeError(f"{dtype} is not supported on {kind}")
+        return 2 * n**3 / (hw.peak_flops[dtype] * frac(n))
+
+    def hbm(nbytes, reps, warmup_s=0.0, min_run_s=0.0):
+        return 0.8 * hw.chip.hbm_bytes_per_s
+
+    def collectives(nbytes, reps, warmup_s=0.0, min_run_s=0.0):
+        placements = assign_levels((("x", devices),), hw.with_devices(devices))
+        t = collective_time_on_axes("all-gather", nbytes, ("x",), placements, efficiency=1.0) / coll_eff
+        bw = (devices - 1) / devices * nbytes / t
+        return [
+            {
+                "kind": "all-gather",
+                "axis": "x",
+                "devices": devices,
+                "bytes": nbytes,
+                "seconds": t,
+                "bytes_per_s": bw,
+            }
+        ]
+
+    return Bench(platform, kind, devices, matmul, hbm, collectives), frac
+
+
+def test_calibrate_profile_shape_on_a_fake_tpu_and_gpu(tmp_path):
+    """Without a TPU or GPU: calibrate's profile from fake measurements on a v5e-8 VM and an 8-GPU A100
+    node is the catalog's shape (matmul by n per dtype, hbm, collective), loads back as that hardware,
+    and prices a candidate with the measured fractions."""
+    import pytest
+
+    cases = [
+        ("tpu", "TPU v5 lite", "tpu-v5e", {"bf16", "fp32"}, 0.7),
+        ("gpu", "NVIDIA A100-SXM4-80GB", "a100", {"bf16", "fp16", "fp32"}, 0.9),
+    ]
+    for platform, kind, system, dtypes, coll_eff in cases:
+        bench, frac = _fake_bench(platform, kind, 8, system, coll_eff)
+        path = tmp_path / f"{system}.yaml"
+        result = run_calibration(str(path), bench=bench)
+        assert result["platform"] == platform and result["catalog_base"] == system
+        if platform == "gpu":  # A100 has no fp8: an error row, and no fp8 table
+            assert any(r["dtype"] == "fp8" and "error" in r for r in result["matmul"])
+        else:  # TPUs are not asked for fp16/fp8 at all
+            assert {r["dtype"] for r in result["matmul"]} == dtypes
+
+        hw = load_hardware(str(path))
+        assert hw.name == f"{system}-measured" and hw.platform == platform and hw.devices == 8
+        assert set(hw.efficiency.matmul) == dtypes
+        for dt in dtypes:
+            assert [n for n, _ in hw.efficiency.matmul[dt]] == [1024, 2048, 4096, 8192]
+            for n, f in hw.efficiency.matmul[dt]:
+                assert f == pytest.approx(frac(n), abs=1e-3)
+        assert hw.efficiency.hbm == pytest.approx(0.8)
+        assert hw.efficiency.collective == pytest.approx(coll_eff, rel=1e-6)
+        assert hw.efficiency.sustained == pytest.approx(1.0)
+        if platform == "tpu":
+            assert hw.tpu_generation == "v5e" and hw.levels[0].topology == "torus"
+            assert hw.levels[0].torus_dims and hw.levels[0].group_size == 8
+        # The profile drives the estimate: its matmul fraction at the candidate's size is the fake's.
+        e = estimate_analytic(
+            get_preset("tiny-dense"),
+            Workload(8, 32),
+            Strategy.parse("data=8"),
+            load_hardware(str(path), devices=8),
+        )
+        assert e.step_time_s > 0 and e.fits

@@ -415,7 +415,9 @@ def test_calibrate_prints_a_table_and_warns_about_the_cpu():
         "sustained_matmul": None,
         "hbm_bytes_per_s": 2e10,
         "out_path": None,
-        "collectives": [{"kind": "all-gather", "bytes": 1 << 20, "seconds": 1e-4, "bytes_per_s": 9e9}],
+        "collectives": [
+            {"kind": "all-gather", "bytes": 1 << 20, "seconds": 1e-4, "bytes_per_s": 9e9, "efficiency": 0.73}
+        ],
         "profile": {"efficiency": {"hbm": 0.4, "sustained": 1.0}},
     }
     console = Console(record=True, width=120)
@@ -423,6 +425,7 @@ def test_calibrate_prints_a_table_and_warns_about_the_cpu():
     text = console.export_text()
     assert "warning: calibrate measured the host CPU" in text
     assert "34 GFLOP/s" in text and "3.4%" in text and "all-gather" in text and "9 GB/s" in text
+    assert "73%" in text  # the all-gather's bandwidth against the cost model's (the profile's collective)
     assert "{'" not in text  # not a raw dict
     console = Console(record=True, width=120)
     console.print(render_calibration({**result, "platform": "gpu"}))

@@ -176,3 +176,55 @@ def test_tpu_topology_errors_name_nearby_counts():
         tpu_slice("v9", 8)
     assert max(valid_slice_sizes("v4")) == 4096 and max(valid_slice_sizes("v5p")) == 8960
     assert max(valid_slice_sizes("v6e")) == 256
+
+
+def test_measured_efficiency_profiles_follow_their_citations():
+    """Each catalog profile reproduces the raw numbers its source cites (measured / peak), and chips
+    without a published microbenchmark say they are assumptions."""
+    a100 = load_hardware("a100")
+    assert a100.efficiency.matmul_fraction("bf16", 4096) == pytest.approx(271.2 / 312, abs=1e-3)
+    assert "MAMF" in a100.efficiency.source and "GPUInspector" in a100.efficiency.source
+    assert a100.efficiency.hbm == pytest.approx(1220.7 / 1448.4, abs=1e-3)
+    # A100 runs fp16 and bf16 at the same 312 TFLOP/s on the same tensor-core path.
+    assert a100.peak_flops["fp16"] == a100.peak_flops["bf16"] == 3.12e14
+    assert a100.efficiency.matmul_fraction("fp16", 4096) == a100.efficiency.matmul_fraction("bf16", 4096)
+    for name in ("h100", "h800"):
+        eff = load_hardware(name).efficiency
+        assert eff.matmul_fraction("fp8", 8192) == pytest.approx(1402.6 / 1979, abs=1e-3)
+        assert eff.matmul_fraction("bf16", 8192) == pytest.approx(
+            794.5 / 989, abs=2e-3
+        )  # probe and MAMF agree
+    v5e = load_hardware("tpu-v5e").efficiency
+    assert v5e.matmul_fraction("bf16", 8192) == pytest.approx(0.923, abs=1e-3)
+    assert v5e.matmul_fraction("bf16", 1024) == pytest.approx(0.0913, abs=1e-4)
+    assert "matmul.ipynb" in v5e.source
+    v6e = load_hardware("tpu-v6e").efficiency
+    assert v6e.matmul_fraction("bf16", 8192) == pytest.approx(727.7 / 918, abs=1e-3)
+    for name in ("tpu-v4", "tpu-v5p"):
+        assert "assumption" in load_hardware(name).efficiency.source
+    for name in ("tpu-v5e", "tpu-v6e"):  # measured matmul, assumed HBM: the source says which
+        assert "HBM 0.85 and collective 0.8 are assumptions" in load_hardware(name).efficiency.source
+
+
+def test_fp16_workload_uses_the_fp16_peak_and_table():
+    """fp16 compute is priced at the chip's fp16 peak and an fp16 table when a profile has one (a
+    calibrated GPU profile does), else at bf16's."""
+    import dataclasses
+
+    from codesign.config import Workload
+    from codesign.cost.estimate import compute_dtype, estimate_analytic
+    from codesign.presets import get_preset
+    from codesign.sharding.strategy import Strategy
+
+    assert compute_dtype(Workload(dtype="float16")) == "fp16"
+    assert compute_dtype(Workload(dtype="bfloat16")) == "bf16"
+    hw = load_hardware("a100", devices=8)
+    cfg, s = get_preset("llama3-8b"), Strategy.parse("tensor=8")
+    fp16 = estimate_analytic(cfg, Workload(8, 2048, dtype="float16"), s, hw)
+    bf16 = estimate_analytic(cfg, Workload(8, 2048, dtype="bfloat16"), s, hw)
+    assert fp16.compute_s == pytest.approx(bf16.compute_s)  # same peak, bf16's table
+    table = dict(hw.efficiency.matmul)
+    table["fp16"] = tuple((n, f / 2) for n, f in table["bf16"])
+    slow = dataclasses.replace(hw, efficiency=dataclasses.replace(hw.efficiency, matmul=table))
+    slower = estimate_analytic(cfg, Workload(8, 2048, dtype="float16"), s, slow)
+    assert slower.compute_s == pytest.approx(2 * fp16.compute_s, rel=0.05)

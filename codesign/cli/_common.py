@@ -147,12 +147,23 @@ def int_list(text: str) -> list[int]:
     return [positive_int(t.strip()) for t in text.split(",") if t.strip()]
 
 
+def add_slices_arg(sp) -> None:
+    """`--slices K`: TPU multi-slice, the one definition every command that takes --hardware shares."""
+    sp.add_argument(
+        "--slices",
+        type=positive_int,
+        help="TPU multi-slice: split the devices into K equal ICI slices joined over DCN (the outermost "
+        "data/fsdp axis spans them); default: a profile's `slices:`, else one slice when it fits",
+    )
+
+
 def add_model_hw_args(sp) -> None:
     sp.add_argument("--model", required=True, help="preset name, YAML ModelConfig, or HF config.json")
     sp.add_argument(
         "--hardware", required=True, help="catalog name (see `codesign hardware`) or YAML profile"
     )
     sp.add_argument("--devices", type=positive_int, required=True, help="device count N")
+    add_slices_arg(sp)
     sp.add_argument("--global-batch", type=positive_int, help="sequences per step (default: 4 per device)")
     sp.add_argument("--seq-len", type=positive_int, help="tokens per sequence (default 4096)")
     sp.add_argument(
@@ -245,7 +256,7 @@ def resolve_model_hw(args):
     from codesign.model_io import load_model_config
 
     cfg = load_model_config(args.model)
-    hw = load_hardware(args.hardware, devices=args.devices)
+    hw = load_hardware(args.hardware, devices=args.devices, slices=args.slices)
     if args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)

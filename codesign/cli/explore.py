@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from codesign.cli._common import (
+    add_slices_arg,
     check_output_paths,
     console,
     int_list,
@@ -72,7 +73,7 @@ def cmd_sweep(args) -> int:
 
     check_output_paths(args.plot)
     cfg = load_model_config(args.model)
-    hw = load_hardware(args.hardware, devices=args.devices)
+    hw = load_hardware(args.hardware, devices=args.devices, slices=args.slices)
     w = dataclasses.replace(
         default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload
     )
@@ -184,6 +185,7 @@ def register(add) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--hardware", required=True)
     p.add_argument("--devices", type=positive_int, required=True)
+    add_slices_arg(p)
     p.add_argument("--global-batch", type=positive_int)
     p.add_argument("--seq-len", type=positive_int)
     p.add_argument("--workload", default="train", choices=("train", "decode"))

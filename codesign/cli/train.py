@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from codesign.cli._common import console, print_json
+from codesign.cli._common import add_slices_arg, console, print_json
 
 
 class _EmulationAction(argparse.Action):
@@ -171,6 +171,7 @@ def cmd_validate(args) -> int:
             warmup=args.warmup,
             attention=args.attention,
             seed=args.seed,
+            slices=args.slices,
         )
     except TrainError as e:
         raise _user_error(e) from None
@@ -272,6 +273,7 @@ def register(add) -> None:
     )
     sp.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master parameter dtype")
     sp.add_argument("--hardware", help="catalog name for the MFU peak (default: from the device kind)")
+    add_slices_arg(sp)
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     sp.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process; or CODESIGN_COORDINATOR)")
     sp.add_argument(
@@ -302,3 +304,4 @@ def register(add) -> None:
         help="attention kernel to measure (default: the one the plan was costed for)",
     )
     sp.add_argument("--seed", type=int, default=0)
+    add_slices_arg(sp)

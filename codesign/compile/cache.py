@@ -71,8 +71,9 @@ def xla_flags() -> dict[str, str]:
 
 
 def hardware_key(hardware: Hardware) -> dict[str, Any]:
-    """The hardware fields that change what a compile reports (network levels do not)."""
-    return {
+    """The hardware fields that change what a compile reports (network levels do not; a requested TPU
+    slice count does: the deviceless compile runs on that many slices)."""
+    key = {
         "name": hardware.name,
         "platform": hardware.platform,
         "chip": hardware.chip.name,
@@ -80,6 +81,9 @@ def hardware_key(hardware: Hardware) -> dict[str, Any]:
         "memory_reserve_bytes": hardware.memory_reserve_bytes,
         "tpu_generation": hardware.tpu_generation,
     }
+    if hardware.slices:  # only when asked for, so keys of single-slice compiles stay as they were
+        key["slices"] = hardware.slices
+    return key
 
 
 def cache_key(req: CompileRequest, *, code: str | None = None) -> str:

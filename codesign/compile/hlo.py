@@ -25,7 +25,9 @@ Counting rules (all per device, per execution of ENTRY):
   is memory-bound kernels, which the cost model times separately).
 * Collectives (see :class:`Collective`): async ``-start``/``-done`` pairs count once; collectives
   inside fusions count (TPU wraps reduce-scatter as a fusion of all-reduce + dynamic-slice, which is
-  reported as ``reduce-scatter``).
+  reported as ``reduce-scatter``). A multi-slice TPU program's cross-slice part is a megascale
+  host-transfer ``send``/``recv`` pair (:mod:`codesign.compile.megascale`): the ``send`` counts as the
+  collective it implements, over the mesh axes its device groups vary along (``device_ids``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codesign.compile import hlo_parse as hp
+from codesign.compile import megascale
 from codesign.report import Collective
 
 _TRANSCENDENTAL = frozenset(
@@ -357,8 +360,16 @@ def _collective_kind(op: str) -> tuple[str | None, bool]:
 
 
 class _Walker:
-    def __init__(self, module: hp.Module, mesh_shape: Sequence[tuple[str, int]] | None):
+    def __init__(
+        self,
+        module: hp.Module,
+        mesh_shape: Sequence[tuple[str, int]] | None,
+        device_ids: Sequence[int] | None = None,
+        multislice: bool = False,
+    ):
         self.m = module
+        self.multislice = multislice
+        self.position = {int(d): i for i, d in enumerate(device_ids or ())}  # device id -> mesh index
         self.axes = [a for a, _ in mesh_shape] if mesh_shape else []
         self.sizes = [int(s) for _, s in mesh_shape] if mesh_shape else []
         n_mesh = math.prod(self.sizes) if self.sizes else None
@@ -384,6 +395,19 @@ class _Walker:
 
     def _collective(self, ins: hp.Instr, comp: hp.Computation, kind: str, start: bool) -> tuple:
         in_bytes = _operand_bytes(ins, comp)
+        if kind == "send" and megascale.is_megascale(ins.attrs):  # the DCN half of a cross-slice collective
+            ids = megascale.target_groups(ins.attrs)
+            groups = [[self.position[d] for d in g if d in self.position] for g in ids]
+            dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
+            size = max((len(g) for g in ids), default=1)
+            return (
+                megascale.transfer_kind(ins.attrs) or kind,
+                int(in_bytes),
+                size,
+                self._axes_of(groups),
+                dtype,
+                "dcn",
+            )
         if kind == "collective-permute":
             pairs = hp.source_target_pairs(ins.attrs)
             group_size, groups = _largest_component(pairs), [list(p) for p in pairs]
@@ -400,7 +424,10 @@ class _Walker:
         else:
             nbytes = hp.shape_bytes(ins.shape)
         dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
-        return kind, int(nbytes), int(group_size), self._axes_of(groups), dtype or hp.first_dtype(ins.shape)
+        dtype = dtype or hp.first_dtype(ins.shape)
+        # In a multi-slice program every other collective stays inside a slice.
+        network = "ici" if self.multislice else ""
+        return kind, int(nbytes), int(group_size), self._axes_of(groups), dtype, network
 
     # -- the walk ------------------------------------------------------------------------------
     def walk(self, name: str, fused: bool) -> _Acc:
@@ -425,6 +452,8 @@ class _Walker:
     def _instr(self, ins: hp.Instr, comp: hp.Computation, fused: bool, acc: _Acc) -> None:
         op = ins.opcode
         kind, start = _collective_kind(op)
+        if kind == "recv" and megascale.is_megascale(ins.attrs):
+            kind = None  # the receiving half of a cross-slice collective its send already counts
         if kind is not None:
             row = self._collective(ins, comp, kind, start)
             if kind == "all-reduce" and fused and _is_scatter_fusion(comp, ins):
@@ -512,22 +541,30 @@ def _is_scatter_fusion(comp: hp.Computation, ins: hp.Instr) -> bool:
     )
 
 
-def analyze_hlo(hlo_text: str, mesh_shape: Sequence[tuple[str, int]] | None = None) -> HloStats:
+def analyze_hlo(
+    hlo_text: str,
+    mesh_shape: Sequence[tuple[str, int]] | None = None,
+    device_ids: Sequence[int] | None = None,
+    multislice: bool = False,
+) -> HloStats:
     """Loop-aware per-device statistics of a post-optimization HLO module (``compiled.as_text()``).
 
     ``mesh_shape`` is the mesh as ``[(axis name, size), ...]`` in mesh order; partition ids in replica
-    groups are row-major indices into it. Never raises on malformed text: it returns what it could read.
+    groups are row-major indices into it. ``device_ids``: the mesh's device ids in that order (what
+    multi-slice megascale transfers name); ``multislice``: the program runs on several TPU slices, so its
+    ordinary collectives cover only the in-slice part of their groups (``Collective.network``). Never
+    raises on malformed text: it returns what it could read.
     """
     text = hlo_text if isinstance(hlo_text, str) else ""
     try:
         module = hp.parse_module(text)
     except Exception:  # noqa: BLE001 - robustness is the contract: malformed text → empty stats
         module = hp.Module({}, None, None, len(text.splitlines()))
-    walker = _Walker(module, list(mesh_shape) if mesh_shape else None)
+    walker = _Walker(module, list(mesh_shape) if mesh_shape else None, device_ids, multislice)
     acc = walker.walk(module.entry, False) if module.entry else _Acc()
     collectives = tuple(
-        Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt)
-        for (k, b, g, axes, dt), c in acc.coll.items()
+        Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt, network=net)
+        for (k, b, g, axes, dt, net), c in acc.coll.items()
     )
     return HloStats(
         flops=acc.flops,

@@ -4,9 +4,12 @@ Targets (DESIGN.md):
 
 * ``cpu``: XLA's host platform emulating N devices (``--xla_force_host_platform_device_count``, which
   must be set before JAX starts: run through :mod:`codesign.compile.worker` or the CLI's ``--devices``).
-* ``tpu``: the deviceless TPU compiler in ``libtpu`` for the slice ``tpu_topology_name(gen, n)``. The
-  topology's devices are sorted by ``id`` before the mesh is built (the catalog's torus placement
-  assumes that x varies fastest over ids). v4 is compiled with ``chip_config_name="megacore"``: libtpu
+* ``tpu``: the deviceless TPU compiler in ``libtpu`` for the slice ``tpu_topology_name(gen, n)``, or
+  for K such slices over DCN (``get_topology_desc(..., num_slices=K)``) when the hardware has K slices
+  (``--slices K``, or more chips than one slice holds). The topology's devices are sorted by slice,
+  then ``id``, before the mesh is built (the catalog's torus placement assumes that x varies fastest
+  over ids); over several slices that row-major order is the block structure
+  ``create_hybrid_device_mesh`` builds, the outermost axes split across slices. v4 is compiled with ``chip_config_name="megacore"``: libtpu
   otherwise exposes each v4 chip as 2 devices (one per TensorCore), whereas JAX on a real v4 sees one
   megacore device per chip; with megacore, devices = chips = the strategy's device count.
 * ``gpu``: the deviceless CUDA compiler (the ``gpu-aot`` extra, ``jax[cuda12]``) with a
@@ -21,7 +24,8 @@ What gets compiled can differ from the candidate, and the report says so (notes,
   embedding and the LM head (the first/last stage carry them), runs on n/p devices with pipeline=1, and
   sees the whole global batch (every microbatch passes through every stage over one step).
 * a mesh larger than ``max_compile_devices`` (default 512 on cpu/attached, unlimited on tpu/gpu except
-  that a TPU compile must fit one slice): the ``data`` axis (pure replicas) and the global batch are
+  that a TPU compile needs a device count the hardware's slices can hold): the ``data`` axis (pure
+  replicas) and the global batch are
   divided by the same factor. Per-device compute, memory and every non-data collective are unchanged;
   the cost model scales the data-axis group sizes back up by ``data_scale``.
 
@@ -138,10 +142,11 @@ def stage_config(cfg: ModelConfig, stages: int) -> ModelConfig:
 
 
 def _valid_tpu_count(hardware: Hardware, n: int) -> bool:
-    from codesign.hardware.topology import TopologyError, tpu_slice
+    """n chips form one slice, or the hardware's K equal slices (`Hardware.slices`)."""
+    from codesign.hardware.topology import TopologyError, split_slices
 
     try:
-        tpu_slice(hardware.tpu_generation or "", n)
+        split_slices(hardware.tpu_generation or "", n, hardware.slices)
         return True
     except TopologyError:
         return False
@@ -232,21 +237,28 @@ def prepare_libtpu_env() -> None:
 
 
 def tpu_devices(hardware: Hardware, n: int) -> list:
+    """The deviceless devices of n chips: one slice, or the hardware's K slices (slice-major)."""
     from codesign import _compat
-    from codesign.hardware.topology import tpu_topology_name
+    from codesign.hardware.topology import TopologyError, split_slices
 
     gen = hardware.tpu_generation
     if not gen:
         raise TargetError(f"target tpu needs TPU hardware; {hardware.name} is {hardware.platform}")
     if not libtpu_available():
         raise TargetError('target tpu needs libtpu (pip install -e ".[dev]" installs it)')
+    try:
+        topo, slices = split_slices(gen, n, hardware.slices)
+    except TopologyError as e:
+        raise TargetError(f"target tpu: {e}") from None
     prepare_libtpu_env()
-    kwargs = {"chip_config_name": "megacore"} if gen == "v4" else {}
-    topo = _compat.get_topology_desc(platform="tpu", topology_name=tpu_topology_name(gen, n), **kwargs)
-    devices = sorted(topo.devices, key=lambda d: d.id)
+    kwargs: dict[str, Any] = {"chip_config_name": "megacore"} if gen == "v4" else {}
+    if slices > 1:
+        kwargs["num_slices"] = slices
+    desc = _compat.get_topology_desc(platform="tpu", topology_name=topo.name, **kwargs)
+    devices = sorted(desc.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
     if len(devices) != n:
         raise TargetError(
-            f"libtpu topology {tpu_topology_name(gen, n)} has {len(devices)} devices, "
+            f"libtpu topology {topo.name} x {slices} slice(s) has {len(devices)} devices, "
             f"expected one per chip ({n})"
         )
     return devices
@@ -477,7 +489,8 @@ def compile_candidate(
 
         spec = MeshSpec.from_strategy(plan.strategy)
         devices = target_devices(target, hardware, spec.size)
-        mesh = spec.build(devices)
+        # Deviceless TPU slices keep the id order the cost model places axes by (see the docstring).
+        mesh = spec.build(devices, hybrid=target != "tpu")
         prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh)
         state, batch = prog.abstract_state, prog.abstract_batch
         step = prog.step_fn
@@ -522,7 +535,14 @@ def compile_candidate(
             os.makedirs(os.path.dirname(os.path.abspath(save_hlo)), exist_ok=True)
             with open(save_hlo, "w") as f:
                 f.write(text)
-        stats = analyze_hlo(text, list(plan.strategy.mesh))
+        from codesign.sharding.mesh import slice_count
+
+        stats = analyze_hlo(
+            text,
+            list(plan.strategy.mesh),
+            [d.id for d in mesh.devices.flat],
+            multislice=slice_count(list(mesh.devices.flat)) > 1,
+        )
         try:
             raw = compiled.cost_analysis()
         except Exception as e:  # noqa: BLE001 - some backends do not implement it

@@ -73,9 +73,13 @@ _NATIVE = {"tpu": ("tpu", "attached"), "gpu": ("gpu", "attached"), "cpu": ("cpu"
 
 
 def compute_dtype(workload: Workload) -> str:
+    """The catalog's dtype key for the workload's compute dtype. fp16 is its own key (a profile may
+    measure it); where a chip or table has no fp16 entry, its peak and table fall back to bf16's."""
     d = workload.dtype.lower()
     if "8" in d and ("f" in d or "e4" in d or "e5" in d):
         return "fp8"
+    if d in ("float16", "fp16", "f16", "half"):
+        return "fp16"
     return "fp32" if d in ("float32", "fp32", "f32") else "bf16"
 
 
@@ -305,7 +309,7 @@ def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, Axi
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:
             continue
-        t = collective_time_on_axes(kind, c.bytes, axes, placements) * c.count
+        t = collective_time_on_axes(kind, c.bytes, axes, placements, network=c.network) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
         if kind in _HIDEABLE and set(axes) <= hideable_axes:
             hideable += t

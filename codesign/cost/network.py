@@ -211,10 +211,13 @@ def collective_time_on_axes(
     axes: Sequence[str],
     placements: Mapping[str, AxisPlacement],
     efficiency: float | None = None,
+    network: str = "",
 ) -> float:
     """Seconds for one collective whose group is the product of `axes` (see codesign.cost.collectives for
     the bytes convention). Spans of the axes are merged per level; a group that crosses levels is costed
-    hierarchically. efficiency defaults to the hardware's collective efficiency."""
+    hierarchically. efficiency defaults to the hardware's collective efficiency. network (a compiled
+    multi-slice collective's `Collective.network`): "ici" times only the innermost level's part of the
+    group, "dcn" only the parts beyond it; "" the whole group."""
     missing = [a for a in axes if a not in placements]
     if missing:
         raise ValueError(f"mesh axes {missing} are not in the placements {list(placements)}")
@@ -224,6 +227,8 @@ def collective_time_on_axes(
         for i, s in zip(p.level_indices, p.spans):
             order.setdefault(i, s.level)
     spans = merge_spans([p.spans for p in chosen], [order[i] for i in sorted(order)])
+    if network and len(spans) > 1:
+        spans = spans[:1] if network == "ici" else spans[1:]
     if efficiency is None:
         efficiency = min((p.collective_efficiency for p in chosen), default=1.0)
     return collective_time(kind, bytes_per_device, spans, efficiency)

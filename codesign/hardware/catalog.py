@@ -254,6 +254,9 @@ class Hardware:
     tpu_generation: str | None = None  # "v4" | "v5e" | "v5p" | "v6e"
     memory_reserve_bytes: int = 0  # kept free for the runtime; see the YAML `reserves` section
     description: str = ""
+    # TPU multi-slice (`--slices K`, `slices:` in a profile): K equal ICI slices joined over the DCN
+    # level. 0 = automatic: one slice when the device count fits one, else the fewest equal slices.
+    slices: int = 0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not isinstance(self.description, str):
@@ -264,12 +267,30 @@ class Hardware:
             raise HardwareError(f"hardware {self.name!r}: tpu_generation must be a string such as 'v5p'")
         _number(self, "devices", int, 0)
         _number(self, "memory_reserve_bytes", int, 0)
+        _number(self, "slices", int, 0)
+        if self.slices > 1 and not self._sliced():
+            raise HardwareError(
+                f"slices={self.slices}: multi-slice is for TPU systems (ICI slices joined over DCN); "
+                f"{self.name!r} is {self.chip.platform} hardware whose network levels follow from the "
+                f"device count alone; drop the slice count"
+            )
         object.__setattr__(self, "levels", tuple(self.levels))
         object.__setattr__(self, "sources", _sources(self.sources, f"hardware {self.name!r}"))
+
+    def _sliced(self) -> bool:
+        """A TPU system whose innermost level is an ICI torus (the level a slice is made of)."""
+        return bool(self.tpu_generation and self.levels and self.levels[0].topology == "torus")
 
     @property
     def platform(self) -> str:
         return self.chip.platform
+
+    @property
+    def slice_count(self) -> int:
+        """ICI slices the sized system has (1 for GPUs, CPUs and unsized hardware)."""
+        if not self._sliced() or not self.devices or not self.levels[0].group_size:
+            return 1
+        return self.devices // self.levels[0].group_size
 
     @property
     def peak_flops(self) -> Mapping[str, float]:
@@ -311,7 +332,7 @@ class Hardware:
                 f"{self.name!r} is a single chip with no network; use a system "
                 f"(e.g. one of {[h.name for h in list_hardware() if h.kind == 'system']})"
             )
-        if self.tpu_generation and self.levels and self.levels[0].topology == "torus":
+        if self._sliced():
             levels = _tpu_levels(self, devices)
         else:
             levels = tuple(dataclasses.replace(lv, group_size=_group(lv, devices)) for lv in self.levels)
@@ -331,6 +352,7 @@ class Hardware:
             "sources": dict(self.sources),
             "tpu_generation": self.tpu_generation,
             "description": self.description,
+            "slices": self.slices,
             "chip": self.chip.to_json(),
             "efficiency": self.efficiency.to_json(),
         }
@@ -363,6 +385,7 @@ class Hardware:
                 tpu_generation=d.get("tpu_generation"),
                 memory_reserve_bytes=int(d.get("memory_reserve_bytes", 0)),
                 description=d.get("description", ""),
+                slices=d.get("slices", 0),
             )
         except HardwareError:
             raise
@@ -417,12 +440,12 @@ def _tpu_levels(hw: Hardware, devices: int) -> tuple[NetworkLevel, ...]:
             dataclasses.replace(lv, group_size=0) for lv in rest
         )
     try:
-        topo, n_slices = split_slices(hw.tpu_generation, devices)
+        topo, n_slices = split_slices(hw.tpu_generation, devices, hw.slices)
     except TopologyError as e:
         raise HardwareError(f"{hw.name} with {devices} chips: {e}") from None
     if n_slices > 1 and not rest:
         raise HardwareError(
-            f"{hw.name}: {devices} chips need {n_slices} slices but the profile has no "
+            f"{hw.name}: {devices} chips in {n_slices} slices but the profile has no "
             f"level between slices (add a 'dcn' level)"
         )
     ici = dataclasses.replace(ici, group_size=topo.n_chips, torus_dims=topo.dims, wraps=topo.wraps)
@@ -528,10 +551,20 @@ def list_hardware() -> list[Hardware]:
     return [_build(n) for n in hardware_names()]
 
 
-def load_hardware(name_or_path: str | os.PathLike, devices: int | None = None) -> Hardware:
+def load_hardware(
+    name_or_path: str | os.PathLike, devices: int | None = None, slices: int | None = None
+) -> Hardware:
     """A catalog name or a YAML/JSON profile path, sized for `devices` when given (TPU: the slice shape
-    follows from the chip count; GPU: the scale-up level holds min(devices, 8) - 72 on gb200-nvl72 - and
-    the scale-out level spans all devices)."""
+    follows from the chip count, split into `slices` equal slices over DCN when given - overriding a
+    profile's `slices:`; GPU: the scale-up level holds min(devices, 8) - 72 on gb200-nvl72 - and the
+    scale-out level spans all devices)."""
+    if slices is not None:
+        hw = load_hardware(name_or_path)
+        try:
+            hw = dataclasses.replace(hw, slices=int(slices))
+        except HardwareError as e:
+            raise HardwareError(f"--slices {slices}: {e}") from None
+        return hw if devices is None else hw.with_devices(int(devices))
     key = os.fspath(name_or_path)
     if key in hardware_names():
         hw = _build(key)

@@ -149,9 +149,22 @@ def tpu_topology_name(generation: str, n_chips: int) -> str:
     return tpu_slice(generation, n_chips).name
 
 
-def split_slices(generation: str, n_chips: int) -> tuple[SliceTopology, int]:
-    """(slice, number of slices) for n_chips: one slice when one fits, else the largest slice size that
-    divides n_chips (multi-slice over DCN)."""
+def split_slices(generation: str, n_chips: int, slices: int = 0) -> tuple[SliceTopology, int]:
+    """(slice, number of slices) for n_chips. slices=K > 0: K equal slices (multi-slice over DCN, as
+    `--slices K` asks). slices=0: one slice when one fits, else the largest slice size that divides
+    n_chips."""
+    if slices:
+        if isinstance(slices, bool) or not isinstance(slices, int) or slices < 1:
+            raise TopologyError(f"slices must be a positive whole number, got {slices!r}")
+        if n_chips % slices:
+            raise TopologyError(
+                f"{n_chips} chips do not split into {slices} equal slices; use a slice count that "
+                f"divides {n_chips}"
+            )
+        try:
+            return tpu_slice(generation, n_chips // slices), slices
+        except TopologyError as e:
+            raise TopologyError(f"{slices} slices of {n_chips // slices} chips: {e}") from None
     try:
         return tpu_slice(generation, n_chips), 1
     except TopologyError:

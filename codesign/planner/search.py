@@ -41,6 +41,7 @@ from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
+from codesign.sharding.slices import slice_problem
 from codesign.sharding.strategy import PIPELINE_SCHEDULES, Strategy
 
 REMATS = ("none", "full", "dots")  # scored for every layout
@@ -127,7 +128,9 @@ def _orders(strategy: Strategy, hardware: Hardware) -> list[Strategy]:
             MESH_AXES if innermost is None else tuple(a for a in MESH_AXES if a != innermost) + (innermost,)
         )
         key = tuple(a for a in order if strategy.sizes[a] > 1)
-        seen.setdefault(key, strategy if innermost is None else strategy.replace(order=order))
+        candidate = strategy if innermost is None else strategy.replace(order=order)
+        if slice_problem(candidate.mesh, hardware.slice_count) is None:  # nothing but data/fsdp on DCN
+            seen.setdefault(key, candidate)
     return list(seen.values())
 
 
@@ -373,6 +376,7 @@ def plan(req: PlanRequest) -> Plan:
             else [m for m in req.microbatches if m == 1 or w.global_batch % m == 0]
         ),
         schedules=req.schedules,
+        slices=hw.slice_count,
     )
     rejected: Counter = Counter(en.rejected)
     candidates: list[Strategy] = []
@@ -501,6 +505,7 @@ def plan(req: PlanRequest) -> Plan:
         hardware={
             "name": hw.name,
             "devices": req.n_devices,
+            "slices": hw.slice_count,
             "platform": hw.platform,
             "memory_capacity_bytes": capacity,
             "peak_bf16_flops": hw.peak_flops.get("bf16"),

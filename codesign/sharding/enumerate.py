@@ -24,6 +24,7 @@ from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload
 from codesign.sharding.param_table import param_groups
 from codesign.sharding.rules import Rules, default_rules
+from codesign.sharding.slices import slice_problem, slice_reason_key
 from codesign.sharding.strategy import Strategy, batch_shards
 
 
@@ -139,12 +140,15 @@ def enumerate_strategies(
     rules: Rules | None = None,
     sps: Sequence[bool] = (False,),
     schedules: Sequence[str] = ("1f1b",),
+    slices: int = 1,
 ) -> Enumeration:
     """Every factorization of n_devices over `axes` x remat x microbatches x sp (x schedule and V
     where pipeline > 1), split into valid/rejected. `microbatches=None`: each layout's
     `microbatch_counts`. `rules`: the table the layouts will run with (default: the default rules).
     `sps`: the sequence parallelism settings to try; sp=True is only tried where the layout has a
-    tensor group it can use (otherwise it would be the same strategy as sp=False)."""
+    tensor group it can use (otherwise it would be the same strategy as sp=False). `slices`: TPU
+    slices over DCN; a layout (in the default axis order) whose tensor, sequence or expert axis
+    would cross them is rejected."""
     out = Enumeration()
     given = None if microbatches is None else tuple(microbatches)
     layouts = {}  # the rules' verdict on a mesh does not depend on microbatches: ask once
@@ -156,6 +160,7 @@ def enumerate_strategies(
         pipes = pipeline_options(cfg, p, schedules)
         per_replica = workload.global_batch // batch_shards(sizes)
         mbs = given if given is not None else microbatch_counts(max(per_replica, 1))
+        crossing = slice_problem([(a, sizes.get(a, 1)) for a in MESH_AXES], slices)
         for mb in mbs:
             key = tuple(sizes_t) if workload.global_batch % (batch_shards(sizes) * mb) == 0 else None
             if key is not None and key in layouts:
@@ -164,8 +169,9 @@ def enumerate_strategies(
                 problem = layout_problem(cfg, workload, sizes, mb, rules)
                 if key is not None:
                     layouts[key] = problem
-            if problem:
-                out.rejected[_reason_key(problem)] += variants * len(pipes)
+            if problem or crossing:  # the model's own reason first; then the slices'
+                reason = _reason_key(problem) if problem else slice_reason_key(crossing)
+                out.rejected[reason] += variants * len(pipes)
                 continue
             for sched, v in pipes:
                 for sp in sp_opts:

@@ -44,7 +44,7 @@ import jax
 from codesign.arithmetic import train_flops_per_token
 from codesign.config import ConfigError, ModelConfig, Workload
 from codesign.hardware.device_kind import catalog_match
-from codesign.sharding.mesh import MeshSpec
+from codesign.sharding.mesh import MeshSpec, check_slices
 from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointError
 from codesign.train.data import BatchMaker, make_source_factory
@@ -86,6 +86,7 @@ class TrainRun:
     nan_policy: str = "stop"
     metrics: str | None = None  # JSON lines, appended
     hardware: str | None = None  # catalog name for the MFU peak (default: from the device kind)
+    slices: int | None = None  # TPU multi-slice: checked against the layout and the devices' slices
     progress: bool = False
 
 
@@ -366,6 +367,7 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
         n_devices=attached,
     )
     check_executable(layout.strategy, attached)
+    check_slices(layout.strategy.mesh, jax.devices(), run.slices)
     if run.devices is not None and run.devices != attached:
         raise StrategyError(
             f"--devices {run.devices} given, but {attached} devices are attached"

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 
 from codesign.config import ModelConfig
+from codesign.sharding.mesh import check_slices
 from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train.data import BatchMaker, SyntheticSource
 from codesign.train_step import OptimizerConfig, TrainProgram
@@ -112,6 +113,7 @@ def run_validation(
     attention: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    slices: int | None = None,
 ) -> dict[str, Any]:
     """Measure the plan's top `top` runnable candidates; see the module docstring.
 
@@ -145,6 +147,8 @@ def run_validation(
             f"(plan with --attention {impl or 'xla'} to compare like with like)"
         )
     workload = dataclasses.replace(workload, attention=impl or "xla")
+    if slices is None:  # the slices the plan was made for (a candidate that cannot lay over them is skipped)
+        slices = (data.get("hardware") or {}).get("slices")
     rows, skipped = [], []
     for cand in data["candidates"]:
         if len(rows) >= top:
@@ -162,6 +166,7 @@ def run_validation(
             reason = "the plan has no estimated step time for it"
         if reason is None:
             try:
+                check_slices(strategy.mesh, jax.devices(), slices)
                 prog = get_program(cfg, workload, strategy, build_mesh(strategy), OptimizerConfig())
                 say(f"measuring {spec} ({warmup} warm-up + {steps} timed steps)")
                 m = measure(prog, steps, warmup, seed)

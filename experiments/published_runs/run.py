@@ -1,0 +1,346 @@
+"""codesign's closed-form step time against the Megatron-LM runs of Korthikanti et al. 2022.
+
+"Reducing Activation Recomputation in Large Transformer Models" (arXiv 2205.05198) trained four GPT
+models on Selene (DGX A100-80GB, NVLink 3 inside a node, 8 x HDR InfiniBand per node) with tensor
+parallelism 8, pipeline parallelism 1-64 (interleaved, 3 stages per GPU for 175B and 530B), no data
+parallelism, fp16, one 2048-token sequence per microbatch (22B: four), and reported the iteration time
+with full activation recomputation and with selective recomputation + sequence parallelism (Table 5),
+and per-layer times of the 22B model (Table 4). Each row's published layout is written as a codesign
+`Strategy` and priced by `estimate_analytic` on the catalog's `a100` system; nothing here is fitted to
+these rows (the A100 efficiencies come from the catalog's cited microbenchmarks).
+
+    python experiments/published_runs/run.py [--rows 22B,175B] [--hardware a100] [--out DIR]
+
+Writes results.json and results.md (default: next to this file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from codesign.config import ModelConfig, Workload
+from codesign.cost.estimate import compute_dtype, estimate_analytic, matmul_size
+from codesign.cost.network import assign_levels, collective_time_on_axes
+from codesign.hardware import load_hardware
+from codesign.sharding.strategy import Strategy
+
+HERE = Path(__file__).resolve().parent
+SEQ_LEN, VOCAB, TENSOR = 2048, 51_200, 8
+PAPER = "Korthikanti et al. 2022, arXiv 2205.05198"
+# Calculon (calculon-ai/calculon at caa4b11, `PYTHONPATH=. python bin/calculon llm-validation`, its
+# Table 5 section with systems/a100_80g.json and validation/seqsel/tab5/*.json), iteration seconds.
+CALCULON = "Calculon caa4b11 llm-validation (systems/a100_80g.json)"
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    heads: int
+    hidden: int
+    layers: int
+    pipeline: int
+    global_batch: int
+    micro_batch: int
+    stages_per_device: int
+    published_full_s: float  # Table 5, full recompute
+    published_selective_sp_s: float  # Table 5, selective recompute + sequence parallelism
+    calculon_full_s: float
+    calculon_selective_sp_s: float
+
+    @property
+    def gpus(self) -> int:
+        return TENSOR * self.pipeline  # no data parallelism
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // self.micro_batch  # GBS / (DP x MBS), DP = 1
+
+
+ROWS = (
+    Row("22B", 64, 6144, 48, 1, 4, 4, 1, 1.42, 1.10, 1.40, 1.14),
+    Row("175B", 96, 12288, 96, 8, 64, 1, 3, 18.13, 13.75, 18.03, 13.64),
+    Row("530B", 128, 20480, 105, 35, 280, 1, 3, 49.05, 37.83, 49.89, 34.47),
+    Row("1T", 160, 25600, 128, 64, 512, 1, 1, 94.42, 71.49, 90.08, 66.04),
+)
+# Table 4: one 22B layer, milliseconds (forward, backward, total).
+TABLE4_22B = {
+    "none": (7.7, 11.9, 19.6),
+    "full": (7.7, 19.5, 27.2),
+    "selective": (7.7, 13.2, 20.9),
+    "selective+sp": (7.2, 13.1, 20.3),
+}
+# (label, remat policy, sequence parallelism) for the two Table 5 columns.
+MODES = (("full", "full", False), ("selective+sp", "selective", True))
+
+
+def gpt(row: Row, layers: int | None = None) -> ModelConfig:
+    """Megatron's GPT: MHA, a 4h GeLU MLP, tied input/output embeddings, vocabulary 51,200. codesign
+    builds RoPE and RMSNorm where GPT has learned positions and LayerNorm: the same matmuls, a few
+    elementwise bytes more (RoPE) per token."""
+    return ModelConfig(
+        name=f"megatron-gpt-{row.name}",
+        vocab_size=VOCAB,
+        hidden=row.hidden,
+        layers=layers or row.layers,
+        heads=row.heads,
+        mlp_dim=4 * row.hidden,
+        attention="mha",
+        ffn_activation="gelu",
+        tie_embeddings=True,
+        source=f"{PAPER}, Table 3 (GPT {row.name})",
+    )
+
+
+def workload(row: Row) -> Workload:
+    """fp16 compute, with the weight traffic Megatron's mixed precision has. Megatron keeps fp16 model
+    weights and an fp32 master copy (and fp32 Adam moments) in the optimizer, which writes the fp16 copy
+    once per step. codesign's f32 params are cast to half precision at every use, once per microbatch:
+    with one microbatch (22B) that is the same traffic, and codesign's fp32 AdamW is Megatron's fp32
+    optimizer, so param_dtype is float32; with many microbatches codesign would re-cast the weights 64-512
+    times where Megatron reads its fp16 copy, so param_dtype is float16 (AdamW's traffic and memory are
+    then understated: ~20 bytes per local param per step, under 0.5% of these steps). 2022 Megatron had
+    no flash attention: the S x S scores are materialized (XLA attention)."""
+    return Workload(
+        global_batch=row.global_batch,
+        seq_len=SEQ_LEN,
+        dtype="float16",
+        param_dtype="float32" if row.microbatches == 1 else "float16",
+        attention="xla",
+    )
+
+
+def strategy(row: Row, remat: str, sp: bool) -> Strategy:
+    spec = f"tensor={TENSOR},pipeline={row.pipeline},microbatches={row.microbatches},remat={remat}"
+    if sp:
+        spec += ",sp=1"
+    if row.stages_per_device > 1:
+        spec += f",v={row.stages_per_device}"
+    return Strategy.parse(spec)
+
+
+def predict(row: Row, hardware: str) -> list[dict]:
+    hw = load_hardware(hardware, devices=row.gpus)
+    out = []
+    for label, remat, sp in MODES:
+        s = strategy(row, remat, sp)
+        e = estimate_analytic(gpt(row), workload(row), s, hw)
+        published = row.published_full_s if label == "full" else row.published_selective_sp_s
+        calculon = row.calculon_full_s if label == "full" else row.calculon_selective_sp_s
+        out.append(
+            {
+                "model": row.name,
+                "recompute": label,
+                "strategy": s.spec,
+                "gpus": row.gpus,
+                "global_batch": row.global_batch,
+                "predicted_s": e.step_time_s,
+                "published_s": published,
+                "error": e.step_time_s / published - 1,
+                "calculon_s": calculon,
+                "calculon_error": calculon / published - 1,
+                "compute_s": e.compute_s,
+                "memory_bound_s": max(e.memory_s, e.vector_s),
+                "exposed_collective_s": e.exposed_collective_s,
+                "collective_s": dict(e.collective_s),
+                "pipeline_p2p_s": e.collective_s.get("collective-permute", 0.0),
+                "pipeline_bubble_s": e.pipeline_bubble_s,
+                "memory_per_device_gb": e.memory_per_device_bytes / 1e9,
+                "fits": e.fits,
+            }
+        )
+    return out
+
+
+def per_layer_22b(hardware: str) -> list[dict]:
+    """One 22B layer's time: the step of the 48-layer model minus the step of 47 layers (the same
+    layout), i.e. forward + backward + recompute of one layer, plus its share of the optimizer update.
+    The closed form prices a step, not separate forward and backward passes."""
+    row = ROWS[0]
+    hw = load_hardware(hardware, devices=row.gpus)
+    out = []
+    for label, (fwd, bwd, total) in TABLE4_22B.items():
+        remat = "selective" if label.startswith("selective") else label
+        s = strategy(row, remat, label.endswith("+sp"))
+        full = estimate_analytic(gpt(row), workload(row), s, hw).step_time_s
+        less = estimate_analytic(gpt(row, row.layers - 1), workload(row), s, hw).step_time_s
+        ms = (full - less) * 1e3
+        out.append(
+            {
+                "recompute": label,
+                "strategy": s.spec,
+                "predicted_ms": ms,
+                "published_forward_ms": fwd,
+                "published_backward_ms": bwd,
+                "published_ms": total,
+                "error": ms / total - 1,
+            }
+        )
+    return out
+
+
+def megatron_differences(row: Row, hardware: str) -> dict:
+    """Work Megatron's program does that codesign's does not, counted by mechanism and priced with the
+    estimate's own rates; NOT added to the prediction. Per layer per microbatch, seconds:
+    - dead_code_recompute: a PyTorch checkpoint reruns the whole checkpointed function; XLA drops what
+      backward does not need. Full recompute: the FFN down-projection and its tensor all-reduce (their
+      output only feeds the residual sum), priced as that matmul at the estimate's matmul rate + one
+      all-reduce of b*s*h fp16 on the tensor axis. Selective (Megatron checkpoints the attention core):
+      the probabilities x V product (the context is kept), at the same matmul rate.
+    - dropout: GPT's attention dropout on the b*(heads/tp)*s*s probabilities is its own kernel (read
+      and write fp16, write a 1-byte mask; backward reads the gradient and mask and writes one: 5 + 5
+      bytes per score, 5 more where the core is recomputed), and its two hidden dropouts are fused into
+      bias-dropout-add (1-byte mask written, read back in backward: 2 bytes per residual element,
+      divided by tensor under sp). codesign's models have no dropout. Priced at the HBM rate."""
+    hw = load_hardware(hardware, devices=row.gpus)
+    cfg, w = gpt(row), workload(row)
+    out = {}
+    for label, remat, sp in MODES:
+        s = strategy(row, remat, sp)
+        dtype = compute_dtype(w)
+        rate = (hw.peak_flops.get(dtype) or hw.peak_flops["bf16"]) * hw.efficiency.matmul_fraction(
+            dtype, matmul_size(cfg, w, s)
+        )
+        tokens = row.micro_batch * SEQ_LEN
+        placements = assign_levels(s.mesh, hw)
+        scores = row.micro_batch * cfg.heads / TENSOR * SEQ_LEN * SEQ_LEN
+        if remat == "full":
+            wo = 2 * tokens * cfg.mlp_dim * cfg.hidden / TENSOR / rate
+            reduce = collective_time_on_axes("all-reduce", tokens * cfg.hidden * 2, ("tensor",), placements)
+            recompute = wo + reduce
+        else:
+            recompute = 2 * scores * cfg.head_dim / rate
+        core_passes = 3 if remat in ("full", "selective") else 2  # forward, backward, recompute
+        residual = tokens * cfg.hidden / (TENSOR if sp else 1)
+        dropout_bytes = 5 * scores * core_passes + 2 * 2 * residual
+        dropout = dropout_bytes / (hw.chip.hbm_bytes_per_s * hw.efficiency.hbm)
+        per_step = row.layers / row.pipeline * row.microbatches  # layer-microbatches per device
+        out[label] = {
+            "dead_code_recompute_ms_per_layer": recompute * 1e3,
+            "dropout_ms_per_layer": dropout * 1e3,
+            "dead_code_recompute_s_per_step": recompute * per_step,
+            "dropout_s_per_step": dropout * per_step,
+        }
+    return out
+
+
+def summary(rows: list[dict], key: str) -> dict[str, float]:
+    errs = [abs(r[key]) for r in rows]
+    return {"mean_abs": statistics.fmean(errs), "max_abs": max(errs)} if errs else {}
+
+
+def run(names: list[str] | None = None, hardware: str = "a100") -> dict:
+    chosen = [r for r in ROWS if names is None or r.name in names]
+    if not chosen:
+        raise SystemExit(f"no rows named {names}; rows: {[r.name for r in ROWS]}")
+    rows = [p for r in chosen for p in predict(r, hardware)]
+    differences = {r.name: megatron_differences(r, hardware) for r in chosen}
+    result = {
+        "hardware": hardware,
+        "paper": PAPER,
+        "calculon": CALCULON,
+        "rows": rows,
+        "summary": {},
+        "megatron_differences": differences,
+    }
+    for label, _, _ in MODES:
+        sel = [r for r in rows if r["recompute"] == label]
+        result["summary"][label] = {
+            "codesign": summary(sel, "error"),
+            "calculon": summary(sel, "calculon_error"),
+        }
+    if any(r.name == "22B" for r in chosen):
+        result["per_layer_22b"] = per_layer_22b(hardware)
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"Hardware `{result['hardware']}`; published: {result['paper']}, Table 5; Calculon: {result['calculon']}.",
+        (
+            "Error = predicted / published - 1. Breakdown columns are codesign's (seconds per iteration): "
+            "matmul kernels, memory-bound kernels, exposed collectives (tensor-parallel and pipeline "
+            "point-to-point), pipeline bubble."
+        ),
+        "",
+        (
+            "| model | recompute | strategy | GPUs | predicted s | published s | error | Calculon s | Calculon error "
+            "| matmul s | memory-bound s | exposed collectives s | of which pipeline p2p s | bubble s |"
+        ),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['recompute']} | `{r['strategy']}` | {r['gpus']} | {r['predicted_s']:.2f} | "
+            f"{r['published_s']:.2f} | {r['error']:+.1%} | {r['calculon_s']:.2f} | {r['calculon_error']:+.1%} | "
+            f"{r['compute_s']:.2f} | {r['memory_bound_s']:.2f} | {r['exposed_collective_s']:.2f} | "
+            f"{r['pipeline_p2p_s']:.2f} | {r['pipeline_bubble_s']:.2f} |"
+        )
+    lines += ["", "| recompute | codesign mean abs error | codesign max | Calculon mean | Calculon max |"]
+    lines.append("|---|---:|---:|---:|---:|")
+    for label, s in result["summary"].items():
+        c, k = s["codesign"], s["calculon"]
+        if c:
+            lines.append(
+                f"| {label} | {c['mean_abs']:.1%} | {c['max_abs']:.1%} | {k['mean_abs']:.1%} | {k['max_abs']:.1%} |"
+            )
+    lines += [
+        "",
+        (
+            "Work Megatron's program does and codesign's does not (by count, priced at the estimate's rates; "
+            "NOT in the prediction above), per layer per microbatch and per device per iteration "
+            "(busy time, before pipeline ticks):"
+        ),
+        "",
+        (
+            "| model | recompute | recompute XLA drops ms/layer | dropout ms/layer | recompute XLA drops s/iter "
+            "| dropout s/iter |"
+        ),
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, by_mode in result["megatron_differences"].items():
+        for label, d in by_mode.items():
+            lines.append(
+                f"| {name} | {label} | {d['dead_code_recompute_ms_per_layer']:.2f} | "
+                f"{d['dropout_ms_per_layer']:.2f} | {d['dead_code_recompute_s_per_step']:.2f} | "
+                f"{d['dropout_s_per_step']:.2f} |"
+            )
+    if "per_layer_22b" in result:
+        lines += [
+            "",
+            "One 22B layer (Table 4; codesign: step(48 layers) - step(47 layers), forward + backward together):",
+            "",
+            "| recompute | strategy | predicted ms | published fwd / bwd / total ms | error |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for r in result["per_layer_22b"]:
+            lines.append(
+                f"| {r['recompute']} | `{r['strategy']}` | {r['predicted_ms']:.1f} | "
+                f"{r['published_forward_ms']} / {r['published_backward_ms']} / {r['published_ms']} | "
+                f"{r['error']:+.1%} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", help=f"comma-separated subset of {', '.join(r.name for r in ROWS)}")
+    ap.add_argument("--hardware", default="a100", help="catalog name or profile (default: a100)")
+    ap.add_argument("--out", default=str(HERE), help="directory for results.json and results.md")
+    args = ap.parse_args(argv)
+    result = run(args.rows.split(",") if args.rows else None, args.hardware)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = markdown(result)
+    (out / "results.md").write_text(md + "\n")
+    print(md, file=sys.stdout)
+    return result
+
+
+if __name__ == "__main__":
+    main()
