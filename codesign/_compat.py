@@ -65,9 +65,10 @@ def param_logical_axes(variable) -> tuple | None:
 # context (input of the output projection), the output projection, the FFN's gate (wi_0), up (wi_1;
 # wi when ungated) and down (wo) projections, dense and routed experts alike.
 QUERY_PROJ, KEY_PROJ, VALUE_PROJ = "query_proj", "key_proj", "value_proj"
+QKV_PROJ = "qkv_proj"  # the fused q/k/v projection's output (ModelConfig.fused_qkv), MaxText's name
 CONTEXT, OUT_PROJ = "context", "out_proj"
 MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO = "mlpwi_0", "mlpwi_1", "mlpwi", "mlpwo"
-_QKV = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ)
+_QKV = (QUERY_PROJ, KEY_PROJ, VALUE_PROJ, QKV_PROJ)
 _MINIMAL = _QKV + (OUT_PROJ, MLP_WI_0, MLP_WI_1, MLP_WI, MLP_WO)
 # The names each MaxText policy saves (its decoders.py get_remat_policy / minimal_policy).
 SAVED_NAMES = {
@@ -188,6 +189,33 @@ def normalize_cost_analysis(raw: Any) -> dict[str, float | None] | None:
     if all(out[k] is None for k in _KEYS):
         return None
     return out
+
+
+def compiled_hlo_text(compiled) -> tuple[str, str]:
+    """(HLO text of the optimized module, the route that produced it).
+
+    ``compiled.as_text()`` first. libtpu 0.0.52 fails it on large programs (a RET_CHECK on
+    ``async-update``, seen on llama3.1-70b v5p-256); the runtime executable's ``HloModule`` is then
+    printed directly, and last the module is rebuilt from its serialized HloModuleProto and printed.
+    Raises the first error when every route fails."""
+    try:
+        return compiled.as_text(), "as_text"
+    except Exception:  # try the other routes; re-raise this error if all fail
+        routes = (
+            ("hlo_modules", lambda m: m.to_string()),
+            (
+                "hlo_module_proto",
+                lambda m: (
+                    type(m).from_serialized_hlo_module_proto(m.as_serialized_hlo_module_proto()).to_string()
+                ),
+            ),
+        )
+        for route, show in routes:
+            try:
+                return show(compiled.runtime_executable().hlo_modules()[0]), route
+            except Exception:  # noqa: BLE001, S112 - the next route may work
+                continue
+        raise
 
 
 def orbax_tree_metadata(item_metadata: Any) -> Any:

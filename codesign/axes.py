@@ -10,6 +10,8 @@ Param axes
     heads      query attention heads
     kv_heads   key/value heads (GQA/MQA); equals heads for MHA
     head_dim   per-head width (q/k/v); never sharded by the default rules
+    qkv        the slot inside one kv group of a fused q/k/v projection (its query heads, then k, then
+               v); never sharded: the group's kv_heads dim carries the tensor sharding
     q_lora     MLA query low-rank bottleneck width (q_lora_rank)
     kv_lora    MLA key/value latent width (kv_lora_rank + the shared RoPE key)
     expert     routed-expert index of an MoE layer
@@ -36,6 +38,7 @@ MLP = "mlp"
 HEADS = "heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
+QKV = "qkv"
 Q_LORA = "q_lora"
 KV_LORA = "kv_lora"
 EXPERT = "expert"
@@ -50,7 +53,7 @@ ACT_HEADS = "act_heads"
 ACT_VOCAB = "act_vocab"
 ACT_EXPERT = "act_expert"
 
-PARAM_AXES = (VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, Q_LORA, KV_LORA, EXPERT, LAYERS)
+PARAM_AXES = (VOCAB, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, QKV, Q_LORA, KV_LORA, EXPERT, LAYERS)
 ACTIVATION_AXES = (ACT_BATCH, ACT_SEQ, ACT_NORM_SEQ, ACT_EMBED, ACT_MLP, ACT_HEADS, ACT_VOCAB, ACT_EXPERT)
 ALL_AXES = frozenset(PARAM_AXES + ACTIVATION_AXES)
 

@@ -40,6 +40,9 @@ class ModelConfig:
     ffn_activation: str = "swiglu"
     ffn_gate_activation: str = "silu"  # see GATE_ACTIVATIONS; only meaningful for the gated form
     qkv_bias: bool = False
+    # One matmul for q, k and v (GQA/MHA): a [d, kv_heads, heads/kv_heads + 2, head_dim] weight whose
+    # kv_heads dim shards over tensor like k and v do; each kv group carries its query heads with it.
+    fused_qkv: bool = False
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -125,6 +128,10 @@ class ModelConfig:
             self.heads % self.kv_heads == 0,
             f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}",
         )
+        need(
+            not (self.fused_qkv and self.attention == "mla"),
+            "fused_qkv applies to GQA/MHA attention; MLA's projections are low-rank: set fused_qkv=false",
+        )
         if self.attention == "mla":
             need(
                 self.kv_lora_rank > 0
@@ -182,6 +189,8 @@ class ModelConfig:
             d.pop(k)
         if d["ffn_gate_activation"] == "silu":
             d.pop("ffn_gate_activation")
+        if not d["fused_qkv"]:
+            d.pop("fused_qkv")
         return json.dumps(d, sort_keys=True)
 
 

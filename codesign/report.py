@@ -12,6 +12,19 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class OverlapWindow:
+    """The compute a scheduled module runs between an async collective's start and its done, per
+    device, summed over the collective's occurrences (shared equally where several are in flight):
+    what can hide it. The cost model times it with the same roofline as the step."""
+
+    flops: float = 0.0
+    matmul_flops: float = 0.0
+    bytes: float = 0.0
+    matmul_bytes: float = 0.0
+    transcendentals: float = 0.0
+
+
+@dataclass(frozen=True)
 class Collective:
     """One kind of collective the step runs, per device.
 
@@ -25,6 +38,9 @@ class Collective:
     ``network`` says which part of the group's network a multi-slice TPU program's collective covers:
     "" the whole group as its mesh axes are placed, "ici" only the part inside one slice, "dcn" only the
     part across slices (libtpu runs a collective over slices as an in-slice one plus a DCN transfer).
+    ``async_count`` of those occurrences were issued asynchronously (start and done apart in the
+    schedule) and ``overlap`` is the compute scheduled between their starts and dones; both stay zero
+    for a synchronous collective and for the closed form, which has no schedule.
     """
 
     kind: str
@@ -33,6 +49,8 @@ class Collective:
     mesh_axes: tuple[str, ...]
     count: int
     dtype: str
+    async_count: int = 0
+    overlap: OverlapWindow = field(default_factory=OverlapWindow)
     network: str = ""
 
 
@@ -96,6 +114,11 @@ class CompileReport:
     lowering: str = ""
     # A compile's collective bytes / the closed form's for the same program and lowering (None: not checked).
     closed_form_collective_ratio: float | None = None
+    # True when the collectives' async_count/overlap were read from a scheduled TPU/GPU module (the
+    # cost model then takes overlap from the schedule, not from its closed-form per-kind model).
+    overlap_from_schedule: bool = False
+    # The XLA flags the compiler applied (codesign.compile.flags: the target's overlap settings).
+    xla_flags: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()  # e.g. "XLA flops 1/61 of ours: explained by 61-trip loop"
     versions: dict[str, str] = field(default_factory=dict)
 
@@ -127,7 +150,14 @@ class CompileReport:
         d["full_mesh"] = tuple((a, int(n)) for a, n in (d.get("full_mesh") or {}).items())
         d["memory"] = MemoryStats(**d["memory"]) if d.get("memory") else None
         d["collectives"] = tuple(
-            Collective(**{**c, "mesh_axes": tuple(c["mesh_axes"])}) for c in d.get("collectives") or ()
+            Collective(
+                **{
+                    **c,
+                    "mesh_axes": tuple(c["mesh_axes"]),
+                    "overlap": OverlapWindow(**(c.get("overlap") or {})),
+                }
+            )
+            for c in d.get("collectives") or ()
         )
         d["while_loops"] = tuple(tuple(w) for w in d.get("while_loops") or ())
         d["notes"] = tuple(d.get("notes") or ())

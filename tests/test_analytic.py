@@ -255,3 +255,23 @@ def test_sp_memory_against_the_tpu_compiler():
         peak[spec] = rep.memory.peak
         assert 0.9 <= analytic_memory(cfg, w, s).total / rep.memory.peak <= 1.3, spec
     assert peak["data=2,tensor=4,remat=full,sp=1"] < peak["data=2,tensor=4,remat=full"]
+
+
+def test_fused_qkv_has_one_backward_tensor_reduction():
+    """A fused q/k/v projection has one input gradient, so one tensor all-reduce where XLA:CPU reduces
+    q, k and v separately; the closed form counts it so, and matches the compile."""
+    require_devices(8)
+    s = Strategy.parse("data=2,tensor=4")
+    sep, fused = get_preset("tiny-dense"), get_preset("tiny-dense").replace(fused_qkv=True)
+    prog = TrainProgram(fused, WL, s, MeshSpec.from_strategy(s).build(jax.devices()))
+    stats = analyze_hlo(prog.lower().compile().as_text(), s.mesh)
+
+    def tensor_reduced(colls):
+        return sum(c.bytes * c.count for c in colls if c.kind == "all-reduce" and c.mesh_axes == ("tensor",))
+
+    closed = analytic_report(fused, WL, s, platform="cpu")
+    assert tensor_reduced(closed.collectives) == pytest.approx(tensor_reduced(stats.collectives), rel=0.15)
+    assert tensor_reduced(closed.collectives) < tensor_reduced(
+        analytic_report(sep, WL, s, platform="cpu").collectives
+    )
+    assert closed.matmul_flops == pytest.approx(analytic_report(sep, WL, s, platform="cpu").matmul_flops)

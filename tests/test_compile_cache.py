@@ -15,7 +15,7 @@ from codesign.compile.worker import CompileRequest
 from codesign.config import Workload
 from codesign.hardware.catalog import load_hardware
 from codesign.presets import get_preset
-from codesign.report import Collective, CompileReport, MemoryStats
+from codesign.report import Collective, CompileReport, MemoryStats, OverlapWindow
 from codesign.sharding.strategy import Strategy
 
 W = Workload(global_batch=8, seq_len=32)
@@ -41,7 +41,14 @@ def _report(outcome="ok", **kw) -> CompileReport:
             "transcendentals": 0.0,
             "optimal_seconds": None,
         },
-        "collectives": (Collective("all-reduce", 1024, 2, ("data",), 3, "f32"),),
+        "collectives": (
+            Collective("all-reduce", 1024, 2, ("data",), 3, "f32"),
+            Collective(
+                "all-gather", 2048, 2, ("data",), 4, "bf16", 2, OverlapWindow(1e6, 9e5, 3e4, 2e4, 10.0)
+            ),
+        ),
+        "xla_flags": {"xla_tpu_overlap_compute_collective_tc": "true"},
+        "overlap_from_schedule": True,
         "memory": MemoryStats(1, 2, 1, 4, 0, 6, 100),
         "while_loops": (("while.1", 2, "known_trip_count"),),
         "notes": ("a note",),
@@ -63,7 +70,9 @@ class FakeWorker:
         self.make = make
         monkeypatch.setattr(M, "compile_in_subprocess", self)
 
-    def __call__(self, cfg, workload, strategy, hardware, target, timeout_s, save_hlo=None, mcd=None):
+    def __call__(
+        self, cfg, workload, strategy, hardware, target, timeout_s, save_hlo=None, mcd=None, flags=None
+    ):
         self.calls += 1
         return self.make(cfg, workload, strategy, hardware, target)
 
@@ -149,6 +158,26 @@ def test_key_covers_what_changes_a_compile(monkeypatch):
         "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=true"
     )
     assert cache_key(_req()) != k
+
+
+def test_the_targets_xla_flags_are_in_the_key(monkeypatch):
+    """The overlap flags are part of the target: its defaults, an override, and a removed default each
+    give their own key; the same settings in another order give the same one."""
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("LIBTPU_INIT_ARGS", raising=False)
+    tpu = cache_key(_req(target="tpu"))
+    assert tpu == cache_key(_req(target="tpu", xla_flags=()))  # no override: the tpu defaults
+    cm = (
+        ("xla_tpu_enable_windowed_einsum_for_all_gather", "true"),
+        ("xla_tpu_enable_async_collective_fusion", "true"),
+    )
+    keys = {
+        cache_key(_req(target="tpu", xla_flags=cm)),
+        cache_key(_req(target="tpu", xla_flags=(("xla_tpu_enable_async_collective_fusion", ""),))),
+        cache_key(_req(target="tpu", xla_flags=(("xla_tpu_enable_async_collective_fusion", "false"),))),
+    }
+    assert tpu not in keys and len(keys) == 3
+    assert cache_key(_req(target="tpu", xla_flags=cm[::-1])) == cache_key(_req(target="tpu", xla_flags=cm))
 
 
 def test_a_changed_model_file_changes_the_key(tmp_path):

@@ -8,11 +8,11 @@ import pytest
 
 from codesign.closed_form import analytic_memory, analytic_report
 from codesign.config import Workload
-from codesign.cost.estimate import OVERLAP_FRACTION, Estimate, estimate_analytic, estimate_from_report
+from codesign.cost.estimate import Estimate, estimate_analytic, estimate_from_report
 from codesign.cost.network import assign_levels, collective_time_on_axes
 from codesign.hardware import load_hardware
 from codesign.presets import get_preset
-from codesign.report import Collective, CompileReport, MemoryStats
+from codesign.report import Collective, CompileReport, MemoryStats, OverlapWindow
 from codesign.sharding.strategy import Strategy
 
 CFG = get_preset("llama3-8b")
@@ -143,7 +143,9 @@ def test_failed_compile_falls_back_to_analytic():
     assert e.evidence == "analytic" and e.step_time_s == pytest.approx(a.step_time_s)
 
 
-def test_overlap_hides_fsdp_but_not_tensor():
+def test_per_kind_overlap_model_without_a_schedule():
+    """No schedule read: FSDP gathers hide behind all but one layer's compute; tensor all-reduces and
+    all-to-alls are exposed; each row says which assumption priced it."""
     hw = load_hardware("h100", devices=8)
     s = Strategy.parse("fsdp=4,tensor=2")
     coll = {"bytes": 2**30, "group_size": 4, "count": 10, "dtype": "bf16"}
@@ -151,8 +153,10 @@ def test_overlap_hides_fsdp_but_not_tensor():
         CFG, WL, s, hw, _report(s, colls=[Collective("all-gather", mesh_axes=("fsdp",), **coll)])
     )
     t = collective_time_on_axes("all-gather", 2**30, ("fsdp",), assign_levels(s.mesh, hw)) * 10
+    room = fsdp.busy_s * (1 - 1 / CFG.layers)
     assert fsdp.collective_s["all-gather"] == pytest.approx(t)
-    assert fsdp.exposed_collective_s == pytest.approx(max(0.0, t - OVERLAP_FRACTION * fsdp.busy_s))
+    assert fsdp.exposed_collective_s == pytest.approx(t - min(room, t * (1 - 1 / CFG.layers)))
+    assert fsdp.overlap["fsdp all-gather"]["source"] == "fsdp-gather"
     tensor = estimate_from_report(
         CFG, WL, s, hw, _report(s, colls=[Collective("all-reduce", 2**30, 2, ("tensor",), 10, "bf16")])
     )
@@ -161,6 +165,55 @@ def test_overlap_hides_fsdp_but_not_tensor():
         CFG, WL, s, hw, _report(s, colls=[Collective("all-to-all", mesh_axes=("fsdp",), **coll)])
     )
     assert a2a.exposed_collective_s == pytest.approx(a2a.collective_s["all-to-all"])
+
+
+def test_collective_matmul_flag_hides_tensor_gathers_up_to_the_matmuls():
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=4,tensor=2")
+    ag = [Collective("all-gather", 2**24, 2, ("tensor",), 10, "bf16")]
+    off = estimate_from_report(CFG, WL, s, hw, _report(s, colls=ag))
+    on = estimate_from_report(
+        CFG, WL, s, hw, _report(s, colls=ag, xla_flags={"xla_gpu_threshold_for_windowed_einsum_mib": "0"})
+    )
+    assert off.exposed_collective_s == pytest.approx(off.collective_s["all-gather"])
+    assert on.exposed_collective_s == pytest.approx(max(0.0, on.collective_s["all-gather"] - on.compute_s))
+    assert on.overlap["tensor all-gather"]["source"] == "tensor-cm"
+
+
+def test_schedule_overlap_hides_async_collectives_up_to_their_window():
+    """A scheduled report: an async collective hides up to the compute between its start and done
+    (timed with the step's roofline); a synchronous one is exposed whatever the model would say."""
+    hw = load_hardware("h100", devices=8)
+    s = Strategy.parse("fsdp=8")
+    t1 = collective_time_on_axes("all-gather", 2**26, ("fsdp",), assign_levels(s.mesh, hw))
+    peak = hw.peak_flops["bf16"]
+
+    def est(async_count, window_flops):
+        row = Collective(
+            "all-gather",
+            2**26,
+            8,
+            ("fsdp",),
+            4,
+            "bf16",
+            async_count,
+            OverlapWindow(matmul_flops=window_flops),
+        )
+        return estimate_from_report(CFG, WL, s, hw, _report(s, colls=[row], overlap_from_schedule=True))
+
+    sync = est(0, 0.0)
+    assert sync.exposed_collective_s == pytest.approx(4 * t1)
+    assert sync.overlap["fsdp all-gather"] == {
+        "s": pytest.approx(4 * t1),
+        "hidden": 0.0,
+        "source": "schedule",
+    }
+    roomy = est(4, 1e3 * peak)  # far more compute in the window than the gather needs
+    assert roomy.exposed_collective_s == pytest.approx(0.0)
+    half = est(2, 1e3 * peak)  # half the occurrences async
+    assert half.exposed_collective_s == pytest.approx(2 * t1)
+    tight = est(4, 2 * t1 * peak * 0.5)  # a window of about t1 at 50% efficiency or better
+    assert 0 < tight.exposed_collective_s < 4 * t1
 
 
 def test_reduced_data_axis_is_scaled_back():

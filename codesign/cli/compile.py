@@ -15,6 +15,7 @@ from codesign.cli._common import (
 
 
 def cmd_compile(args) -> int:
+    from codesign.compile.flags import parse_flags
     from codesign.compile.measure import measure_one
     from codesign.compile.worker import CompileRequest
     from codesign.cost.estimate import estimate_from_report
@@ -44,8 +45,10 @@ def cmd_compile(args) -> int:
         from codesign.sharding.rules import default_rules
 
         default_rules(strategy)
+    flags = parse_flags(args.xla_flag) if args.xla_flag else None
     report = measure_one(
-        CompileRequest(cfg, w, strategy, hw, target, save_hlo=args.save_hlo), timeout_s=args.timeout
+        CompileRequest(cfg, w, strategy, hw, target, save_hlo=args.save_hlo, xla_flags=flags),
+        timeout_s=args.timeout,
     )
     est = estimate_from_report(cfg, w, strategy, hw, report)
     doc = {"strategy": strategy.to_json(), **est.to_json(), "report": report.to_json()}
@@ -67,3 +70,10 @@ def register(add) -> None:
     sp.add_argument("--plan", help="take the chosen strategy of this plan file")
     sp.add_argument("--timeout", type=positive_float, default=900, help="compile timeout, seconds")
     sp.add_argument("--save-hlo", help="write the optimized HLO text here")
+    sp.add_argument(
+        "--xla-flag",
+        action="append",
+        metavar="NAME=VALUE",
+        help="override one of the target's XLA overlap flags (repeatable; NAME= removes a default), "
+        "e.g. xla_tpu_enable_windowed_einsum_for_all_gather=true",
+    )

@@ -40,6 +40,8 @@ tests/test_analytic.py). Per microbatch unless noted:
   gradient (bwd): one u each; cross-entropy: 3 small b*s. On TPU (libtpu 0.0.52, d1024 2 layers,
   tensor=4) XLA sums a block's partial input gradients before reducing them: one reduction for q, k
   and v, one for gate and up (`Lowering.sums_input_grads`); XLA:CPU reduces each (as one tuple).
+  A fused q/k/v projection (`ModelConfig.fused_qkv`) has one input gradient on every backend: one
+  reduction. Its FLOPs are the three projections' (one matmul of the concatenated width).
 - tensor with sequence parallelism (sp=1): every reduction that lands in the residual stream
   (attention and FFN outputs, their recompute, the blocks' input gradients, the embedding lookup,
   the LM head's input gradient) becomes a reduce-scatter of the same u, and the normed residual is
@@ -363,7 +365,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
         lat = (cfg.q_lora_rank or cfg.hidden) + cfg.kv_lora_rank + cfg.qk_rope_head_dim
         attn_bwd = [sh.t * lat * ab]
     else:
-        attn_bwd = [u] if lw.sums_input_grads else [u] * 3
+        attn_bwd = [u] if lw.sums_input_grads or cfg.fused_qkv else [u] * 3  # fused: one input gradient
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue

@@ -4,7 +4,9 @@ Key: sha256 over the model's architecture (`ModelConfig.fingerprint()`), the wor
 spec, the resolved target, `max_compile_devices`, the hardware fields a compile depends on (name,
 platform, chip, HBM and its reserve, TPU generation), the compiler stack's versions (jax, jaxlib,
 libtpu, the CUDA plugin), the XLA flags in force (`XLA_FLAGS`, `LIBTPU_INIT_ARGS`; the emulated
-device count is left out, since the worker sets it per request) and a digest of the source of the
+device count is left out, since the worker sets it per request), the target's own XLA flags
+(`codesign.compile.flags.resolve_flags`: the platform's overlap defaults with the request's overrides)
+and a digest of the source of the
 whole `codesign` package: a change to a model, a rule, a remat policy or the HLO walker changes the
 compiled program or its reading, so it must never be served an old report.
 
@@ -26,6 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from codesign.compile.flags import resolve_flags
 from codesign.compile.worker import CompileRequest
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport
@@ -102,6 +105,9 @@ def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
         "hardware": hardware_key(req.hardware),
         "versions": versions(),
         "flags": xla_flags(),
+        "target_flags": resolve_flags(
+            req.target, req.hardware.platform, req.xla_flags, req.hardware.tpu_generation
+        ),
         "code": code or _code_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -28,6 +28,14 @@ Counting rules (all per device, per execution of ENTRY):
   reported as ``reduce-scatter``). A multi-slice TPU program's cross-slice part is a megascale
   host-transfer ``send``/``recv`` pair (:mod:`codesign.compile.megascale`): the ``send`` counts as the
   collective it implements, over the mesh axes its device groups vary along (``device_ids``).
+  One collective that appears in several fusions of a computation
+  with the same ``channel_id`` counts once: TPU's async collective fusion prints the all-gather in
+  its start fusion, in every compute fusion that carries it forward, and in its done fusion.
+* Overlap (a scheduled module prints each computation in execution order): an async collective's
+  window is the compute of the instructions strictly between its first and last appearance (start,
+  carrying fusions, done), shared equally among the collectives in flight at each instruction; it is
+  summed per row in ``Collective.overlap`` with ``async_count``. A collective's start and done in the
+  same computation is the only pairing read (XLA schedules each computation on its own).
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import numpy as np
 
 from codesign.compile import hlo_parse as hp
 from codesign.compile import megascale
-from codesign.report import Collective
+from codesign.report import Collective, OverlapWindow
 
 _TRANSCENDENTAL = frozenset(
     {
@@ -148,6 +156,7 @@ class HloStats:
     matmul_bytes: float = 0.0  # the part of bytes_accessed moved by ops that contain a matmul
     # Instructions parsed but not understood by the walk ("opcode name: error"), each one left uncounted.
     skipped_instructions: tuple[str, ...] = ()
+    scheduled: bool = False  # the module is scheduled: collectives' async_count/overlap are its schedule's
 
     @property
     def skipped(self) -> int:
@@ -155,21 +164,33 @@ class HloStats:
         return self.skipped_lines + len(self.skipped_instructions)
 
 
+# Per collective row the walk accumulates a vector: occurrences, occurrences issued asynchronously,
+# then the compute scheduled between their start and done (OverlapWindow's fields, in order).
+
+
 class _Acc:
-    __slots__ = ("bytes", "coll", "flops", "mm", "mm_bytes", "trans")
+    __slots__ = ("bytes", "coll", "flops", "fused_coll", "mm", "mm_bytes", "trans")
 
     def __init__(self) -> None:
         self.flops = self.mm = self.trans = self.bytes = self.mm_bytes = 0.0
-        self.coll: dict[tuple, float] = {}
+        self.coll: dict[tuple, np.ndarray] = {}
+        # Collectives inside a fused computation, (channel id or None, row): the fusion's caller decides
+        # whether each one is new or a continuation of an async collective fusion it has already seen.
+        self.fused_coll: list[tuple[int | None, tuple]] = []
 
-    def add(self, other: _Acc, k: float = 1.0) -> None:
+    def add(self, other: _Acc, k: float = 1.0, coll: bool = True) -> None:
         self.flops += other.flops * k
         self.mm += other.mm * k
         self.trans += other.trans * k
         self.bytes += other.bytes * k
         self.mm_bytes += other.mm_bytes * k
-        for key, c in other.coll.items():
-            self.coll[key] = self.coll.get(key, 0.0) + c * k
+        if coll:
+            for key, c in other.coll.items():
+                self.coll[key] = self.coll.get(key, 0.0) + c * k
+
+    def work(self) -> np.ndarray:
+        """The compute this accumulates, in the window layout of a collective row."""
+        return np.array([self.flops, self.mm, self.bytes, self.mm_bytes, self.trans])
 
 
 def _elems(shape: str) -> int:
@@ -378,6 +399,7 @@ class _Walker:
         self.loops: dict[str, tuple[str, int, str]] = {}
         self.active: set[str] = set()
         self.skipped: list[str] = []
+        self.started: dict[tuple[str, str], object] = {}  # (computation, instruction) -> collective key
 
     # -- collectives ------------------------------------------------------------------------
     def _axes_of(self, groups: list[list[int]]) -> tuple[str, ...]:
@@ -439,18 +461,99 @@ class _Walker:
         if comp is None or name in self.active:
             return acc
         self.active.add(name)
-        for ins in comp.instrs:
-            try:
-                self._instr(ins, comp, fused, acc)
-            except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError) as e:
-                # Counted and named, never silent: a parser gap would otherwise quietly lower FLOPs.
-                self.skipped.append(f"{ins.opcode} {ins.name}: {type(e).__name__}")
+        if fused:
+            for ins in comp.instrs:
+                self._guarded(ins, comp, True, acc)
+        else:
+            self._walk_scheduled(comp, acc)
         self.active.discard(name)
         self.memo[key] = acc
         return acc
 
-    def _instr(self, ins: hp.Instr, comp: hp.Computation, fused: bool, acc: _Acc) -> None:
+    def _guarded(self, ins: hp.Instr, comp: hp.Computation, fused: bool, acc: _Acc) -> list:
+        try:
+            return self._instr(ins, comp, fused, acc)
+        except (ValueError, IndexError, KeyError, TypeError, ZeroDivisionError, OverflowError) as e:
+            # Counted and named, never silent: a parser gap would otherwise quietly lower FLOPs.
+            self.skipped.append(f"{ins.opcode} {ins.name}: {type(e).__name__}")
+            return []
+
+    def _walk_scheduled(self, comp: hp.Computation, acc: _Acc) -> None:
+        """A computation that runs (not fused), in its printed order, which is XLA's schedule
+        (``is_scheduled=true``). Each collective is a key seen at one or more positions: a synchronous
+        one at one, an async one at its start, its done and (TPU async collective fusion) the compute
+        fusions that carry it forward in between. The compute at the positions strictly inside a
+        collective's span is its window, shared equally by every collective in flight there. A loop
+        body whose collective is done before it is started (issued for the next iteration) wraps: its
+        window is the rest of the body after the start and the body's beginning up to the done."""
+        spans: dict[object, list[int]] = {}
+        rows: dict[object, list[tuple]] = {}
+        work, roles = [], []
+        for i, ins in enumerate(comp.instrs):
+            ia = _Acc()
+            for key, row in self._guarded(ins, comp, False, ia):
+                pos = spans.setdefault(key, [])
+                if row is not None and not pos:  # counted once, where it first appears
+                    rows.setdefault(key, []).append(row)
+                if not pos or pos[-1] != i:
+                    pos.append(i)
+            acc.add(ia)
+            work.append(ia.work())
+            roles.append(self._role(ins))
+        n = len(work)
+        inside: dict[object, list[int]] = {}
+        for key, pos in spans.items():
+            first, last = pos[0], pos[-1]
+            if roles[first] == "done" and roles[last] == "start":
+                inside[key] = list(range(last + 1, n)) + list(range(first))
+            else:
+                inside[key] = list(range(first + 1, last))
+        ends = {p for pos in spans.values() for p in (pos[0], pos[-1])}
+        in_flight: dict[int, int] = {}
+        for idx in inside.values():
+            for i in idx:
+                in_flight[i] = in_flight.get(i, 0) + 1
+        for key, key_rows in rows.items():
+            window = sum((work[i] / in_flight[i] for i in inside[key] if i not in ends), np.zeros(5))
+            is_async = 1.0 if len(spans[key]) > 1 else 0.0
+            for row in key_rows:
+                vec = np.concatenate(([1.0, is_async], window / len(key_rows)))
+                acc.coll[row] = acc.coll.get(row, 0.0) + vec
+
+    def _role(self, ins: hp.Instr) -> str | None:
+        """ "start" / "done" for an instruction that starts or completes an async collective."""
         op = ins.opcode
+        if op == "async-start" or (op.endswith("-start") and op[: -len("-start")] in _COLLECTIVES):
+            return "start"
+        if op != "async-update" and _ends_async(op):
+            return "done"
+        if op == "fusion":  # TPU async collective fusion: the fused root says which end it is
+            subs = hp.called(ins.attrs, "calls")
+            fused = self.m.computations.get(subs[0]) if subs else None
+            target = (hp.attr(fused.root.attrs, "custom_call_target") or "") if fused and fused.root else ""
+            if "AsyncCollectiveStart" in target:
+                return "start"
+            if "AsyncCollectiveDone" in target:
+                return "done"
+        return None
+
+    def _key(self, comp: hp.Computation, ins: hp.Instr, channel: int | None) -> object:
+        """A collective's identity in its computation: its channel id (shared by the start, continuation
+        and done fusions of one TPU async collective) or else the instruction that starts it."""
+        key = ("channel", channel) if channel is not None else ("instr", ins.name)
+        self.started[(comp.name, ins.name)] = key
+        return key
+
+    def _started_by(self, comp: hp.Computation, name: str) -> object:
+        while (ins := comp.by_name.get(name)) is not None and ins.opcode == "async-update" and ins.operands:
+            name = ins.operands[0]
+        return self.started.get((comp.name, name), ("instr", name))
+
+    def _instr(self, ins: hp.Instr, comp: hp.Computation, fused: bool, acc: _Acc) -> list:
+        """Count one instruction into `acc`; return the collectives it starts, carries or ends at this
+        level as (key, row or None) (fused: nothing, they go to ``acc.fused_coll``)."""
+        op = ins.opcode
+        events: list[tuple[object, tuple | None]] = []
         kind, start = _collective_kind(op)
         if kind == "recv" and megascale.is_megascale(ins.attrs):
             kind = None  # the receiving half of a cross-slice collective its send already counts
@@ -458,28 +561,42 @@ class _Walker:
             row = self._collective(ins, comp, kind, start)
             if kind == "all-reduce" and fused and _is_scatter_fusion(comp, ins):
                 row = ("reduce-scatter",) + row[1:]
-            acc.coll[row] = acc.coll.get(row, 0.0) + 1
+            if fused:
+                acc.fused_coll.append((_channel(ins), row))
+            else:
+                events.append((self._key(comp, ins, _channel(ins)), row))
+        elif _ends_async(op) and ins.operands and not fused:
+            events.append((self._started_by(comp, ins.operands[0]), None))
         if op == "while":
             n, source = hp.loop_trip_count(ins, comp, self.m)
             self.loops.setdefault(ins.name, (ins.name, n, source))
             for c in hp.called(ins.attrs, "body") + hp.called(ins.attrs, "condition"):
                 acc.add(self.walk(c, False), n)
-            return
+            return events
         if op == "fusion":
             subs = hp.called(ins.attrs, "calls")
             mm_before = acc.mm
             for c in subs:
-                acc.add(self.walk(c, True))
+                sub = self.walk(c, True)
+                acc.add(sub)
+                if fused:
+                    acc.fused_coll.extend(sub.fused_coll)
+                else:
+                    events += [(self._key(comp, ins, ch), row) for ch, row in sub.fused_coll]
             if not fused:
                 nbytes = _fusion_bytes(ins, comp, self.m.computations.get(subs[0]) if subs else None)
                 acc.bytes += nbytes
                 if acc.mm > mm_before:
                     acc.mm_bytes += nbytes
-            return
+            return events
         if op in ("call", "async-start"):
             for c in hp.called(ins.attrs, "to_apply") + hp.called(ins.attrs, "calls"):
-                acc.add(self.walk(c, fused))
-            return
+                if op == "async-start" and not fused:  # the wrapped op is one async collective here
+                    acc.add(self.walk(c, False), coll=False)
+                    events += [(self._key(comp, ins, ch), row) for ch, row in self.walk(c, True).fused_coll]
+                else:
+                    acc.add(self.walk(c, fused))
+            return events
         if op == "conditional":
             names = (
                 hp.called(ins.attrs, "branch_computations")
@@ -489,11 +606,11 @@ class _Walker:
             branches = [self.walk(c, fused) for c in names]
             if branches:  # the costliest branch: an upper bound on one execution
                 acc.add(max(branches, key=lambda b: (b.flops, b.bytes)))
-            return
+            return events
         mm_before = acc.mm
         _compute(ins, comp, acc)
         if fused or op in _NO_BYTES:
-            return
+            return events
         bytes_before = acc.bytes
         if kind is not None and start:
             acc.bytes += _operand_bytes(ins, comp) + row[1]
@@ -512,6 +629,19 @@ class _Walker:
             acc.bytes += _operand_bytes(ins, comp) + hp.shape_bytes(ins.shape)
         if acc.mm > mm_before:
             acc.mm_bytes += acc.bytes - bytes_before
+        return events
+
+
+def _channel(ins: hp.Instr) -> int | None:
+    v = hp.int_list(hp.attr(ins.attrs, "channel_id"))
+    return v[0] if v else None
+
+
+def _ends_async(op: str) -> bool:
+    """An op that carries or completes an async collective started earlier in the same computation."""
+    if op in ("async-update", "async-done"):
+        return True
+    return op.endswith("-done") and op[: -len("-done")] in _COLLECTIVES
 
 
 def _largest_component(pairs: list[tuple[int, int]]) -> int:
@@ -563,8 +693,18 @@ def analyze_hlo(
     walker = _Walker(module, list(mesh_shape) if mesh_shape else None, device_ids, multislice)
     acc = walker.walk(module.entry, False) if module.entry else _Acc()
     collectives = tuple(
-        Collective(kind=k, bytes=b, group_size=g, mesh_axes=axes, count=round(c), dtype=dt, network=net)
-        for (k, b, g, axes, dt, net), c in acc.coll.items()
+        Collective(
+            kind=k,
+            bytes=b,
+            group_size=g,
+            mesh_axes=axes,
+            count=round(v[0]),
+            dtype=dt,
+            network=net,
+            async_count=round(v[1]),
+            overlap=OverlapWindow(*(float(x) for x in v[2:])),
+        )
+        for (k, b, g, axes, dt, net), v in acc.coll.items()
     )
     return HloStats(
         flops=acc.flops,
@@ -577,4 +717,5 @@ def analyze_hlo(
         skipped_lines=module.skipped_lines,
         matmul_bytes=acc.mm_bytes,
         skipped_instructions=tuple(walker.skipped),
+        scheduled=module.scheduled,
     )

@@ -122,6 +122,7 @@ class Module:
     entry: str | None
     num_partitions: int | None
     skipped_lines: int
+    scheduled: bool = False  # `is_scheduled=true`: each computation is printed in its execution order
 
 
 def _balanced(text: str, start: int, open_ch: str, close_ch: str) -> int:
@@ -211,7 +212,7 @@ def parse_module(text: str) -> Module:
             c.root = c.instrs[-1]
     if entry is None and comps:
         entry = list(comps)[-1]
-    return Module(comps, entry, num_partitions, skipped)
+    return Module(comps, entry, num_partitions, skipped, "is_scheduled=true" in text[:4000])
 
 
 def attr(attrs: str, key: str) -> str | None:

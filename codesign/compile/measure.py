@@ -18,6 +18,7 @@ becomes a row. Finished reports are cached as they arrive (timeouts never are), 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -104,6 +105,7 @@ def _compile(req: CompileRequest, timeout_s: float) -> CompileReport:
         timeout_s,
         req.save_hlo,
         req.max_compile_devices,
+        req.xla_flags,
     )
 
 
@@ -124,13 +126,7 @@ def _resolved(req: CompileRequest) -> CompileRequest | CompileReport:
         target = resolve_target(req.target, req.hardware)
     except TargetError as e:
         return CompileReport(outcome="error", target=str(req.target), stage="build", message=str(e))
-    return (
-        req
-        if target == req.target
-        else CompileRequest(
-            req.cfg, req.workload, req.strategy, req.hardware, target, req.save_hlo, req.max_compile_devices
-        )
-    )
+    return req if target == req.target else dataclasses.replace(req, target=target)
 
 
 def measure(

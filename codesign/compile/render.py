@@ -35,6 +35,8 @@ def report_tables(cfg, strategy, hardware, report, estimate) -> list:
         head.add_row(
             "out of memory", f"needs {_gb(report.oom_required_bytes)} > {_gb(report.oom_available_bytes)}"
         )
+    if report.xla_flags:
+        head.add_row("XLA flags", " ".join(f"--{k}={v}" for k, v in sorted(report.xla_flags.items())))
     for note in report.notes:
         head.add_row("note", note)
     est = Table(title="estimate")
@@ -61,7 +63,7 @@ def report_tables(cfg, strategy, hardware, report, estimate) -> list:
         estimate.evidence,
     )
     coll = Table(title="collectives per step (per device)")
-    for col in ("kind", "mesh axes", "group", "count", "bytes each", "bytes total"):
+    for col in ("kind", "mesh axes", "group", "count", "async", "bytes each", "bytes total", "hidden"):
         coll.add_column(col)
     groups: dict[tuple, list] = defaultdict(list)
     for c in report.collectives:
@@ -71,12 +73,15 @@ def report_tables(cfg, strategy, hardware, report, estimate) -> list:
     ):
         count = sum(c.count for c in cs)
         total = sum(c.bytes * c.count for c in cs)
+        hidden = estimate.overlap.get(f"{'/'.join(axes)} {kind}")
         coll.add_row(
             kind,
             ",".join(axes) or "-",
             str(group),
             str(count),
+            str(sum(c.async_count for c in cs)),
             f"{total / count / 1e6:.2f} MB",
             f"{total / 1e6:.1f} MB",
+            f"{hidden['hidden']:.0%} ({hidden['source']})" if hidden else "-",
         )
     return [head, est, coll] + [f"  {r}" for r in estimate.reasons]

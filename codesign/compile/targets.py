@@ -49,6 +49,7 @@ from typing import Any
 from codesign import _compat
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import analytic_report
+from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
@@ -452,9 +453,11 @@ def compile_candidate(
     *,
     save_hlo: str | None = None,
     max_compile_devices: int | None = None,
+    xla_flags: Flags | None = None,
 ) -> CompileReport:
     """Compile one candidate's train step in this process and report what the compiler produced.
 
+    `xla_flags` overrides the target's overlap flags (`codesign.compile.flags.resolve_flags`).
     Never raises for the candidate: failures are `error` (with stage) or `oom` reports.
     """
     try:
@@ -475,8 +478,10 @@ def compile_candidate(
         plan = plan_compile(cfg, workload, strategy, target, hardware, max_compile_devices)
     except (TargetError, ValueError) as e:
         return _error("build", e, target=target, full_mesh=strategy.mesh)
+    flags = dict(resolve_flags(target, hardware.platform, xla_flags, hardware.tpu_generation))
     base = {
         "target": target,
+        "xla_flags": flags,  # what the compile applied (rejected flags are dropped below)
         "mesh": plan.strategy.mesh,
         "full_mesh": plan.full_mesh,
         "pipeline_stages": plan.pipeline_stages,
@@ -501,7 +506,7 @@ def compile_candidate(
     except Exception as e:  # noqa: BLE001
         return _error("lower", e, notes=tuple(notes), **base)
     try:
-        compiled = lowered.compile()
+        compiled = _compile_with_flags(lowered, flags, notes)
     except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}".strip()
         oom = parse_oom(msg)
@@ -525,12 +530,14 @@ def compile_candidate(
         from codesign.compile.hlo import analyze_hlo
 
         try:
-            text = compiled.as_text()
+            text, route = _compat.compiled_hlo_text(compiled)
         except Exception as e:  # noqa: BLE001
             # Seen with libtpu 0.0.52 on 70B-class steps: the compile succeeds, but turning the TPU
             # executable back into HLO text fails a RET_CHECK ("async-update instruction should have
             # 1 operands but sees 3"). The compiler's memory analysis still holds, so keep it.
             return _memory_only_report(compiled, hardware, target, compile_s, e, notes, base)
+        if route != "as_text":
+            notes.append(f"HLO text read through {route} (compiled.as_text() failed)")
         if save_hlo:
             os.makedirs(os.path.dirname(os.path.abspath(save_hlo)), exist_ok=True)
             with open(save_hlo, "w") as f:
@@ -591,8 +598,27 @@ def compile_candidate(
         skipped_instructions=stats.skipped,
         skipped_examples=stats.skipped_instructions[:8],
         closed_form_collective_ratio=_closed_form_ratio(plan, target, stats.collectives),
+        overlap_from_schedule=stats.scheduled and platform_of(target, hardware.platform) in ("tpu", "gpu"),
         **base,
     )
+
+
+def _compile_with_flags(lowered, flags: dict[str, str], notes: list[str]):
+    """`lowered.compile` with the target's flags; flags this compiler refuses (an unknown option, or an
+    error that names them) are dropped from `flags` (in place, so the report records what applied),
+    named in `notes`, and the compile retried."""
+    while True:
+        try:
+            return lowered.compile(compiler_options=dict(flags)) if flags else lowered.compile()
+        except Exception as e:  # re-raised unless it refuses flags we passed
+            msg = str(e).strip()
+            bad = refused_flags(msg, flags)
+            if not bad:
+                raise
+            for k in bad:
+                del flags[k]
+            first = msg.splitlines()[0][:160] if msg else type(e).__name__
+            notes.append(f"xla flags {', '.join(bad)} refused by this compiler ({first}): dropped")
 
 
 def _closed_form_ratio(plan: CompilePlan, target: str, collectives) -> float | None:

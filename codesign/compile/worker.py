@@ -53,6 +53,8 @@ class CompileRequest:
     target: str = "auto"
     save_hlo: str | None = None
     max_compile_devices: int | None = None
+    # Overrides of the target's XLA flags (codesign.compile.flags); None: the platform's overlap defaults.
+    xla_flags: tuple[tuple[str, str], ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -63,6 +65,7 @@ class CompileRequest:
             "target": self.target,
             "save_hlo": self.save_hlo,
             "max_compile_devices": self.max_compile_devices,
+            "xla_flags": [list(kv) for kv in self.xla_flags] if self.xla_flags is not None else None,
         }
 
     @classmethod
@@ -75,6 +78,7 @@ class CompileRequest:
             target=d.get("target", "auto"),
             save_hlo=d.get("save_hlo"),
             max_compile_devices=d.get("max_compile_devices"),
+            xla_flags=tuple((k, v) for k, v in d["xla_flags"]) if d.get("xla_flags") is not None else None,
         )
 
 
@@ -127,6 +131,7 @@ def compile_in_subprocess(
     timeout_s: float = 600.0,
     save_hlo: str | None = None,
     max_compile_devices: int | None = None,
+    xla_flags: tuple[tuple[str, str], ...] | None = None,
 ) -> CompileReport:
     """`compile_candidate` in a fresh Python process; never raises for the candidate."""
     from codesign.compile.targets import TargetError, resolve_target
@@ -135,7 +140,7 @@ def compile_in_subprocess(
         target = resolve_target(target, hardware)
     except TargetError as e:
         return CompileReport(outcome="error", target=str(target), stage="build", message=str(e))
-    req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices)
+    req = CompileRequest(cfg, workload, strategy, hardware, target, save_hlo, max_compile_devices, xla_flags)
     env = child_env(req, target)
     t0 = time.perf_counter()
     proc = subprocess.Popen(
@@ -239,6 +244,7 @@ def main() -> int:
         req.target,
         save_hlo=req.save_hlo,
         max_compile_devices=req.max_compile_devices,
+        xla_flags=req.xla_flags,
     )
     real_stdout.write(json.dumps(report.to_json(), default=str) + "\n")
     real_stdout.flush()

@@ -27,19 +27,20 @@ Model (all per device, seconds):
 - collectives: each report row timed by `collective_time_on_axes` on the network levels
   `assign_levels(strategy.mesh, hardware)` gives each mesh axis. Groups are taken from the FULL
   strategy mesh, so a report compiled on a reduced data axis is scaled back automatically.
-- overlap: all-gathers, reduce-scatters and all-reduces over batch-like axes only (data, fsdp, expert:
-  FSDP weight gathers and gradient reductions) run asynchronously under XLA's latency-hiding scheduler
-  and hide behind compute, up to OVERLAP_FRACTION of it (the first layer's gather and the last
-  layer's reduction have nothing to hide behind, and collective kernels take SMs/HBM bandwidth from
-  the matmuls they overlap). Anything on tensor or sequence (Megatron partial sums, K/V gathers: the
-  next op needs them) and every all-to-all and permute is exposed.
+- overlap (`codesign.cost.overlap`): from the compiler's schedule when the report read one (a TPU/GPU
+  compile: each async collective hides up to the compute XLA scheduled between its start and done,
+  timed with this same roofline; synchronous ones are exposed); otherwise a per-kind model, each kind
+  with its assumption: FSDP gathers under the previous layer's compute, gradient reductions under the
+  next layer's backward, a once-per-step data reduction under the last microbatch's backward, tensor
+  all-gather/reduce-scatter under their matmul only with collective matmul on, tensor all-reduces,
+  all-to-alls and permutes exposed. `Estimate.overlap` records each row's hidden fraction and source.
 - pipeline p > 1: the report is ONE stage running all m microbatches: one device's work. It is
   split into per-chunk forward/backward times (`pipeline.chunk_times`) and the strategy's schedule
   (gpipe, 1f1b, interleaved with V chunks, dualpipe) prices step, bubble and point-to-point transfers
   of b x s x d x 2 / tensor bytes (Megatron's scatter/gather: each tensor rank sends its share) over
   the pipeline axis's level (`closed_form/pipeline.py`). For 1F1B-like
   schedules the bubble is the p - 1 idle ticks, (p - 1)/(V m + p - 1) of the step. DualPipe hides the
-  share of the all-to-all its paired chunks overlap (`pipeline.overlapped_fraction`).
+  share of the still-exposed all-to-all its paired chunks overlap (`pipeline.overlapped_fraction`).
 - MFU = arithmetic.train_flops_per_token(cfg, S) x B / (step x devices x bf16 peak).
 - memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
   gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
@@ -50,14 +51,17 @@ Model (all per device, seconds):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from codesign import arithmetic
 from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
 from codesign.closed_form import pipeline as PL
 from codesign.closed_form import remat as R
+from codesign.closed_form.params import replica_axes, zero_level
+from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
+from codesign.cost import overlap as O
 from codesign.cost.collectives import KINDS, normalize_kind
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
 from codesign.hardware.catalog import FrozenMap, Hardware
@@ -65,10 +69,8 @@ from codesign.report import CompileReport
 from codesign.sharding.strategy import Strategy
 from codesign.units import fmt_bytes as _gb
 
-OVERLAP_FRACTION = 0.8
 STRUCTURE_TOLERANCE = 0.25
 VECTOR_FRACTION_OF_BF16 = 1 / 16
-_HIDEABLE = frozenset({"all-gather", "reduce-scatter", "all-reduce"})
 _NATIVE = {"tpu": ("tpu", "attached"), "gpu": ("gpu", "attached"), "cpu": ("cpu", "attached")}
 
 
@@ -114,6 +116,9 @@ class Estimate:
     evidence: str
     reasons: tuple[str, ...]
     placements: FrozenMap  # mesh axis -> {"level", "levels", "reason"}
+    # "<axes> <kind>" -> {"s": seconds before overlap, "hidden": fraction hidden, "source": "schedule" or
+    # the per-kind model's class}
+    overlap: FrozenMap = field(default_factory=lambda: FrozenMap({}))
 
     @property
     def busy_s(self) -> float:
@@ -128,6 +133,7 @@ class Estimate:
             "collective_s": dict(self.collective_s),
             "exposed_collective_s": self.exposed_collective_s,
             "pipeline_bubble_s": self.pipeline_bubble_s,
+            "overlap": {k: dict(v) for k, v in self.overlap.items()},
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -224,6 +230,8 @@ class _Roofline:
     reasons: tuple[str, ...]
     evidence: str
     collectives: tuple
+    rates: O.Rates
+    schedule: bool  # the collectives are the report's own, with overlap read from its schedule
 
     @property
     def busy(self) -> float:
@@ -275,19 +283,20 @@ def _roofline(x: _Inputs) -> _Roofline:
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     n = matmul_size(x.cfg, x.workload, x.strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
-    hbm_rate = hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm
-    compute_s = max(timing.matmul_flops / (peak * frac), mm_traffic / hbm_rate)
-    memory_s = max(traffic - mm_traffic, 0.0) / hbm_rate
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
-    vector_s = (
-        max(timing.flops - timing.matmul_flops, 0.0) / vector_rate + timing.transcendentals / vector_rate
+    rates = O.Rates(peak * frac, hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm, vector_rate)
+    compute_s, memory_s, vector_s = rates.kernels(
+        timing.flops, timing.matmul_flops, traffic, mm_traffic, timing.transcendentals
     )
     reasons.append(
         f"matmul kernels {_ms(compute_s)} at {frac:.0%} of {dtype} peak (n~{n:.0f}); "
         f"memory-bound kernels {_ms(max(memory_s, vector_s))} "
         f"({_gb(traffic - mm_traffic)} of HBM traffic)"
     )
-    return _Roofline(compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives))
+    schedule = timing is report and x.native and report.overlap_from_schedule
+    return _Roofline(
+        compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives), rates, schedule
+    )
 
 
 @dataclass(frozen=True)
@@ -295,39 +304,67 @@ class _Network:
     by_kind: dict[str, float]
     exposed: float
     reasons: tuple[str, ...]
+    overlap: FrozenMap
 
 
-def _collectives(x: _Inputs, collectives, busy: float, placements: dict[str, AxisPlacement]) -> _Network:
-    """Each collective timed on the network levels of its mesh axes; batch-axis ones hide behind compute."""
+def _overlap_context(x: _Inputs, roof: _Roofline) -> O.Context:
+    dense, moe = arithmetic.stage_layers(x.cfg, x.strategy.size("pipeline"))
+    m = x.strategy.microbatches
+    once = m > 1 or zero_level(x.cfg, x.strategy) > 0  # the train step's own once-per-step reduction
+    return O.Context(
+        busy_s=roof.busy,
+        matmul_s=roof.compute_s,
+        layers=dense + moe,
+        microbatches=m,
+        batch_axes=frozenset(x.strategy.batch_axes),
+        step_sync_axes=frozenset(replica_axes(x.cfg, x.strategy)) if once else frozenset(),
+        collective_matmul=collective_matmul_on(x.report.xla_flags),
+    )
+
+
+def _collectives(x: _Inputs, roof: _Roofline, placements: dict[str, AxisPlacement]) -> _Network:
+    """Each collective timed on the network levels of its mesh axes, then the part hidden behind compute
+    (from the schedule, or the per-kind model: `codesign.cost.overlap`)."""
     order = [a for a, _ in x.strategy.mesh]
-    hideable_axes = frozenset(x.strategy.batch_axes) | {"pipeline"}
     by_kind: dict[str, float] = {}
-    hideable = exposed = 0.0
-    exposed_by: dict[str, float] = {}
-    for c in collectives:
+    timed = []
+    for c in roof.collectives:
         kind = _kind(c.kind)
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:
             continue
         t = collective_time_on_axes(kind, c.bytes, axes, placements, network=c.network) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
-        if kind in _HIDEABLE and set(axes) <= hideable_axes:
-            hideable += t
-        else:
-            exposed += t
-            label = f"{'/'.join(axes)} {kind}"
-            exposed_by[label] = exposed_by.get(label, 0.0) + t
-    hidden = min(hideable, OVERLAP_FRACTION * busy)
-    exposed += hideable - hidden
+        timed.append(O.Timed(kind, axes, t, c))
+    if roof.schedule:
+        hidden = O.from_schedule(timed, roof.rates)
+    else:
+        hidden = O.from_model(timed, _overlap_context(x, roof))
+    hidden = O.cap(hidden, roof.busy)
+    per: dict[str, list[float]] = {}
+    source: dict[str, str] = {}
+    for h in hidden:
+        acc = per.setdefault(h.label, [0.0, 0.0])
+        acc[0] += h.seconds
+        acc[1] += h.hidden
+        source[h.label] = h.source
+    exposed = sum(t - hid for t, hid in per.values())
+    how = "from the compiler's schedule" if roof.schedule else "per-kind model"
     reasons = []
-    if hideable > 0:
-        reasons.append(
-            f"fsdp/data collectives {hidden / hideable:.0%} hidden behind compute "
-            f"({_ms(hideable)} of {_ms(OVERLAP_FRACTION * busy)} overlap room)"
-        )
-    for label, t in sorted(exposed_by.items(), key=lambda kv: -kv[1])[:3]:
-        reasons.append(f"{label} exposed: {_ms(t)}")
-    return _Network(by_kind, exposed, tuple(reasons))
+    total, hid = sum(t for t, _ in per.values()), sum(h for _, h in per.values())
+    if total > 0:
+        reasons.append(f"collectives {hid / total:.0%} hidden behind compute ({how})")
+    for label, (t, h) in sorted(per.items(), key=lambda kv: -(kv[1][0] - kv[1][1]))[:3]:
+        if t - h > 0:
+            why = "" if roof.schedule else f": {O.ASSUMPTIONS.get(source[label], '')}"
+            reasons.append(f"{label} exposed: {_ms(t - h)} of {_ms(t)}{why}")
+    overlap = FrozenMap(
+        {
+            label: FrozenMap({"s": t, "hidden": h / t if t > 0 else 0.0, "source": source[label]})
+            for label, (t, h) in per.items()
+        }
+    )
+    return _Network(by_kind, exposed, tuple(reasons), overlap)
 
 
 def _pipeline(
@@ -400,9 +437,13 @@ def estimate_from_report(
         )
 
     roof = _roofline(x)
-    net = _collectives(x, roof.collectives, roof.busy, placements)
+    net = _collectives(x, roof, placements)
+    # The all-to-all the overlap model left exposed: what DualPipe's paired chunks can still hide.
+    a2a_exposed = sum(
+        o["s"] * (1 - o["hidden"]) for label, o in net.overlap.items() if label.endswith(" all-to-all")
+    )
     step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(
-        x, roof.busy + net.exposed, net.by_kind.get("all-to-all", 0.0), placements
+        x, roof.busy + net.exposed, a2a_exposed, placements
     )
     by_kind, exposed = dict(net.by_kind), net.exposed - a2a_hidden
     if p2p:
@@ -447,6 +488,7 @@ def estimate_from_report(
         evidence=evidence,
         reasons=tuple(reasons),
         placements=pl,
+        overlap=net.overlap,
     )
 
 

@@ -85,11 +85,19 @@ class Attention(nnx.Module):
         self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype, param_dtype, impl: str | None, remat: str = "none"
     ):
         d, n, k, h = cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim
-        self.wq = param(rngs, (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
-        self.wk = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
-        self.wv = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
+        self.fused = cfg.fused_qkv
+        if self.fused:  # one [d, k, g + 2, h] weight: per kv group, its g query heads, then k, then v
+            group = (A.KV_HEADS, A.QKV, A.HEAD_DIM)
+            self.wqkv = param(rngs, (d, k, n // k + 2, h), (A.EMBED, *group), param_dtype)
+            if cfg.qkv_bias:
+                z = jax.nn.initializers.zeros
+                self.bqkv = param(rngs, (k, n // k + 2, h), group, param_dtype, z)
+        else:
+            self.wq = param(rngs, (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM), param_dtype)
+            self.wk = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
+            self.wv = param(rngs, (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM), param_dtype)
         self.wo = param(rngs, (n, h, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
-        if cfg.qkv_bias:
+        if cfg.qkv_bias and not self.fused:
             z = jax.nn.initializers.zeros
             self.bq = param(rngs, (n, h), (A.HEADS, A.HEAD_DIM), param_dtype, z)
             self.bk = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
@@ -103,6 +111,11 @@ class Attention(nnx.Module):
     def project(self, x):
         """The input projections (what reads the block's input x): q, k, v."""
         c = lambda p: p[...].astype(self.dtype)
+        if self.fused:
+            qkv = jnp.einsum("btd,dkgh->btkgh", x, c(self.wqkv))
+            if self.qkv_bias:
+                qkv = qkv + c(self.bqkv)
+            return split_qkv(name(qkv, C.QKV_PROJ))
         q = jnp.einsum("btd,dnh->btnh", x, c(self.wq))
         k = jnp.einsum("btd,dkh->btkh", x, c(self.wk))
         v = jnp.einsum("btd,dkh->btkh", x, c(self.wv))
@@ -119,6 +132,22 @@ class Attention(nnx.Module):
         v = constrain(v, heads)
         o = name(constrain(attention_core(q, k, v, self.impl, self.remat), heads), C.CONTEXT)
         return name(jnp.einsum("btnh,nhd->btd", o, c(self.wo)), C.OUT_PROJ)
+
+
+def split_qkv(qkv):
+    """[..., k, g + 2, h] (per kv group: g query heads, k, v) -> q [..., k*g, h], k and v [..., k, h].
+    Query head j of group i becomes head i*g + j: the grouping jax.nn.dot_product_attention uses."""
+    g = qkv.shape[-2] - 2
+    q = qkv[..., :g, :]
+    return q.reshape(*q.shape[:-3], q.shape[-3] * g, q.shape[-1]), qkv[..., g, :], qkv[..., g + 1, :]
+
+
+def fuse_qkv(wq, wk, wv):
+    """Separate q [d, n, h], k and v [d, k, h] weights (or biases without d) -> the fused layout
+    [d, k, n/k + 2, h]: how a checkpoint saved with separate projections converts (same math)."""
+    k, h = wk.shape[-2], wk.shape[-1]
+    q = wq.reshape(*wq.shape[:-2], k, wq.shape[-2] // k, h)
+    return jnp.concatenate([q, wk[..., None, :], wv[..., None, :]], axis=-2)
 
 
 class MLAttention(nnx.Module):

@@ -32,11 +32,16 @@ def _attention(cfg: ModelConfig) -> list[tuple]:
     d, n = cfg.hidden, cfg.heads
     if cfg.attention != "mla":
         k, h = cfg.kv_heads, cfg.head_dim
+        wo = ("attn.wo", (n, h, d), (A.HEADS, A.HEAD_DIM, A.EMBED))
+        if cfg.fused_qkv:
+            fused = (k, n // k + 2, h), (A.KV_HEADS, A.QKV, A.HEAD_DIM)
+            out = [("attn.wqkv", (d, *fused[0]), (A.EMBED, *fused[1])), wo]
+            return out + ([("attn.bqkv", *fused)] if cfg.qkv_bias else [])
         out = [
             ("attn.wq", (d, n, h), (A.EMBED, A.HEADS, A.HEAD_DIM)),
             ("attn.wk", (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM)),
             ("attn.wv", (d, k, h), (A.EMBED, A.KV_HEADS, A.HEAD_DIM)),
-            ("attn.wo", (n, h, d), (A.HEADS, A.HEAD_DIM, A.EMBED)),
+            wo,
         ]
         if cfg.qkv_bias:
             out += [

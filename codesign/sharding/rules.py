@@ -200,6 +200,7 @@ def default_rules(strategy: Strategy | None = None) -> Rules:
             ("heads", "tensor"),
             ("kv_heads", "tensor"),
             ("head_dim", None),
+            ("qkv", None),
             ("q_lora", None),
             ("kv_lora", None),
             ("expert", "expert"),
