@@ -102,13 +102,14 @@ def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True)
 
 
 def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
-    """(dense, MoE) layers of the heaviest of `stages` pipeline stages: each kind divided, rounded up.
+    """(dense, MoE) layers of the heaviest of `stages` pipeline stages: ceil(layers / stages) layers,
+    MoE ones first (a MoE layer costs the dense FFN's FLOPs or more, plus its all-to-alls).
 
-    Uneven splits are allowed (DeepSeek-V3's 61 layers ran on 16 stages); the step is paced by the
-    heaviest stage, so that is the one the compiler and the cost model see.
+    Uneven splits are allowed (DeepSeek-V3's 61 layers ran on 16 stages: 4 layers on the heaviest); the
+    step is paced by the heaviest stage, so that is the one the compiler and the cost model see.
     """
     if stages <= 1:
         return cfg.dense_layers, cfg.moe_layers
-    dense = -(-cfg.dense_layers // stages) if cfg.dense_layers else 0
-    moe = -(-cfg.moe_layers // stages) if cfg.moe_layers else 0
-    return dense, moe
+    total = -(-cfg.layers // stages)
+    moe = min(cfg.moe_layers, total)
+    return total - moe, moe

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ FFN_ACTIVATIONS = ("swiglu", "gelu")
 # `ffn_activation`.
 GATE_ACTIVATIONS = ("silu", "gelu")
 ROUTERS = ("softmax", "sigmoid")
+MOE_ROUTINGS = ("capacity", "dropless")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,17 @@ class ModelConfig:
     router: str = "softmax"
     router_aux_loss_coef: float = 0.01
     capacity_factor: float = 1.25
+    # Routing (codesign.models.moe): "capacity" fills capacity_factor slots per expert per routing group
+    # and drops the overflow (GShard/Switch); "dropless" never drops (DeepSeek, MegaBlocks).
+    moe_routing: str = "capacity"
+    # Tokens per routing group; 0 = one sequence. Smaller groups let context parallelism (the sequence
+    # axis) shard the dispatch too; a model property, so every layout routes the same way.
+    moe_group_tokens: int = 0
+    # Node-limited routing (DeepSeek-V3's n_group / topk_group): experts are cut into expert_groups
+    # contiguous groups (one per node under expert parallelism) and each token goes to at most
+    # groups_per_token of them. 0 = no limit.
+    expert_groups: int = 1
+    groups_per_token: int = 0
     # Provenance: the published figures this preset must reproduce, and where they come from.
     published_params_total: float = 0.0
     published_params_active: float = 0.0
@@ -94,6 +107,26 @@ class ModelConfig:
     @property
     def moe_layers(self) -> int:
         return self.layers - self.first_dense_layers if self.is_moe else 0
+
+    def routing_group(self, seq_len: int) -> int:
+        """Tokens per MoE routing group for sequences of seq_len tokens."""
+        g = self.moe_group_tokens or seq_len
+        if seq_len % g:
+            raise ConfigError(
+                f"model {self.name!r}: moe_group_tokens={g} does not divide seq_len={seq_len}; "
+                "pick a divisor of the sequence length (or 0 for one group per sequence)"
+            )
+        return g
+
+    def expert_capacity(self, group: int) -> int:
+        """Slots per expert per routing group of `group` tokens. Dropless: every token could pick one
+        expert (top-k picks distinct experts), so `group` slots never drop; capacity: GShard's
+        ceil(k x group x capacity_factor / E)."""
+        if self.moe_routing == "dropless":
+            return group
+        return max(
+            1, math.ceil(self.experts_per_token * group * self.capacity_factor / self.n_routed_experts)
+        )
 
     @property
     def dense_layers(self) -> int:
@@ -146,6 +179,24 @@ class ModelConfig:
                 f"experts_per_token={self.experts_per_token} must be in 1..n_routed_experts",
             )
             need(self.moe_mlp_dim > 0, "MoE needs moe_mlp_dim > 0")
+            need(
+                self.moe_routing in MOE_ROUTINGS,
+                f"moe_routing={self.moe_routing!r}; use one of {MOE_ROUTINGS}",
+            )
+            need(self.moe_group_tokens >= 0, "moe_group_tokens must be >= 0 (0 = one sequence per group)")
+            need(
+                self.expert_groups >= 1 and self.n_routed_experts % self.expert_groups == 0,
+                f"expert_groups={self.expert_groups} must divide n_routed_experts={self.n_routed_experts}",
+            )
+            per_group = self.n_routed_experts // max(self.expert_groups, 1)
+            need(
+                0 <= self.groups_per_token <= self.expert_groups
+                and (
+                    not self.groups_per_token or self.groups_per_token * per_group >= self.experts_per_token
+                ),
+                f"groups_per_token={self.groups_per_token} must be 0 (no limit) or 1..expert_groups="
+                f"{self.expert_groups} with groups_per_token x experts per group >= experts_per_token",
+            )
             need(0 <= self.first_dense_layers < self.layers, "first_dense_layers must be < layers")
             # The experts (codesign.models.moe) are SwiGLU only; anything else would be counted one way
             # and built another.
@@ -199,6 +250,9 @@ WORKLOAD_MODES = ("train", "decode")
 # kernel (jax.nn.dot_product_attention(implementation="cudnn"), NVIDIA GPUs): causal tiles skipped, no
 # score traffic. The cost model and the compiled program both follow it.
 ATTENTION_IMPLS = ("xla", "cudnn")
+# GEMM precision of the cost model (`--matmul-dtype`): fp8 runs the weight matmuls (and the MoE dispatch)
+# in FP8 with BF16 attention core, embedding, LM head, router and norms, as DeepSeek-V3 trains.
+MATMUL_DTYPES = ("bf16", "fp8")
 
 
 # Short names users type, mapped to the dtype names numpy/ml_dtypes know.
@@ -244,12 +298,15 @@ class Workload:
     dtype: str = "bfloat16"  # compute dtype; master params stay float32
     param_dtype: str = "float32"
     attention: str = "xla"  # see ATTENTION_IMPLS
+    matmul_dtype: str = "bf16"  # see MATMUL_DTYPES: priced by the cost model; the program runs bf16
 
     def __post_init__(self):
         if self.mode not in WORKLOAD_MODES:
             raise ConfigError(f"workload mode {self.mode!r}; use one of {WORKLOAD_MODES}")
         if self.attention not in ATTENTION_IMPLS:
             raise ConfigError(f"attention implementation {self.attention!r}; use one of {ATTENTION_IMPLS}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"matmul dtype {self.matmul_dtype!r}; use one of {MATMUL_DTYPES}")
         for name in ("global_batch", "seq_len"):  # a plan file or profile may carry any JSON value here
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):

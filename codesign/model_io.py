@@ -391,12 +391,13 @@ def _moe(r: _Reader, mt: str, kw: dict, notes: list) -> None:
                 kw["n_routed_experts"] * (layers - first),
             )
         if (r.int("n_group", 1) or 1) > 1 and d.get("topk_method") in ("group_limited_greedy", "noaux_tc"):
-            groups = f"n_group={d.get('n_group')}, topk_group={d.get('topk_group')}"
-            _note(
-                notes,
-                f"group-limited routing ({groups}) is planned as plain top-k: same parameters and "
-                "FLOPs per token",
-            )
+            kw.update(expert_groups=r.int("n_group", 1), groups_per_token=r.int("topk_group", 0))
+            if d.get("topk_method") == "group_limited_greedy":
+                _note(
+                    notes,
+                    "group-limited routing ranks groups by the sum of their top k/M affinities "
+                    "(DeepSeek-V3's rule); V2's greedy rule ranks by the group maximum: same FLOPs",
+                )
         mtp = r.int("num_nextn_predict_layers", 0)
         if mtp:
             _note(

@@ -142,6 +142,9 @@ _add(
         moe_mlp_dim=2048,
         first_dense_layers=3,
         router="sigmoid",
+        # Node-limited routing (HF config n_group=8, topk_group=4): each token to at most 4 of 8 groups.
+        expert_groups=8,
+        groups_per_token=4,
         norm_eps=1e-6,
         published_params_total=671e9,
         published_params_active=37e9,

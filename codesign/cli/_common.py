@@ -187,6 +187,16 @@ def add_model_hw_args(sp) -> None:
     )
 
 
+def add_matmul_dtype_arg(sp) -> None:
+    sp.add_argument(
+        "--matmul-dtype",
+        default="bf16",
+        choices=("bf16", "fp8"),
+        help="GEMM precision to cost: fp8 prices weight matmuls at the FP8 rate and the MoE dispatch in "
+        "FP8 (attention core, embedding, head, router, norms stay BF16), plus the quantization passes",
+    )
+
+
 def check_attention(attention: str, hw, target: str) -> None:
     """Fail fast on `--attention cudnn` where nothing can run or compile it.
 
@@ -260,4 +270,13 @@ def resolve_model_hw(args):
     if args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)
-    return cfg, hw, dataclasses.replace(w, param_dtype=args.param_dtype, attention=args.attention)
+    return (
+        cfg,
+        hw,
+        dataclasses.replace(
+            w,
+            param_dtype=args.param_dtype,
+            attention=args.attention,
+            matmul_dtype=getattr(args, "matmul_dtype", "bf16"),
+        ),
+    )

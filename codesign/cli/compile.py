@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from codesign.cli._common import (
     UsageError,
+    add_matmul_dtype_arg,
     add_model_hw_args,
     check_output_paths,
     console,
@@ -66,6 +67,7 @@ def cmd_compile(args) -> int:
 def register(add) -> None:
     sp = add("compile", cmd_compile, "compile one candidate; print its CompileReport and Estimate")
     add_model_hw_args(sp)
+    add_matmul_dtype_arg(sp)
     sp.add_argument("--strategy", help="strategy spec, e.g. fsdp=8,tensor=4,remat=full")
     sp.add_argument("--plan", help="take the chosen strategy of this plan file")
     sp.add_argument("--timeout", type=positive_float, default=900, help="compile timeout, seconds")

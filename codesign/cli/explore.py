@@ -6,6 +6,7 @@ import dataclasses
 import sys
 
 from codesign.cli._common import (
+    add_matmul_dtype_arg,
     add_slices_arg,
     check_output_paths,
     console,
@@ -75,7 +76,9 @@ def cmd_sweep(args) -> int:
     cfg = load_model_config(args.model)
     hw = load_hardware(args.hardware, devices=args.devices, slices=args.slices)
     w = dataclasses.replace(
-        default_workload(cfg, args.devices, args.global_batch, args.seq_len), mode=args.workload
+        default_workload(cfg, args.devices, args.global_batch, args.seq_len),
+        mode=args.workload,
+        matmul_dtype=args.matmul_dtype,
     )
     with _progress() as update:
         result = run_sweep(
@@ -195,6 +198,7 @@ def register(add) -> None:
     p.add_argument("--metric", default="mfu", choices=("mfu", "step_time_s"))
     p.add_argument("--out", help="output prefix: writes PREFIX.json and PREFIX.csv")
     p.add_argument("--plot", help="PNG: a line chart (one knob) or heatmap (two knobs)")
+    add_matmul_dtype_arg(p)
 
     sp = add("calibrate", cmd_calibrate, "microbenchmark the attached devices; write a hardware profile")
     sp.add_argument("--out", help="YAML profile to write (accepted by --hardware)")

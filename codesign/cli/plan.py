@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from codesign.cli._common import (
+    add_matmul_dtype_arg,
     add_model_hw_args,
     check_output_paths,
     console,
@@ -87,6 +88,7 @@ def cmd_plan(args) -> int:
 def register(add) -> None:
     sp = add("plan", cmd_plan, "search layouts, verify the best with the compiler, write a plan")
     add_model_hw_args(sp)
+    add_matmul_dtype_arg(sp)
     sp.add_argument("--top", type=positive_int, help="keep only the first K ranked candidates in the output")
     sp.add_argument("--rows", type=positive_int, default=15, help="table rows to print (default 15)")
     sp.add_argument(

@@ -9,7 +9,7 @@ compile of GPU/TPU hardware).
 
 from codesign.closed_form.memory import MemoryEstimate, analytic_memory
 from codesign.closed_form.params import Shape, ShardedParam, moe_slots, shape_of, sharded_params, spmd_sizes
-from codesign.closed_form.program import analytic_report, lowering_for, uses_flash
+from codesign.closed_form.program import analytic_report, fp8_matmul_flops, lowering_for, uses_flash
 
 __all__ = [
     "MemoryEstimate",
@@ -17,6 +17,7 @@ __all__ = [
     "ShardedParam",
     "analytic_memory",
     "analytic_report",
+    "fp8_matmul_flops",
     "lowering_for",
     "moe_slots",
     "shape_of",

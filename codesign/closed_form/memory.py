@@ -31,20 +31,19 @@ layer_bytes counts per token: the block input and its two norms (3d), q/k/v befo
 (2x(n+2k)h / tensor), the attention output (n h / tensor) and o-projection (d), attention scores in
 f32 and probs in bf16 ((n / tensor) x S x 6 bytes, XLA's attention materializes them), and the FFN's
 gate/up/activation (3f / tensor) and down output (d). MoE layers add the dispatched buffers
-(E x C tokens per group of S: x, gate, up, act, y at widths d, f, f, f, d; the expert dim is
-sharded by expert and the FFN width by tensor). Under sp the d-wide terms are the sequence-sharded
+(`params.moe_slots` slots on this device after the all-to-all, E x C per routing group of the rows
+the expert group holds: x, gate, up, act, y at widths d, f, f, f, d; the FFN width sharded by tensor). Under sp the d-wide terms are the sequence-sharded
 d/tensor, except the norms' gathered outputs where backward does not gather them again (remat none;
 an MoE block's input under selective).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import sharded_params, sp_active, spmd_sizes, zero_level
+from codesign.closed_form.params import moe_slots, shape_of, sharded_params, sp_active, spmd_sizes, zero_level
 from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.report import MemoryStats
@@ -110,9 +109,18 @@ class _LayerBytes:
 
 
 def _layer_bytes(
-    cfg: ModelConfig, moe: bool, b: float, s: float, seq: int, sizes: dict[str, int], sp: bool, remat: str
+    cfg: ModelConfig,
+    moe: bool,
+    b: float,
+    s: float,
+    seq: int,
+    sizes: dict[str, int],
+    sp: bool,
+    remat: str,
+    slots: float = 0.0,
 ) -> _LayerBytes:
-    tp, ep = sizes["tensor"], sizes["expert"]
+    """`slots`: the MoE layer's dispatched token slots on this device (`params.moe_slots`)."""
+    tp = sizes["tensor"]
     d, n = cfg.hidden, cfg.heads
     res = d / tp if sp else d  # the residual stream (sequence-sharded under sp)
     # The two norms' outputs as kept for backward: sequence-sharded where backward gathers them again,
@@ -133,8 +141,6 @@ def _layer_bytes(
         everything = attn_all + t * (3 * f + res) * ACT_BYTES
         return _LayerBytes(everything, scores, parts, core_dots, t * res * ACT_BYTES)
     f = cfg.moe_mlp_dim / tp
-    cap = max(1, math.ceil(cfg.experts_per_token * seq * cfg.capacity_factor / cfg.n_routed_experts))
-    slots = b * (cfg.n_routed_experts / ep) * cap  # dispatched token slots on this device (per expert shard)
     sf = f * cfg.n_shared_experts
     ffn_all = slots * (2 * d + 3 * f) * ACT_BYTES + t * (cfg.experts_per_token * d + 3 * sf + res) * ACT_BYTES
     parts.update(
@@ -183,12 +189,15 @@ def analytic_memory(cfg: ModelConfig, workload: Workload, strategy: Strategy) ->
     b = workload.global_batch / (strategy.batch_shards * m)
     s = workload.seq_len / sizes["sequence"]
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
+    slots = moe_slots(cfg, shape_of(cfg, workload, strategy)) if cfg.is_moe else 0.0
     remat = strategy.remat
     saved = host = live = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
-        lb = _layer_bytes(cfg, moe, b, s, workload.seq_len, sizes, sp_active(workload, strategy), remat)
+        lb = _layer_bytes(
+            cfg, moe, b, s, workload.seq_len, sizes, sp_active(workload, strategy), remat, slots
+        )
         keep = _saved(lb, remat)
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)

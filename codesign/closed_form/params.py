@@ -66,7 +66,8 @@ class Shape:
     seq: int  # full sequence length
     m: int  # microbatches
     sizes: dict
-    cap: int  # MoE expert capacity per group
+    cap: int  # MoE expert capacity per routing group
+    groups: float = 1.0  # MoE routing groups per row on this device (context parallelism splits them)
 
     @property
     def t(self) -> float:
@@ -83,21 +84,19 @@ def shape_of(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> Shape:
     sizes = spmd_sizes(strategy)
     m = strategy.microbatches
     b = workload.global_batch / (strategy.batch_shards * m)
-    cap = (
-        max(
-            1,
-            math.ceil(cfg.experts_per_token * workload.seq_len * cfg.capacity_factor / cfg.n_routed_experts),
-        )
-        if cfg.is_moe
-        else 0
-    )
-    return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap)
+    cap = groups = 0
+    if cfg.is_moe:
+        per_row = workload.seq_len // cfg.routing_group(workload.seq_len)
+        groups = per_row / sizes["sequence"] if per_row % sizes["sequence"] == 0 else per_row
+        cap = cfg.expert_capacity(cfg.routing_group(workload.seq_len))
+    return Shape(b, workload.seq_len / sizes["sequence"], workload.seq_len, m, sizes, cap, groups)
 
 
 def moe_slots(cfg: ModelConfig, sh: Shape) -> float:
-    """Dispatched token slots per device per microbatch: (E/expert) x (B/(data*fsdp*m)) x C."""
+    """Dispatched token slots per device per microbatch: (E/expert) x (B/(data*fsdp*m)) x (routing
+    groups per row / sequence) x C. Every batch-like axis divides it."""
     z = sh.sizes
-    return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.cap
+    return (cfg.n_routed_experts / z["expert"]) * sh.b * z["expert"] * sh.groups * sh.cap
 
 
 def replica_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:

@@ -11,8 +11,10 @@ Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each
 (norms, MLA's wq_a/wkv_a, the MoE router) are computed redundantly on every tensor rank. XLA's
 attention computes the full S x S score matrix (masked), 4 b (n/tp) s S h FLOPs per layer; a fused
 flash kernel (`Workload.attention == "cudnn"`) skips the causal half (see `_attention_core`). MoE experts
-process E x C slots per group (C = ceil(k S capacity_factor / E)), so expert FLOPs scale with capacity,
-not k; their group dim is sharded by data*fsdp only (not sequence). Backward = 2 x forward; a
+process E x C slots per routing group (`ModelConfig.expert_capacity`: ceil(k g capacity_factor / E) for
+g tokens per group, g under dropless), so expert FLOPs scale with capacity, not k; the groups are
+sharded by every batch-like axis (data, fsdp, expert) and, when the groups per row divide it,
+sequence. Backward = 2 x forward; a
 checkpointed layer recomputes the weight matmuls backward needs and its policy did not save
 (`remat.py`: "full" all but the FFN's last matmul, whose output only feeds the residual add, so XLA
 drops it as dead code; "dots" none; the named policies what their names leave out), and the attention
@@ -56,7 +58,9 @@ tests/test_analytic.py). Per microbatch unless noted:
   their gradients reduce-scattered (CPU: all-reduced) in backward.
 - expert: all-to-all of the dispatched tokens b x E x C x d, dispatch and combine, forward and backward
   (and again in a checkpointed layer); the router statistics of the load-balancing loss (B x S x E f32) are
-  all-gathered over the batch axes once per forward pass.
+  all-gathered over the batch axes once per forward pass. Under --matmul-dtype fp8
+  (accelerator lowering) the dispatch direction moves e4m3 + 1x128-tile scales (`FP8_BYTES`), the
+  combine direction BF16; the quantize passes of every FP8 GEMM operand are HBM traffic.
 Bytes per element follow the backend's lowering (`Lowering`): XLA:CPU promotes bf16 reductions to
 f32 and gathers f32 master weights before the bf16 cast; TPU/GPU move bf16.
 
@@ -98,6 +102,19 @@ ELEM_PER_NORM = 9
 ELEM_PER_FFN = 6  # per token x ffn width: SiLU/GELU and the gating product
 ELEM_PER_SCORE = 8  # per attention score: scale, mask, max, sub, sum, div
 ELEM_PER_LOGIT = 12  # per logit: log-softmax and its gradient
+
+
+# FP8 (DeepSeek-V3's recipe, `Workload.matmul_dtype == "fp8"`): e4m3 values with one f32 scale per
+# 1x128 activation tile (and per 128x128 weight block), so an FP8 tensor moves 1 + 4/128 bytes per element.
+FP8_BYTES = 1 + 4 / 128
+# The weight matmuls that stay BF16 under fp8: the MoE router (gating) and the top-k combine. The
+# attention core, embedding and LM head are costed outside `_layer_mm` and stay BF16 too.
+BF16_PARTS = frozenset({"router", "combine"})
+
+
+def fp8_active(workload: Workload, lw: Lowering) -> bool:
+    """FP8 is priced on accelerators only: the CPU stand-in compiles (and is compared in) BF16."""
+    return workload.matmul_dtype == "fp8" and lw is not CPU_LOWERING
 
 
 @dataclass(frozen=True)
@@ -175,6 +192,21 @@ def _recomputed(parts: dict[str, float], remat: str) -> float:
     return sum(parts.get(p, 0.0) for p in R.recomputed_parts(remat))
 
 
+def fp8_matmul_flops(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> float:
+    """Per-device matmul FLOPs per step that run in FP8 under `matmul_dtype="fp8"`: every weight matmul
+    (forward, both backward passes, and recompute) except `BF16_PARTS`; 0 under bf16."""
+    if workload.matmul_dtype != "fp8":
+        return 0.0
+    sh = shape_of(cfg, workload, strategy)
+    total = 0.0
+    for moe, layers in zip((False, True), stage_layers(cfg, strategy.size("pipeline"))):
+        if layers <= 0:
+            continue
+        parts = {k: v for k, v in _layer_mm(cfg, moe, sh).items() if k not in BF16_PARTS}
+        total += layers * (3 * sum(parts.values()) + _recomputed(parts, strategy.remat))
+    return sh.m * total
+
+
 def uses_flash(cfg: ModelConfig, workload: Workload) -> bool:
     """Whether the step runs a fused flash kernel: cudnn was asked for and q, k and v share one head
     dim (MLA's narrower value head takes the einsum path, see `models.layers.causal_attention`)."""
@@ -238,7 +270,7 @@ def _accelerator_traffic(
     ew_passes = 2 if R.layer_checkpointed(remat) else 1  # forward elementwise kernels
     res = d / tp if sp_active(workload, strategy) else d  # residual-stream width per token (under sp)
     gated_ffn = cfg.ffn_activation == "swiglu"
-    mm_elems = other = 0.0  # per microbatch
+    mm_elems = other = quantized = 0.0  # per microbatch
     w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
@@ -252,6 +284,10 @@ def _accelerator_traffic(
         gated = gated_ffn or moe
         io = t * ((d + qw + kw + vw) + (ow + d) + (d + (2 if gated else 1) * width) + (width + d))
         mm_elems += layers * io * (1 + again + 2)
+        # FP8: each GEMM operand is quantized where it is used (read bf16, write e4m3 + tile scales):
+        # the input forward (and in recompute), and in backward the input (transposed tiles for the
+        # weight gradient) and the output gradient twice (input and weight gradients).
+        quantized += layers * io / 2 * (2 + again + 2)
         fwd = 16 * res + 4 * (qw + kw) + (6 if gated else 4) * width
         bwd = 16 * res + 4 * (qw + kw) + (10 if gated else 6) * width
         per_token = fwd * ew_passes + bwd + (4 * width if not R.layer_checkpointed(remat) else 0)
@@ -275,6 +311,8 @@ def _accelerator_traffic(
     accumulate = 2 * F32 * local if m > 1 else 0.0
     matmul_bytes = m * (bf * mm_elems + mm_w)
     memory_bound = m * (bf * other + cast + accumulate) + 8 * pb * local
+    if workload.matmul_dtype == "fp8":  # quantize passes; weights (W and W^T blocks) once per step
+        memory_bound += m * quantized * (bf + FP8_BYTES) + 2 * gathered * (pb + FP8_BYTES)
     return matmul_bytes, memory_bound
 
 
@@ -391,8 +429,16 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
                 c.add(lw.scatter_kind, kv, ("sequence",), n, adt)
         if moe and z["expert"] > 1:  # dispatch and combine, fwd and bwd, and again in a checkpointed
             # layer: no policy names the dispatched tokens (measured on tiny-moe: minimal re-runs both)
-            again = 2 if R.layer_checkpointed(strategy.remat) else 0
-            c.add("all-to-all", moe_slots(cfg, sh) * cfg.hidden * ab, ("expert",), n * (4 + again), adt)
+            # Each direction twice (dispatch, and the combine's gradient going the same way; combine
+            # and the dispatch's gradient), once more each in a checkpointed layer. Under fp8 the
+            # dispatch direction moves e4m3 + scales and the combine stays BF16, as DeepSeek-V3 does.
+            again = 1 if R.layer_checkpointed(strategy.remat) else 0
+            tokens = moe_slots(cfg, sh) * cfg.hidden
+            if fp8_active(workload, lw):
+                c.add("all-to-all", tokens * FP8_BYTES, ("expert",), n * (2 + again), "fp8")
+            else:
+                c.add("all-to-all", tokens * ab, ("expert",), n * (2 + again), adt)
+            c.add("all-to-all", tokens * ab, ("expert",), n * (2 + again), adt)
     if z["tensor"] > 1:  # vocab-parallel embedding (fwd), LM-head input grad (bwd), cross-entropy stats
         c.add(resid_kind, u, ("tensor",), 2 * m, adt)
         c.add("all-reduce", sh.t * F32, ("tensor",), 3 * m, "f32")

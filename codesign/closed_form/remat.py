@@ -19,7 +19,7 @@ _BY_NAME = {
     C.QUERY_PROJ: ("qkv",),
     C.KEY_PROJ: ("qkv",),
     C.VALUE_PROJ: ("qkv",),
-    C.QKV_PROJ: ("qkv",),  # the fused projection (ModelConfig.fused_qkv) is the same part
+    C.QKV_PROJ: ("qkv",),  # the fused projection: the same part
     C.OUT_PROJ: ("out",),
     C.MLP_WI_0: ("wi", "routed_wi", "shared_wi"),
     C.MLP_WI_1: ("wi", "routed_wi", "shared_wi"),

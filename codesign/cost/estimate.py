@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from codesign import arithmetic
-from codesign.closed_form import analytic_report, lowering_for, moe_slots, shape_of
+from codesign.closed_form import analytic_report, fp8_matmul_flops, lowering_for, moe_slots, shape_of
 from codesign.closed_form import pipeline as PL
 from codesign.closed_form import remat as R
 from codesign.closed_form.params import replica_axes, zero_level
@@ -63,6 +63,7 @@ from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
 from codesign.cost import overlap as O
 from codesign.cost.collectives import KINDS, normalize_kind
+from codesign.cost.expert_comm import expert_all_to_all_time, hides_expert_all_to_all
 from codesign.cost.network import AxisPlacement, assign_levels, collective_time_on_axes
 from codesign.hardware.catalog import FrozenMap, Hardware
 from codesign.report import CompileReport
@@ -85,12 +86,23 @@ def compute_dtype(workload: Workload) -> str:
     return "fp32" if d in ("float32", "fp32", "f32") else "bf16"
 
 
+# A grouped GEMM over the local experts (tokens of all experts concatenated along M, one kernel) runs at
+# the rate of a dense GEMM with the same total M: DeepGEMM's published H800 FP8 numbers put 8 groups x
+# 4096 rows x N 4096 x K 7168 at 1288 TFLOP/s against 1304 for one dense 4096 x 4096 x 7168 GEMM
+# (github.com/deepseek-ai/DeepGEMM README, "Grouped GEMMs for MoE models (contiguous layout)", Feb 2025).
+# Each expert's rows are padded to the kernel's M block (128), so experts with fewer rows waste the rest.
+GROUPED_GEMM_M_BLOCK = 128
+
+
 def matmul_size(cfg: ModelConfig, workload: Workload, strategy: Strategy) -> float:
-    """The efficiency table's n for this candidate (see the module docstring)."""
+    """The efficiency table's n for this candidate (see the module docstring). MoE models: the grouped
+    GEMM of the local experts, sized by its total work (every local expert's slots)."""
     sh = shape_of(cfg, workload, strategy)
     tp = sh.sizes["tensor"]
     if cfg.is_moe and cfg.moe_layers >= cfg.dense_layers:
-        m_dim = moe_slots(cfg, sh) / (cfg.n_routed_experts / sh.sizes["expert"])
+        local_experts = cfg.n_routed_experts / sh.sizes["expert"]
+        per_expert = moe_slots(cfg, sh) / local_experts
+        m_dim = local_experts * per_expert * min(1.0, per_expert / GROUPED_GEMM_M_BLOCK)
         n_dim = cfg.moe_mlp_dim / tp
     else:
         m_dim, n_dim = sh.t, cfg.mlp_dim / tp
@@ -283,8 +295,16 @@ def _roofline(x: _Inputs) -> _Roofline:
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     n = matmul_size(x.cfg, x.workload, x.strategy)
     frac = hardware.efficiency.matmul_fraction(dtype, n)
+    mm_rate = peak * frac
+    fp8_share, fp8_s = _fp8_part(x, n)
+    if fp8_share:  # one blended rate: the weight GEMMs at the fp8 rate, the rest at the compute dtype's
+        mm_rate = 1 / ((1 - fp8_share) / (peak * frac) + fp8_share * fp8_s)
+        reasons.append(
+            f"--matmul-dtype fp8: {fp8_share:.0%} of matmul FLOPs (weight GEMMs) at "
+            f"{1 / (fp8_s * hardware.peak_flops['fp8']):.0%} of fp8 peak; attention core, head, router in {dtype}"
+        )
     vector_rate = hardware.peak_flops.get("fp32") or hardware.peak_flops["bf16"] * VECTOR_FRACTION_OF_BF16
-    rates = O.Rates(peak * frac, hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm, vector_rate)
+    rates = O.Rates(mm_rate, hardware.chip.hbm_bytes_per_s * hardware.efficiency.hbm, vector_rate)
     compute_s, memory_s, vector_s = rates.kernels(
         timing.flops, timing.matmul_flops, traffic, mm_traffic, timing.transcendentals
     )
@@ -297,6 +317,17 @@ def _roofline(x: _Inputs) -> _Roofline:
     return _Roofline(
         compute_s, memory_s, vector_s, tuple(reasons), evidence, tuple(collectives), rates, schedule
     )
+
+
+def _fp8_part(x: _Inputs, n: float) -> tuple[float, float]:
+    """(share of the matmul FLOPs that run in FP8, seconds per FP8 FLOP) under --matmul-dtype fp8; the
+    share comes from the closed form (which matmuls are weight GEMMs), applied to the report's FLOPs."""
+    hw = x.hardware
+    if x.workload.matmul_dtype != "fp8" or not hw.peak_flops.get("fp8"):
+        return 0.0, 0.0
+    closed = x.closed.matmul_flops
+    share = min(1.0, fp8_matmul_flops(x.cfg, x.workload, x.strategy) / closed) if closed else 0.0
+    return share, 1 / (hw.peak_flops["fp8"] * hw.efficiency.matmul_fraction("fp8", n))
 
 
 @dataclass(frozen=True)
@@ -319,6 +350,7 @@ def _overlap_context(x: _Inputs, roof: _Roofline) -> O.Context:
         batch_axes=frozenset(x.strategy.batch_axes),
         step_sync_axes=frozenset(replica_axes(x.cfg, x.strategy)) if once else frozenset(),
         collective_matmul=collective_matmul_on(x.report.xla_flags),
+        expert_overlap=hides_expert_all_to_all(x.strategy),
     )
 
 
@@ -333,7 +365,10 @@ def _collectives(x: _Inputs, roof: _Roofline, placements: dict[str, AxisPlacemen
         axes = _axes_of(c.mesh_axes, c.group_size, placements, order)
         if kind is None or not axes:
             continue
-        t = collective_time_on_axes(kind, c.bytes, axes, placements, network=c.network) * c.count
+        if kind == "all-to-all" and axes == ("expert",) and x.cfg.is_moe and not c.network:
+            t = expert_all_to_all_time(x.cfg, c.bytes, placements) * c.count  # node-limited routing
+        else:
+            t = collective_time_on_axes(kind, c.bytes, axes, placements, network=c.network) * c.count
         by_kind[kind] = by_kind.get(kind, 0.0) + t
         timed.append(O.Timed(kind, axes, t, c))
     if roof.schedule:
@@ -358,6 +393,9 @@ def _collectives(x: _Inputs, roof: _Roofline, placements: dict[str, AxisPlacemen
         if t - h > 0:
             why = "" if roof.schedule else f": {O.ASSUMPTIONS.get(source[label], '')}"
             reasons.append(f"{label} exposed: {_ms(t - h)} of {_ms(t)}{why}")
+    a2a = per.get("expert all-to-all")
+    if a2a and x.cfg.is_moe:
+        reasons.append(_a2a_reason(x, roof.busy, a2a[0], a2a[1]))
     overlap = FrozenMap(
         {
             label: FrozenMap({"s": t, "hidden": h / t if t > 0 else 0.0, "source": source[label]})
@@ -365,6 +403,29 @@ def _collectives(x: _Inputs, roof: _Roofline, placements: dict[str, AxisPlacemen
         }
     )
     return _Network(by_kind, exposed, tuple(reasons), overlap)
+
+
+def _a2a_reason(x: _Inputs, busy: float, a2a: float, hidden: float) -> str:
+    """The expert all-to-all per MoE layer against a layer's compute, so a user sees whether it can hide
+    (DeepSeek-V3 aims at about 1:1 and hides it with DualPipe)."""
+    dense, moe = arithmetic.stage_layers(x.cfg, x.strategy.size("pipeline"))
+    per = x.strategy.microbatches * moe
+    comm = a2a / per
+    compute = busy / (x.strategy.microbatches * (dense + moe))  # the stage's busy time per layer
+    how = (
+        f"{x.strategy.schedule} hides {hidden / a2a:.0%}"
+        if hides_expert_all_to_all(x.strategy)
+        else "exposed (no overlapping schedule: schedule=dualpipe hides it)"
+    )
+    limit = (
+        f", node-limited to {x.cfg.groups_per_token} of {x.cfg.expert_groups} groups"
+        if x.cfg.groups_per_token
+        else ""
+    )
+    return (
+        f"expert all-to-all per MoE layer per microbatch {_ms(comm)} vs compute {_ms(compute)} per "
+        f"layer: compute:comm {compute / comm:.2f}:1{limit}; {how}"
+    )
 
 
 def _pipeline(
@@ -438,13 +499,9 @@ def estimate_from_report(
 
     roof = _roofline(x)
     net = _collectives(x, roof, placements)
-    # The all-to-all the overlap model left exposed: what DualPipe's paired chunks can still hide.
-    a2a_exposed = sum(
-        o["s"] * (1 - o["hidden"]) for label, o in net.overlap.items() if label.endswith(" all-to-all")
-    )
-    step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(
-        x, roof.busy + net.exposed, a2a_exposed, placements
-    )
+    # DualPipe's hidden expert all-to-all is already the overlap model's (expert_comm's dualpipe class):
+    # nothing more for the schedule to hide here.
+    step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(x, roof.busy + net.exposed, 0.0, placements)
     by_kind, exposed = dict(net.by_kind), net.exposed - a2a_hidden
     if p2p:
         by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + p2p

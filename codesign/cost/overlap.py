@@ -25,8 +25,11 @@ model per kind, each with its assumption (:data:`ASSUMPTIONS`). Per class, the c
   (windowed einsum) on: decomposed into permutes that run under the matmul they feed, room = the
   matmul kernels' time. Without collective matmul, and for every tensor all-reduce (a Megatron partial
   sum the next op needs), exposed.
-* all-to-all and collective-permute: exposed (the expert dispatch feeds the experts directly; pipeline
-  transfers are costed by the pipeline model).
+* ``dualpipe-a2a``: the expert all-to-all under schedule=dualpipe, which runs one microbatch's forward
+  chunk next to another's backward chunk so each one's dispatch and combine run under the other's
+  compute (DeepSeek-V3 §3.2.1): room = busy (`codesign.cost.expert_comm`).
+* every other all-to-all and collective-permute: exposed (the expert dispatch feeds the experts
+  directly; pipeline transfers are costed by the pipeline model).
 
 No more than busy seconds hide in total (every class hides behind the same compute).
 """
@@ -44,6 +47,7 @@ ASSUMPTIONS = {
     "grad-reduce": "layer i's gradient reduction under layer i-1's backward (2/3 of busy); the last exposed",
     "step-sync": "once-per-step data reduction/gather under the last microbatch's backward only",
     "tensor-cm": "collective matmul: the tensor all-gather/reduce-scatter under the matmul it feeds",
+    "dualpipe-a2a": "DualPipe: one microbatch's expert all-to-all under another's compute",
     "exposed": "the next op needs the result (tensor all-reduce, all-to-all, permute): nothing hides it",
 }
 BACKWARD_SHARE = 2 / 3  # backward = 2x forward FLOPs
@@ -82,6 +86,7 @@ class Context:
     batch_axes: frozenset[str]
     step_sync_axes: frozenset[str]  # pure data replicas reduced once per step (empty: per microbatch)
     collective_matmul: bool
+    expert_overlap: bool = False  # the schedule overlaps the expert all-to-all (DualPipe)
 
 
 def model_class(kind: str, axes: tuple[str, ...], ctx: Context) -> str:
@@ -93,6 +98,8 @@ def model_class(kind: str, axes: tuple[str, ...], ctx: Context) -> str:
         return "grad-reduce" if kind in ("reduce-scatter", "all-reduce") else "fsdp-gather"
     if kind in ("all-gather", "reduce-scatter") and ctx.collective_matmul and ax <= {"tensor", "sequence"}:
         return "tensor-cm"
+    if kind == "all-to-all" and ax == {"expert"} and ctx.expert_overlap:
+        return "dualpipe-a2a"
     return "exposed"
 
 
@@ -103,6 +110,7 @@ def model_room(cls: str, ctx: Context) -> float:
         "grad-reduce": BACKWARD_SHARE * ctx.busy_s * first_exposed,
         "step-sync": BACKWARD_SHARE * ctx.busy_s / max(ctx.microbatches, 1) * first_exposed,
         "tensor-cm": ctx.matmul_s,
+        "dualpipe-a2a": ctx.busy_s,
     }.get(cls, 0.0)
 
 

@@ -24,7 +24,7 @@ from codesign.hardware.catalog import Hardware
 from codesign.units import fmt_knob
 
 HARDWARE_KNOBS = ("scaleup_size", "scaleup_bw", "scaleout_bw", "hbm_bytes", "hbm_bw", "flops_scale", "dtype")
-MODEL_KNOBS = ("attention", "experts", "top_k")
+MODEL_KNOBS = ("attention", "experts", "top_k", "node_limit")
 KNOBS = HARDWARE_KNOBS + MODEL_KNOBS
 _SUFFIX = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
 
@@ -42,7 +42,7 @@ def parse_value(knob: str, text: str) -> Any:
         v = float(t[:-1] if scale != 1.0 else t) * scale
     except ValueError:
         raise SweepError(f"{knob}={text!r}: expected a number (suffixes K, M, G, T allowed)") from None
-    return int(v) if knob in ("scaleup_size", "hbm_bytes", "experts", "top_k") else v
+    return int(v) if knob in ("scaleup_size", "hbm_bytes", "experts", "top_k", "node_limit") else v
 
 
 def parse_vary(items: list[str]) -> dict[str, list[Any]]:
@@ -83,6 +83,16 @@ def apply_hardware(hw: Hardware, knobs: dict[str, Any], n_devices: int) -> Hardw
     return dataclasses.replace(hw, chip=chip, levels=tuple(levels)).with_devices(n_devices)
 
 
+def _workload_at(workload: Workload, point: dict[str, Any]) -> Workload:
+    """dtype=fp8 prices the GEMMs in FP8 the way the reference programs run them (`matmul_dtype`);
+    any other dtype is the compute dtype of every matmul."""
+    if "dtype" not in point:
+        return workload
+    if point["dtype"] == "fp8":
+        return dataclasses.replace(workload, matmul_dtype="fp8")
+    return dataclasses.replace(workload, dtype=point["dtype"], matmul_dtype="bf16")
+
+
 def apply_model(cfg: ModelConfig, knobs: dict[str, Any]) -> ModelConfig:
     """Model rewrites, each documented:
 
@@ -92,6 +102,8 @@ def apply_model(cfg: ModelConfig, knobs: dict[str, Any]) -> ModelConfig:
     experts=E (0 = dense): a dense model becomes MoE with every layer routed and each expert
       mlp_dim/top_k wide, so active FFN compute per token stays the same.
     top_k=k: experts per token (expert width is rescaled the same way).
+    node_limit=M: node-limited routing, each token to at most M of the model's expert groups
+      (`groups_per_token`; 0 = no limit).
     """
     kw: dict[str, Any] = {}
     attn = knobs.get("attention")
@@ -133,6 +145,10 @@ def apply_model(cfg: ModelConfig, knobs: dict[str, Any]) -> ModelConfig:
                 moe_mlp_dim=max(1, base_width // k),
                 first_dense_layers=cfg.first_dense_layers if cfg.is_moe else 0,
             )
+    if "node_limit" in knobs:
+        if not cfg.is_moe and not kw.get("n_routed_experts"):
+            raise SweepError("node_limit=M needs an MoE model (or an experts=E knob)")
+        kw["groups_per_token"] = int(knobs["node_limit"])
     return cfg.replace(**kw) if kw else cfg
 
 
@@ -176,7 +192,7 @@ def run_sweep(
         try:
             hw = apply_hardware(hardware, point, n_devices)
             model = apply_model(cfg, point)
-            w = dataclasses.replace(workload, dtype=point["dtype"]) if "dtype" in point else workload
+            w = _workload_at(workload, point)
             program_key = json.dumps([model.fingerprint(), w.to_json(), target])
             reuse = reuse_by_program.setdefault(program_key, {})
             before = {k: v.compile_s for k, v in reuse.items()}

@@ -14,8 +14,6 @@ routing does not depend on the layout: every layout computes the same function.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -28,8 +26,21 @@ from codesign.models.layers import MLP, param
 from codesign.sharding.activation import constrain
 
 
-def expert_capacity(cfg: ModelConfig, group_size: int) -> int:
-    return max(1, math.ceil(cfg.experts_per_token * group_size * cfg.capacity_factor / cfg.n_routed_experts))
+def select_experts(probs, cfg: ModelConfig):
+    """probs [..., E] -> expert indices [..., k]. Plain top-k, or node-limited (DeepSeek-V3): score each
+    of the expert_groups groups by the sum of its top k/M affinities, keep the M best groups, then
+    take the top k experts inside them. Top-k is a sort along the expert axis: XLA's TopK op is not
+    partitioned along the batch (on CPU it all-gathers the router probabilities of every shard)."""
+    e, k, m = cfg.n_routed_experts, cfg.experts_per_token, cfg.groups_per_token
+    if m and m < cfg.expert_groups:
+        ng = cfg.expert_groups
+        per_group = jnp.sort(probs.reshape(*probs.shape[:-1], ng, e // ng), axis=-1)
+        group_score = jnp.sum(per_group[..., -max(1, k // m) :], axis=-1)  # [..., ng]
+        keep = jnp.argsort(-group_score, axis=-1, stable=True)[..., :m]
+        allowed = jnp.sum(jax.nn.one_hot(keep, ng, dtype=jnp.int32), axis=-2) > 0  # [..., ng]
+        allowed = jnp.repeat(allowed, e // ng, axis=-1)
+        probs = jnp.where(allowed, probs, -1.0)  # affinities are >= 0: excluded experts sort last
+    return jnp.argsort(-probs, axis=-1, stable=True)[..., :k]
 
 
 def _route_one_group(expert_idx, n_experts: int, capacity: int):
@@ -58,47 +69,52 @@ class MoE(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
 
     def __call__(self, x):
-        """x [G, S, d] -> (y [G, S, d], load-balancing aux loss scalar)."""
+        """x [B, S, d] -> (y [B, S, d], load-balancing aux loss scalar)."""
         cfg, c = self.cfg, (lambda p: p[...].astype(self.dtype))
-        g, s, d = x.shape
+        b, s, d = x.shape
         e, k = cfg.n_routed_experts, cfg.experts_per_token
-        cap = expert_capacity(cfg, s)
+        gs = cfg.routing_group(s)
+        n, cap = s // gs, cfg.expert_capacity(gs)
+        # Routing groups [B, n, gs]: the batch axes shard B, context parallelism shards n, so every
+        # batch-like axis divides the dispatch and the expert work.
+        xg = constrain(x.reshape(b, n, gs, d), (A.ACT_BATCH, A.ACT_SEQ, None, A.ACT_EMBED))
 
-        logits = jnp.einsum("gsd,de->gse", x, c(self.router)).astype(jnp.float32)
+        logits = jnp.einsum("bngd,de->bnge", xg, c(self.router)).astype(jnp.float32)
         probs = jax.nn.sigmoid(logits) if cfg.router == "sigmoid" else jax.nn.softmax(logits, axis=-1)
-        # top-k through a sort along the expert axis: XLA's TopK op is not partitioned along the batch
-        # (on CPU it all-gathers the router probabilities of every shard); a sort is.
-        idx = jnp.argsort(-probs, axis=-1, stable=True)[..., :k]  # [G, S, k]
+        idx = select_experts(probs, cfg)  # [B, n, gs, k]
         gates = jnp.take_along_axis(probs, idx, axis=-1)
         if cfg.router == "sigmoid" or k > 1:
             gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
 
         # Switch-style balance loss per group, E * sum_e (share of slots to e) * (mean prob of e),
-        # averaged over groups (as GShard). Per-group statistics reduce locally; a global [G,S,E]
-        # mean made XLA all-gather the router probabilities across batch shards.
-        share = jnp.mean(jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=2), axis=1) / k  # [G, E]
-        mean_prob = jnp.mean(probs / jnp.sum(probs, axis=-1, keepdims=True), axis=1)  # [G, E]
+        # averaged over groups (as GShard). Per-group statistics reduce locally; a global mean made
+        # XLA all-gather the router probabilities across batch shards.
+        share = jnp.mean(jnp.sum(jax.nn.one_hot(idx, e, dtype=jnp.float32), axis=-2), axis=2) / k
+        mean_prob = jnp.mean(probs / jnp.sum(probs, axis=-1, keepdims=True), axis=2)  # [B, n, E]
         aux = e * jnp.mean(jnp.sum(share * mean_prob, axis=-1))
 
-        slot, table = jax.vmap(lambda i: _route_one_group(i, e, cap))(idx)  # [G,k,S], [G,E*C]
-        x_pad = jnp.concatenate([x, jnp.zeros((g, 1, d), x.dtype)], axis=1)
-        x_disp = jax.vmap(lambda xp, t: xp[t])(x_pad, table).reshape(g, e, cap, d)
-        x_disp = constrain(x_disp, (A.ACT_BATCH, None, None, A.ACT_EMBED))
+        per_group = jax.vmap(jax.vmap(lambda i: _route_one_group(i, e, cap)))
+        slot, table = per_group(idx)  # [B, n, k, gs], [B, n, E*C]
+        x_pad = jnp.concatenate([xg, jnp.zeros((b, n, 1, d), x.dtype)], axis=2)
+        x_disp = jax.vmap(jax.vmap(lambda xp, t: xp[t]))(x_pad, table).reshape(b, n, e, cap, d)
+        x_disp = constrain(x_disp, (A.ACT_BATCH, A.ACT_SEQ, None, None, A.ACT_EMBED))
         # Group-sharded -> expert-sharded: the all-to-all of expert parallelism.
-        x_e = constrain(jnp.swapaxes(x_disp, 0, 1), (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_EMBED))
-        h = jax.nn.silu(name(jnp.einsum("egcd,edf->egcf", x_e, c(self.w_gate)), C.MLP_WI_0)) * name(
-            jnp.einsum("egcd,edf->egcf", x_e, c(self.w_up)), C.MLP_WI_1
+        x_e = constrain(jnp.moveaxis(x_disp, 2, 0), (A.ACT_EXPERT, A.ACT_BATCH, A.ACT_SEQ, None, A.ACT_EMBED))
+        h = jax.nn.silu(name(jnp.einsum("ebncd,edf->ebncf", x_e, c(self.w_gate)), C.MLP_WI_0)) * name(
+            jnp.einsum("ebncd,edf->ebncf", x_e, c(self.w_up)), C.MLP_WI_1
         )
-        h = constrain(h, (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_MLP))
-        y_e = name(jnp.einsum("egcf,efd->egcd", h, c(self.w_down)), C.MLP_WO)
-        y_e = constrain(y_e, (A.ACT_EXPERT, A.ACT_BATCH, None, A.ACT_EMBED))
+        h = constrain(h, (A.ACT_EXPERT, A.ACT_BATCH, A.ACT_SEQ, None, A.ACT_MLP))
+        y_e = name(jnp.einsum("ebncf,efd->ebncd", h, c(self.w_down)), C.MLP_WO)
+        y_e = constrain(y_e, (A.ACT_EXPERT, A.ACT_BATCH, A.ACT_SEQ, None, A.ACT_EMBED))
         y_disp = constrain(
-            jnp.swapaxes(y_e, 0, 1), (A.ACT_BATCH, None, None, A.ACT_EMBED)
+            jnp.moveaxis(y_e, 0, 2), (A.ACT_BATCH, A.ACT_SEQ, None, None, A.ACT_EMBED)
         )  # back: all-to-all
 
-        y_flat = jnp.concatenate([y_disp.reshape(g, e * cap, d), jnp.zeros((g, 1, d), y_disp.dtype)], axis=1)
-        picked = jax.vmap(lambda yf, sl: yf[sl])(y_flat, slot)  # [G, k, S, d]; dropped slots read zeros
-        y = jnp.einsum("gksd,gsk->gsd", picked, gates.astype(picked.dtype))
+        y_flat = jnp.concatenate(
+            [y_disp.reshape(b, n, e * cap, d), jnp.zeros((b, n, 1, d), y_disp.dtype)], axis=2
+        )
+        picked = jax.vmap(jax.vmap(lambda yf, sl: yf[sl]))(y_flat, slot)  # [B, n, k, gs, d]; dropped: 0
+        y = jnp.einsum("bnkgd,bngk->bngd", picked, gates.astype(picked.dtype)).reshape(b, s, d)
         if self.has_shared:
             y = y + self.shared(x)
         return y, aux
