@@ -22,8 +22,10 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
       named (minimal, save_qkv_proj, save_dot_except_mlp(wi), offload): the input + the projections
                  the policy names that backward uses (`remat.py`); `offload` keeps them in pinned host
                  memory instead (`host_offloaded`, not part of the device total)
-      pipeline: a stage holds L/p layers and, under a 1F1B schedule, min(microbatches, p) microbatches
-                in flight.
+    pipeline_in_flight: a device holds L/p layers (V chunks of L/(pV)) and its schedule keeps more
+               microbatches' saved activations than the one above in flight (`pipeline.py`: gpipe m,
+               1f1b min(m, p), interleaved p(1 + (p-1)/(pV)), dualpipe p + 1): the extra ones.
+               DualPipe also holds two stages' params, grads and optimizer state (2x).
     layer_transient: one layer's intermediates live while its backward runs (recomputed in a
                checkpointed layer; none for remat none or selective), its attention scores apart:
     attention_workspace: XLA attention's f32 scores and bf16 probabilities of that layer (recomputed),
@@ -52,6 +54,7 @@ from dataclasses import dataclass
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import remat as R
 from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes, zero_level
+from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.models.attention import flash_blocks, kernel_for, stats_bytes
 from codesign.report import MemoryStats
@@ -77,10 +80,13 @@ class MemoryEstimate:
     grad_accumulator: float = 0.0  # microbatches > 1: the accumulated gradients beside a microbatch's
     attention_workspace: float = 0.0  # the attention scores (XLA) or kernel statistics (flash) in backward
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
+    pipeline_in_flight: float = 0.0  # saved activations of the pipeline's other microbatches in flight
 
     @property
     def activations(self) -> float:
-        return self.saved_activations + self.layer_transient + self.attention_workspace
+        return (
+            self.saved_activations + self.pipeline_in_flight + self.layer_transient + self.attention_workspace
+        )
 
     @property
     def layer_phase(self) -> float:
@@ -99,6 +105,7 @@ class MemoryEstimate:
             + self.grad_accumulator
             + self.optimizer
             + self.saved_activations
+            + self.pipeline_in_flight
             + max(self.logits, self.layer_phase)
         )
 
@@ -119,6 +126,7 @@ class MemoryEstimate:
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
             "attention_workspace": self.attention_workspace,
+            "pipeline_in_flight": self.pipeline_in_flight,
             "layer_transient": self.layer_transient,
             "activations": self.activations,
             "logits": self.logits,
@@ -197,8 +205,9 @@ def analytic_memory(
     (`closed_form.program.flash_kernel`; default an accelerator's)."""
     sizes = spmd_sizes(strategy)
     params = sharded_params(cfg, strategy)
-    local = sum(sp.local_elems * sp.count for sp in params)
     m, p = strategy.microbatches, strategy.size("pipeline")
+    # DualPipe holds stage i and stage p - 1 - i: two copies of the state.
+    local = sum(sp.local_elems * sp.count for sp in params) * param_copies(strategy.schedule)
     pbytes = workload.param_bytes
     # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
     zero = zero_level(cfg, strategy)
@@ -215,7 +224,7 @@ def analytic_memory(
         gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
 
     sh = shape_of(cfg, workload, strategy)
-    in_flight = min(m, p) if p > 1 else 1
+    in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
     remat = strategy.remat
     saved = host = live = workspace = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
@@ -251,9 +260,10 @@ def analytic_memory(
         grad_accumulator=grads if m > 1 else 0.0,
         optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
         gathered=gathered,
-        saved_activations=saved * in_flight,
+        saved_activations=saved,
         layer_transient=live,
         attention_workspace=workspace,
         logits=logits,
         host_offloaded=host * in_flight,
+        pipeline_in_flight=saved * (in_flight - 1),
     )

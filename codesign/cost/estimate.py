@@ -38,10 +38,13 @@ Model (all per device, seconds):
   step. Its loop-aware FLOPs already run every stage on every one of the M V + p - 1 ticks (the fill
   and drain included) and its collectives include the stage-to-stage collective-permutes, so the step
   is the priced program itself; the bubble reported is its (p - 1) / (M V + p - 1) share.
-- pipeline p > 1, closed form: the report is ONE stage running all m microbatches. One pipeline tick is
-  stage/m + 2 point-to-point transfers (activations forward, their gradients backward) of
-  b x s x d x 2 bytes over the pipeline axis's level; step = (m + p - 1) ticks; the bubble is the
-  (p - 1) idle ticks, (p - 1)/(m + p - 1) of the step.
+- pipeline p > 1, closed form or a one-stage compile: the report is ONE stage running all m microbatches: one device's work. It is
+  split into per-chunk forward/backward times (`pipeline.chunk_times`) and the strategy's schedule
+  (gpipe, 1f1b, interleaved with V chunks, dualpipe) prices step, bubble and point-to-point transfers
+  of b x s x d x 2 / tensor bytes (Megatron's scatter/gather: each tensor rank sends its share) over
+  the pipeline axis's level (`closed_form/pipeline.py`). For 1F1B-like
+  schedules the bubble is the p - 1 idle ticks, (p - 1)/(V m + p - 1) of the step. DualPipe hides the
+  share of the still-exposed all-to-all its paired chunks overlap (`pipeline.overlapped_fraction`).
 - MFU = arithmetic.train_flops_per_token(cfg, S) x B / (step x devices x bf16 peak).
 - memory: the compiler's peak when its target is the hardware's own platform (tpu-aot on TPU,
   gpu-aot on GPU, attached, cpu on cpu); otherwise (a CPU compile of GPU/TPU hardware) the analytic
@@ -66,6 +69,8 @@ from codesign.closed_form import (
     moe_slots,
     shape_of,
 )
+from codesign.closed_form import pipeline as PL
+from codesign.closed_form import remat as R
 from codesign.closed_form.params import replica_axes, zero_level
 from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
@@ -439,37 +444,59 @@ def _a2a_reason(x: _Inputs, busy: float, a2a: float, hidden: float) -> str:
     )
 
 
-def _pipeline(x: _Inputs, stage_s: float, placements) -> tuple[float, float, float, tuple[str, ...]]:
-    """(step, bubble, point-to-point seconds) of p stages running m microbatches each."""
-    p, m = x.strategy.size("pipeline"), x.strategy.microbatches
+def _pipeline(
+    x: _Inputs, stage_s: float, all_to_all_s: float, placements
+) -> tuple[float, float, float, float, tuple[str, ...]]:
+    """(step, bubble, point-to-point seconds, all-to-all seconds hidden) of the candidate's schedule.
+
+    `stage_s` is one device's work for all m microbatches (the report is one stage); the schedule
+    arithmetic is `closed_form/pipeline.py`'s. The reasons weigh the pipeline in the candidate's own
+    numbers: its bubble and transfers against the compute it spreads over p devices.
+    """
+    s = x.strategy
+    p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
     if p <= 1:
-        return stage_s, 0.0, 0.0, ()
-    sh = shape_of(x.cfg, x.workload, x.strategy)
-    p2p = collective_time_on_axes("collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements)
+        return stage_s, 0.0, 0.0, 0.0, ()
     r = x.report
     if r.ok and r.hlo_analyzed and dict(r.mesh).get("pipeline", 1) > 1:  # the whole program was timed
-        v = x.strategy.stages_per_device
         ticks = arithmetic.pipeline_ticks(m, p, v)
         bubble = stage_s * (p - 1) / ticks
         # Its rotations are in its collectives, unless those came from the (one-stage) closed form.
+        sh = shape_of(x.cfg, x.workload, s)
+        p2p = collective_time_on_axes(
+            "collective-permute", sh.t * x.cfg.hidden * 2, ("pipeline",), placements
+        )
         sends = 0.0 if x.native else 2 * ticks * p2p
         return (
             stage_s + sends,
             bubble,
             sends,
+            0.0,
             (
                 f"pipeline={p} x v={v}, {m} microbatches, compiled whole: {ticks} ticks, bubble {bubble / stage_s:.0%}",
             ),
         )
-    tick = stage_s / m + 2 * p2p
-    step = (m + p - 1) * tick
-    bubble = (p - 1) * tick
-    return (
-        step,
-        bubble,
-        2 * (m + p - 1) * p2p,
-        ((f"pipeline={p} with {m} microbatches: bubble {bubble / step:.0%} of the step"),),
-    )
+    sh = shape_of(x.cfg, x.workload, s)
+    # Megatron's scatter/gather optimization (Narayanan et al. 2021, arXiv 2104.04473, sec. 4.1): the
+    # tensor ranks hold the same boundary activation, so each sends 1/tensor of it over its own link.
+    nbytes = sh.t * x.cfg.hidden * 2 / sh.sizes["tensor"]
+    p2p = collective_time_on_axes("collective-permute", nbytes, ("pipeline",), placements)
+    hidden = PL.overlapped_fraction(s.schedule, p, m, "all-to-all") * all_to_all_s
+    # Assumption: every layer-checkpointing policy recomputes about one forward in backward.
+    recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
+    cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
+    level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
+    reasons = [
+        (
+            f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
+            f"({cost.bubble_fraction:.0%} of the step), {cost.p2p_transfers} transfers of "
+            f"{_gb(nbytes)} over {level} ({_ms(cost.p2p_s)}), "
+            f"{cost.in_flight:.3g} microbatches in flight"
+        )
+    ]
+    if hidden:
+        reasons.append(f"{s.schedule} hides {_ms(hidden)} of all-to-all behind the other direction")
+    return cost.step_s, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons)
 
 
 def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
@@ -524,8 +551,10 @@ def estimate_from_report(
 
     roof = _roofline(x)
     net = _collectives(x, roof, placements)
-    step, bubble, p2p, pipe_reasons = _pipeline(x, roof.busy + net.exposed, placements)
-    by_kind, exposed = dict(net.by_kind), net.exposed
+    # DualPipe's hidden expert all-to-all is already the overlap model's (expert_comm's dualpipe class):
+    # nothing more for the schedule to hide here.
+    step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(x, roof.busy + net.exposed, 0.0, placements)
+    by_kind, exposed = dict(net.by_kind), net.exposed - a2a_hidden
     if p2p:
         by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + p2p
         exposed += p2p

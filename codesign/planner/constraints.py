@@ -18,7 +18,8 @@ _OPS = {
     "<": operator.lt,
     ">": operator.gt,
 }
-_KEYS = MESH_AXES + ("remat", "microbatches")
+_TEXT_KEYS = ("remat", "schedule")  # compared as words (= and != only); the rest as integers
+_KEYS = MESH_AXES + _TEXT_KEYS + ("microbatches", "v")
 _PATTERN = re.compile(r"^\s*([a-z_]+)\s*(<=|>=|!=|==|=|<|>)\s*([A-Za-z0-9_]+)\s*$")
 
 
@@ -29,16 +30,16 @@ class Constraint:
     value: str
 
     def __call__(self, s: Strategy) -> bool:
-        have = (
-            s.remat
-            if self.key == "remat"
-            else s.microbatches
-            if self.key == "microbatches"
-            else s.sizes[self.key]
-        )
-        want = self.value if self.key == "remat" else int(self.value)
-        if self.key == "remat" and self.op not in ("=", "==", "!="):
-            raise StrategyError(f"remat supports only = and != in filters, got {self.op}")
+        knobs = {
+            "remat": s.remat,
+            "schedule": s.schedule,
+            "microbatches": s.microbatches,
+            "v": s.stages_per_device,
+        }
+        have = knobs[self.key] if self.key in knobs else s.sizes[self.key]
+        want = self.value if self.key in _TEXT_KEYS else int(self.value)
+        if self.key in _TEXT_KEYS and self.op not in ("=", "==", "!="):
+            raise StrategyError(f"{self.key} supports only = and != in filters, got {self.op}")
         return _OPS[self.op](have, want)
 
     def __str__(self) -> str:
@@ -56,7 +57,7 @@ def parse_constraints(text: str | None) -> tuple[Constraint, ...]:
         key, op, value = m.groups()
         if key not in _KEYS:
             raise StrategyError(f"constraint {item!r}: unknown key {key!r}; keys are {', '.join(_KEYS)}")
-        if key != "remat" and not value.isdigit():
+        if key not in _TEXT_KEYS and not value.isdigit():
             raise StrategyError(f"constraint {item!r}: {key} takes an integer")
         out.append(Constraint(key, op, value))
     return tuple(out)

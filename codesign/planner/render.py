@@ -63,6 +63,7 @@ def search_summary(plan) -> str:
         f"searched {s['enumerated']} layouts ({s['pruned']} pruned{'; ' + rej if rej else ''}), scored "
         f"{s['scored']} analytically, compiled {s['compiled']} on target {s['target']} "
         f"({s['cache_hits']} from cache) in {s['wall_s']:.1f} s"
+        + ("; this plan read back from the plan cache" if s.get("plan_cache") else "")
     )
 
 

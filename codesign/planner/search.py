@@ -3,10 +3,17 @@
 Compiled evidence can overturn the analytic ranking (a predicted winner does not fit, or runs
 slower than estimated). The search then keeps compiling down the analytic order until K candidates
 that fit are verified, or the list (or `max_compiles`) ends.
+
+The space reaches the published layouts: microbatches up to each layout's per-replica batch, every
+pipeline schedule and V (`enumerate.py`), ZeRO levels and the remat policies between none and full.
+It is pruned with a lower bound, not shrunk: candidates are scored in order of `step_lower_bound`
+(model FLOPs at the candidate's matmul efficiency, stretched by its schedule's bubble), and one whose
+bound exceeds the best fitting estimate found so far cannot win and is skipped.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 import time
@@ -14,18 +21,28 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from codesign.arithmetic import param_counts
+from codesign.arithmetic import param_counts, stage_layers, train_flops_per_token
 from codesign.axes import MESH_AXES
+from codesign.closed_form import analytic_memory
+from codesign.closed_form import pipeline as PL
+from codesign.closed_form.remat import layer_checkpointed
 from codesign.config import ConfigError, ModelConfig, Workload
-from codesign.cost.estimate import Estimate, estimate_analytic, estimate_from_report
+from codesign.cost.estimate import (
+    Estimate,
+    compute_dtype,
+    estimate_analytic,
+    estimate_from_report,
+    matmul_size,
+)
 from codesign.hardware.catalog import Hardware
 from codesign.plan_file import Plan
+from codesign.planner import plan_cache
 from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.slices import slice_problem
-from codesign.sharding.strategy import Strategy
+from codesign.sharding.strategy import PIPELINE_SCHEDULES, Strategy
 
 REMATS = ("none", "full", "dots")  # scored for every layout
 # Scored for the layouts of the best REFINE_TOP candidates (by rank, and by step time alone so that a
@@ -38,8 +55,13 @@ SPS = (False, True)
 # ZeRO levels tried for the refined layouts that have data replicas (zero=0 is every layout's base).
 ZEROS = (1, 2)
 REFINE_TOP = 200
-MICROBATCHES = (1, 2, 4, 8)
 ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored too
+# The lower bound counts the model's FLOPs; the compiled stage can run slightly fewer (the heaviest
+# stage's share of an uneven split is counted exactly, but e.g. a tied head or rounding is not):
+# the bound keeps this margin so that it stays below every estimate (checked in tests/test_planner.py).
+LOWER_BOUND_MARGIN = 0.9
+PRUNED = "step lower bound exceeds the best fitting estimate"
+NO_ROOM = "pipeline schedule's in-flight activations and state exceed HBM"
 
 
 @dataclass
@@ -63,7 +85,9 @@ class PlanRequest:
     refine_remats: tuple[str, ...] | None = None
     sps: tuple[bool, ...] | None = None
     zeros: tuple[int, ...] | None = None  # None: ZEROS when `remats` is left at REMATS
-    microbatches: tuple[int, ...] = MICROBATCHES
+    # None: each layout's `microbatch_counts` (powers of two up to its per-replica batch, and that batch)
+    microbatches: tuple[int, ...] | None = None
+    schedules: tuple[str, ...] = PIPELINE_SCHEDULES  # tried on layouts with pipeline > 1
     axis_orders: bool = True
     cache_dir: str | None = None
     use_cache: bool = True
@@ -115,6 +139,55 @@ def _layout(s: Strategy) -> tuple:
     return s.mesh, s.microbatches
 
 
+def step_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, hardware: Hardware) -> float:
+    """A step time no estimate of `s` can beat: the model's FLOPs per device at the candidate's own
+    matmul efficiency (every kernel after the matmuls only adds), through its pipeline schedule with
+    free transfers (the bubble only adds). Microseconds, no closed form."""
+    dtype = compute_dtype(workload)
+    peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
+    frac = hardware.efficiency.matmul_fraction(dtype, matmul_size(cfg, workload, s))
+    tokens = workload.global_batch * workload.seq_len
+    device_s = LOWER_BOUND_MARGIN * train_flops_per_token(cfg, workload.seq_len) * tokens
+    device_s /= s.n_devices * peak * frac
+    p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
+    if p <= 1:
+        return device_s
+    chunk = PL.chunk_times(device_s, m, v, 1.0 if layer_checkpointed(s.remat) else 0.0, 0.0)
+    return PL.pipeline_cost(s.schedule, p, v, m, chunk).step_s
+
+
+def _pipeline_costs(row: dict) -> tuple[float, float, float]:
+    """(bubble, point-to-point, other exposed collectives) seconds of a plan row's own estimate."""
+    bd = row["breakdown"]
+    p2p = (
+        bd["collective_s"].get("collective-permute", 0.0) if row["strategy"]["mesh"].get("pipeline") else 0.0
+    )
+    return bd["pipeline_bubble_s"], p2p, bd["exposed_collective_s"] - p2p
+
+
+def pipeline_verdict(rows: list[dict], chosen: int | None) -> str | None:
+    """Why a pipeline was or was not worth it, in the candidates' own estimates: the chosen row
+    against the fastest fitting row of the other kind (pipelined vs not)."""
+    if chosen is None:
+        return None
+    win = rows[chosen]
+    piped = bool(win["strategy"]["mesh"].get("pipeline"))
+    other = next(
+        (r for r in rows if r["fits"] and bool(r["strategy"]["mesh"].get("pipeline")) != piped), None
+    )
+    if other is None:
+        return None
+    p_row, u_row = (win, other) if piped else (other, win)
+    bubble, p2p, p_exposed = _pipeline_costs(p_row)
+    u_exposed = _pipeline_costs(u_row)[2]
+    head = "pipeline worth it" if piped else "pipeline not worth it"
+    return (
+        f"{head}: {p_row['strategy']['spec']} spends {bubble:.3g} s in its bubble and {p2p:.3g} s on "
+        f"stage transfers, and exposes {p_exposed:.3g} s of other collectives against {u_exposed:.3g} s "
+        f"for {u_row['strategy']['spec']} ({p_row['step_time_s']:.3g} vs {u_row['step_time_s']:.3g} s/step)"
+    )
+
+
 def _smallest_factor(n: int) -> int:
     return next(p for p in range(2, n + 1) if n % p == 0)
 
@@ -134,7 +207,83 @@ def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy, zero: int = 0) -> fl
         per_device = pc.total / dense_shards
     d = sizes["data"]
     per_param = {0: 16.0, 1: 8 + 8 / d, 2: 4 + 12 / d}[zero if d > 1 else 0]
-    return per_param * per_device
+    return per_param * per_device * PL.param_copies(s.schedule)
+
+
+def _stage_key(s: Strategy) -> tuple:
+    """What a candidate's stage work (its roofline busy time) depends on: not its microbatches,
+    schedule, V or axis order."""
+    return (tuple(sorted(s.sizes.items())), s.remat, s.sp, s.zero, s.rules_file)
+
+
+def _pipelined_bound(s: Strategy, stage_s: float) -> float:
+    """The step of `s` with a stage of `stage_s` seconds and free transfers."""
+    p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
+    if p <= 1:
+        return stage_s
+    chunk = PL.chunk_times(stage_s, m, v, 1.0 if layer_checkpointed(s.remat) else 0.0, 0.0)
+    return PL.pipeline_cost(s.schedule, p, v, m, chunk).step_s
+
+
+class _Scorer:
+    """Scores candidates in order of their lower bound, skipping those that cannot beat the best
+    fitting estimate found so far (counted in `rejected` under PRUNED).
+
+    Two bounds, the larger wins: `step_lower_bound` (model FLOPs, before anything is scored), and
+    the roofline busy time of the same stage already scored at m0 <= m microbatches. The closed form's
+    busy time does not fall as microbatches grow (the same FLOPs and activation bytes in smaller
+    matmuls at a lower efficiency, weights read once per microbatch: tests/test_planner.py checks it),
+    so that busy time, put through the candidate's own schedule, bounds its step.
+    """
+
+    def __init__(self, req: PlanRequest, rejected: Counter):
+        self.req, self.rejected = req, rejected
+        self.best = math.inf  # the fastest fitting step scored so far
+        self.capacity = req.hardware.memory_capacity_bytes
+        self.busy: dict[tuple, dict[int, float]] = {}  # stage key -> {microbatches: busy seconds}
+        self.prune = not req.exhaustive  # exhaustive: every valid candidate is scored and compiled
+
+    def _fits(self, s: Strategy) -> bool:
+        mem = analytic_memory(self.req.cfg, self.req.workload, s).total
+        return mem <= self.capacity * (1 - self.req.headroom)
+
+    def _bound(self, s: Strategy, flop_bound: float) -> float:
+        known = self.busy.get(_stage_key(s), {})
+        below = [b for m0, b in known.items() if m0 <= s.microbatches]
+        return max(flop_bound, _pipelined_bound(s, max(below))) if below else flop_bound
+
+    def score(self, strategies) -> list[Scored]:
+        req = self.req
+        # (bound, whether it is final, tie-break, flop bound, strategy): a bound computed before the
+        # stage was scored at a lower microbatch count is re-checked before scoring.
+        heap = []
+        for i, s in enumerate(strategies):
+            fb = step_lower_bound(req.cfg, req.workload, s, req.hardware)
+            # Within a stage, fewer microbatches and plain 1F1B first: they bound the rest.
+            heap.append((fb, s.microbatches, s.stages_per_device, i, fb, s))
+        heapq.heapify(heap)
+        out = []
+        while heap:
+            bound, m, v, i, fb, s = heapq.heappop(heap)
+            if self.prune and bound > self.best:  # every bound left is at least this one: none can win
+                self.rejected[PRUNED] += len(heap) + 1
+                break
+            fresh = self._bound(s, fb)
+            if fresh > bound:  # a scored sibling raised the bound: back in line
+                heapq.heappush(heap, (fresh, m, v, i, fb, s))
+                continue
+            if self.prune and (s.schedule, s.stages_per_device) != ("1f1b", 1) and not self._fits(s):
+                # The plain-1F1B sibling holds the fewest microbatches in flight and one copy of the
+                # state: it stands for the layout's memory in the plan; a schedule that needs more
+                # than HBM is only a rejection.
+                self.rejected[NO_ROOM] += 1
+                continue
+            sc = Scored(s, estimate_analytic(req.cfg, req.workload, s, req.hardware))
+            self.busy.setdefault(_stage_key(s), {})[s.microbatches] = sc.estimate.busy_s
+            if sc.fits(req.headroom, self.capacity):
+                self.best = min(self.best, sc.estimate.step_time_s)
+            out.append(sc)
+        return out
 
 
 def _measure_batch(
@@ -203,6 +352,11 @@ def plan(req: PlanRequest) -> Plan:
         )
     target = resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
+    key = plan_cache.plan_key(req, target)
+    cached = plan_cache.load(req.cache_dir, key) if key else None
+    if cached is not None:  # the same request on the same code: nothing to search again
+        cached.search = {**cached.search, "wall_s": round(time.perf_counter() - t0, 2), "plan_cache": True}
+        return cached
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
     default = tuple(req.remats) == REMATS
@@ -216,7 +370,12 @@ def plan(req: PlanRequest) -> Plan:
         req.n_devices,
         remats=remats,
         sps=sps,
-        microbatches=[m for m in req.microbatches if m == 1 or w.global_batch % m == 0],
+        microbatches=(
+            None
+            if req.microbatches is None
+            else [m for m in req.microbatches if m == 1 or w.global_batch % m == 0]
+        ),
+        schedules=req.schedules,
         slices=hw.slice_count,
     )
     rejected: Counter = Counter(en.rejected)
@@ -224,6 +383,13 @@ def plan(req: PlanRequest) -> Plan:
     for s in en.valid:
         if any(not c(s) for c in req.constraints):
             rejected["excluded by --strategy-filter/--fix"] += 1
+            continue
+        p = s.size("pipeline")
+        why = PL.schedule_problem(
+            s.schedule, p, s.stages_per_device, s.microbatches, sum(stage_layers(cfg, p))
+        )
+        if why:  # grouped by the rule, not the microbatch count
+            rejected[why.split(" (got")[0]] += 1
             continue
         if _state_bytes_lower_bound(cfg, s, max(zeros, default=0)) > capacity * (1 - req.headroom):
             rejected["weights+optimizer state alone exceed HBM"] += 1
@@ -242,27 +408,29 @@ def plan(req: PlanRequest) -> Plan:
     refine = [s for s in candidates if not (s.remat in req.remats and not s.sp)]
     if not base:  # constraints pinned a refinement (e.g. --fix remat=minimal): score those directly
         base, refine = refine, []
-    scored = [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in base]
+    scorer = _Scorer(req, rejected)
+    scored = scorer.score(base)
     scored.sort(key=lambda sc: _sort_key(sc, req))
     if refine:  # the other policies and sp, for the layouts worth refining
         by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
         keep = {_layout(sc.strategy) for sc in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}
-        scored += [Scored(s, estimate_analytic(cfg, w, s, hw)) for s in refine if _layout(s) in keep]
+        scored += scorer.score([s for s in refine if _layout(s) in keep])
         scored.sort(key=lambda sc: _sort_key(sc, req))
     if zeros:  # ZeRO-1/2 for the best layouts with data replicas (optimizer state, then gradients, over data)
         by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
         seen = {sc.strategy for sc in scored}
+        more = []
         for sc in {id(x): x for x in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}.values():
             if sc.strategy.size("data") > 1 and sc.strategy.zero == 0:
                 for z in zeros:
                     s = sc.strategy.replace(zero=z)
                     if s not in seen and all(c(s) for c in req.constraints):
                         seen.add(s)
-                        scored.append(Scored(s, estimate_analytic(cfg, w, s, hw)))
+                        more.append(s)
+        scored += scorer.score(more)
         scored.sort(key=lambda sc: _sort_key(sc, req))
     if req.axis_orders:
-        for sc in scored[:ORDER_SEARCH_TOP]:
-            scored += [Scored(o, estimate_analytic(cfg, w, o, hw)) for o in _orders(sc.strategy, hw)[1:]]
+        scored += scorer.score([o for sc in scored[:ORDER_SEARCH_TOP] for o in _orders(sc.strategy, hw)[1:]])
         scored.sort(key=lambda sc: _sort_key(sc, req))
     n_analytic = len(scored)
 
@@ -322,9 +490,12 @@ def plan(req: PlanRequest) -> Plan:
                 "notes": list(sc.report.notes),
             }
         rows.append(row)
+    verdict = pipeline_verdict(rows, chosen)
+    if verdict:
+        rows[chosen]["reasons"].append(verdict)
     wall = time.perf_counter() - t0
     pc = param_counts(cfg)
-    return Plan(
+    result = Plan(
         model={
             "name": cfg.name,
             "params_total": pc.total,
@@ -353,7 +524,7 @@ def plan(req: PlanRequest) -> Plan:
         candidates=rows,
         chosen=chosen,
         rejected=dict(rejected),
-        explanation=explain(rows, chosen, capacity),
+        explanation=explain(rows, chosen, capacity) + ([verdict] if verdict else []),
         scored=[
             {
                 "spec": sc.strategy.spec,
@@ -364,3 +535,7 @@ def plan(req: PlanRequest) -> Plan:
             for sc in scored
         ],
     )
+    timed_out = any(sc.report is not None and sc.report.outcome == "timeout" for sc in scored)
+    if key and not timed_out:  # like the compile cache: a rerun with more time may do better
+        plan_cache.store(req.cache_dir, key, result)
+    return result

@@ -5,6 +5,12 @@ axis (expert parallelism only for MoE, pipeline only when layers divide) and eve
 rules shard divides by its mesh axes (asked of the rules themselves, so a `rules=FILE` table is
 checked as written). Rejections are counted by reason so that the
 planner can report them.
+
+Microbatches are searched per layout up to its per-replica batch (`microbatch_counts`: the powers of
+two below it and the per-replica batch itself, one sequence per microbatch as the published pipelined
+runs use). A pipelined layout (pipeline > 1) is tried with each schedule and, for `interleaved`, each
+V > 1 that divides its layers per stage. Whether a schedule can run a microbatch count is
+`closed_form/pipeline.py`'s rule, a layer above this one: the planner applies it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from codesign.arithmetic import stage_layers
 from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload
 from codesign.sharding.param_table import param_groups
@@ -33,6 +40,28 @@ def factorizations(n: int, k: int) -> Iterator[tuple[int, ...]]:
     for d in divisors(n):
         for rest in factorizations(n // d, k - 1):
             yield (d,) + rest
+
+
+def microbatch_counts(per_replica_batch: int) -> list[int]:
+    """Microbatch counts worth searching for a replica holding `per_replica_batch` sequences: the
+    powers of two that divide it, and the per-replica batch (one sequence per microbatch)."""
+    counts = [m for m in (2**i for i in range(per_replica_batch.bit_length())) if per_replica_batch % m == 0]
+    return sorted({*counts, max(per_replica_batch, 1)})
+
+
+def pipeline_options(cfg: ModelConfig, pipeline: int, schedules: Sequence[str]) -> list[tuple[str, int]]:
+    """(schedule, V) pairs to try on a pipeline of this size: V = 1 for gpipe, 1f1b and dualpipe;
+    every V > 1 dividing the layers per stage for interleaved (1f1b with V > 1 is interleaved)."""
+    if pipeline <= 1:
+        return [("1f1b", 1)]
+    layers = sum(stage_layers(cfg, pipeline))
+    out = []
+    for sched in schedules:
+        if sched == "interleaved":
+            out += [(sched, v) for v in divisors(layers) if v > 1]
+        else:
+            out.append((sched, 1))
+    return out
 
 
 def layout_problem(
@@ -106,30 +135,55 @@ def enumerate_strategies(
     n_devices: int,
     *,
     remats: Sequence[str] = ("full",),
-    microbatches: Iterable[int] = (1,),
+    microbatches: Iterable[int] | None = (1,),
     axes: Sequence[str] = MESH_AXES,
     rules: Rules | None = None,
     sps: Sequence[bool] = (False,),
+    schedules: Sequence[str] = ("1f1b",),
     slices: int = 1,
 ) -> Enumeration:
-    """Every factorization of n_devices over `axes` x remat x microbatches x sp, split into valid/rejected.
-    `rules`: the table the layouts will run with (default: the default rules). `sps`: the sequence
-    parallelism settings to try; sp=True is only tried where the layout has a tensor group it can use
-    (otherwise it would be the same strategy as sp=False). `slices`: TPU slices over DCN; a layout (in
-    the default axis order) whose tensor, sequence or expert axis would cross them is rejected."""
+    """Every factorization of n_devices over `axes` x remat x microbatches x sp (x schedule and V
+    where pipeline > 1), split into valid/rejected. `microbatches=None`: each layout's
+    `microbatch_counts`. `rules`: the table the layouts will run with (default: the default rules).
+    `sps`: the sequence parallelism settings to try; sp=True is only tried where the layout has a
+    tensor group it can use (otherwise it would be the same strategy as sp=False). `slices`: TPU
+    slices over DCN; a layout (in the default axis order) whose tensor, sequence or expert axis
+    would cross them is rejected."""
     out = Enumeration()
-    mbs = tuple(microbatches)
+    given = None if microbatches is None else tuple(microbatches)
+    layouts = {}  # the rules' verdict on a mesh does not depend on microbatches: ask once
     for sizes_t in factorizations(n_devices, len(axes)):
         sizes = dict(zip(axes, sizes_t))
         sp_opts = [sp for sp in sps if not sp or sp_problem(workload, sizes) is None]
+        variants = len(remats) * max(1, len(sp_opts))
+        p = sizes.get("pipeline", 1)
+        pipes = pipeline_options(cfg, p, schedules)
+        per_replica = workload.global_batch // batch_shards(sizes)
+        mbs = given if given is not None else microbatch_counts(max(per_replica, 1))
         crossing = slice_problem([(a, sizes.get(a, 1)) for a in MESH_AXES], slices)
         for mb in mbs:
-            problem = layout_problem(cfg, workload, sizes, mb, rules)
+            key = tuple(sizes_t) if workload.global_batch % (batch_shards(sizes) * mb) == 0 else None
+            if key is not None and key in layouts:
+                problem = layouts[key]
+            else:
+                problem = layout_problem(cfg, workload, sizes, mb, rules)
+                if key is not None:
+                    layouts[key] = problem
             if problem or crossing:  # the model's own reason first; then the slices'
-                key = _reason_key(problem) if problem else slice_reason_key(crossing)
-                out.rejected[key] += len(remats) * max(1, len(sp_opts))
+                reason = _reason_key(problem) if problem else slice_reason_key(crossing)
+                out.rejected[reason] += variants * len(pipes)
                 continue
-            for sp in sp_opts:
-                for remat in remats:
-                    out.valid.append(Strategy.make(sizes, remat=remat, microbatches=mb, sp=sp))
+            for sched, v in pipes:
+                for sp in sp_opts:
+                    for remat in remats:
+                        out.valid.append(
+                            Strategy.make(
+                                sizes,
+                                remat=remat,
+                                microbatches=mb,
+                                sp=sp,
+                                schedule=sched,
+                                stages_per_device=v,
+                            )
+                        )
     return out
