@@ -610,7 +610,10 @@ class _Walker:
             if fused:
                 acc.fused_coll.append((_channel(ins), row))
             else:
-                events.append((self._key(comp, ins, _channel(ins)), row))
+                # A top-level collective is its own instruction: XLA may give many the same channel id
+                # (XLA:CPU numbers every reduce-scatter of a shard_map region channel_id=1), and only a
+                # fused chain's start/carry/done share one collective.
+                events.append((self._key(comp, ins, None), row))
         elif _ends_async(op) and ins.operands and not fused:
             events.append((self._started_by(comp, ins.operands[0]), None))
         if op == "while":
