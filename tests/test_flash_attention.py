@@ -96,11 +96,13 @@ def test_closed_form_memory_drops_the_scores_with_flash():
         assert xla.saved_activations - flash.saved_activations == pytest.approx(
             layers_kept * (scores - lse), rel=1e-9
         )
-        # full: the one recomputed layer's scores were the transient; the kernel's workspace replaces them
-        transient = scores - lse if remat == "full" else 0.0
-        assert xla.layer_transient - flash.layer_transient == pytest.approx(transient, rel=1e-9)
-        assert xla.attention_workspace == 0.0
-        assert flash.attention_workspace == pytest.approx(b * seq * heads * 128 * 4)  # splash's lse lanes
+        lanes = b * seq * heads * 128 * 4  # splash writes its logsumexp across 128 f32 lanes
+        if remat == "full":  # the recomputed layer's scores (6 B each, 10 in softmax backward) are gone
+            assert xla.attention_workspace >= scores
+            assert xla.layer_phase - flash.layer_phase >= scores - lanes
+        else:  # remat none keeps the scores among the saved activations: no workspace of their own
+            assert xla.attention_workspace == 0.0
+        assert flash.attention_workspace == pytest.approx(lanes)
         assert flash.total < xla.total
 
 
