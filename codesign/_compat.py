@@ -84,13 +84,18 @@ PROJ_NAMES = _QKV + (MLP_WI_0, MLP_WI_1, MLP_WI)
 # everything else but the gathered block inputs (backward all-gathers the sequence-sharded norm output
 # again): Megatron-LM's selective recompute, with its sequence parallelism.
 SELECTIVE_REMAT = frozenset({"selective"})
+# Policies under which backward reruns the layer's whole forward, the outputs XLA would drop as dead
+# included (the FFN down-projection and its tensor reduction): PyTorch activation checkpointing, and so
+# Megatron-LM's full recompute. The model keeps the rerun live (`models.transformer.rerun_whole_forward`).
+WHOLE_LAYER_REMAT = frozenset({"full_layer"})
 
 
 def remat_policy(name: str):
-    """jax.checkpoint policy for a codesign remat name around each layer (None means: do not
-    rematerialize the layer; `selective` rematerializes only the attention core, inside the layer)."""
+    """jax.checkpoint policy for a codesign remat name around each layer (None means: no jax.checkpoint
+    around the layer; `selective` rematerializes only the attention core, inside the layer, and
+    `full_layer` reruns the layer through its own custom VJP)."""
     cp = jax.checkpoint_policies
-    if name in ("none", "selective"):
+    if name in ("none", "selective") or name in WHOLE_LAYER_REMAT:
         return None
     if name == "offload":  # MaxText's minimal_offloaded: the minimal set, parked in pinned host memory
         return cp.save_and_offload_only_these_names(

@@ -127,6 +127,13 @@ def test_recomputed_matmul_flops_follow_the_policy(runs):
     )
     # The FFN's down projection only feeds the residual add: saving it changes nothing in a dense layer.
     assert mm["save_dot_except_mlpwi"] == mm["save_dot_except_mlp"]
+    # full_layer reruns it anyway (Megatron's full recompute): one more d x mlp matmul per layer, and its
+    # tensor all-reduce.
+    tokens = WL.global_batch * WL.seq_len / 2  # per device: data=2
+    per_layer = 2 * tokens * CFG.hidden * CFG.mlp_dim / 4  # tensor=4
+    assert mm["full_layer"] - mm["full"] == pytest.approx(CFG.layers * per_layer, rel=1e-6)
+    ar = {r: _bytes(runs[f"{BASE},remat={r}"]["hlo"].collectives, "all-reduce", ("tensor",)) for r in mm}
+    assert ar["full_layer"] > ar["full"]
     assert mm["dots_nobatch"] == mm["offload"] == mm["minimal"] and mm["dots"] == mm["none"]
     # The closed form counts the same recompute, with and without sp. (With sequence=2 as well, XLA's
     # partitioner adds 8% of matmul work the closed form does not model; that layout is checked for its

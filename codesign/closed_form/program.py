@@ -433,6 +433,7 @@ def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> 
             ue = moe_slots(cfg, sh) * cfg.hidden * ab if moe else 0.0
             dense_ffn = not moe or cfg.n_shared_experts
             resid = [u] + ([u] if dense_ffn else []) + ([u] if "out" in rec else [])
+            resid += [u] if dense_ffn and rec & {"wo", "shared_wo"} else []  # full_layer's rerun FFN
             # Routed experts are always gated (gate and up); the dense/shared FFN follows the config.
             ffn_bwd = [u] * (1 if lw.sums_input_grads else swiglu) if dense_ffn else []
             for x in resid + attn_bwd + ffn_bwd:

@@ -6,7 +6,9 @@ down), and for MoE layers `router`, `routed_wi`, `routed_wo` (the experts' gate/
 `shared_wi`, `shared_wo`. Backward NEEDS the output of every part except `wo`, `shared_wo` and the
 combine einsum, whose outputs only enter the residual sum. A checkpointed layer recomputes each needed
 part that its policy does not save; the named policies save the parts whose `checkpoint_name`
-(`_compat.SAVED_NAMES`) they list. The attention core is costed apart (`core_recompute`).
+(`_compat.SAVED_NAMES`) they list. `full_layer` (`_compat.WHOLE_LAYER_REMAT`) reruns every part,
+the unneeded ones too, as PyTorch activation checkpointing and Megatron-LM's full recompute do. The
+attention core is costed apart (`core_recompute`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ _WITH_BATCH_DIMS = frozenset({"routed_wi", "routed_wo"})
 
 
 def layer_checkpointed(remat: str) -> bool:
-    """Whether the whole layer runs under jax.checkpoint (none and selective keep its activations)."""
+    """Whether backward reruns the layer from its input (none and selective keep its activations)."""
     return remat not in ("none", "selective")
 
 
@@ -41,12 +43,15 @@ def saved_parts(remat: str) -> frozenset[str]:
         return frozenset(PARTS)
     if remat == "dots_nobatch":
         return frozenset(PARTS) - _WITH_BATCH_DIMS
-    if remat == "full":
+    if remat == "full" or remat in C.WHOLE_LAYER_REMAT:
         return frozenset()
     return frozenset(p for n in C.SAVED_NAMES[remat] for p in _BY_NAME[n])
 
 
 def recomputed_parts(remat: str) -> frozenset[str]:
+    """Forward matmul parts backward runs again: the needed ones not saved, or all under full_layer."""
+    if remat in C.WHOLE_LAYER_REMAT:
+        return frozenset(PARTS)
     return NEEDED - saved_parts(remat)
 
 

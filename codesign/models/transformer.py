@@ -131,10 +131,16 @@ def run_layers(graphdef, layers, x, positions, remat: str, valid=None):
     `valid` (bool [layers], optional) marks padding layers of an uneven pipeline split: a layer whose
     flag is False passes x through unchanged and adds no aux loss. Returns (x, aux summed)."""
 
+    def layer(layer_state, h, positions):
+        return nnx.merge(graphdef, layer_state)(h, positions)
+
+    if remat in _compat.WHOLE_LAYER_REMAT:
+        layer = rerun_whole_forward(layer)
+
     def body(carry, xs):
         h, aux = carry
         layer_state, ok = xs
-        out, a = nnx.merge(graphdef, layer_state)(h, positions)
+        out, a = layer(layer_state, h, positions)
         if ok is not None:
             out, a = jnp.where(ok, out, h), jnp.where(ok, a, 0.0)
         return (out, aux + a), None
@@ -145,6 +151,28 @@ def run_layers(graphdef, layers, x, positions, remat: str, valid=None):
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
     (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), (layers, valid))
     return x, aux
+
+
+def rerun_whole_forward(f):
+    """f(*args) saving only its inputs, with a backward that reruns all of f's forward before its VJP,
+    the outputs backward does not need included (PyTorch activation checkpointing; Megatron-LM's full
+    recompute). Under jax.checkpoint, XLA drops those outputs as dead code (the FFN down-projection
+    and its tensor all-reduce): adding 0 x the rerun output to the cotangent keeps them live (XLA does
+    not fold a float multiply by zero; an optimization barrier alone is pruned)."""
+
+    @jax.custom_vjp
+    def g(*args):
+        return f(*args)
+
+    def fwd(*args):
+        return f(*args), args
+
+    def bwd(args, ct):
+        out, vjp = jax.vjp(f, *args)
+        return vjp(jax.tree.map(lambda c, o: c + jnp.zeros_like(c) * o.astype(c.dtype), ct, out))
+
+    g.defvjp(fwd, bwd)
+    return g
 
 
 def build_model(cfg: ModelConfig, seed: int = 0, **kw: Any) -> Transformer:

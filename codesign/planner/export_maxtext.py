@@ -41,6 +41,10 @@ _AXES = {
 # codesign remat -> (MaxText remat_policy, why it is not exact; None when it is)
 _REMAT = {
     "full": ("full", None),
+    "full_layer": (
+        "full",
+        "MaxText's 'full' under XLA drops the recomputed FFN down-projection (dead code); full_layer reruns it",
+    ),
     "dots_nobatch": (
         "minimal",
         (

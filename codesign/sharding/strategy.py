@@ -38,10 +38,13 @@ from codesign.axes import MESH_AXES
 # Remat policies (what each saves: `_compat.remat_policy`). none/full/dots/dots_nobatch are codesign's
 # own; minimal, save_qkv_proj, save_dot_except_mlp, save_dot_except_mlpwi are MaxText's names (and
 # sets of saved projections); offload is MaxText's minimal_offloaded (the same set, kept in host
-# memory); selective is Megatron-LM's selective recompute (only the attention core is recomputed).
+# memory); selective is Megatron-LM's selective recompute (only the attention core is recomputed);
+# full_layer is Megatron-LM's full recompute (the whole layer forward again, which `full` is not: XLA
+# drops the recomputed FFN down-projection, whose output backward does not need).
 REMAT_POLICIES = (
     "none",
     "full",
+    "full_layer",
     "dots",
     "dots_nobatch",
     "minimal",
