@@ -23,12 +23,12 @@ def _load():
 def test_published_layouts_as_strategies():
     pr = _load()
     by_name = {r.name: r for r in pr.ROWS}
-    s = pr.strategy(by_name["175B"], "full", False)
+    s = pr.strategy(by_name["175B"], "full_layer", False)
     assert s.n_devices == 64 and s.microbatches == 64  # GBS 64 / (DP 1 x MBS 1)
     assert (s.size("tensor"), s.size("pipeline"), s.stages_per_device, s.schedule) == (8, 8, 3, "interleaved")
     s = pr.strategy(by_name["1T"], "selective", True)
     assert s.n_devices == 512 and s.microbatches == 512 and s.sp and s.stages_per_device == 1
-    assert pr.strategy(by_name["22B"], "full", False).microbatches == 1  # GBS 4 in one MBS-4 microbatch
+    assert pr.strategy(by_name["22B"], "full_layer", False).microbatches == 1  # GBS 4 in one MBS-4 microbatch
     cfg = pr.gpt(by_name["175B"])
     assert cfg.mlp_dim == 4 * cfg.hidden and cfg.kv_heads == cfg.heads and cfg.ffn_activation == "gelu"
 
@@ -38,7 +38,9 @@ def test_script_runs_one_row(tmp_path):
     result = pr.main(["--rows", "22B", "--out", str(tmp_path)])
     full, sel = result["rows"]
     assert (full["recompute"], sel["recompute"]) == ("full", "selective+sp")
-    assert full["strategy"] == "tensor=8,remat=full" and sel["strategy"] == "tensor=8,remat=selective,sp=1"
+    assert (
+        full["strategy"] == "tensor=8,remat=full_layer" and sel["strategy"] == "tensor=8,remat=selective,sp=1"
+    )
     assert full["predicted_s"] > sel["predicted_s"] > 0  # full recompute runs one more forward
     for r in (full, sel):
         assert r["error"] == pytest.approx(r["predicted_s"] / r["published_s"] - 1)

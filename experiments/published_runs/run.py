@@ -25,7 +25,6 @@ from pathlib import Path
 
 from codesign.config import ModelConfig, Workload
 from codesign.cost.estimate import compute_dtype, estimate_analytic, matmul_size
-from codesign.cost.network import assign_levels, collective_time_on_axes
 from codesign.hardware import load_hardware
 from codesign.sharding.strategy import Strategy
 
@@ -74,8 +73,11 @@ TABLE4_22B = {
     "selective": (7.7, 13.2, 20.9),
     "selective+sp": (7.2, 13.1, 20.3),
 }
-# (label, remat policy, sequence parallelism) for the two Table 5 columns.
-MODES = (("full", "full", False), ("selective+sp", "selective", True))
+# (label, remat policy, sequence parallelism) for the two Table 5 columns. Megatron's full recompute is
+# codesign's full_layer: the whole layer forward again (codesign's `full` lets XLA drop the FFN
+# down-projection and its tensor all-reduce, which Megatron's checkpoint reruns).
+MODES = (("full", "full_layer", False), ("selective+sp", "selective", True))
+REMAT_OF = {"none": "none", "full": "full_layer", "selective": "selective", "selective+sp": "selective"}
 
 
 def gpt(row: Row, layers: int | None = None) -> ModelConfig:
@@ -164,8 +166,7 @@ def per_layer_22b(hardware: str) -> list[dict]:
     hw = load_hardware(hardware, devices=row.gpus)
     out = []
     for label, (fwd, bwd, total) in TABLE4_22B.items():
-        remat = "selective" if label.startswith("selective") else label
-        s = strategy(row, remat, label.endswith("+sp"))
+        s = strategy(row, REMAT_OF[label], label.endswith("+sp"))
         full = estimate_analytic(gpt(row), workload(row), s, hw).step_time_s
         less = estimate_analytic(gpt(row, row.layers - 1), workload(row), s, hw).step_time_s
         ms = (full - less) * 1e3
@@ -187,10 +188,9 @@ def megatron_differences(row: Row, hardware: str) -> dict:
     """Work Megatron's program does that codesign's does not, counted by mechanism and priced with the
     estimate's own rates; NOT added to the prediction. Per layer per microbatch, seconds:
     - dead_code_recompute: a PyTorch checkpoint reruns the whole checkpointed function; XLA drops what
-      backward does not need. Full recompute: the FFN down-projection and its tensor all-reduce (their
-      output only feeds the residual sum), priced as that matmul at the estimate's matmul rate + one
-      all-reduce of b*s*h fp16 on the tensor axis. Selective (Megatron checkpoints the attention core):
-      the probabilities x V product (the context is kept), at the same matmul rate.
+      backward does not need. Full recompute is in the prediction (remat=full_layer runs it); selective
+      (Megatron checkpoints the attention core) reruns the probabilities x V product that XLA drops
+      (the context is kept), priced at the estimate's matmul rate.
     - dropout: GPT's attention dropout on the b*(heads/tp)*s*s probabilities is its own kernel (read
       and write fp16, write a 1-byte mask; backward reads the gradient and mask and writes one: 5 + 5
       bytes per score, 5 more where the core is recomputed), and its two hidden dropouts are fused into
@@ -206,15 +206,9 @@ def megatron_differences(row: Row, hardware: str) -> dict:
             dtype, matmul_size(cfg, w, s)
         )
         tokens = row.micro_batch * SEQ_LEN
-        placements = assign_levels(s.mesh, hw)
         scores = row.micro_batch * cfg.heads / TENSOR * SEQ_LEN * SEQ_LEN
-        if remat == "full":
-            wo = 2 * tokens * cfg.mlp_dim * cfg.hidden / TENSOR / rate
-            reduce = collective_time_on_axes("all-reduce", tokens * cfg.hidden * 2, ("tensor",), placements)
-            recompute = wo + reduce
-        else:
-            recompute = 2 * scores * cfg.head_dim / rate
-        core_passes = 3 if remat in ("full", "selective") else 2  # forward, backward, recompute
+        recompute = 2 * scores * cfg.head_dim / rate if remat == "selective" else 0.0
+        core_passes = 3  # forward, backward, recompute (both policies rerun the attention core)
         residual = tokens * cfg.hidden / (TENSOR if sp else 1)
         dropout_bytes = 5 * scores * core_passes + 2 * 2 * residual
         dropout = dropout_bytes / (hw.chip.hbm_bytes_per_s * hw.efficiency.hbm)
