@@ -46,6 +46,11 @@ class ModelConfig:
     # kv_heads dim shards over tensor like k and v do; each kv group carries its query heads with it.
     fused_qkv: bool = False
     tie_embeddings: bool = False
+    # Dropout (GPT-style recipes; Megatron's attention_dropout and hidden_dropout): on the attention
+    # probabilities, and on the embedding output and each block's attention and FFN outputs before the
+    # residual add. Executed by the train step with layout-independent masks (`models.dropout`).
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     # MLA (DeepSeek-V2/V3). q_lora_rank 0 means queries are projected directly.
@@ -161,6 +166,9 @@ class ModelConfig:
             self.heads % self.kv_heads == 0,
             f"heads={self.heads} is not a multiple of kv_heads={self.kv_heads}",
         )
+        for field in ("attention_dropout", "hidden_dropout"):
+            rate = getattr(self, field)
+            need(0.0 <= rate < 1.0, f"{field}={rate}; a dropout rate is in [0, 1)")
         need(
             not (self.fused_qkv and self.attention == "mla"),
             "fused_qkv applies to GQA/MHA attention; MLA's projections are low-rank: set fused_qkv=false",
@@ -242,6 +250,9 @@ class ModelConfig:
             d.pop("ffn_gate_activation")
         if not d["fused_qkv"]:
             d.pop("fused_qkv")
+        for field in ("attention_dropout", "hidden_dropout"):  # fingerprints of dropout-free models stay
+            if not d[field]:
+                d.pop(field)
         return json.dumps(d, sort_keys=True)
 
 

@@ -214,6 +214,7 @@ def from_hf_config(d: dict[str, Any], name: str = "hf-model") -> ModelConfig:
         "rope_theta": r.num("rope_theta", 10000.0),
         "norm_eps": r.num("rms_norm_eps", 1e-6),
         "tie_embeddings": r.flag("tie_word_embeddings", mt in _TIED_BY_DEFAULT),
+        "attention_dropout": r.num("attention_dropout", 0.0),  # the HF families that have it; 0 in most
         "source": f"Hugging Face config.json (model_type {mt}: {', '.join(SUPPORTED[mt][1])})",
     }
     if mt in ("gemma", "gemma2") and not kw["head_dim"]:

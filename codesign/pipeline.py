@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codesign.arithmetic import pipeline_ticks
+from codesign.models import dropout as D
 from codesign.models.transformer import RESIDUAL, run_layers
 from codesign.sharding.activation import constrain, pin_dims
 
@@ -95,9 +96,13 @@ def _per_stage(fn):
     return jax.vmap(fn, spmd_axis_name=AXIS)
 
 
-def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, remat: str):
+def run_pipeline(
+    graphdef, layers, xs, positions, *, stages: int, repeats: int, remat: str, first_layer=0, rows=None
+):
     """Run the stacked blocks `layers` (leaves [L, ...]) over microbatches xs [M, mb, S, D].
 
+    Dropout (`models.dropout`, when a scope is open): `rows` [M, mb] are the global batch rows of each
+    microbatch, and the stack's layer l draws as model layer first_layer + l, as it would unpipelined.
     Returns (ys [M, mb, S, D], aux summed over the layers and averaged over the microbatches).
     """
     p, v, m = stages, repeats, xs.shape[0]
@@ -110,6 +115,8 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
         lambda a: pin_dims(a, {0: None, 1: AXIS, 2: None}), to_stage_layout(layers, n_layers, p, v)
     )
     mask = jnp.asarray(layer_mask(n_layers, p, v))
+    ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
+    draw = D.current()
     stage_ids = jnp.arange(p)
     residual = _per_stage(lambda y: constrain(y, RESIDUAL))
     buffer = _per_stage(jax.vmap(lambda y: constrain(y, RESIDUAL)))
@@ -120,14 +127,19 @@ def run_pipeline(graphdef, layers, xs, positions, *, stages: int, repeats: int, 
         live = (k >= 0) & (k < m * v)
         rep = jnp.clip(k // m, 0, v - 1)
 
-        def stage(s, x_prev, buf_s, r, ok, chunk_params, chunk_mask):
+        def stage(s, x_prev, buf_s, r, ok, chunk_params, chunk_mask, chunk_ids):
             x_in = jnp.where(s == 0, buf_s[t % m], x_prev)
             chunk = jax.tree.map(lambda a: a[r], chunk_params)
-            y, a = run_layers(graphdef, chunk, x_in, positions, remat, chunk_mask[r])
+            # The microbatch this stage works on at tick t: t - s, modulo m.
+            stage_draw = None if draw is None else D.Draw(draw.key, rows[jnp.mod(t - s, m)])
+            with D.scope(stage_draw):
+                y, a = run_layers(
+                    graphdef, chunk, x_in, positions, remat, chunk_mask[r], layer_ids=chunk_ids[r]
+                )
             return y, jnp.where(ok, a, 0.0)
 
-        ys, a = jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, 1, 1), spmd_axis_name=AXIS)(
-            stage_ids, state, buf, rep, live, params, mask
+        ys, a = jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
+            stage_ids, state, buf, rep, live, params, mask, ids
         )
         # Stage s's output moves to stage s + 1; the last stage's wraps around to stage 0.
         ys = residual(rotate(ys))

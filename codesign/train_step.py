@@ -59,6 +59,7 @@ from codesign import _compat
 from codesign import axes as A
 from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
+from codesign.models import dropout as D
 from codesign.models.attention import kernel_for, platform_of
 from codesign.models.transformer import Transformer, run_layers
 from codesign.pipeline import run_pipeline
@@ -339,16 +340,19 @@ class TrainProgram:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def loss(self, params, tokens):
+    def loss(self, params, batch):
+        """batch = (tokens [b, T+1], rows [b]: their rows in the global batch, which key dropout)."""
+        tokens, rows = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        if self.pipelined:
-            logits, aux = self._pipelined_forward(params, inputs)
-        else:
-            logits, aux = self._model(params)(inputs)
+        with D.scope(D.split_rows(D.current(), rows)):
+            if self.pipelined:
+                logits, aux = self._pipelined_forward(params, inputs, rows)
+            else:
+                logits, aux = self._model(params)(inputs)
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return ce + self.cfg.router_aux_loss_coef * aux, ce
 
-    def _pipelined_forward(self, params, inputs):
+    def _pipelined_forward(self, params, inputs, rows):
         """The model's forward with its stacked blocks run by the pipeline (`codesign.pipeline`)."""
         model = self._model(params)
         b, t = inputs.shape
@@ -367,32 +371,38 @@ class TrainProgram:
             stages=self.mesh_sizes["pipeline"],
             repeats=self.strategy.stages_per_device,
             remat=self.strategy.remat,
+            first_layer=self.cfg.dense_layers if self.pipelined_stack == "moe_blocks" else 0,
+            rows=self._split(rows, m),
         )
         with batch_also_over("pipeline"):
             logits = model.head(_unsplit(ys))
         return logits, aux + a
 
-    def _split(self, rows, mb: int | None = None):
-        """[B, ...] -> [M, B/M, ...]. Row r goes to microbatch r % M, which keeps each microbatch spread
-        over all batch shards (no data moves)."""
-        mb, b = mb or self.accumulation, rows.shape[0]
-        return jnp.moveaxis(rows.reshape(b // mb, mb, *rows.shape[1:]), 1, 0)
+    def _split(self, batch, mb: int | None = None):
+        """[B, ...] -> [M, B/M, ...] (each leaf of a batch tree). Row r goes to microbatch r % M, which
+        keeps each microbatch spread over all batch shards (no data moves)."""
+        mb = mb or self.accumulation
 
-    def _grads_auto(self, params, tokens):
+        def one(rows):
+            return jnp.moveaxis(rows.reshape(rows.shape[0] // mb, mb, *rows.shape[1:]), 1, 0)
+
+        return jax.tree.map(one, batch)
+
+    def _grads_auto(self, params, batch):
         """The partitioner places every reduction (inside the loop when microbatches > 1)."""
         mb = self.accumulation
         grad_fn = jax.value_and_grad(self.loss, has_aux=True)
         if mb == 1:
-            (_, ce), grads = grad_fn(params, tokens)
+            (_, ce), grads = grad_fn(params, batch)
             return ce, grads
 
-        def acc(carry, mb_tokens):
+        def acc(carry, mb_batch):
             ce_sum, g_sum = carry
-            (_, ce), g = grad_fn(params, mb_tokens)
+            (_, ce), g = grad_fn(params, mb_batch)
             return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), self._split(tokens))
+        (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), self._split(batch))
         return ce_sum / mb, jax.tree.map(lambda g: g / mb, g_sum)
 
     def _is_spec(self, x) -> bool:
@@ -420,8 +430,9 @@ class TrainProgram:
         specs = jax.tree.map(one, self.logical_axes, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
         return named(self.mesh, specs)
 
-    def _replica_grads(self, params, tokens):
-        """(ce [R], grads [R, ...]): each replica's loss and *unreduced* gradient on its rows of `tokens`.
+    def _replica_grads(self, params, batch):
+        """(ce [R], grads [R, ...]): each replica's loss and *unreduced* gradient on its rows of `batch`
+        (tokens, and their global rows).
 
         The replica axes become an explicit leading axis (`vmap` with `spmd_axis_name`): nothing in the
         math sums over it, so no collective over those axes can run here, once per microbatch; the one
@@ -433,13 +444,13 @@ class TrainProgram:
 
         params = jax.lax.with_sharding_constraint(params, self._lookup_shardings)
 
-        def one(rows):
+        def one(replica_batch):
             with activation_sharding(self.mesh, inner):
-                (_, ce), g = grad_fn(params, rows)
+                (_, ce), g = grad_fn(params, replica_batch)
             return ce, g
 
-        rows = tokens.reshape(n, tokens.shape[0] // n, tokens.shape[1])
-        ce, g = jax.vmap(one, spmd_axis_name=r)(rows)
+        per_replica = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+        ce, g = jax.vmap(one, spmd_axis_name=r)(per_replica)
         return ce, jax.lax.with_sharding_constraint(g, named(self.mesh, self._stacked_specs))
 
     def _reduce(self, stacked):
@@ -471,25 +482,25 @@ class TrainProgram:
         )
         return f(stacked)
 
-    def _grads(self, params, tokens):
+    def _grads(self, params, batch):
         """(mean loss, mean gradient) over the global batch, reduced over the replica axes once per step
         (zero=2: once per microbatch, into a sharded accumulator)."""
         if not self.replica_axes or (self.accumulation == 1 and not self.zero):
             # Nothing to restructure: without accumulation the step reduces once anyway, and XLA picks how
             # (one all-reduce over data and expert together for an MoE's dense params; bf16 partial sums
             # on TPU). The explicit path would reduce over expert first, then over data.
-            return self._grads_auto(params, tokens)
+            return self._grads_auto(params, batch)
         mb = self.accumulation
         n = math.prod(self.mesh_sizes[a] for a in self.replica_axes) * mb  # local means -> global mean
         if mb == 1:
-            ce, g = self._replica_grads(params, tokens)
+            ce, g = self._replica_grads(params, batch)
             g = self._reduce(g)
         else:
             per_mb = self.zero == 2  # ZeRO-2: the accumulator itself is sharded over data
 
-            def acc(carry, mb_tokens):
+            def acc(carry, mb_batch):
                 ce_sum, g_sum = carry
-                ce, g = self._replica_grads(params, mb_tokens)
+                ce, g = self._replica_grads(params, mb_batch)
                 if per_mb:
                     # The barrier keeps this reduce-scatter in the loop: the TPU compiler otherwise moves
                     # it out (sum of reduce-scatters = reduce-scatter of the sum), which silently turns
@@ -505,13 +516,19 @@ class TrainProgram:
                 acc_sh,
             )
             ce0 = jnp.zeros((n // mb,), jnp.float32)
-            (ce, g), _ = jax.lax.scan(acc, (ce0, zeros), self._split(tokens))
+            (ce, g), _ = jax.lax.scan(acc, (ce0, zeros), self._split(batch))
             g = g if per_mb else self._reduce(g)
         return ce.sum() / n, jax.tree.map(lambda x: x / n, g)
 
+    @property
+    def has_dropout(self) -> bool:
+        return self.cfg.attention_dropout > 0 or self.cfg.hidden_dropout > 0
+
     def _step(self, state, tokens):
-        with activation_sharding(self.mesh, self.rules):
-            ce, grads = self._grads(state["params"], tokens)
+        rows = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+        draw = D.Draw(D.step_key(state["step"]), rows) if self.has_dropout else None
+        with activation_sharding(self.mesh, self.rules), D.scope(draw):
+            ce, grads = self._grads(state["params"], (tokens, rows))
             grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
             params = state["params"]
             if self.zero:

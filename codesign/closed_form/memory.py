@@ -52,6 +52,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
+from codesign.closed_form import dropout as DR
 from codesign.closed_form import remat as R
 from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes, zero_level
 from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
@@ -231,7 +232,7 @@ def analytic_memory(
         if layers <= 0:
             continue
         lb = _layer_bytes(cfg, moe, sh, remat, workload.flash)
-        keep = _saved(lb, remat)
+        keep = _saved(lb, remat) + DR.layer_dropout(cfg, remat, sh, workload.flash).saved_bytes
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)
             keep = lb.layer_input
@@ -248,6 +249,7 @@ def analytic_memory(
                 live, workspace = max(live, lb.everything - lb.scores), max(workspace, lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
             workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
+    saved += DR.embedding_dropout(cfg, sh).saved_bytes
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
     logits = sh.t * sh.act.vocab * 2 * F32
     if workload.flash:  # the kernel's statistics in the layout it writes them, not the bare logsumexp

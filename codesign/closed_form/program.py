@@ -76,6 +76,7 @@ import math
 from dataclasses import dataclass
 
 from codesign.arithmetic import stage_layers
+from codesign.closed_form import dropout as DR
 from codesign.closed_form import remat as R
 from codesign.closed_form.memory import F32, analytic_memory
 from codesign.closed_form.params import (
@@ -290,9 +291,12 @@ def _accelerator_traffic(
     gated_ffn = cfg.ffn_activation == "swiglu"
     mm_elems = other = quantized = 0.0  # per microbatch
     w_again = w_total = 0.0  # weight matmul FLOPs recomputed / run forward (weights re-read)
+    flash = flash_kernel(workload, platform) is not None
+    dropout_bytes = DR.embedding_dropout(cfg, sh).hbm_bytes  # per microbatch, in bytes
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
+        dropout_bytes += layers * DR.layer_dropout(cfg, remat, sh, flash).hbm_bytes
         parts = _layer_mm(cfg, moe, sh)
         again = _recomputed(parts, remat) / sum(parts.values())
         w_again += layers * _recomputed(parts, remat)
@@ -331,7 +335,7 @@ def _accelerator_traffic(
     cast = (F32 + bf) * gathered * (1 + w_frac + 1) if pb == F32 else 0.0
     accumulate = 2 * F32 * local if m > 1 else 0.0
     matmul_bytes = m * (bf * mm_elems + mm_w)
-    memory_bound = m * (bf * other + cast + accumulate) + 8 * pb * local
+    memory_bound = m * (bf * other + cast + accumulate + dropout_bytes) + 8 * pb * local
     if workload.matmul_dtype == "fp8":  # quantize passes; weights (W and W^T blocks) once per step
         memory_bound += m * quantized * (bf + FP8_BYTES) + 2 * gathered * (pb + FP8_BYTES)
     return matmul_bytes, memory_bound
@@ -482,9 +486,11 @@ def analytic_report(
     flash = uses_flash(cfg, workload)
     fwd = rec = core = 0.0
     elem = trans = act_elems = score_elems = 0.0
+    drawn = DR.embedding_dropout(cfg, sh).drawn  # dropout mask elements drawn per microbatch
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
+        drawn += layers * DR.layer_dropout(cfg, strategy.remat, sh, flash).drawn
         parts = _layer_mm(cfg, moe, sh)
         fwd += layers * sum(parts.values())
         rec += layers * _recomputed(parts, strategy.remat)
@@ -509,6 +515,7 @@ def analytic_report(
     params = sharded_params(cfg, strategy)
     local_params = sum(sp.local_elems * sp.count for sp in params)
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
+    elem += DR.RNG_OPS_PER_ELEMENT * drawn
     flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
     if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
         w_uses = 3 + (rec / fwd if fwd else 0.0)  # recomputed matmuls read their weights again
@@ -522,6 +529,7 @@ def analytic_report(
                 + tr["weight"] * w_uses * gathered
             )
             + tr["opt"] * local_params
+            + m * DR.RNG_CPU_BYTES * drawn
         )
         matmul_bytes = 0.0
     else:

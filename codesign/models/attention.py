@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from codesign import _compat as C
 from codesign import axes as A
 from codesign.arithmetic import causal_block_fraction
+from codesign.models.dropout import ATTENTION_PROBS, dropout
 from codesign.sharding.activation import active_spec
 
 KERNELS = ("xla", "cudnn", "splash", "reference")
@@ -95,8 +96,19 @@ def stats_bytes(kernel: str, kv_block: int) -> int:
     return _STATS_BYTES.get(kernel, 2 * 4 * kv_block)
 
 
-def causal_attention(q, k, v, kernel: str):
-    """q [B,T,N,Hqk], k [B,S,K,Hqk], v [B,S,K,Hv] -> [B,T,N,Hv] with `kernel` (see `KERNELS`)."""
+def check_dropout_kernel(rate: float, flash: bool) -> None:
+    """Attention dropout drops the materialized probabilities: only the XLA kernel has them."""
+    if rate and flash:
+        raise ValueError(
+            f"attention_dropout={rate} needs XLA attention (it drops the materialized probabilities); "
+            "a flash kernel here runs without dropout: use --attention xla, or attention_dropout=0"
+        )
+
+
+def causal_attention(q, k, v, kernel: str, dropout_rate: float = 0.0):
+    """q [B,T,N,Hqk], k [B,S,K,Hqk], v [B,S,K,Hv] -> [B,T,N,Hv] with `kernel` (see `KERNELS`).
+    `dropout_rate` drops the probabilities (`models.dropout`); only the XLA kernel materializes them."""
+    check_dropout_kernel(dropout_rate, kernel != "xla")
     if kernel == "splash":
         return _splash(q, k, v)
     if kernel == "reference":
@@ -110,7 +122,7 @@ def causal_attention(q, k, v, kernel: str):
         return o[..., :hv]
     if kernel != "xla":
         raise ValueError(f"attention kernel {kernel!r}; use one of {KERNELS}")
-    if q.shape[-1] == hv:
+    if q.shape[-1] == hv and not dropout_rate:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     b, t, n, hq = q.shape
     kh = k.shape[2]
@@ -118,7 +130,7 @@ def causal_attention(q, k, v, kernel: str):
     scores = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32) / jnp.sqrt(hq).astype(jnp.float32)
     mask = jnp.tril(jnp.ones((t, k.shape[1]), bool))
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = dropout(jax.nn.softmax(scores, axis=-1).astype(v.dtype), dropout_rate, ATTENTION_PROBS)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
     return out.reshape(b, t, n, hv)
 

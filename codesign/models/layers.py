@@ -46,18 +46,19 @@ def rope(x, positions, theta: float):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_core(q, k, v, impl: str, remat: str):
-    """`causal_attention` with kernel `impl` (`models.attention.KERNELS`), checkpointed by itself under Megatron's selective recompute: the backward
-    pass recomputes the scores and softmax from the saved q, k, v instead of storing them."""
+def attention_core(q, k, v, impl: str, remat: str, dropout_rate: float = 0.0):
+    """`causal_attention` with kernel `impl` (`models.attention.KERNELS`), checkpointed by itself under
+    Megatron's selective recompute: the backward pass recomputes the scores and softmax (and draws the
+    same dropout mask again) from the saved q, k, v instead of storing them."""
     if remat in C.SELECTIVE_REMAT:
         core = jax.checkpoint(
             causal_attention,
-            static_argnums=(3,),
+            static_argnums=(3, 4),
             policy=jax.checkpoint_policies.nothing_saveable,
             prevent_cse=False,
         )
-        return core(q, k, v, impl)
-    return causal_attention(q, k, v, impl)
+        return core(q, k, v, impl, dropout_rate)
+    return causal_attention(q, k, v, impl, dropout_rate)
 
 
 class Attention(nnx.Module):
@@ -85,7 +86,7 @@ class Attention(nnx.Module):
             self.bk = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
             self.bv = param(rngs, (k, h), (A.KV_HEADS, A.HEAD_DIM), param_dtype, z)
         self.qkv_bias, self.theta, self.dtype, self.impl = cfg.qkv_bias, cfg.rope_theta, dtype, impl
-        self.remat = remat
+        self.remat, self.dropout = remat, cfg.attention_dropout
 
     def __call__(self, x, positions):
         return self.attend(self.project(x), positions)
@@ -111,7 +112,7 @@ class Attention(nnx.Module):
         q = constrain(rope(q, positions, self.theta), HEADS)
         k = constrain(rope(k, positions, self.theta), HEADS)
         v = constrain(v, HEADS)
-        o = name(constrain(attention_core(q, k, v, self.impl, self.remat), HEADS), C.CONTEXT)
+        o = name(constrain(attention_core(q, k, v, self.impl, self.remat, self.dropout), HEADS), C.CONTEXT)
         return name(jnp.einsum("btnh,nhd->btd", o, c(self.wo)), C.OUT_PROJ)
 
 
@@ -159,6 +160,7 @@ class MLAttention(nnx.Module):
         )
         self.wo = param(rngs, (n, self.v_dim, d), (A.HEADS, A.HEAD_DIM, A.EMBED), param_dtype)
         self.theta, self.dtype, self.impl, self.remat = cfg.rope_theta, dtype, impl, remat
+        self.dropout = cfg.attention_dropout
 
     def __call__(self, x, positions):
         return self.attend(self.project(x), positions)
@@ -190,7 +192,8 @@ class MLAttention(nnx.Module):
             ),
             HEADS,
         )
-        o = constrain(attention_core(q, k, constrain(v, HEADS), self.impl, self.remat), HEADS)
+        o = attention_core(q, k, constrain(v, HEADS), self.impl, self.remat, self.dropout)
+        o = constrain(o, HEADS)
         return name(jnp.einsum("btnh,nhd->btd", name(o, C.CONTEXT), c(self.wo)), C.OUT_PROJ)
 
 

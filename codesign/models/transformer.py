@@ -16,6 +16,7 @@ from flax import nnx
 from codesign import _compat
 from codesign import axes as A
 from codesign.config import ModelConfig
+from codesign.models import dropout as D
 from codesign.models.layers import MLP, Attention, MLAttention, RMSNorm, param
 from codesign.models.moe import MoE
 from codesign.sharding.activation import GATHERED, LOGITS, RESIDUAL, constrain
@@ -31,7 +32,7 @@ class Block(nnx.Module):
         self.attn = attn_cls(cfg, rngs=rngs, impl=impl, remat=remat, **kw)
         self.ffn_norm = RMSNorm(cfg.hidden, cfg.norm_eps, **kw)
         self.ffn = MoE(cfg, rngs=rngs, **kw) if moe else MLP(cfg, cfg.mlp_dim, rngs=rngs, **kw)
-        self.moe, self.remat = moe, remat
+        self.moe, self.remat, self.dropout = moe, remat, cfg.hidden_dropout
 
     def _project(self, project, h):
         """The input projections of a tensor-parallel block applied to the normed residual h, laid out
@@ -51,14 +52,15 @@ class Block(nnx.Module):
         # The norms run on the residual's layout (under sp: their 1/tensor of the positions); then the
         # block's input is gathered.
         h = constrain(self.attn_norm(x), RESIDUAL)
-        x = constrain(x + self.attn.attend(self._project(self.attn.project, h), positions), RESIDUAL)
+        a = self.attn.attend(self._project(self.attn.project, h), positions)
+        x = constrain(x + D.dropout(a, self.dropout, D.ATTENTION_OUT), RESIDUAL)
         h = constrain(self.ffn_norm(x), RESIDUAL)
         if self.moe:  # the MoE block reads its gathered input in its router, dispatch and shared expert
             h = self.ffn(constrain(h, GATHERED))
         else:
             h = self.ffn.finish(self._project(self.ffn.project, h))
         h, aux = h if self.moe else (h, jnp.zeros((), jnp.float32))
-        return constrain(x + h, RESIDUAL), aux
+        return constrain(x + D.dropout(h, self.dropout, D.FFN_OUT), RESIDUAL), aux
 
 
 def _stack(cfg, n: int, moe: bool, rngs: nnx.Rngs, **kw) -> Block:
@@ -96,13 +98,14 @@ class Transformer(nnx.Module):
             self.lm_head = param(rngs, (cfg.hidden, cfg.vocab_size), (A.EMBED, A.VOCAB), param_dtype)
         self.cfg, self.dtype, self.remat = cfg, dtype, remat
 
-    def _run_stack(self, blocks, x, positions):
+    def _run_stack(self, blocks, x, positions, first_layer: int):
         graphdef, state = nnx.split(blocks)
-        return run_layers(graphdef, state, x, positions, self.remat)
+        return run_layers(graphdef, state, x, positions, self.remat, first_layer=first_layer)
 
     def embed_tokens(self, tokens):
         """tokens int [B, T] -> the residual stream [B, T, D] entering the first block."""
-        return constrain(self.embed[...].astype(self.dtype)[tokens], RESIDUAL)
+        x = self.embed[...].astype(self.dtype)[tokens]
+        return constrain(D.dropout(x, self.cfg.hidden_dropout, D.EMBEDDING), RESIDUAL)
 
     def head(self, x):
         """The residual stream after the last block [B, T, D] -> logits float32 [B, T, vocab]."""
@@ -118,29 +121,35 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         x = self.embed_tokens(tokens)
         aux = jnp.zeros((), jnp.float32)
-        for blocks in (self.dense_blocks, self.moe_blocks):
+        for blocks, first in ((self.dense_blocks, 0), (self.moe_blocks, self.cfg.dense_layers)):
             if blocks is not None:
-                x, a = self._run_stack(blocks, x, positions)
+                x, a = self._run_stack(blocks, x, positions, first)
                 aux = aux + a
         return self.head(x), aux
 
 
-def run_layers(graphdef, layers, x, positions, remat: str, valid=None):
+def run_layers(graphdef, layers, x, positions, remat: str, valid=None, *, first_layer=0, layer_ids=None):
     """Scan a stack of blocks (`layers`: the stacked state, leading `layers` axis) over x.
 
     `valid` (bool [layers], optional) marks padding layers of an uneven pipeline split: a layer whose
-    flag is False passes x through unchanged and adds no aux loss. Returns (x, aux summed)."""
+    flag is False passes x through unchanged and adds no aux loss. Each layer draws its dropout masks
+    with its model-wide index: `layer_ids` (int [layers]) or first_layer + its place in the stack.
+    Returns (x, aux summed)."""
+    n = jax.tree.leaves(layers)[0].shape[0]
+    ids = first_layer + jnp.arange(n) if layer_ids is None else layer_ids
+    draw = D.current()  # passed to each layer as arguments, so a rerun layer draws the same masks
 
-    def layer(layer_state, h, positions):
-        return nnx.merge(graphdef, layer_state)(h, positions)
+    def layer(layer_state, h, positions, layer_draw):
+        with D.scope(layer_draw):
+            return nnx.merge(graphdef, layer_state)(h, positions)
 
     if remat in _compat.WHOLE_LAYER_REMAT:
         layer = rerun_whole_forward(layer)
 
     def body(carry, xs):
         h, aux = carry
-        layer_state, ok = xs
-        out, a = layer(layer_state, h, positions)
+        layer_state, ok, i = xs
+        out, a = layer(layer_state, h, positions, D.layer_key(draw, i))
         if ok is not None:
             out, a = jnp.where(ok, out, h), jnp.where(ok, a, 0.0)
         return (out, aux + a), None
@@ -149,7 +158,7 @@ def run_layers(graphdef, layers, x, positions, remat: str, valid=None):
     # none and selective keep the layer's activations (selective: Block._project, attention_core)
     if policy is not None:
         body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), (layers, valid))
+    (x, aux), _ = jax.lax.scan(body, (x, jnp.zeros((), jnp.float32)), (layers, valid, ids))
     return x, aux
 
 
