@@ -80,7 +80,8 @@ def compiler_memory(cfg: ModelConfig, w: Workload, s: Strategy, hw) -> dict:
     """Lower and compile the train step for the TPU slice deviceless; keep only the memory analysis (the
     HLO walk `compile_candidate` also runs costs minutes of Python on a 70B step and is not needed)."""
     from codesign import _compat
-    from codesign.compile.targets import parse_oom, target_devices
+    from codesign.compile.devices import target_devices
+    from codesign.compile.targets import parse_oom
     from codesign.sharding.mesh import MeshSpec
     from codesign.train_step import TrainProgram
 
