@@ -155,6 +155,17 @@ class HloStats:
         """Everything the walk could not count: unparsed lines and unreadable instructions."""
         return self.skipped_lines + len(self.skipped_instructions)
 
+    def report_counts(self) -> dict:
+        """The `CompileReport` fields this walk counts (what a report re-read from saved HLO replaces)."""
+        return {
+            "flops": self.flops,
+            "matmul_flops": self.matmul_flops,
+            "bytes_accessed": self.bytes_accessed,
+            "matmul_bytes": self.matmul_bytes,
+            "transcendentals": self.transcendentals,
+            "collectives": self.collectives,
+        }
+
 
 class _Acc:
     __slots__ = ("bytes", "coll", "flops", "fused_coll", "mm", "mm_bytes", "trans")
