@@ -314,7 +314,7 @@ def test_memory_model_within_ten_percent_of_the_tpu_compiler(spec):
     compiler's (arguments + outputs - aliased + temporaries), and both say it fits."""
     pytest.importorskip("libtpu")
     from codesign import _compat
-    from codesign.compile.targets import target_devices
+    from codesign.compile.devices import target_devices
 
     cfg, w = get_preset("llama3-8b"), Workload(global_batch=64, seq_len=4096)
     s, hw = Strategy.parse(spec), load_hardware("tpu-v5e", devices=64)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from codesign import arithmetic as ar
-from codesign.compile import targets as T
+from codesign.compile import devices as D
 from codesign.compile.measure import measure
 from codesign.compile.targets import compile_candidate, parse_oom, plan_compile, resolve_target
 from codesign.compile.worker import CompileRequest, compile_in_subprocess
@@ -211,22 +211,22 @@ def test_large_mesh_shrinks_the_data_axis():
     assert plan.data_scale == 4 and plan.strategy.sizes["data"] == 16 and plan.n_devices == 256
     assert plan.workload.global_batch == 256 and dict(plan.full_mesh)["data"] == 64
     assert any("reduced-mesh: data_scale=4 full_mesh=data=64,fsdp=16" in n for n in plan.notes)
-    with pytest.raises(T.TargetError, match="max_compile_devices"):
+    with pytest.raises(D.TargetError, match="max_compile_devices"):
         plan_compile(get_preset("tiny-dense"), wl, Strategy.parse("fsdp=1024"), "cpu")
 
 
 def test_resolve_target():
     assert resolve_target("cpu", HW8) == "cpu"
-    assert resolve_target("auto", HW8) == ("tpu" if T.libtpu_available() else "cpu")
+    assert resolve_target("auto", HW8) == ("tpu" if D.libtpu_available() else "cpu")
     h100 = load_hardware("h100", 8)
-    assert resolve_target("auto", h100) == ("gpu" if T.gpu_aot_available() else "cpu")
-    with pytest.raises(T.TargetError, match="unknown compile target"):
+    assert resolve_target("auto", h100) == ("gpu" if D.gpu_aot_available() else "cpu")
+    with pytest.raises(D.TargetError, match="unknown compile target"):
         resolve_target("quantum", HW8)
 
 
 # ---------------------------------------------------------------------------------------------- TPU
 
-tpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
+tpu = pytest.mark.skipif(not D.libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
 
 
 @pytest.mark.tpu
@@ -277,7 +277,7 @@ def test_tpu_oom_llama3_8b_on_8_v5e():
 
 
 def test_gpu_target_without_the_compiler_says_how_to_install():
-    if T.gpu_aot_available():
+    if D.gpu_aot_available():
         pytest.skip("the gpu-aot compiler is installed")
     r = compile_candidate(
         get_preset("tiny-dense"), W, Strategy.parse("data=8"), load_hardware("h100", 8), "gpu"
@@ -287,7 +287,7 @@ def test_gpu_target_without_the_compiler_says_how_to_install():
 
 @pytest.mark.gpu_aot
 def test_gpu_deviceless_compile():
-    if not T.gpu_aot_available():
+    if not D.gpu_aot_available():
         pytest.skip(
             'needs the deviceless CUDA compiler (jax_cuda12_plugin / jax_cuda13_plugin): pip install -e ".[gpu-aot]"'
         )
@@ -300,13 +300,13 @@ def test_gpu_deviceless_compile():
 def test_gpu_target_configs_ship_for_the_catalog_chips():
     for name in ("a100", "h100", "h200", "b200"):
         hw = load_hardware(name, 8)
-        text = T.gpu_target_config_text(hw)
+        text = D.gpu_target_config_text(hw)
         assert "gpu_device_info" in text and 'platform_name: "CUDA"' in text
         size = int(
             next(ln.split(":")[1] for ln in text.splitlines() if ln.strip().startswith("device_memory_size"))
         )
         assert size == hw.hbm_bytes
-    assert T.gpu_topology_string(16) == "1x2x8" and T.gpu_topology_string(4) == "1x1x4"
+    assert D.gpu_topology_string(16) == "1x2x8" and D.gpu_topology_string(4) == "1x1x4"
 
 
 # ---------------------------------------------------------------------------------------------- worker

@@ -7,6 +7,7 @@ import pytest
 
 from codesign.compile import flags as F
 from codesign.compile import targets as T
+from codesign.compile.devices import libtpu_available
 from codesign.compile.hlo import analyze_hlo
 from codesign.config import Workload
 from codesign.hardware import load_hardware
@@ -99,7 +100,7 @@ def test_a_rejected_flag_is_dropped_and_named():
         T._compile_with_flags(Broken(), {"xla_known": "1"}, [])
 
 
-tpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
+tpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
 
 
 @pytest.mark.tpu

@@ -11,6 +11,7 @@ import yaml
 from codesign import _compat
 from codesign.cli import main
 from codesign.compile import targets as T
+from codesign.compile.devices import libtpu_available
 from codesign.compile.hlo import analyze_hlo
 from codesign.config import Workload
 from codesign.cost.network import assign_levels, collective_time_on_axes
@@ -196,7 +197,7 @@ def test_each_part_of_a_hierarchical_axis_is_timed_on_its_own_level():
     assert dcn == pytest.approx(nbytes / (6.25e9 * pl["data"].collective_efficiency), rel=0.05)
 
 
-tpu = pytest.mark.skipif(not T.libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
+tpu = pytest.mark.skipif(not libtpu_available(), reason="libtpu is not installed (pip install -e '.[dev]')")
 
 
 @tpu

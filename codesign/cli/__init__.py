@@ -85,9 +85,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     Imported here, after `runtime.configure`, because some of these modules import JAX.
     tests/test_bad_input.py checks that each `*Error(ValueError)` class in codesign is covered.
     """
+    from codesign.compile.devices import TargetError
     from codesign.compile.flags import FlagError
     from codesign.compile.measure import ExecutorError
-    from codesign.compile.targets import TargetError
     from codesign.config import ConfigError
     from codesign.explore.sweep import SweepError
     from codesign.hardware import HardwareError

@@ -33,11 +33,8 @@ Counting rules (all per device, per execution of ENTRY):
   One collective that appears in several fusions of a computation
   with the same ``channel_id`` counts once: TPU's async collective fusion prints the all-gather in
   its start fusion, in every compute fusion that carries it forward, and in its done fusion.
-* Overlap (a scheduled module prints each computation in execution order): an async collective's
-  window is the compute of the instructions strictly between its first and last appearance (start,
-  carrying fusions, done), shared equally among the collectives in flight at each instruction; it is
-  summed per row in ``Collective.overlap`` with ``async_count``. A collective's start and done in the
-  same computation is the only pairing read (XLA schedules each computation on its own).
+* Overlap: an async collective's window, the compute scheduled between its start and done, is
+  read from the module's schedule by :mod:`codesign.compile.hlo_overlap`.
 """
 
 from __future__ import annotations
@@ -50,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from codesign.arithmetic import causal_block_fraction
+from codesign.compile import hlo_overlap as ov
 from codesign.compile import hlo_parse as hp
 from codesign.compile import megascale
 from codesign.models.attention import flash_flops
@@ -135,16 +133,6 @@ _NO_BYTES = frozenset(
         "slice-done",
     }
 )
-_COLLECTIVES = (
-    "all-reduce",
-    "all-gather",
-    "reduce-scatter",
-    "all-to-all",
-    "collective-permute",
-    "ragged-all-to-all",
-    "send",
-    "recv",
-)
 
 
 @dataclass(frozen=True)
@@ -167,9 +155,16 @@ class HloStats:
         """Everything the walk could not count: unparsed lines and unreadable instructions."""
         return self.skipped_lines + len(self.skipped_instructions)
 
-
-# Per collective row the walk accumulates a vector: occurrences, occurrences issued asynchronously,
-# then the compute scheduled between their start and done (OverlapWindow's fields, in order).
+    def report_counts(self) -> dict:
+        """The `CompileReport` fields this walk counts (what a report re-read from saved HLO replaces)."""
+        return {
+            "flops": self.flops,
+            "matmul_flops": self.matmul_flops,
+            "bytes_accessed": self.bytes_accessed,
+            "matmul_bytes": self.matmul_bytes,
+            "transcendentals": self.transcendentals,
+            "collectives": self.collectives,
+        }
 
 
 class _Acc:
@@ -193,7 +188,7 @@ class _Acc:
                 self.coll[key] = self.coll.get(key, 0.0) + c * k
 
     def work(self) -> np.ndarray:
-        """The compute this accumulates, in the window layout of a collective row."""
+        """The compute this accumulates, in the window layout of a collective row (`hlo_overlap`)."""
         return np.array([self.flops, self.mm, self.bytes, self.mm_bytes, self.trans])
 
 
@@ -417,15 +412,6 @@ def _fusion_bytes(ins: hp.Instr, comp: hp.Computation, fused: hp.Computation | N
     return total + (out if roots else hp.shape_bytes(ins.shape))
 
 
-def _collective_kind(op: str) -> tuple[str | None, bool]:
-    """(base kind, is async start) of a collective opcode; (None, False) for others and -done."""
-    if op.endswith("-done"):
-        return None, False
-    start = op.endswith("-start")
-    base = op[: -len("-start")] if start else op
-    return (base, start) if base in _COLLECTIVES else (None, False)
-
-
 class _Walker:
     def __init__(
         self,
@@ -445,7 +431,7 @@ class _Walker:
         self.loops: dict[str, tuple[str, int, str]] = {}
         self.active: set[str] = set()
         self.skipped: list[str] = []
-        self.started: dict[tuple[str, str], object] = {}  # (computation, instruction) -> collective key
+        self.keys = ov.AsyncKeys()  # each collective's identity across its start, carries and done
 
     # -- collectives ------------------------------------------------------------------------
     def _axes_of(self, groups: list[list[int]]) -> tuple[str, ...]:
@@ -525,82 +511,23 @@ class _Walker:
             return []
 
     def _walk_scheduled(self, comp: hp.Computation, acc: _Acc) -> None:
-        """A computation that runs (not fused), in its printed order, which is XLA's schedule
-        (``is_scheduled=true``). Each collective is a key seen at one or more positions: a synchronous
-        one at one, an async one at its start, its done and (TPU async collective fusion) the compute
-        fusions that carry it forward in between. The compute at the positions strictly inside a
-        collective's span is its window, shared equally by every collective in flight there. A loop
-        body whose collective is done before it is started (issued for the next iteration) wraps: its
-        window is the rest of the body after the start and the body's beginning up to the done."""
-        spans: dict[object, list[int]] = {}
-        rows: dict[object, list[tuple]] = {}
-        work, roles = [], []
-        for i, ins in enumerate(comp.instrs):
+        """A computation that runs (not fused), in its printed order, which is XLA's schedule: each
+        instruction counted, its collectives' overlap windows read from that order (`hlo_overlap`)."""
+        schedule = ov.Schedule()
+        for ins in comp.instrs:
             ia = _Acc()
-            for key, row in self._guarded(ins, comp, False, ia):
-                pos = spans.setdefault(key, [])
-                if row is not None and not pos:  # counted once, where it first appears
-                    rows.setdefault(key, []).append(row)
-                if not pos or pos[-1] != i:
-                    pos.append(i)
+            events = self._guarded(ins, comp, False, ia)
             acc.add(ia)
-            work.append(ia.work())
-            roles.append(self._role(ins))
-        n = len(work)
-        inside: dict[object, list[int]] = {}
-        for key, pos in spans.items():
-            first, last = pos[0], pos[-1]
-            if roles[first] == "done" and roles[last] == "start":
-                inside[key] = list(range(last + 1, n)) + list(range(first))
-            else:
-                inside[key] = list(range(first + 1, last))
-        ends = {p for pos in spans.values() for p in (pos[0], pos[-1])}
-        in_flight: dict[int, int] = {}
-        for idx in inside.values():
-            for i in idx:
-                in_flight[i] = in_flight.get(i, 0) + 1
-        for key, key_rows in rows.items():
-            window = sum((work[i] / in_flight[i] for i in inside[key] if i not in ends), np.zeros(5))
-            is_async = 1.0 if len(spans[key]) > 1 else 0.0
-            for row in key_rows:
-                vec = np.concatenate(([1.0, is_async], window / len(key_rows)))
-                acc.coll[row] = acc.coll.get(row, 0.0) + vec
-
-    def _role(self, ins: hp.Instr) -> str | None:
-        """ "start" / "done" for an instruction that starts or completes an async collective."""
-        op = ins.opcode
-        if op == "async-start" or (op.endswith("-start") and op[: -len("-start")] in _COLLECTIVES):
-            return "start"
-        if op != "async-update" and _ends_async(op):
-            return "done"
-        if op == "fusion":  # TPU async collective fusion: the fused root says which end it is
-            subs = hp.called(ins.attrs, "calls")
-            fused = self.m.computations.get(subs[0]) if subs else None
-            target = (hp.attr(fused.root.attrs, "custom_call_target") or "") if fused and fused.root else ""
-            if "AsyncCollectiveStart" in target:
-                return "start"
-            if "AsyncCollectiveDone" in target:
-                return "done"
-        return None
-
-    def _key(self, comp: hp.Computation, ins: hp.Instr, channel: int | None) -> object:
-        """A collective's identity in its computation: its channel id (shared by the start, continuation
-        and done fusions of one TPU async collective) or else the instruction that starts it."""
-        key = ("channel", channel) if channel is not None else ("instr", ins.name)
-        self.started[(comp.name, ins.name)] = key
-        return key
-
-    def _started_by(self, comp: hp.Computation, name: str) -> object:
-        while (ins := comp.by_name.get(name)) is not None and ins.opcode == "async-update" and ins.operands:
-            name = ins.operands[0]
-        return self.started.get((comp.name, name), ("instr", name))
+            schedule.add(events, ia.work(), ov.async_role(ins, self.m))
+        for row, vec in schedule.row_vectors():
+            acc.coll[row] = acc.coll.get(row, 0.0) + vec
 
     def _instr(self, ins: hp.Instr, comp: hp.Computation, fused: bool, acc: _Acc) -> list:
         """Count one instruction into `acc`; return the collectives it starts, carries or ends at this
         level as (key, row or None) (fused: nothing, they go to ``acc.fused_coll``)."""
         op = ins.opcode
         events: list[tuple[object, tuple | None]] = []
-        kind, start = _collective_kind(op)
+        kind, start = ov.collective_kind(op)
         if kind == "recv" and megascale.is_megascale(ins.attrs):
             kind = None  # the receiving half of a cross-slice collective its send already counts
         if kind is not None:
@@ -613,9 +540,9 @@ class _Walker:
                 # A top-level collective is its own instruction: XLA may give many the same channel id
                 # (XLA:CPU numbers every reduce-scatter of a shard_map region channel_id=1), and only a
                 # fused chain's start/carry/done share one collective.
-                events.append((self._key(comp, ins, None), row))
-        elif _ends_async(op) and ins.operands and not fused:
-            events.append((self._started_by(comp, ins.operands[0]), None))
+                events.append((self.keys.key(comp, ins, None), row))
+        elif ov.ends_async(op) and ins.operands and not fused:
+            events.append((self.keys.started_by(comp, ins.operands[0]), None))
         if op == "while":
             n, source = hp.loop_trip_count(ins, comp, self.m)
             self.loops.setdefault(ins.name, (ins.name, n, source))
@@ -631,7 +558,7 @@ class _Walker:
                 if fused:
                     acc.fused_coll.extend(sub.fused_coll)
                 else:
-                    events += [(self._key(comp, ins, ch), row) for ch, row in sub.fused_coll]
+                    events += [(self.keys.key(comp, ins, ch), row) for ch, row in sub.fused_coll]
             if not fused:
                 nbytes = _fusion_bytes(ins, comp, self.m.computations.get(subs[0]) if subs else None)
                 acc.bytes += nbytes
@@ -642,7 +569,9 @@ class _Walker:
             for c in hp.called(ins.attrs, "to_apply") + hp.called(ins.attrs, "calls"):
                 if op == "async-start" and not fused:  # the wrapped op is one async collective here
                     acc.add(self.walk(c, False), coll=False)
-                    events += [(self._key(comp, ins, ch), row) for ch, row in self.walk(c, True).fused_coll]
+                    events += [
+                        (self.keys.key(comp, ins, ch), row) for ch, row in self.walk(c, True).fused_coll
+                    ]
                 else:
                     acc.add(self.walk(c, fused))
             return events
@@ -684,13 +613,6 @@ class _Walker:
 def _channel(ins: hp.Instr) -> int | None:
     v = hp.int_list(hp.attr(ins.attrs, "channel_id"))
     return v[0] if v else None
-
-
-def _ends_async(op: str) -> bool:
-    """An op that carries or completes an async collective started earlier in the same computation."""
-    if op in ("async-update", "async-done"):
-        return True
-    return op.endswith("-done") and op[: -len("-done")] in _COLLECTIVES
 
 
 def _largest_component(pairs: list[tuple[int, int]]) -> int:

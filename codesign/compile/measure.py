@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from codesign.compile.cache import CompileCache, cache_key
-from codesign.compile.targets import TargetError, compile_candidate, resolve_target
+from codesign.compile.devices import TargetError
+from codesign.compile.targets import compile_candidate, resolve_target
 from codesign.compile.worker import CompileRequest, compile_in_subprocess, kill_running_workers
 from codesign.report import CompileReport
 

@@ -1,20 +1,6 @@
 """Compile one candidate (model x workload x strategy) for a target and read back a `CompileReport`.
 
-Targets (DESIGN.md):
-
-* ``cpu``: XLA's host platform emulating N devices (``--xla_force_host_platform_device_count``, which
-  must be set before JAX starts: run through :mod:`codesign.compile.worker` or the CLI's ``--devices``).
-* ``tpu``: the deviceless TPU compiler in ``libtpu`` for the slice ``tpu_topology_name(gen, n)``, or
-  for K such slices over DCN (``get_topology_desc(..., num_slices=K)``) when the hardware has K slices
-  (``--slices K``, or more chips than one slice holds). The topology's devices are sorted by slice,
-  then ``id``, before the mesh is built (the catalog's torus placement assumes that x varies fastest
-  over ids); over several slices that row-major order is the block structure
-  ``create_hybrid_device_mesh`` builds, the outermost axes split across slices. v4 is compiled with ``chip_config_name="megacore"``: libtpu
-  otherwise exposes each v4 chip as 2 devices (one per TensorCore), whereas JAX on a real v4 sees one
-  megacore device per chip; with megacore, devices = chips = the strategy's device count.
-* ``gpu``: the deviceless CUDA compiler (the ``gpu-aot`` extra, ``jax[cuda12]``) with a
-  ``GpuTargetConfig`` text proto shipped in ``codesign/data/gpu_targets``.
-* ``attached``: the devices this process really has.
+The targets and the devices each compiles for: :mod:`codesign.compile.devices`.
 
 What gets compiled can differ from the candidate, and the report says so (notes, ``mesh``,
 ``full_mesh``, ``data_scale``, ``pipeline_stages``):
@@ -35,55 +21,36 @@ stage: build / lower / compile / analyze) or ``oom`` with the byte counts parsed
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
 import time
 import traceback
 from dataclasses import dataclass
-from importlib import metadata, resources
-from typing import Any
+from importlib import metadata
 
 from codesign import _compat
 from codesign.arithmetic import pipeline_ticks
 from codesign.closed_form import analytic_report
+from codesign.compile.devices import (
+    TARGETS,
+    TargetError,
+    gpu_aot_available,
+    libtpu_available,
+    target_devices,
+    unknown_target,
+    valid_tpu_count,
+)
 from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
-# "analytic" is the closed form (codesign.closed_form): an instrument like the compilers, run in-process.
-TARGETS = ("analytic", "cpu", "tpu", "gpu", "attached")
-COMPILERS = ("cpu", "tpu", "gpu", "attached")
 DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
-GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
-# catalog chip name -> GpuTargetConfig text proto in codesign/data/gpu_targets
-GPU_TARGET_CONFIGS = {
-    "a100-sxm-80g": "a100_sxm_80g.txtpb",
-    "h100-sxm": "h100_sxm.txtpb",
-    "h800-sxm": "h100_sxm.txtpb",
-    "h200-sxm": "h200_sxm.txtpb",
-    "b200-sxm": "b200.txtpb",
-}
-GPUS_PER_NODE = 8
-
-
-class TargetError(ValueError):
-    """An unknown target, or a target this process cannot compile for (the message says what to do)."""
 
 
 # ---------------------------------------------------------------------------------------------- targets
-
-
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
-def gpu_aot_available() -> bool:
-    """The deviceless CUDA compiler ships in the jax CUDA plugin (the gpu-aot extra)."""
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 
 
 def resolve_target(target: str, hardware: Hardware) -> str:
@@ -91,7 +58,7 @@ def resolve_target(target: str, hardware: Hardware) -> str:
     if target in TARGETS:
         return target
     if target != "auto":
-        raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
+        raise unknown_target(target)
     if hardware.platform == "tpu" and libtpu_available():
         return "tpu"
     if hardware.platform == "gpu" and gpu_aot_available():
@@ -130,17 +97,6 @@ class CompilePlan:
         return self.strategy.n_devices
 
 
-def _valid_tpu_count(hardware: Hardware, n: int) -> bool:
-    """n chips form one slice, or the hardware's K equal slices (`Hardware.slices`)."""
-    from codesign.hardware.topology import TopologyError, split_slices
-
-    try:
-        split_slices(hardware.tpu_generation or "", n, hardware.slices)
-        return True
-    except TopologyError:
-        return False
-
-
 def plan_compile(
     cfg: ModelConfig,
     workload: Workload,
@@ -168,7 +124,7 @@ def plan_compile(
     n, data = strategy.n_devices, strategy.size("data")
 
     def ok(count: int) -> bool:
-        return (limit is None or count <= limit) and (not need_slice or _valid_tpu_count(hardware, count))
+        return (limit is None or count <= limit) and (not need_slice or valid_tpu_count(hardware, count))
 
     scale = 1
     if not ok(n):
@@ -205,114 +161,6 @@ def plan_compile(
         data_scale=scale,
         notes=tuple(notes),
     )
-
-
-# ---------------------------------------------------------------------------------------------- devices
-
-
-def prepare_libtpu_env() -> None:
-    """Environment for a deviceless TPU compile; effective when it runs before libtpu initializes (the
-    first topology request). Silences libtpu's host-discovery noise, and lets several processes load
-    libtpu at once: libtpu otherwise takes /tmp/libtpu_lockfile and a second process (parallel workers,
-    another planner) fails with "Internal error when accessing libtpu multi-process lockfile". No TPU
-    is driven by a deviceless compile, so sharing is safe."""
-    from codesign.runtime import accelerator_present, silence_tpu_runtime_noise
-
-    silence_tpu_runtime_noise()
-    if not accelerator_present():
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-def tpu_devices(hardware: Hardware, n: int) -> list:
-    """The deviceless devices of n chips: one slice, or the hardware's K slices (slice-major)."""
-    from codesign import _compat
-    from codesign.hardware.topology import TopologyError, split_slices
-
-    gen = hardware.tpu_generation
-    if not gen:
-        raise TargetError(f"target tpu needs TPU hardware; {hardware.name} is {hardware.platform}")
-    if not libtpu_available():
-        raise TargetError('target tpu needs libtpu (pip install -e ".[dev]" installs it)')
-    try:
-        topo, slices = split_slices(gen, n, hardware.slices)
-    except TopologyError as e:
-        raise TargetError(f"target tpu: {e}") from None
-    prepare_libtpu_env()
-    kwargs: dict[str, Any] = {"chip_config_name": "megacore"} if gen == "v4" else {}
-    if slices > 1:
-        kwargs["num_slices"] = slices
-    desc = _compat.get_topology_desc(platform="tpu", topology_name=topo.name, **kwargs)
-    devices = sorted(desc.devices, key=lambda d: (getattr(d, "slice_index", 0), d.id))
-    if len(devices) != n:
-        raise TargetError(
-            f"libtpu topology {topo.name} x {slices} slice(s) has {len(devices)} devices, "
-            f"expected one per chip ({n})"
-        )
-    return devices
-
-
-def gpu_target_config_text(hardware: Hardware) -> str:
-    fname = GPU_TARGET_CONFIGS.get(hardware.chip.name)
-    if fname is None:
-        raise TargetError(
-            f"no GpuTargetConfig for chip {hardware.chip.name!r}; shipped: {sorted(GPU_TARGET_CONFIGS)}"
-        )
-    return resources.files("codesign").joinpath(f"data/gpu_targets/{fname}").read_text()
-
-
-def gpu_topology_string(n: int, per_node: int = GPUS_PER_NODE) -> str:
-    """'<slices>x<hosts>x<devices per host>' for n GPUs, filling nodes of `per_node`."""
-    per = min(n, per_node)
-    if n % per:
-        raise TargetError(f"{n} GPUs do not fill nodes of {per_node}")
-    return f"1x{n // per}x{per}"
-
-
-def gpu_devices(hardware: Hardware, n: int) -> list:
-    from codesign import _compat
-
-    if hardware.platform != "gpu":
-        raise TargetError(f"target gpu needs GPU hardware; {hardware.name} is {hardware.platform}")
-    if not gpu_aot_available():
-        raise TargetError(
-            f"target gpu needs the deviceless CUDA compiler: {GPU_AOT_INSTALL_HINT} (jax[cuda12], ~5.6 GB)"
-        )
-    per_node = GPUS_PER_NODE
-    if hardware.levels and hardware.levels[0].max_group_size:
-        per_node = min(GPUS_PER_NODE, hardware.levels[0].max_group_size)
-    topo = _compat.get_topology_desc(
-        platform="cuda",
-        target_config=gpu_target_config_text(hardware),
-        topology=gpu_topology_string(n, per_node),
-    )
-    return sorted(topo.devices, key=lambda d: d.id)
-
-
-def target_devices(target: str, hardware: Hardware, n: int) -> list:
-    """The devices to build an n-device mesh from, in mesh order."""
-    import jax
-
-    if target == "tpu":
-        return tpu_devices(hardware, n)
-    if target == "gpu":
-        return gpu_devices(hardware, n)
-    if target == "cpu":
-        devices = jax.devices("cpu")
-        if len(devices) < n:
-            raise TargetError(
-                f"target cpu needs {n} emulated devices but this process has {len(devices)}; compile through "
-                f"codesign.compile.worker.compile_in_subprocess (sets XLA_FLAGS before JAX starts) or run the "
-                f"CLI with --devices {n}"
-            )
-        return devices[:n]
-    if target == "attached":
-        devices = jax.devices()
-        if len(devices) < n:
-            raise TargetError(
-                f"target attached: {n} devices needed, {len(devices)} attached ({devices[0].platform})"
-            )
-        return devices[:n]
-    raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
 
 
 # ---------------------------------------------------------------------------------------------- OOM parsing
@@ -481,7 +329,7 @@ def compile_candidate(
 
         spec = MeshSpec.from_strategy(plan.strategy)
         devices = target_devices(target, hardware, spec.size)
-        # Deviceless TPU slices keep the id order the cost model places axes by (see the docstring).
+        # Deviceless TPU slices keep the id order the cost model places axes by (see codesign.compile.devices).
         mesh = spec.build(devices, hybrid=target != "tpu")
         prog = TrainProgram(plan.cfg, plan.workload, plan.strategy, mesh)
         if prog.attention_impl == "reference":  # the CPU's flash path: its cost is not a kernel's
@@ -572,13 +420,8 @@ def compile_candidate(
     return CompileReport(
         outcome="ok",
         compile_s=compile_s,
-        flops=stats.flops,
-        matmul_flops=stats.matmul_flops,
-        bytes_accessed=stats.bytes_accessed,
-        matmul_bytes=stats.matmul_bytes,
-        transcendentals=stats.transcendentals,
+        **stats.report_counts(),
         xla_cost_analysis=xla,
-        collectives=stats.collectives,
         memory=memory,
         hlo_bytes=stats.hlo_bytes,
         while_loops=stats.while_loops,

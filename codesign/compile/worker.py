@@ -134,7 +134,8 @@ def compile_in_subprocess(
     xla_flags: tuple[tuple[str, str], ...] | None = None,
 ) -> CompileReport:
     """`compile_candidate` in a fresh Python process; never raises for the candidate."""
-    from codesign.compile.targets import TargetError, resolve_target
+    from codesign.compile.devices import TargetError
+    from codesign.compile.targets import resolve_target
 
     try:
         target = resolve_target(target, hardware)

@@ -80,7 +80,8 @@ def compiler_memory(cfg: ModelConfig, w: Workload, s: Strategy, hw) -> dict:
     """Lower and compile the train step for the TPU slice deviceless; keep only the memory analysis (the
     HLO walk `compile_candidate` also runs costs minutes of Python on a 70B step and is not needed)."""
     from codesign import _compat
-    from codesign.compile.targets import parse_oom, target_devices
+    from codesign.compile.devices import target_devices
+    from codesign.compile.targets import parse_oom
     from codesign.sharding.mesh import MeshSpec
     from codesign.train_step import TrainProgram
 
@@ -134,18 +135,26 @@ def buffer_assignment(dump_dir: Path) -> dict | None:
     }
 
 
-def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
-    """Compile one row in a child process with XLA's dumps on. Unless `wait_codegen`, the child is
-    stopped as soon as its buffer assignment is dumped (the memory figures are final there)."""
-    from codesign.compile.targets import plan_compile, versions
+def plan_of(row):
+    """What is compiled for one row (`plan_compile` for the TPU target, the data axis possibly reduced)."""
+    from codesign.compile.targets import plan_compile
 
-    rid, model, hw_name, chips, batch, seq, spec, attn = row
+    _, model, hw_name, chips, batch, seq, spec, attn = row
     cfg, w, s = (
         model_of(model),
         Workload(global_batch=batch, seq_len=seq, attention=attn),
         Strategy.parse(spec),
     )
-    plan = plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
+    return plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
+
+
+def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
+    """Compile one row in a child process with XLA's dumps on. Unless `wait_codegen`, the child is
+    stopped as soon as its buffer assignment is dumped (the memory figures are final there)."""
+    from codesign.compile.targets import versions
+
+    rid = row[0]
+    plan = plan_of(row)
     dump = dump_root / rid
     shutil.rmtree(dump, ignore_errors=True)
     dump.mkdir(parents=True)  # XLA writes nothing here when the executable comes from a cache
@@ -180,17 +189,9 @@ def compile_row(row, dump_root: Path, wait_codegen: bool) -> dict:
 
 
 def child(rid: str, out: str) -> None:
-    from codesign.compile.targets import plan_compile
-
     (row,) = [r for r in ROWS if r[0] == rid]
-    _, model, hw_name, chips, batch, seq, spec, attn = row
-    cfg, w, s = (
-        model_of(model),
-        Workload(global_batch=batch, seq_len=seq, attention=attn),
-        Strategy.parse(spec),
-    )
-    plan = plan_compile(cfg, w, s, "tpu", load_hardware(hw_name, devices=chips), MAX_COMPILE_DEVICES)
-    hw = load_hardware(hw_name, devices=plan.n_devices)
+    plan = plan_of(row)
+    hw = load_hardware(row[2], devices=plan.n_devices)
     Path(out).write_text(json.dumps(compiler_memory(plan.cfg, plan.workload, plan.strategy, hw)))
 
 

@@ -84,16 +84,7 @@ def _compiled(i: int, cfg, wl, s, hw, cache_dir: str) -> CompileReport:
         return report
     with open(hlo) as f:
         stats = analyze_hlo(f.read(), list(report.mesh))
-    return dataclasses.replace(
-        report,
-        flops=stats.flops,
-        matmul_flops=stats.matmul_flops,
-        bytes_accessed=stats.bytes_accessed,
-        matmul_bytes=stats.matmul_bytes,
-        transcendentals=stats.transcendentals,
-        collectives=stats.collectives,
-        overlap_from_schedule=stats.scheduled,
-    )
+    return dataclasses.replace(report, **stats.report_counts(), overlap_from_schedule=stats.scheduled)
 
 
 def _why(r: CompileReport) -> str:
