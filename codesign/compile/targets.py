@@ -35,7 +35,6 @@ stage: build / lower / compile / analyze) or ``oom`` with the byte counts parsed
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import re
@@ -49,13 +48,18 @@ from codesign import _compat
 from codesign.arithmetic import pipeline_ticks
 from codesign.closed_form import analytic_report
 from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
+from codesign.compile.target_names import (
+    TARGETS,
+    TargetError,
+    gpu_aot_available,
+    libtpu_available,
+    resolve_target,
+)
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
-# "analytic" is the closed form (codesign.closed_form): an instrument like the compilers, run in-process.
-TARGETS = ("analytic", "cpu", "tpu", "gpu", "attached")
 COMPILERS = ("cpu", "tpu", "gpu", "attached")
 DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
 GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
@@ -68,35 +72,6 @@ GPU_TARGET_CONFIGS = {
     "b200-sxm": "b200.txtpb",
 }
 GPUS_PER_NODE = 8
-
-
-class TargetError(ValueError):
-    """An unknown target, or a target this process cannot compile for (the message says what to do)."""
-
-
-# ---------------------------------------------------------------------------------------------- targets
-
-
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
-def gpu_aot_available() -> bool:
-    """The deviceless CUDA compiler ships in the jax CUDA plugin (the gpu-aot extra)."""
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
-
-
-def resolve_target(target: str, hardware: Hardware) -> str:
-    """``auto`` -> tpu (TPU hardware, libtpu importable) | gpu (GPU hardware, gpu-aot importable) | cpu."""
-    if target in TARGETS:
-        return target
-    if target != "auto":
-        raise TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
-    if hardware.platform == "tpu" and libtpu_available():
-        return "tpu"
-    if hardware.platform == "gpu" and gpu_aot_available():
-        return "gpu"
-    return "cpu"
 
 
 def versions() -> dict[str, str]:
