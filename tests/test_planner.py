@@ -258,3 +258,45 @@ def test_zero_levels_are_searched_and_fit_where_replicated_state_does_not(tmp_pa
     specs = {row["spec"]: row for row in result.scored}
     assert "data=8,remat=full,zero=1" in specs and "data=8,remat=full,zero=2" in specs
     assert specs["data=8,remat=full,zero=1"]["fits"] and not specs["data=8,remat=full"]["fits"]
+
+
+@pytest.mark.parametrize(
+    "model,workload",
+    [
+        ("tiny-dense", Workload(64, 64)),
+        ("tiny-dense", Workload(64, 64, param_dtype="bfloat16")),
+        ("tiny-moe", Workload(64, 64, matmul_dtype="fp8", attention="flash")),
+    ],
+)
+def test_search_bounds_never_exceed_what_they_bound(model, workload):
+    """The pruning is only safe while its bounds are bounds. Over every layout of 8 devices (every
+    schedule, V, microbatch count and sp, remat none and full, ZeRO 0-2), the step lower bound stays at
+    or below the analytic estimate, and the state bound that drops layouts before scoring stays at or
+    below the closed form's params + grads + optimizer state (with bfloat16 masters it assumed
+    16 B/param, twice the 8 B the memory model holds, and dropped layouts that fit)."""
+    from codesign.closed_form import analytic_memory
+    from codesign.cost.estimate import estimate_analytic
+    from codesign.planner.search import _state_bytes_lower_bound, step_lower_bound
+    from codesign.sharding.enumerate import enumerate_strategies
+    from codesign.sharding.strategy import PIPELINE_SCHEDULES
+
+    cfg, hw, n = get_preset(model), load_hardware("h100", devices=8), 8
+    en = enumerate_strategies(
+        cfg,
+        workload,
+        n,
+        remats=("none", "full"),
+        microbatches=None,
+        schedules=PIPELINE_SCHEDULES,
+        sps=(False, True),
+    )
+    assert len(en.valid) > 500
+    for s in en.valid:
+        est = estimate_analytic(cfg, workload, s, hw)
+        assert step_lower_bound(cfg, workload, s, hw) <= est.step_time_s, s.spec
+        for zero in (0, 1, 2):
+            z = s.replace(zero=zero)
+            m = analytic_memory(cfg, workload, z, platform=hw.platform)
+            assert _state_bytes_lower_bound(cfg, workload, z, zero) <= m.params + m.grads + m.optimizer, (
+                z.spec
+            )

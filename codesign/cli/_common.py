@@ -237,7 +237,7 @@ def check_host_devices(target: str, devices: int) -> None:
 
 def resolve_target(args, hw) -> str:
     """The compile target a command will use (`auto` resolved), checked against the other flags."""
-    from codesign.compile.targets import resolve_target as resolve
+    from codesign.compile.target_names import resolve_target as resolve
 
     target = resolve(args.target, hw)
     check_attention(args.attention, hw, target)

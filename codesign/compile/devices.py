@@ -19,15 +19,19 @@ Targets (DESIGN.md):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from importlib import resources
 from typing import Any
 
+from codesign.compile.target_names import (  # noqa: F401  (re-exported for the device builders' callers)
+    TARGETS,
+    TargetError,
+    gpu_aot_available,
+    libtpu_available,
+    unknown_target,
+)
 from codesign.hardware.catalog import Hardware
 
-# "analytic" is the closed form (codesign.closed_form): an instrument like the compilers, run in-process.
-TARGETS = ("analytic", "cpu", "tpu", "gpu", "attached")
 COMPILERS = ("cpu", "tpu", "gpu", "attached")
 GPU_AOT_INSTALL_HINT = 'pip install -e ".[gpu-aot]"'
 # catalog chip name -> GpuTargetConfig text proto in codesign/data/gpu_targets
@@ -39,24 +43,6 @@ GPU_TARGET_CONFIGS = {
     "b200-sxm": "b200.txtpb",
 }
 GPUS_PER_NODE = 8
-
-
-class TargetError(ValueError):
-    """An unknown target, or a target this process cannot compile for (the message says what to do)."""
-
-
-def unknown_target(target: str) -> TargetError:
-    """The error for a target name that is not one of `TARGETS` (nor ``auto``)."""
-    return TargetError(f"unknown compile target {target!r}; use auto, {', '.join(TARGETS)}")
-
-
-def libtpu_available() -> bool:
-    return importlib.util.find_spec("libtpu") is not None
-
-
-def gpu_aot_available() -> bool:
-    """The deviceless CUDA compiler ships in the jax CUDA plugin (the gpu-aot extra)."""
-    return any(importlib.util.find_spec(m) is not None for m in ("jax_cuda12_plugin", "jax_cuda13_plugin"))
 
 
 def valid_tpu_count(hardware: Hardware, n: int) -> bool:

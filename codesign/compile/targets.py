@@ -32,38 +32,22 @@ from importlib import metadata
 from codesign import _compat
 from codesign.arithmetic import pipeline_ticks
 from codesign.closed_form import analytic_report
-from codesign.compile.devices import (
+from codesign.compile.devices import target_devices, valid_tpu_count
+from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
+from codesign.compile.target_names import (  # noqa: F401  (re-exported: the names callers import from here)
     TARGETS,
     TargetError,
     gpu_aot_available,
     libtpu_available,
-    target_devices,
+    resolve_target,
     unknown_target,
-    valid_tpu_count,
 )
-from codesign.compile.flags import Flags, platform_of, refused_flags, resolve_flags
 from codesign.config import ModelConfig, Workload
 from codesign.hardware.catalog import Hardware
 from codesign.report import CompileReport, MemoryStats
 from codesign.sharding.strategy import Strategy
 
 DEFAULT_MAX_COMPILE_DEVICES = {"cpu": 512, "attached": 512}
-
-
-# ---------------------------------------------------------------------------------------------- targets
-
-
-def resolve_target(target: str, hardware: Hardware) -> str:
-    """``auto`` -> tpu (TPU hardware, libtpu importable) | gpu (GPU hardware, gpu-aot importable) | cpu."""
-    if target in TARGETS:
-        return target
-    if target != "auto":
-        raise unknown_target(target)
-    if hardware.platform == "tpu" and libtpu_available():
-        return "tpu"
-    if hardware.platform == "gpu" and gpu_aot_available():
-        return "gpu"
-    return "cpu"
 
 
 def versions() -> dict[str, str]:

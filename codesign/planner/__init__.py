@@ -2,6 +2,6 @@
 
 from codesign.config import default_workload
 from codesign.plan_file import PLAN_SCHEMA, Plan, load_plan
-from codesign.planner.search import PlanRequest, plan
+from codesign.planner.request import PlanRequest, plan
 
 __all__ = ["PLAN_SCHEMA", "Plan", "PlanRequest", "default_workload", "load_plan", "plan"]

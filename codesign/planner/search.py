@@ -13,20 +13,19 @@ bound exceeds the best fitting estimate found so far cannot win and is skipped.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from codesign.arithmetic import param_counts, stage_layers, train_flops_per_token
 from codesign.axes import MESH_AXES
 from codesign.closed_form import analytic_memory
 from codesign.closed_form import pipeline as PL
 from codesign.closed_form.remat import layer_checkpointed
-from codesign.config import ConfigError, ModelConfig, Workload
+from codesign.config import ConfigError, ModelConfig, Workload, dtype_bytes
 from codesign.cost.estimate import (
     Estimate,
     compute_dtype,
@@ -37,14 +36,13 @@ from codesign.cost.estimate import (
 from codesign.hardware.catalog import Hardware
 from codesign.plan_file import Plan
 from codesign.planner import plan_cache
-from codesign.planner.constraints import Constraint
 from codesign.planner.explain import explain
+from codesign.planner.request import REMATS, PlanRequest, plan  # noqa: F401 - plan: re-exported
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.slices import slice_problem
-from codesign.sharding.strategy import PIPELINE_SCHEDULES, Strategy
+from codesign.sharding.strategy import Strategy
 
-REMATS = ("none", "full", "dots")  # scored for every layout
 # Scored for the layouts of the best REFINE_TOP candidates (by rank, and by step time alone so that a
 # fast layout that only misses memory gets its cheaper-memory variants): the policies between none and
 # full (dots_nobatch and save_dot_except_mlpwi save what minimal and save_dot_except_mlp save in a dense
@@ -62,40 +60,6 @@ ORDER_SEARCH_TOP = 200  # candidates whose alternative axis orders are scored to
 LOWER_BOUND_MARGIN = 0.9
 PRUNED = "step lower bound exceeds the best fitting estimate"
 NO_ROOM = "pipeline schedule's in-flight activations and state exceed HBM"
-
-
-@dataclass
-class PlanRequest:
-    cfg: ModelConfig
-    hardware: Hardware
-    workload: Workload
-    n_devices: int
-    target: str = "auto"
-    top_k: int = 4  # candidates that must be verified by a compile (when the target compiles)
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    timeout_s: float = 600.0
-    constraints: tuple[Constraint, ...] = ()
-    headroom: float = 0.0  # extra fraction of HBM to keep free, on top of the catalog's reserve
-    exhaustive: bool = False
-    max_compiles: int | None = None
-    max_compile_devices: int | None = None
-    remats: tuple[str, ...] = REMATS
-    # None: REFINE_REMATS and SPS when `remats` is left at REMATS; a caller that narrows `remats` gets
-    # exactly those policies, without sp, unless it names these too.
-    refine_remats: tuple[str, ...] | None = None
-    sps: tuple[bool, ...] | None = None
-    zeros: tuple[int, ...] | None = None  # None: ZEROS when `remats` is left at REMATS
-    # None: each layout's `microbatch_counts` (powers of two up to its per-replica batch, and that batch)
-    microbatches: tuple[int, ...] | None = None
-    schedules: tuple[str, ...] = PIPELINE_SCHEDULES  # tried on layouts with pipeline > 1
-    axis_orders: bool = True
-    cache_dir: str | None = None
-    use_cache: bool = True
-    executor: str = "local"  # the measuring loop's executor: "local" worker processes or "ray"
-    # Reports from earlier plans of the same model/workload/target (a sweep over hardware knobs):
-    # a strategy found here is re-costed under this request's hardware instead of recompiled.
-    reuse: dict[str, CompileReport] | None = None
-    progress: Callable[[str, int, int], None] | None = None  # (label, done, total)
 
 
 @dataclass
@@ -143,17 +107,27 @@ def step_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, hardware
     """A step time no estimate of `s` can beat: the model's FLOPs per device at the candidate's own
     matmul efficiency (every kernel after the matmuls only adds), through its pipeline schedule with
     free transfers (the bubble only adds). Microseconds, no closed form."""
+    return _pipelined_bound(s, _flop_bound_s(cfg, workload, s, hardware))
+
+
+def _flop_bound_s(cfg: ModelConfig, workload: Workload, s: Strategy, hardware: Hardware) -> float:
+    """The device's share of the model FLOPs at its matmul efficiency, before the schedule: a function
+    of `_flop_key(s)` alone (the matmul size reads the mesh, rules, sp and microbatches)."""
     dtype = compute_dtype(workload)
     peak = hardware.peak_flops.get(dtype) or hardware.peak_flops["bf16"]
     frac = hardware.efficiency.matmul_fraction(dtype, matmul_size(cfg, workload, s))
     tokens = workload.global_batch * workload.seq_len
-    device_s = LOWER_BOUND_MARGIN * train_flops_per_token(cfg, workload.seq_len) * tokens
-    device_s /= s.n_devices * peak * frac
-    p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
-    if p <= 1:
-        return device_s
-    chunk = PL.chunk_times(device_s, m, v, 1.0 if layer_checkpointed(s.remat) else 0.0, 0.0)
-    return PL.pipeline_cost(s.schedule, p, v, m, chunk).step_s
+    device_s = LOWER_BOUND_MARGIN * _flops_per_token(cfg, workload.seq_len) * tokens
+    return device_s / (s.n_devices * peak * frac)
+
+
+def _flop_key(s: Strategy) -> tuple:
+    return s.mesh, s.rules_file, s.sp, s.microbatches
+
+
+@functools.lru_cache(maxsize=64)
+def _flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return train_flops_per_token(cfg, seq_len)
 
 
 def _pipeline_costs(row: dict) -> tuple[float, float, float]:
@@ -188,25 +162,27 @@ def pipeline_verdict(rows: list[dict], chosen: int | None) -> str | None:
     )
 
 
-def _smallest_factor(n: int) -> int:
-    return next(p for p in range(2, n + 1) if n % p == 0)
+@functools.lru_cache(maxsize=64)
+def _param_split(cfg: ModelConfig) -> tuple[float, float]:
+    """(all params, routed-expert params) of the model."""
+    expert = cfg.moe_layers * cfg.n_routed_experts * 3 * cfg.hidden * cfg.moe_mlp_dim if cfg.is_moe else 0
+    return param_counts(cfg).total, expert
 
 
-def _state_bytes_lower_bound(cfg: ModelConfig, s: Strategy, zero: int = 0) -> float:
-    """f32 params + grads + Adam moments (16 B/param), as finely as this layout can shard them; with
-    `zero` the moments (1) and gradients (2) are also divided over the data replicas."""
-    pc = param_counts(cfg)
+def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, zero: int = 0) -> float:
+    """Params + grads in the master dtype and Adam's two moments in theirs (16 B/param with float32
+    masters), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
+    are also divided over the data replicas."""
+    total, expert_params = _param_split(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
     if cfg.is_moe:
-        expert_params = cfg.moe_layers * cfg.n_routed_experts * 3 * cfg.hidden * cfg.moe_mlp_dim
-        per_device = (pc.total - expert_params) / dense_shards + expert_params / (
-            dense_shards * sizes["expert"]
-        )
+        per_device = (total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"])
     else:
-        per_device = pc.total / dense_shards
+        per_device = total / dense_shards
     d = sizes["data"]
-    per_param = {0: 16.0, 1: 8 + 8 / d, 2: 4 + 12 / d}[zero if d > 1 else 0]
+    p, moments = workload.param_bytes, 2 * dtype_bytes(workload.optimizer_state_dtype)
+    per_param = {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]
     return per_param * per_device * PL.param_copies(s.schedule)
 
 
@@ -241,6 +217,7 @@ class _Scorer:
         self.best = math.inf  # the fastest fitting step scored so far
         self.capacity = req.hardware.memory_capacity_bytes
         self.busy: dict[tuple, dict[int, float]] = {}  # stage key -> {microbatches: busy seconds}
+        self.flop_s: dict[tuple, float] = {}  # _flop_key -> _flop_bound_s
         self.prune = not req.exhaustive  # exhaustive: every valid candidate is scored and compiled
 
     def _fits(self, s: Strategy) -> bool:
@@ -258,7 +235,10 @@ class _Scorer:
         # stage was scored at a lower microbatch count is re-checked before scoring.
         heap = []
         for i, s in enumerate(strategies):
-            fb = step_lower_bound(req.cfg, req.workload, s, req.hardware)
+            key = _flop_key(s)
+            if key not in self.flop_s:
+                self.flop_s[key] = _flop_bound_s(req.cfg, req.workload, s, req.hardware)
+            fb = _pipelined_bound(s, self.flop_s[key])  # = step_lower_bound(cfg, workload, s, hardware)
             # Within a stage, fewer microbatches and plain 1F1B first: they bound the rest.
             heap.append((fb, s.microbatches, s.stages_per_device, i, fb, s))
         heapq.heapify(heap)
@@ -340,23 +320,11 @@ def _sort_key(sc: Scored, req: PlanRequest):
     )
 
 
-def plan(req: PlanRequest) -> Plan:
-    from codesign.compile.targets import resolve_target
-
-    t0 = time.perf_counter()
+def search(req: PlanRequest, target: str, key: str | None, t0: float) -> Plan:
+    """The search behind `plan` (request.py, which looked in the plan cache first): on compile target
+    `target`, the plan stored under `key` (None: not cached), timed from `t0`."""
     cfg, w, hw = req.cfg, req.workload, req.hardware
-    if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
-        raise ConfigError(
-            f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
-            f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}"
-        )
-    target = resolve_target(req.target, hw)
     capacity = hw.memory_capacity_bytes
-    key = plan_cache.plan_key(req, target)
-    cached = plan_cache.load(req.cache_dir, key) if key else None
-    if cached is not None:  # the same request on the same code: nothing to search again
-        cached.search = {**cached.search, "wall_s": round(time.perf_counter() - t0, 2), "plan_cache": True}
-        return cached
 
     # 1-2. Enumerate and drop what is invalid or can never fit.
     default = tuple(req.remats) == REMATS
@@ -380,18 +348,30 @@ def plan(req: PlanRequest) -> Plan:
     )
     rejected: Counter = Counter(en.rejected)
     candidates: list[Strategy] = []
+    # The schedule rule and the state bound read a few fields of each of (often) a million strategies:
+    # each verdict is computed once per distinct input.
+    top_zero = max(zeros, default=0)
+    layers: dict[int, int] = {}
+    schedule_why: dict[tuple, str | None] = {}
+    too_big: dict[tuple, bool] = {}
     for s in en.valid:
         if any(not c(s) for c in req.constraints):
             rejected["excluded by --strategy-filter/--fix"] += 1
             continue
         p = s.size("pipeline")
-        why = PL.schedule_problem(
-            s.schedule, p, s.stages_per_device, s.microbatches, sum(stage_layers(cfg, p))
-        )
+        sk = (s.schedule, p, s.stages_per_device, s.microbatches)
+        if sk not in schedule_why:
+            if p not in layers:
+                layers[p] = sum(stage_layers(cfg, p))
+            schedule_why[sk] = PL.schedule_problem(*sk, layers[p])
+        why = schedule_why[sk]
         if why:  # grouped by the rule, not the microbatch count
             rejected[why.split(" (got")[0]] += 1
             continue
-        if _state_bytes_lower_bound(cfg, s, max(zeros, default=0)) > capacity * (1 - req.headroom):
+        bk = (s.mesh, s.schedule)
+        if bk not in too_big:
+            too_big[bk] = _state_bytes_lower_bound(cfg, w, s, top_zero) > capacity * (1 - req.headroom)
+        if too_big[bk]:
             rejected["weights+optimizer state alone exceed HBM"] += 1
             continue
         candidates.append(s)

@@ -1,0 +1,87 @@
+"""What `plan` is asked (`PlanRequest`), and `plan` itself: the plan cache first, the search only on a miss.
+
+Imports nothing from JAX (neither does `plan_cache`): a rerun of the same request is served from the
+plan cache without starting JAX or the closed form, in about the time it takes to read the plan file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from codesign.config import ConfigError, ModelConfig, Workload
+from codesign.hardware.catalog import Hardware
+from codesign.plan_file import Plan
+from codesign.planner.constraints import Constraint
+from codesign.sharding.strategy import PIPELINE_SCHEDULES
+
+if TYPE_CHECKING:
+    from codesign.report import CompileReport
+
+REMATS = ("none", "full", "dots")  # scored for every layout (search.py says how the others are reached)
+
+
+@dataclass
+class PlanRequest:
+    cfg: ModelConfig
+    hardware: Hardware
+    workload: Workload
+    n_devices: int
+    target: str = "auto"
+    top_k: int = 4  # candidates that must be verified by a compile (when the target compiles)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    timeout_s: float = 600.0
+    constraints: tuple[Constraint, ...] = ()
+    headroom: float = 0.0  # extra fraction of HBM to keep free, on top of the catalog's reserve
+    exhaustive: bool = False
+    max_compiles: int | None = None
+    max_compile_devices: int | None = None
+    remats: tuple[str, ...] = REMATS
+    # None: REFINE_REMATS and SPS when `remats` is left at REMATS; a caller that narrows `remats` gets
+    # exactly those policies, without sp, unless it names these too.
+    refine_remats: tuple[str, ...] | None = None
+    sps: tuple[bool, ...] | None = None
+    zeros: tuple[int, ...] | None = None  # None: ZEROS when `remats` is left at REMATS
+    # None: each layout's `microbatch_counts` (powers of two up to its per-replica batch, and that batch)
+    microbatches: tuple[int, ...] | None = None
+    schedules: tuple[str, ...] = PIPELINE_SCHEDULES  # tried on layouts with pipeline > 1
+    axis_orders: bool = True
+    cache_dir: str | None = None
+    use_cache: bool = True
+    executor: str = "local"  # the measuring loop's executor: "local" worker processes or "ray"
+    # Reports from earlier plans of the same model/workload/target (a sweep over hardware knobs):
+    # a strategy found here is re-costed under this request's hardware instead of recompiled.
+    reuse: dict[str, CompileReport] | None = None
+    progress: Callable[[str, int, int], None] | None = None  # (label, done, total)
+
+
+def _smallest_factor(n: int) -> int:
+    return next(p for p in range(2, n + 1) if n % p == 0)
+
+
+def plan(req: PlanRequest) -> Plan:
+    """The plan for `req`: read back from the plan cache when this request was planned before on the
+    same code, else searched (`search.search`) and stored."""
+    from codesign.compile.target_names import resolve_target
+    from codesign.planner import plan_cache
+
+    t0 = time.perf_counter()
+    w = req.workload
+    if req.n_devices > 1 and math.gcd(w.global_batch, req.n_devices) == 1:
+        raise ConfigError(
+            f"global batch {w.global_batch} shares no factor with {req.n_devices} devices, so no "
+            f"data-parallel split exists; use a multiple of {_smallest_factor(req.n_devices)}"
+        )
+    target = resolve_target(req.target, req.hardware)
+    key = plan_cache.plan_key(req, target)
+    cached = plan_cache.load(req.cache_dir, key) if key else None
+    if cached is not None:  # the same request on the same code: nothing to search again
+        cached.search = {**cached.search, "wall_s": round(time.perf_counter() - t0, 2), "plan_cache": True}
+        return cached
+    from codesign.planner.search import search
+
+    return search(req, target, key, t0)
