@@ -12,7 +12,8 @@ from codesign.closed_form import pipeline as PL
 from codesign.config import Workload
 from codesign.cost.estimate import estimate_analytic
 from codesign.hardware.catalog import load_hardware
-from codesign.planner.search import PlanRequest, plan, step_lower_bound
+from codesign.planner import PlanRequest, plan
+from codesign.planner.search import step_lower_bound
 from codesign.presets import get_preset
 from codesign.sharding.strategy import PIPELINE_SCHEDULES, Strategy
 

@@ -37,7 +37,7 @@ from codesign.hardware.catalog import Hardware
 from codesign.plan_file import Plan
 from codesign.planner import plan_cache
 from codesign.planner.explain import explain
-from codesign.planner.request import REMATS, PlanRequest, plan  # noqa: F401 - plan: re-exported
+from codesign.planner.request import REMATS, PlanRequest
 from codesign.report import CompileReport
 from codesign.sharding.enumerate import enumerate_strategies
 from codesign.sharding.slices import slice_problem
