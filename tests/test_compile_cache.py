@@ -290,6 +290,7 @@ def test_code_digest_is_stable():
     assert C._code_digest() == C._code_digest() and len(C._code_digest()) == 16
 
 
+@pytest.mark.slow  # starts a local Ray instance (~1.5 min)
 @pytest.mark.filterwarnings("ignore")
 def test_ray_executor_gives_the_same_reports_as_local_workers(tmp_path):
     """The same request on a local Ray instance and in a local worker: the same numbers; a timeout is

@@ -343,6 +343,7 @@ def test_worker_timeout_and_crash(tmp_path, monkeypatch):
     assert os.path.exists(str(crash))
 
 
+@pytest.mark.slow  # a 70B-wide compile on the CPU stand-in
 def test_cpu_compile_for_gpu_hardware_prices_accelerator_collectives():
     """XLA:CPU moves f32 gradients by all-reduce; a GPU moves bf16 by reduce-scatter. A CPU compile of
     GPU hardware is priced with the closed form's GPU collectives and cross-checked against them."""

@@ -80,7 +80,14 @@ def test_flops_analytic_matches_paper_table2():
     assert "2,473.2" in _render(render_flops(res))
 
 
-@pytest.mark.parametrize("name", ["tiny-dense", "tiny-mla", "tiny-moe"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny-dense",
+        pytest.param("tiny-mla", marks=pytest.mark.slow),
+        pytest.param("tiny-moe", marks=pytest.mark.slow),
+    ],
+)
 def test_flops_compiled_agrees_with_analytic(name):
     """The loop-aware compile of the real Flax train step (remat none, full TxT scores) vs the closed form
     under the same convention; the causal-equivalent compiled figure vs analytic causal."""

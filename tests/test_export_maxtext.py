@@ -162,6 +162,7 @@ def test_vendored_key_list_names_its_source():
     assert "_note" not in keys and "ici_sequence_parallelism" in keys  # a key, but not a default mesh axis
 
 
+@pytest.mark.slow  # two CLI plans with compiles; the export itself is tested without compiling above
 def test_cli_export_prints_comments_and_json_carries_notes():
     args = [
         sys.executable,

@@ -35,8 +35,8 @@ def _request(model: str, tmp_path, **kw) -> PlanRequest:
     return PlanRequest(**base)
 
 
-# tiny-moe compiles every candidate of a larger space (11 min at load 6): slow; tiny-dense stays in CI.
-@pytest.mark.parametrize("model", ["tiny-dense", pytest.param("tiny-moe", marks=pytest.mark.slow)])
+@pytest.mark.slow  # compiles every candidate (3-11 min at load 4-6)
+@pytest.mark.parametrize("model", ["tiny-dense", "tiny-moe"])
 def test_pick_is_within_5_percent_of_the_exhaustive_best(model, tmp_path):
     fast = plan(_request(model, tmp_path))
     full = plan(_request(model, tmp_path, exhaustive=True))

@@ -130,6 +130,7 @@ TINY = {
 }
 
 
+@pytest.mark.slow  # six compiles; the compile tests of test_compile_targets cover the layouts in CI
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.sampled_from([(n, s) for n, ss in TINY.items() for s in ss]))
 def test_every_enumerated_tiny_strategy_compiles(case):
