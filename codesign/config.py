@@ -268,13 +268,14 @@ ATTENTION_CHOICES = (*ATTENTION_IMPLS, "auto")
 FLASH_IMPLS = frozenset({"cudnn", "flash"})
 
 
-def resolve_attention(choice: str, platform: str) -> str:
+def resolve_attention(choice: str, platform: str, attention_dropout: float = 0.0) -> str:
     """`--attention` for a platform (gpu, tpu, cpu): `auto` -> flash where a flash kernel exists (GPU,
-    TPU), else xla (the CPU's flash path is only a reference for checking numerics)."""
+    TPU), else xla (the CPU's flash path is only a reference for checking numerics); xla for a model
+    with attention dropout, which only the XLA kernel runs."""
     if choice not in ATTENTION_CHOICES:
         raise ConfigError(f"--attention {choice!r}; use one of {ATTENTION_CHOICES}")
     if choice == "auto":
-        return "flash" if platform in ("gpu", "tpu") else "xla"
+        return "flash" if platform in ("gpu", "tpu") and not attention_dropout else "xla"
     return choice
 
 

@@ -117,6 +117,8 @@ def run_pipeline(
     mask = jnp.asarray(layer_mask(n_layers, p, v))
     ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
     draw = D.current()
+    if draw is not None and rows is None:
+        raise ValueError("run_pipeline under a dropout scope needs the microbatches' global rows (rows=)")
     stage_ids = jnp.arange(p)
     residual = _per_stage(lambda y: constrain(y, RESIDUAL))
     buffer = _per_stage(jax.vmap(lambda y: constrain(y, RESIDUAL)))

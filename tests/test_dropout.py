@@ -15,7 +15,7 @@ from codesign.closed_form import analytic_memory, analytic_report
 from codesign.closed_form import dropout as DR
 from codesign.closed_form.params import shape_of
 from codesign.compile.hlo import analyze_hlo
-from codesign.config import ConfigError, Workload
+from codesign.config import ConfigError, Workload, resolve_attention
 from codesign.model_io import from_hf_config
 from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
@@ -104,6 +104,7 @@ def test_kept_masks_follow_the_policy():
 
 
 def test_attention_dropout_needs_xla_attention():
+    assert resolve_attention("auto", "tpu") == "flash" and resolve_attention("auto", "tpu", 0.1) == "xla"
     flash = Workload(global_batch=8, seq_len=32, attention="flash")
     with pytest.raises(ValueError, match="attention_dropout=0.1 needs XLA attention"):
         analytic_report(DROP, flash, Strategy.parse("data=8"), platform="tpu")

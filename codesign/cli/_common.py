@@ -273,7 +273,7 @@ def resolve_model_hw(args):
     if args.devices < 1:
         raise UsageError(f"--devices must be positive, got {args.devices}")
     w = default_workload(cfg, args.devices, args.global_batch, args.seq_len)
-    attention = resolve_attention(args.attention, hw.platform)
+    attention = resolve_attention(args.attention, hw.platform, cfg.attention_dropout)
     return (
         cfg,
         hw,
