@@ -66,6 +66,6 @@ def store(cache_dir: str | None, key: str, plan: Plan) -> None:
     with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next rerun
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".plan-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, allow_nan=False)
+        with os.fdopen(fd, "w") as f:  # dumps, not dump: one C-encoder call (json.dump is pure Python)
+            f.write(json.dumps(doc, allow_nan=False))
         os.replace(tmp, path)
