@@ -61,6 +61,9 @@ ROWS = [
     ("72b-v5p-dots", "qwen2.5-72b", "tpu-v5p", 256, 64, 2048, "data=4,fsdp=16,tensor=4,remat=dots,sp=1", "xla"),
     ("70b-v4-full", "llama3.1-70b", "tpu-v4", 256, 256, 4096, "data=4,fsdp=16,tensor=4,remat=full", "xla"),
     ("8b-v5e-embed-tensor", "llama3-8b", "tpu-v5e", 64, 64, 4096, f"fsdp=16,tensor=4,remat=full,rules={EMBED_TENSOR}", "xla"),
+    ("8b-v5p-flash-dots", "llama3-8b", "tpu-v5p", 64, 64, 4096, "fsdp=64,remat=dots", "flash"),
+    ("8b-v5e-flash-full-sp", "llama3-8b", "tpu-v5e", 64, 64, 4096, "fsdp=16,tensor=4,remat=full,sp=1", "flash"),
+    ("70b-v5p-flash-minimal-sp", "llama3.1-70b", "tpu-v5p", 128, 128, 4096, "data=2,fsdp=16,tensor=4,remat=minimal,sp=1", "flash"),
     ("mixtral-v5p-ep", "mixtral-8x7b", "tpu-v5p", 64, 64, 4096, "fsdp=8,expert=8,remat=full", "xla"),
     ("mixtral-v5p-tp", "mixtral-8x7b", "tpu-v5p", 128, 128, 4096, "data=2,fsdp=16,tensor=4,remat=full", "xla"),
 ]  # fmt: skip
