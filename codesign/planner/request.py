@@ -1,7 +1,8 @@
-"""What `plan` is asked (`PlanRequest`), and `plan` itself: the plan cache first, the search only on a miss.
+"""What `plan` is asked (`PlanRequest`; `plan` itself is in `entry.py`: the plan cache first, the
+search only on a miss).
 
-Imports nothing from JAX (neither does `plan_cache`): a rerun of the same request is served from the
-plan cache without starting JAX or the closed form, in about the time it takes to read the plan file.
+Imports nothing from JAX (neither do `entry` and `plan_cache`): a rerun of the same request is served
+from the plan cache without starting JAX or the closed form, in about the time it takes to read it.
 """
 
 from __future__ import annotations
