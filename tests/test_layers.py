@@ -1,5 +1,6 @@
 """The design as CI checks it: the layer contract (import-linter), no import cycle, formatted code."""
 
+import logging
 import os
 import shutil
 import subprocess
@@ -13,7 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_layer_contract_holds():
     from importlinter import cli
 
-    assert cli.lint_imports(config_filename=os.path.join(ROOT, "pyproject.toml")) == 0
+    # import-linter configures logging with disable_existing_loggers, which would silence codesign's
+    # loggers for every later test in this process (test_hf_import reads their warnings): restore them.
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    was = [lg.disabled for lg in loggers]
+    try:
+        assert cli.lint_imports(config_filename=os.path.join(ROOT, "pyproject.toml")) == 0
+    finally:
+        for lg, disabled in zip(loggers, was):
+            lg.disabled = disabled
 
 
 def _cycles(graph, modules: set[str]) -> list[list[str]]:
