@@ -10,7 +10,7 @@ import glob
 import os
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 from codesign.config import ConfigError
 
@@ -44,12 +44,13 @@ def emulate_cpu_devices(env: MutableMapping[str, str], n: int) -> MutableMapping
     return env
 
 
-def host_device_requests() -> dict[str, int]:
-    """Host device counts the user's environment asks for, by where they were set: JAX_NUM_CPU_DEVICES
-    and XLA_FLAGS' host-count flag (the last occurrence wins, as in XLA)."""
+def host_device_requests(env: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Host device counts the user's environment (`env`, default os.environ) asks for, by where they
+    were set: JAX_NUM_CPU_DEVICES and XLA_FLAGS' host-count flag (the last occurrence wins, as in XLA)."""
+    env = os.environ if env is None else env
     out = {}
-    raw = os.environ.get("JAX_NUM_CPU_DEVICES")
-    found = _HOST_COUNT_FLAG.findall(os.environ.get("XLA_FLAGS", ""))
+    raw = env.get("JAX_NUM_CPU_DEVICES")
+    found = _HOST_COUNT_FLAG.findall(env.get("XLA_FLAGS", ""))
     for where, value in (
         ("JAX_NUM_CPU_DEVICES", raw),
         ("XLA_FLAGS --xla_force_host_platform_device_count", found[-1] if found else None),
@@ -66,9 +67,9 @@ def host_device_requests() -> dict[str, int]:
     return out
 
 
-def check_host_device_flag(devices: int, what: str) -> None:
+def check_host_device_flag(devices: int, what: str, env: Mapping[str, str] | None = None) -> None:
     """Refuse to override a host device count the user set to a different number."""
-    for where, user in host_device_requests().items():
+    for where, user in host_device_requests(env).items():
         if user != devices:
             raise EnvironmentConflict(
                 f"the environment asks for {user} host devices ({where}) but {what} emulates {devices}; remove "

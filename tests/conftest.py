@@ -36,6 +36,12 @@ def cpu_child_env(n_devices: int, drop_prefix: str | None = None) -> dict[str, s
     return env
 
 
+def env_asking_for_host_devices(n: int, xla_flags: str = "") -> dict[str, str]:
+    """A user environment (not this process's) whose XLA_FLAGS ask for `n` host devices, after
+    `xla_flags`: for tests of the checks that read such an environment."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {xla_flags}".strip()}
+
+
 def require_devices(n: int) -> None:
     """Skip the calling test when fewer than n devices exist (with the reason)."""
     have = len(jax.devices())

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from codesign.cli import SUBCOMMANDS, build_parser, main, print_json
-from tests.conftest import REPO
+from tests.conftest import REPO, env_asking_for_host_devices
 
 CLI_DIR = pathlib.Path(REPO) / "codesign" / "cli"
 TINY = ["--model", "tiny-dense", "--hardware", "cpu", "--devices", "8"]
@@ -233,20 +233,17 @@ def test_cudnn_without_a_gpu_target_fails_fast(capsys):
     assert rc == 0 and _strict(out)["workload"]["attention"] == "cudnn"
 
 
-def test_xla_flags_host_device_count_is_not_silently_replaced(monkeypatch, capsys):
+def test_xla_flags_host_device_count_is_not_silently_replaced():
+    """The check behind plan's cpu target and train/validate's own emulation (runtime.configure, before
+    JAX starts), on a user's environment; the commands themselves: the subprocess test below."""
     from codesign import runtime
 
-    monkeypatch.delenv("JAX_NUM_CPU_DEVICES", raising=False)  # the test process's own setting (conftest)
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    rc, _, err = _run(capsys, ["plan", *TINY, "--target", "cpu"])
-    line = _one_error_line(err, "plan")
-    assert rc == 2 and "asks for 4 host devices" in line and "emulates 8" in line
-    # The same check guards train/validate's own emulation (runtime.configure, before JAX starts).
+    user = env_asking_for_host_devices(4)
     with pytest.raises(runtime.EnvironmentConflict, match="asks for 4 .* emulates 8"):
-        runtime.check_host_device_flag(8, "this run")
-    runtime.check_host_device_flag(4, "this run")  # the same count is fine
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    runtime.check_host_device_flag(8, "this run")  # no count given: nothing to conflict with
+        runtime.check_host_device_flag(8, "this run", user)
+    runtime.check_host_device_flag(4, "this run", user)  # the same count is fine
+    # no count given: nothing to conflict with
+    runtime.check_host_device_flag(8, "this run", {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
 
 
 # -- strict JSON ---------------------------------------------------------------------------------------
@@ -407,23 +404,20 @@ def test_readme_links_stay_inside_the_repository():
     assert (pathlib.Path(REPO) / "docs" / "INTERFACE.md").is_file() and "docs/INTERFACE.md" in readme
 
 
-def test_train_with_conflicting_xla_flags_stops_before_jax_starts(tmp_path):
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--model", "tiny-dense", "--strategy", "fsdp=8", "--steps", "1"],
+        ["plan", *TINY, "--target", "cpu"],
+    ],
+)
+def test_conflicting_xla_flags_stop_the_command_before_jax_starts(tmp_path, argv):
     """The issue's case: the user's XLA_FLAGS asks for 4 host devices, the run needs 8."""
-    env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "PYTHONPATH": REPO, **env_asking_for_host_devices(4)}
     env.pop("JAX_PLATFORMS", None)
+    env.pop("JAX_NUM_CPU_DEVICES", None)  # this test process's own setting (conftest)
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "codesign",
-            "train",
-            "--model",
-            "tiny-dense",
-            "--strategy",
-            "fsdp=8",
-            "--steps",
-            "1",
-        ],
+        [sys.executable, "-m", "codesign", *argv],
         capture_output=True,
         text=True,
         timeout=120,
@@ -433,4 +427,5 @@ def test_train_with_conflicting_xla_flags_stops_before_jax_starts(tmp_path):
     )
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"codesign {argv[0]}: error: ")
     assert "asks for 4 host devices" in lines[0] and "emulates 8" in lines[0]

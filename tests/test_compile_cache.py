@@ -2,6 +2,7 @@
 package source, damaged entries, outcomes never cached, concurrency, reuse, the analytic target."""
 
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from codesign.hardware.catalog import load_hardware
 from codesign.presets import get_preset
 from codesign.report import Collective, CompileReport, MemoryStats, OverlapWindow
 from codesign.sharding.strategy import Strategy
+from tests.conftest import env_asking_for_host_devices
 
 W = Workload(global_batch=8, seq_len=32)
 CFG = get_preset("tiny-dense")
@@ -152,12 +154,10 @@ def test_key_covers_what_changes_a_compile(monkeypatch):
     with pytest.raises(ValueError, match="resolved target"):
         cache_key(_req(target="auto"))
     # XLA flags change the compiled program; the emulated device count is set per request, so it does not.
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert cache_key(_req()) == k
-    monkeypatch.setenv(
-        "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_fast_math=true"
-    )
-    assert cache_key(_req()) != k
+    user = {**os.environ, **env_asking_for_host_devices(8)}
+    assert cache_key(_req(), env=user) == k
+    fast_math = {**os.environ, **env_asking_for_host_devices(8, "--xla_cpu_enable_fast_math=true")}
+    assert cache_key(_req(), env=fast_math) != k
 
 
 def test_the_targets_xla_flags_are_in_the_key(monkeypatch):

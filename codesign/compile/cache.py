@@ -25,6 +25,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,13 @@ def _code_digest() -> str:
     return source_digest()
 
 
-def xla_flags() -> dict[str, str]:
-    """The compiler flags in force, as they shape the compiled program (device count excluded)."""
+def xla_flags(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The compiler flags in force (`env`, default os.environ), as they shape the compiled program
+    (device count excluded)."""
+    env = os.environ if env is None else env
     out = {}
     for name in _FLAG_ENV:
-        value = " ".join(_DEVICE_COUNT_FLAG.sub("", os.environ.get(name, "")).split())
+        value = " ".join(_DEVICE_COUNT_FLAG.sub("", env.get(name, "")).split())
         if value:
             out[name] = value
     return out
@@ -89,7 +92,7 @@ def hardware_key(hardware: Hardware) -> dict[str, Any]:
     return key
 
 
-def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
+def cache_key(req: CompileRequest, *, code: str | None = None, env: Mapping[str, str] | None = None) -> str:
     """The request's target must be resolved (not "auto"): auto may mean another compiler elsewhere."""
     from codesign.compile.targets import versions
 
@@ -104,7 +107,7 @@ def cache_key(req: CompileRequest, *, code: str | None = None) -> str:
         "max_compile_devices": req.max_compile_devices,
         "hardware": hardware_key(req.hardware),
         "versions": versions(),
-        "flags": xla_flags(),
+        "flags": xla_flags(env),
         "target_flags": resolve_flags(
             req.target, req.hardware.platform, req.xla_flags, req.hardware.tpu_generation
         ),
