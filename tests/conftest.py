@@ -42,6 +42,22 @@ def env_asking_for_host_devices(n: int, xla_flags: str = "") -> dict[str, str]:
     return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n} {xla_flags}".strip()}
 
 
+def train_losses(prog, step, steps: int) -> list[float]:
+    """The losses of `steps` calls of `step` (`prog`'s compiled step) from prog.init(seed=0), on the
+    same random token batches for every layout: what the same-loss tests compare."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    w = prog.workload
+    shape = (steps, w.global_batch, w.seq_len + 1)
+    tokens = np.random.RandomState(0).randint(0, prog.cfg.vocab_size, shape).astype(np.int32)
+    state, out = prog.init(seed=0), []
+    for batch in tokens:
+        state, metrics = step(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
+        out.append(float(metrics["loss"]))
+    return out
+
+
 def require_devices(n: int) -> None:
     """Skip the calling test when fewer than n devices exist (with the reason)."""
     have = len(jax.devices())

@@ -21,7 +21,7 @@ from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import require_devices, train_losses
 
 BASE = dataclasses.replace(get_preset("tiny-dense"), name="tiny-dense-v1024", vocab_size=1024)
 DROP = dataclasses.replace(BASE, attention_dropout=0.1, hidden_dropout=0.1)
@@ -36,12 +36,7 @@ def _compile(cfg, spec, wl=WL):
 
 def _losses(cfg, spec, steps=2):
     _, prog, compiled = _compile(cfg, spec)
-    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (steps, 8, 33)).astype(np.int32)
-    state, out = prog.init(seed=0), []
-    for batch in tokens:
-        state, metrics = compiled(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
-        out.append(float(metrics["loss"]))
-    return out
+    return train_losses(prog, compiled, steps)
 
 
 def test_same_loss_with_dropout_under_every_layout():

@@ -23,7 +23,7 @@ from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import require_devices, train_losses
 
 
 def test_auto_and_flash_resolve_per_platform():
@@ -65,13 +65,7 @@ def _losses(cfg, attention: str, spec: str, steps: int = 2) -> list[float]:
     wl = Workload(global_batch=8, seq_len=32, dtype="float32", attention=attention)
     prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()[:8]))
     assert prog.attention_impl == ("reference" if attention == "flash" else "xla")
-    step = prog.lower().compile()
-    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (steps, 8, 33)).astype(np.int32)
-    state, out = prog.init(seed=0), []
-    for batch in tokens:
-        state, metrics = step(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
-        out.append(float(metrics["loss"]))
-    return out
+    return train_losses(prog, prog.lower().compile(), steps)
 
 
 @pytest.mark.slow  # 5-8 min each at load 4 (the blockwise kernel trained on XLA:CPU); the gradient test stays in CI

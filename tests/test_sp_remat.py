@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -25,7 +24,7 @@ from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.rules import default_rules
 from codesign.sharding.strategy import REMAT_POLICIES, Strategy, StrategyError
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import require_devices, train_losses
 
 CFG = dataclasses.replace(get_preset("tiny-dense"), name="tiny-dense-v1024", vocab_size=1024)
 WL = Workload(global_batch=8, seq_len=32, dtype="float32")
@@ -39,19 +38,14 @@ SPECS = [f"{BASE},remat={r}" for r in REMAT_POLICIES] + SP
 @pytest.fixture(scope="module")
 def runs():
     require_devices(8)
-    tokens = np.random.RandomState(0).randint(0, CFG.vocab_size, (2, 8, 33)).astype(np.int32)
     out = {}
     for spec in SPECS:
         s = Strategy.parse(spec)
         prog = TrainProgram(CFG, WL, s, MeshSpec.from_strategy(s).build(jax.devices()))
         compiled = prog.lower().compile()
-        state, losses = prog.init(seed=0), []
-        for batch in tokens:
-            state, metrics = compiled(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
-            losses.append(float(metrics["loss"]))
         out[spec] = {
             "hlo": analyze_hlo(compiled.as_text(), s.mesh),
-            "losses": losses,
+            "losses": train_losses(prog, compiled, 2),
             "temp": compiled.memory_analysis().temp_size_in_bytes,
             "strategy": s,
         }
