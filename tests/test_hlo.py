@@ -373,7 +373,7 @@ def test_tpu_async_slice_moves_only_the_slice():
 def test_an_unreadable_instruction_is_counted_named_and_reported(monkeypatch):
     """A parser gap must not quietly lower FLOPs: the walk counts and names what it skipped, the report
     carries it, and the estimate says so. The gap is simulated: the dot reader fails on one instruction."""
-    from codesign.compile import hlo
+    from codesign.compile import hlo_flops
     from codesign.config import Workload
     from codesign.cost.estimate import estimate_from_report
     from codesign.hardware import load_hardware
@@ -386,14 +386,14 @@ def test_an_unreadable_instruction_is_counted_named_and_reported(monkeypatch):
         "  %ok = f32[4,4] dot(%a, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
         "  ROOT %bad = f32[4,4] dot(%a, %nowhere), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n}\n"
     )
-    real = hlo._dot_flops
+    real = hlo_flops.dot_flops
 
     def gap(ins, comp):
         if ins.name == "bad":
             raise ValueError("an attribute this parser does not know")
         return real(ins, comp)
 
-    monkeypatch.setattr(hlo, "_dot_flops", gap)
+    monkeypatch.setattr(hlo_flops, "dot_flops", gap)
     stats = analyze_hlo(text)
     assert stats.matmul_flops == 2 * 4 * 4 * 4  # the readable dot still counts
     assert stats.skipped == 1 and stats.skipped_instructions[0].startswith("dot bad")

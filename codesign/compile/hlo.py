@@ -13,7 +13,7 @@ Counting rules (all per device, per execution of ENTRY):
   cuDNN flash attention (``__cudnn$fmha*``) 4 x B x N x T x S x H forward and 2.5x that backward (5
   matmuls to 2: the backward recomputes the scores), with a causal mask only the tiles cuDNN computes
   (`models.attention.flash_flops`: 128 x 128 tiles assumed, about half). Pallas TPU splash attention (``tpu_custom_call`` ``splash_mha_*``): its causal tiles from the
-  q/k/v operand shapes and the block sizes in its metadata (`_splash_flops`). All of these count as
+  q/k/v operand shapes and the block sizes in its metadata (`hlo_flops.splash_flops`). All of these count as
   matmul FLOPs; a kernel's bytes are its operands and results, like any top-level instruction.
   Elementwise ops 1 per output element, ``reduce`` 1 per input element, ``reduce-window`` 1 per output
   element per window element. Transcendental ops count in ``transcendentals`` only (as HloCostAnalysis).
@@ -46,11 +46,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from codesign.arithmetic import causal_block_fraction
+from codesign.compile import hlo_flops as hf
 from codesign.compile import hlo_overlap as ov
 from codesign.compile import hlo_parse as hp
 from codesign.compile import megascale
-from codesign.models.attention import flash_flops
 from codesign.report import Collective, OverlapWindow
 
 _TRANSCENDENTAL = frozenset(
@@ -192,190 +191,26 @@ class _Acc:
         return np.array([self.flops, self.mm, self.bytes, self.mm_bytes, self.trans])
 
 
-def _elems(shape: str) -> int:
-    return hp.shape_elems(shape)
-
-
-def _operand_shape(comp: hp.Computation, name: str) -> str:
-    ins = comp.by_name.get(name)
-    return ins.shape if ins else ""
-
-
-def _dot_flops(ins: hp.Instr, comp: hp.Computation) -> float:
-    lhs = hp.array_shapes(_operand_shape(comp, ins.operands[0])) if ins.operands else []
-    if not lhs:
-        return 0.0
-    dims = lhs[0][1]
-    k = math.prod(dims[d] for d in hp.int_list(hp.attr(ins.attrs, "lhs_contracting_dims")) if d < len(dims))
-    return 2.0 * _elems(ins.shape) * k
-
-
-def _window_dims(attrs: str) -> list[dict[str, tuple[int, ...]]]:
-    """Per spatial dim of a convolution's `window={size=1x8 pad=0_0x7_7 stride=..}`: its parameters."""
-    m = re.search(r"window=\{([^}]*)\}", attrs)
-    fields = dict(kv.split("=", 1) for kv in (m.group(1).split() if m else []) if "=" in kv)
-    sizes = [int(x) for x in fields.get("size", "").split("x") if x]
-    out = []
-    for i, size in enumerate(sizes):
-
-        def pick(name, default, i=i):
-            parts = fields.get(name, "").split("x")
-            return parts[i] if i < len(parts) and parts[i] else default
-
-        lo, _, _hi = pick("pad", "0_0").partition("_")
-        out.append(
-            {
-                "size": size,
-                "pad_lo": int(lo),
-                "stride": int(pick("stride", "1")),
-                "lhs_dilate": int(pick("lhs_dilate", "1")),
-                "rhs_dilate": int(pick("rhs_dilate", "1")),
-            }
-        )
-    return out
-
-
-def _valid_taps(in_size: int, out_size: int, w: dict) -> int:
-    """(output position, kernel tap) pairs that read a real input element, not padding or a dilation hole.
-
-    The TPU compiler writes some dots as convolutions with padded windows (`size=1x8 pad=0_0x7_7`);
-    counting every window position would overcount those dots by the window size.
-    """
-    o = np.arange(out_size)[:, None]
-    k = np.arange(w["size"])[None, :]
-    idx = o * w["stride"] + k * w["rhs_dilate"] - w["pad_lo"]
-    span = (in_size - 1) * w["lhs_dilate"] + 1
-    ok = (idx >= 0) & (idx < span) & (idx % w["lhs_dilate"] == 0)
-    return int(ok.sum())
-
-
-def _conv_flops(ins: hp.Instr, comp: hp.Computation) -> float:
-    kern = hp.array_shapes(_operand_shape(comp, ins.operands[1])) if len(ins.operands) > 1 else []
-    lhs = hp.array_shapes(_operand_shape(comp, ins.operands[0])) if ins.operands else []
-    out = hp.array_shapes(ins.shape)
-    if not kern:
-        return 0.0
-    kdims = kern[0][1]
-    labels = hp.attr(ins.attrs, "dim_labels") or ""
-    m = re.match(r"([^_]*)_([^-]*)->(.*)", labels)
-    if not (m and lhs and out and len(m.group(2)) == len(kdims) and "o" in m.group(2)):
-        # Unknown layout: assume the output feature dim is last and no padding.
-        per_out = math.prod(kdims[:-1]) if kdims else 1
-        return 2.0 * _elems(ins.shape) * per_out
-    lhs_l, k_l, out_l = m.groups()
-    ldims, odims = lhs[0][1], out[0][1]
-    windows = _window_dims(ins.attrs)
-    spatial = sorted(c for c in k_l if c.isdigit())
-    taps = 1
-    for j, c in enumerate(spatial):
-        w = (
-            windows[j]
-            if j < len(windows)
-            else {"size": kdims[k_l.index(c)], "pad_lo": 0, "stride": 1, "lhs_dilate": 1, "rhs_dilate": 1}
-        )
-        taps *= _valid_taps(ldims[lhs_l.index(c)], odims[out_l.index(c)], w)
-    batch = odims[out_l.index("b")] if "b" in out_l else 1
-    out_features = odims[out_l.index("f")] if "f" in out_l else 1
-    in_features = kdims[k_l.index("i")] if "i" in k_l else 1
-    return 2.0 * batch * out_features * in_features * taps
-
-
-def _gemm_custom_call_flops(ins: hp.Instr, comp: hp.Computation) -> float:
-    target = (hp.attr(ins.attrs, "custom_call_target") or "").lower()
-    if not any(t in target for t in ("gemm", "matmul")):
-        return 0.0
-    lhs = hp.array_shapes(_operand_shape(comp, ins.operands[0])) if ins.operands else []
-    m = re.search(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]', ins.attrs)
-    if not lhs or not m:
-        return 0.0
-    dims = lhs[0][1]
-    k = math.prod(dims[d] for d in hp.int_list(m.group(1)) if d < len(dims))
-    return 2.0 * _elems(ins.shape) * k
-
-
-def _fmha_flops(ins: hp.Instr, comp: hp.Computation) -> float:
-    """cuDNN flash attention: q [B,T,N,H] and k [B,S,K,H] (JAX's BTNH layout) are operands 0 and 1."""
-    target = hp.attr(ins.attrs, "custom_call_target") or ""
-    if "fmha" not in target.lower() or len(ins.operands) < 2:
-        return 0.0
-    q = hp.array_shapes(_operand_shape(comp, ins.operands[0]))
-    k = hp.array_shapes(_operand_shape(comp, ins.operands[1]))
-    if not q or not k or len(q[0][1]) != 4 or len(k[0][1]) != 4:
-        return 0.0
-    (b, t, n, h), s = q[0][1], k[0][1][1]
-    causal = re.search(r'"mask_type"\s*:\s*"[A-Z_]*CAUSAL', ins.attrs) is not None
-    fwd, bwd = flash_flops("cudnn" if causal else "full", b * n, t, s, h, h)
-    return bwd if "backward" in target.lower() else fwd
-
-
-_SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dkv|dq)")
-
-
-def _splash_flops(ins: hp.Instr, comp: hp.Computation) -> float:
-    """Pallas TPU splash attention (a ``tpu_custom_call`` named ``splash_mha_fwd*``/``_dkv*``/``_dq*``):
-    q, k and v are its first three floating-point operands of rank >= 3, head dim minor ([..., T, H],
-    the kernel's default layout; leading dims batch x heads, vmapped batches included). The mask is
-    assumed causal (the only one codesign builds) with the block sizes the kernel records in its
-    ``xprof_metadata``: `models.attention.flash_flops` counts the tiles it computes. Forward: QK^T
-    and PV; the fused backward (dkv returning dq partials too) all 5 backward dots; split, dkv 4 (QK^T,
-    dO V^T, P^T dO, dS^T Q) and dq 3 (QK^T, dO V^T, dS K)."""
-    if "tpu_custom_call" not in (hp.attr(ins.attrs, "custom_call_target") or ""):
-        return 0.0
-    phase = _SPLASH_RE.search(ins.name + " " + ins.attrs)
-    if phase is None:
-        return 0.0
-    arrays = []
-    for name in ins.operands:
-        for dtype, dims in hp.array_shapes(_operand_shape(comp, name)):
-            if dtype.startswith(("bf", "f")) and len(dims) >= 3:
-                arrays.append(dims)
-    if len(arrays) < 3:
-        return 0.0
-    q, k, v = arrays[:3]
-    (t, qk), s, hv = q[-2:], k[-2], v[-1]
-    rows = math.prod(q) / (t * qk)
-    meta = {key: int(val) for key, val in re.findall(r'\\?"(block_\w+)\\?":\s*(\d+)', ins.attrs)}
-    kind = phase.group(1)
-    suffix = {"fwd": "", "dkv": "_dkv", "dq": "_dq"}[kind]
-    bq, bkv = meta.get("block_q" + suffix, t), meta.get("block_kv" + suffix, s)
-    per = 2.0 * rows * t * s * causal_block_fraction(s, min(bq, t), min(bkv, s))  # flash_flops' tiles
-    if kind == "fwd":
-        return per * (qk + hv)
-    # The fused backward returns dq beside dk and dv, as partial sums per K/V block: [..., kv blocks,
-    # heads, T, H] (its metadata carries no flag).
-    fused = any(len(d) == len(q) + 1 and d[-3:] == q[-3:] for _, d in hp.array_shapes(ins.shape))
-    if kind == "dkv":
-        return per * ((3 * qk + 2 * hv) if fused else (2 * qk + 2 * hv))
-    return per * (2 * qk + hv)
-
-
 def _compute(ins: hp.Instr, comp: hp.Computation, acc: _Acc) -> None:
     op = ins.opcode
-    if op == "dot":
-        f = _dot_flops(ins, comp)
-    elif op == "convolution":
-        f = _conv_flops(ins, comp)
-    elif op == "custom-call":
-        f = _gemm_custom_call_flops(ins, comp) or _fmha_flops(ins, comp) or _splash_flops(ins, comp)
-    else:
-        f = 0.0
+    f = hf.matmul_flops(ins, comp)
     if f:
         acc.flops += f
         acc.mm += f
     elif op in _TRANSCENDENTAL:
-        acc.trans += _elems(ins.shape)
+        acc.trans += hf.elems(ins.shape)
     elif op in _ELEMENTWISE:
-        acc.flops += _elems(ins.shape)
+        acc.flops += hf.elems(ins.shape)
     elif op == "reduce" and ins.operands:
         n_in = max(1, len(ins.operands) // 2)
-        acc.flops += _elems(_operand_shape(comp, ins.operands[0])) * n_in
+        acc.flops += hf.elems(hf.operand_shape(comp, ins.operands[0])) * n_in
     elif op == "reduce-window":
         size = hp.int_list((re.search(r"size=([\dx]+)", ins.attrs) or [None, ""])[1].replace("x", ","))
-        acc.flops += _elems(ins.shape) * math.prod(size or [1])
+        acc.flops += hf.elems(ins.shape) * math.prod(size or [1])
 
 
 def _operand_bytes(ins: hp.Instr, comp: hp.Computation) -> float:
-    return sum(hp.shape_bytes(_operand_shape(comp, o)) for o in ins.operands)
+    return sum(hp.shape_bytes(hf.operand_shape(comp, o)) for o in ins.operands)
 
 
 def _fusion_bytes(ins: hp.Instr, comp: hp.Computation, fused: hp.Computation | None) -> float:
@@ -389,7 +224,7 @@ def _fusion_bytes(ins: hp.Instr, comp: hp.Computation, fused: hp.Computation | N
                 params[idx[0]] = f
     total = 0.0
     for i, o in enumerate(ins.operands):
-        full = hp.shape_bytes(_operand_shape(comp, o))
+        full = hp.shape_bytes(hf.operand_shape(comp, o))
         p = params.get(i)
         users = fused.users(p.name) if p else []
         if users and all(
@@ -406,7 +241,7 @@ def _fusion_bytes(ins: hp.Instr, comp: hp.Computation, fused: hp.Computation | N
     out = 0.0
     for r in roots:
         if r is not None and r.opcode == "dynamic-update-slice" and len(r.operands) > 1:
-            out += hp.shape_bytes(_operand_shape(fused, r.operands[1]))
+            out += hp.shape_bytes(hf.operand_shape(fused, r.operands[1]))
         elif r is not None:
             out += hp.shape_bytes(r.shape)
     return total + (out if roots else hp.shape_bytes(ins.shape))
@@ -452,7 +287,7 @@ class _Walker:
         if kind == "send" and megascale.is_megascale(ins.attrs):  # the DCN half of a cross-slice collective
             ids = megascale.target_groups(ins.attrs)
             groups = [[self.position[d] for d in g if d in self.position] for g in ids]
-            dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
+            dtype = hp.first_dtype(hf.operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
             size = max((len(g) for g in ids), default=1)
             return (
                 megascale.transfer_kind(ins.attrs) or kind,
@@ -477,7 +312,7 @@ class _Walker:
             nbytes = in_bytes
         else:
             nbytes = hp.shape_bytes(ins.shape)
-        dtype = hp.first_dtype(_operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
+        dtype = hp.first_dtype(hf.operand_shape(comp, ins.operands[0]) if ins.operands else ins.shape)
         dtype = dtype or hp.first_dtype(ins.shape)
         # In a multi-slice program every other collective stays inside a slice.
         network = "ici" if self.multislice else ""
@@ -602,7 +437,7 @@ class _Walker:
                 dtype, dims = shapes[len(ins.operands)]
                 acc.bytes += 2 * hp.dtype_bytes(dtype) * math.prod(dims)
         elif op == "dynamic-update-slice" and len(ins.operands) > 1:
-            acc.bytes += 2 * hp.shape_bytes(_operand_shape(comp, ins.operands[1]))
+            acc.bytes += 2 * hp.shape_bytes(hf.operand_shape(comp, ins.operands[1]))
         else:
             acc.bytes += _operand_bytes(ins, comp) + hp.shape_bytes(ins.shape)
         if acc.mm > mm_before:
