@@ -27,8 +27,8 @@ from codesign.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     NonFiniteState,
-    inspect_state,
 )
+from codesign.train.integrity import inspect_state
 from tests.conftest import REPO, cpu_child_env, require_devices
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

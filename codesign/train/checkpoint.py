@@ -29,9 +29,7 @@ skipped steps are reported in `Restored.skipped`. Nothing is ever deleted or ove
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
-import hashlib
 import json
 import logging
 import os
@@ -40,17 +38,15 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding, PartitionSpec
 from orbax.checkpoint import checkpoint_managers as ocm
 
 from codesign import _compat
+from codesign.train.integrity import DIGEST_ALGORITHM, extra_sha256, inspect_state, leaves_by_path
 
 FINGERPRINT_KEY = "model_fingerprint"
 INTEGRITY_KEY = "_integrity"  # reserved key of the saved metadata; `read_extra` strips it
-DIGEST_ALGORITHM = "fmix32x2/v1"
 SET_ASIDE_SUFFIX = ".unreadable"
 
 
@@ -82,101 +78,6 @@ class Restored:
     extra: dict[str, Any]  # the JSON metadata saved with the step
     skipped: tuple[tuple[int, str], ...] = ()  # newer steps that were unreadable: (step, why)
     verified: bool = True  # False: saved before digests were written (checked for finiteness only)
-
-
-def _leaves_by_path(tree: Any) -> dict[str, Any]:
-    """'a/b/0'-style path -> leaf; the same string for a dict, list, tuple or nnx.State container,
-    because Orbax's metadata tree comes back as plain dicts and lists whatever was saved."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path, simple=True, separator="/"): leaf for path, leaf in flat}
-
-
-# -- digests and finiteness, computed on the devices -------------------------------------------------
-def _fmix(h: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finalizer: a bijection in which every input bit flips about half the output."""
-    h = h ^ (h >> 16)
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> 16)
-
-
-def _words(x: jax.Array) -> jax.Array:
-    """The array's bits as uint32 words (one per element; two per element of an 8-byte dtype)."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    if x.dtype == jnp.bool_:
-        return x.astype(jnp.uint32)
-    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[np.dtype(x.dtype).itemsize]
-    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
-
-
-def _positions(shape: tuple[int, ...]) -> jax.Array:
-    """Row-major flat index of every element (mod 2^32), built from per-axis iotas so that each shard
-    computes its own part."""
-    pos = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % 2**32)
-        stride *= shape[axis]
-    return pos
-
-
-def _digest(x: jax.Array) -> jax.Array:
-    """uint32[2]: sums over elements of fmix(word ^ fmix(position + seed)). Sums mod 2^32 do not depend
-    on the reduction order, so the digest is the same under any sharding; keying by position catches
-    swapped elements; two seeds leave a 2^-64 chance that a corruption goes unnoticed."""
-    w = _words(x)
-    pos = _positions(w.shape)
-    return jnp.stack(
-        [
-            jnp.sum(_fmix(w ^ _fmix(pos + np.uint32(seed))), dtype=jnp.uint32)
-            for seed in (0x9E3779B9, 0x7F4A7C15)
-        ]
-    )
-
-
-def _finite(x: jax.Array) -> jax.Array:
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        return jnp.all(jnp.isfinite(x))
-    return jnp.ones((), jnp.bool_)
-
-
-def _inspect_impl(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    digests = jnp.stack([_digest(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
-    finite = jnp.stack([_finite(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.bool_)
-    return digests, finite
-
-
-@functools.lru_cache(maxsize=8)
-def _inspect_fn(out_sharding: NamedSharding | None):
-    return jax.jit(_inspect_impl, out_shardings=out_sharding)
-
-
-def _host_value(x: jax.Array) -> np.ndarray:
-    """A replicated array's value, also when it spans several processes."""
-    return np.asarray(x.addressable_shards[0].data)
-
-
-def inspect_state(tree: Any) -> tuple[dict[str, str], list[str]]:
-    """({leaf path: 16-hex-digit digest}, [paths of float leaves holding NaN or Infinity])."""
-    by_path = _leaves_by_path(tree)
-    leaves = list(by_path.values())
-    mesh = next(
-        (x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None
-    )
-    out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    digests, finite = _inspect_fn(out)(leaves)
-    digests, finite = _host_value(digests), _host_value(finite)
-    paths = list(by_path)
-    return (
-        {p: f"{int(d[0]):08x}{int(d[1]):08x}" for p, d in zip(paths, digests)},
-        [p for p, ok in zip(paths, finite) if not ok],
-    )
-
-
-def _extra_sha256(extra: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(extra, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
 
 _READ_ECHOES = ("Encountered error while reading array", "Event loop is closed")
@@ -319,7 +220,7 @@ class Checkpointer:
                     f"step {step}: integrity record unreadable or of an unknown algorithm"
                 )
             try:
-                ok = record.get("extra_sha256") == _extra_sha256(meta)
+                ok = record.get("extra_sha256") == extra_sha256(meta)
             except ValueError:  # NaN in metadata that claims to be checked: it was altered
                 ok = False
             if not ok:
@@ -363,7 +264,7 @@ class Checkpointer:
                 f"{_names(nonfinite)}; {self._untouched()}",
                 nonfinite,
             )
-        record = {"algorithm": DIGEST_ALGORITHM, "leaves": digests, "extra_sha256": _extra_sha256(extra)}
+        record = {"algorithm": DIGEST_ALGORITHM, "leaves": digests, "extra_sha256": extra_sha256(extra)}
         return self._mgr.save(
             step,
             args=ocp.args.Composite(
@@ -461,11 +362,11 @@ class Checkpointer:
     def _check_leaves(self, step: int, abstract_state: Any) -> None:
         try:
             meta = _compat.orbax_tree_metadata(self._mgr.item_metadata(step)["state"])
-            saved = _leaves_by_path(meta)
+            saved = leaves_by_path(meta)
             shapes = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in saved.items()}
         except Exception as e:  # noqa: BLE001 - broken or missing array metadata, whatever raised
             raise CheckpointCorrupt(f"step {step}: array metadata unreadable ({_first_line(e)})") from None
-        wanted = _leaves_by_path(abstract_state)
+        wanted = leaves_by_path(abstract_state)
         where = f"checkpoint {self.directory} step {step}"
         missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
         if missing or unexpected:
