@@ -111,10 +111,25 @@ def causal_block_fraction(seq_len: int, block_q: int, block_kv: int) -> float:
 
 
 def pipeline_ticks(microbatches: int, stages: int, repeats: int = 1) -> int:
-    """Iterations of the executed pipeline loop (`codesign.pipeline`): each of the M x V microbatch
-    chunk-passes enters stage 0 on its own tick, and the last one needs p - 1 more to leave the last
-    stage. Every stage computes on every tick, so p - 1 ticks per stage are fill/drain bubble."""
+    """Forward ticks of the executed pipeline (`codesign.pipeline`, `codesign.pipeline_1f1b`): each of
+    the M x V microbatch chunk-passes enters stage 0 on its own tick, and the last one needs p - 1 more
+    to leave the last stage. Every stage computes on every tick, so p - 1 ticks per stage are fill or
+    drain bubble. The 1F1B loop has as many backward ticks, offset (`pipeline_loops`)."""
     return microbatches * repeats + stages - 1
+
+
+def pipeline_loops(microbatches: int, stages: int, repeats: int = 1) -> tuple[int, int, int]:
+    """Trip counts of the 1F1B program's three loops (`codesign.pipeline_1f1b`): warm-up (forward
+    chunks only), steady (a forward and a backward chunk per tick), drain (backward only). The first
+    backward starts on the last stage when the first microbatch leaves it, after p V - 1 ticks."""
+    m, p, v = microbatches, stages, repeats
+    return p * v - 1, m * v + p - p * v, p * v - 1
+
+
+def ring_slots(microbatches: int, stages: int, repeats: int = 1) -> int:
+    """Chunk forwards whose residuals the 1F1B program's first stage holds at once: a forward's
+    residuals wait 2 (p V - 1) ticks on stage 0 for their backward, one forward entering per tick."""
+    return min(2 * stages * repeats - 1, microbatches * repeats)
 
 
 def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:

@@ -30,9 +30,9 @@ runs all M V + p - 1 forward ticks, then all backward ticks in reverse (GPipe or
 stage keeps what the remat policy saves of one chunk for every tick, masked ticks included: (M V + p - 1)
 chunk-passes, i.e. M + (p - 1) / V microbatches' worth of the stage's activations. 1F1B and interleaved
 1F1B reorder backward passes between forward passes to bound that to about p microbatches; the ordering
-is not expressible as the autodiff of one forward loop, so schedule=1f1b|interleaved|gpipe (and
-dualpipe, whose two directions are not built) compile to this same program: the bubble of (interleaved)
-1F1B, the activation memory of GPipe.
+is not expressible as the autodiff of one forward loop, so they are `codesign.pipeline_1f1b`, which
+writes the backward itself. This program is what schedule=gpipe runs, and dualpipe (whose two
+directions are not built); the forward alone is also the 1F1B loss's value when no gradient is taken.
 
 Outside the loop: the embedding and the layers outside the pipelined stack (a DeepSeek-style dense
 prefix, as MaxText does) run replicated over `pipeline`; the final norm, LM head and loss run with the

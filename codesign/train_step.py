@@ -44,6 +44,7 @@ unpipelined layouts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,6 +64,7 @@ from codesign.models import dropout as D
 from codesign.models.attention import kernel_for, platform_of
 from codesign.models.transformer import Transformer, run_layers
 from codesign.pipeline import run_pipeline
+from codesign.pipeline_1f1b import run_1f1b
 from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
@@ -340,8 +342,94 @@ class TrainProgram:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
+    @property
+    def one_f_one_b(self) -> bool:
+        """The pipeline runs in 1F1B order (`codesign.pipeline_1f1b`); gpipe and dualpipe run the
+        autodiff of the forward loop (`codesign.pipeline`), whose order is GPipe's."""
+        return self.pipelined and self.strategy.schedule in ("1f1b", "interleaved")
+
     def loss(self, params, batch):
-        """batch = (tokens [b, T+1], rows [b]: their rows in the global batch, which key dropout)."""
+        """batch = (tokens [b, T+1], rows [b]: their rows in the global batch, which key dropout).
+        Returns (loss, cross-entropy)."""
+        if self.one_f_one_b:
+            return self._loss_1f1b(params, batch)
+        return self._loss(params, batch)
+
+    def _loss_1f1b(self, params, batch):
+        """The loss whose gradient is computed by the 1F1B loop: the loop yields loss and gradients
+        together (its backward runs inside), so it is the VJP's forward, and the backward only scales
+        the gradients it saved. Evaluated without a gradient, it is the plain pipelined forward."""
+
+        @jax.custom_vjp
+        def loss(params, batch):
+            return self._loss(params, batch)
+
+        def fwd(params, batch):
+            return self._value_and_grad_1f1b(params, batch)
+
+        def bwd(grads, ct):
+            return jax.tree.map(lambda g: (g * ct[0]).astype(g.dtype), grads), None
+
+        loss.defvjp(fwd, bwd)
+        return loss(params, batch)
+
+    def _value_and_grad_1f1b(self, params, batch):
+        """((loss, ce), grads) of the pipelined model, the stack run by `pipeline_1f1b.run_1f1b`: the
+        embedding (and an MoE model's dense prefix) forward for the whole batch before the loop, its
+        backward after it from the first stage's input gradients."""
+        tokens, rows = batch
+        inputs, targets = tokens[:, :-1], tokens[:, 1:]
+        b, t = inputs.shape
+        m, stack, coef = self.strategy.microbatches, self.pipelined_stack, self.cfg.router_aux_loss_coef
+        prefix = stack == "moe_blocks" and self.cfg.dense_layers > 0
+        head_keys = ("final_norm", "embed" if self.cfg.tie_embeddings else "lm_head")
+        pre_keys = ("embed", "dense_blocks") if prefix else ("embed",)
+        remat = self.strategy.remat
+
+        def model_with(sub):
+            return self._model({**params, **sub})
+
+        def pre(sub):
+            model = model_with(sub)
+            x = model.embed_tokens(inputs)
+            if not prefix:
+                return x, jnp.zeros((), jnp.float32)
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+            return run_layers(*nnx.split(model.dense_blocks), x, positions, remat)
+
+        def head_loss(sub, y, tgt):
+            with batch_also_over("pipeline"):
+                logits = model_with(sub).head(y)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
+
+        with D.scope(D.split_rows(D.current(), rows)):
+            (x, aux_pre), pre_vjp = jax.vjp(pre, {k: params[k] for k in pre_keys})
+            graphdef = nnx.split(getattr(self._model(params), stack))[0]
+            ce, aux, d_stack, d_head, d_xs = run_1f1b(
+                graphdef,
+                params[stack],
+                self._split(x, m),
+                jnp.broadcast_to(jnp.arange(t), (b // m, t)),
+                head_loss,
+                {k: params[k] for k in head_keys},
+                self._split(targets, m),
+                stages=self.mesh_sizes["pipeline"],
+                repeats=self.strategy.stages_per_device,
+                remat=remat,
+                compute_dtype=self.model_kwargs["dtype"],
+                aux_weight=coef,
+                first_layer=self.cfg.dense_layers if stack == "moe_blocks" else 0,
+                rows=self._split(rows, m),
+            )
+            (d_pre,) = pre_vjp((_unsplit(d_xs), jnp.asarray(coef, jnp.float32)))
+        parts = (d_pre, d_head, {stack: d_stack})
+        grads = {
+            k: functools.reduce(lambda a, c: jax.tree.map(jnp.add, a, c), [d[k] for d in parts if k in d])
+            for k in params
+        }
+        return (ce + coef * (aux_pre + aux), ce), grads
+
+    def _loss(self, params, batch):
         tokens, rows = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         with D.scope(D.split_rows(D.current(), rows)):

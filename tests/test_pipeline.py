@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codesign.arithmetic import pipeline_ticks
+from codesign.arithmetic import pipeline_loops, pipeline_ticks
 from codesign.config import Workload
 from codesign.pipeline import chunk_layers, layer_mask, to_stage_layout
 from codesign.presets import get_preset
@@ -117,7 +117,7 @@ def _one_loss_curve(cfg, spec, steps=3):
         (8, "pipeline=4,fsdp=2,microbatches=4,v=2,schedule=gpipe"),
         (5, "pipeline=2,tensor=4,microbatches=2,v=2"),  # uneven: 5 layers in 4 chunks of 2
         (3, "pipeline=4,fsdp=2,microbatches=2"),  # fewer layers than stages: padded chunks
-        (4, "pipeline=2,data=2,fsdp=2,microbatches=4,zero=1"),
+        (4, "pipeline=2,data=2,fsdp=2,microbatches=2,zero=1"),
         (4, "pipeline=2,data=2,tensor=2,microbatches=2,zero=2,remat=none"),
         (4, "pipeline=2,fsdp=2,tensor=2,sp=1,microbatches=2,remat=minimal"),
     ],
@@ -142,8 +142,9 @@ def test_pipelined_moe_matches_accumulation():
 
 @pytest.mark.slow
 def test_compiler_sees_the_whole_pipelined_step():
-    """compile_candidate compiles every stage: the tick loop's trip count is M V + p - 1 and the HLO walk
-    counts one rotation forward and one back per tick as collective-permutes on the pipeline axis."""
+    """compile_candidate compiles every stage: the 1F1B loops' trip counts are the warm-up, steady and
+    drain ticks of `arithmetic.pipeline_loops`, and the HLO walk counts one rotation forward per forward tick
+    and one back per backward tick as collective-permutes on the pipeline axis."""
     require_devices(8)
     from codesign.compile.targets import compile_candidate
     from codesign.hardware.catalog import load_hardware
@@ -154,8 +155,12 @@ def test_compiler_sees_the_whole_pipelined_step():
     )
     assert r.outcome == "ok", r.message
     assert dict(r.mesh)["pipeline"] == 4 and r.pipeline_stages == 4
-    ticks = pipeline_ticks(4, 4, 2)
-    assert ticks in [n for _, n, _ in r.while_loops]
+    warm, steady, drain = pipeline_loops(4, 4, 2)
+    assert (warm, steady, drain) == (7, 4, 7)
+    trips = [n for _, n, _ in r.while_loops]
+    assert trips.count(7) >= 2 and steady in trips, trips
+    # Forward ticks (warm-up + steady) = backward ticks = M V + p - 1, the 1F1B tick count.
+    assert warm + steady == steady + drain == pipeline_ticks(4, 4, 2)
     # The rotation is a ring over all 4 stages; each moves one microbatch row per fsdp shard x 16
     # positions x 64 wide (XLA:CPU moves bf16 as f32). Other pipeline-axis traffic (the v=2 param
     # reorder, once per step) pairs stages two by two.
@@ -164,5 +169,30 @@ def test_compiler_sees_the_whole_pipelined_step():
         for c in r.collectives
         if c.kind == "collective-permute" and c.mesh_axes == ("pipeline",) and c.group_size == 4
     ]
-    assert sum(c.count for c in ring) == 2 * ticks, r.collectives
+    assert sum(c.count for c in ring) == 2 * pipeline_ticks(4, 4, 2), r.collectives
     assert {c.bytes for c in ring} <= {16 * 64 * 2, 16 * 64 * 4}
+
+
+@pytest.mark.slow
+def test_1f1b_memory_stays_flat_as_microbatches_grow():
+    """The compiled 1F1B step holds a ring of min(2p - 1, M) chunk forwards, so from M=4 to M=8 (p=2,
+    same microbatch size) its temp memory grows by the input buffers only, while the GPipe-order step
+    keeps every microbatch's activations (measured: experiments/pipeline_compiled)."""
+    require_devices(8)
+    from codesign.closed_form import analytic_memory
+    from codesign.compile.targets import compile_candidate
+    from codesign.hardware.catalog import load_hardware
+
+    cfg, hw = DENSE4, load_hardware("cpu", devices=8)
+
+    def temp(schedule, m):
+        s = Strategy.parse(f"pipeline=2,microbatches={m},remat=none,schedule={schedule}")
+        r = compile_candidate(cfg, Workload(2 * m, 128), s, hw, "cpu")
+        assert r.outcome == "ok", r.message
+        return r.memory.temp
+
+    one_mb = analytic_memory(cfg, Workload(2, 128), Strategy.parse("pipeline=2,remat=none")).saved_activations
+    f1b = (temp("1f1b", 8) - temp("1f1b", 4)) / 4
+    gpipe = (temp("gpipe", 8) - temp("gpipe", 4)) / 4
+    assert f1b < 0.1 * one_mb, (f1b, one_mb)
+    assert gpipe > 0.9 * one_mb, (gpipe, one_mb)

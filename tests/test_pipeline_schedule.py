@@ -56,15 +56,20 @@ def test_dualpipe_bubble_from_the_deepseek_table():
     assert c.param_copies == 2 and c.in_flight == p + 1
 
 
-def test_in_flight_ordering():
+def test_in_flight_follows_the_executed_program():
+    """The closed form counts what `train` holds: gpipe every forward tick's chunk, 1F1B a ring of
+    min(2pV - 1, mV) chunk forwards (`arithmetic.ring_slots`; the compiled ring is checked in
+    test_pipeline), so 1F1B's stays flat as microbatches grow while gpipe's grows."""
     p, m = 4, 16
     gpipe, f1b, inter = (
         PL.in_flight_microbatches(s, p, v, m) for s, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2))
     )
-    assert gpipe == m and f1b == p
-    assert gpipe >= inter > f1b
-    assert inter == pytest.approx(p * (1 + (p - 1) / (p * 2)))  # Korthikanti et al. sec. 4.2.3
-    assert PL.in_flight_microbatches("1f1b", p, 1, 2) == 2  # fewer microbatches than stages
+    assert gpipe == m + p - 1 and f1b == 2 * p - 1
+    assert inter == pytest.approx((2 * p * 2 - 1) / 2)
+    assert gpipe > inter > f1b
+    assert PL.in_flight_microbatches("1f1b", p, 1, 64) == f1b  # flat in m
+    assert PL.in_flight_microbatches("gpipe", p, 1, 64) == 64 + p - 1
+    assert PL.in_flight_microbatches("1f1b", p, 1, 2) == 2  # fewer microbatches than the ring
 
 
 def test_schedule_problems_name_the_rule():
@@ -95,9 +100,10 @@ def test_memory_in_flight_and_dualpipe_state():
         for s in ("gpipe", "1f1b", "dualpipe")
     }
     mem["interleaved"] = analytic_memory(CFG, WL, Strategy.parse(f"{base},v=2"))
-    one = mem["1f1b"].saved_activations
-    assert mem["1f1b"].pipeline_in_flight == pytest.approx(one * (2 - 1))
-    assert mem["gpipe"].pipeline_in_flight == pytest.approx(one * (8 - 1))
+    one = mem["1f1b"].saved_activations  # remat=full: the 4 stage layers' inputs
+    buffers = 2 * 8 * one / 4  # the embedded input of the 8 microbatches and its gradient
+    assert mem["1f1b"].pipeline_in_flight == pytest.approx(one * (3 - 1) + buffers)  # ring of 2p - 1
+    assert mem["gpipe"].pipeline_in_flight == pytest.approx(one * (8 + 1 - 1) + buffers)  # m + p - 1
     assert mem["gpipe"].total > mem["interleaved"].total > mem["1f1b"].total
     assert mem["dualpipe"].params == pytest.approx(2 * mem["1f1b"].params)
     assert mem["dualpipe"].optimizer == pytest.approx(2 * mem["1f1b"].optimizer)

@@ -23,8 +23,10 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
                  the policy names that backward uses (`remat.py`); `offload` keeps them in pinned host
                  memory instead (`host_offloaded`, not part of the device total)
     pipeline_in_flight: a device holds L/p layers (V chunks of L/(pV)) and its schedule keeps more
-               microbatches' saved activations than the one above in flight (`pipeline.py`: gpipe m,
-               1f1b min(m, p), interleaved p(1 + (p-1)/(pV)), dualpipe p + 1): the extra ones.
+               microbatches' saved activations than the one above in flight (`pipeline.py`, as
+               executed: gpipe m + (p-1)/V, 1f1b min(2p - 1, m), interleaved min(2pV - 1, mV)/V,
+               dualpipe p + 1): the extra ones; and the pipeline's input buffers, the embedded
+               input of all m microbatches and its gradient (2 m x the layer input).
                DualPipe also holds two stages' params, grads and optimizer state (2x).
     layer_transient: one layer's intermediates live while its backward runs (recomputed in a
                checkpointed layer; none for remat none or selective), its attention scores apart:
@@ -227,11 +229,13 @@ def analytic_memory(
     sh = shape_of(cfg, workload, strategy)
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
     remat = strategy.remat
-    saved = host = live = workspace = 0.0
+    saved = host = live = workspace = buffers = 0.0
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         lb = _layer_bytes(cfg, moe, sh, remat, workload.flash)
+        if p > 1:  # the embedded input of every microbatch, and its gradient, wait outside the loop
+            buffers = 2 * m * lb.layer_input
         keep = _saved(lb, remat) + DR.layer_dropout(cfg, remat, sh, workload.flash).saved_bytes
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)
@@ -267,5 +271,5 @@ def analytic_memory(
         attention_workspace=workspace,
         logits=logits,
         host_offloaded=host * in_flight,
-        pipeline_in_flight=saved * (in_flight - 1),
+        pipeline_in_flight=saved * (in_flight - 1) + buffers,
     )

@@ -11,10 +11,13 @@ of ONE device's layers (L/p of them, all V chunks together), the unit `closed_fo
 
 Schedules (each formula cited where it is written):
 - gpipe: all forwards, then all backwards. Bubble (p - 1)/(V m) of the ideal; every microbatch is in
-  flight at the turn. V > 1 is MaxText's circular pipeline (each device runs its V chunks in turn).
-- 1f1b: the same bubble, but the first stage starts backward after p forwards: min(m, p) in flight.
+  flight at the turn (executed: m + (p - 1)/V, the masked ticks' chunks too). V > 1 is MaxText's
+  circular pipeline (each device runs its V chunks in turn).
+- 1f1b: the same bubble, but the first stage starts backward after its first microbatch's round trip:
+  Megatron holds p microbatches, the executed synchronous-tick program min(2p - 1, m).
 - interleaved: 1F1B over V chunks per device (Megatron's virtual stages): bubble (p - 1)/(V m), V x
-  the transfers, p (1 + (p - 1)/(p V)) microbatches in flight; needs m % p == 0.
+  the transfers; Megatron holds p (1 + (p - 1)/(p V)) microbatches, the executed program
+  min(2pV - 1, mV)/V; needs m % p == 0.
 - dualpipe: two directions over the same p devices; each device holds stage i and stage p - 1 - i
   (two parameter copies), bubble (p/2 - 1)(F&B + B - 3W), p + 1 in flight; needs p and m even and
   m >= 2p. The expert all-to-all of one direction hides behind the other direction's compute.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from codesign.arithmetic import pipeline_ticks, ring_slots
 from codesign.sharding.strategy import PIPELINE_SCHEDULES as SCHEDULES
 
 
@@ -85,19 +89,22 @@ def schedule_problem(schedule: str, stages: int, virtual: int, microbatches: int
 
 
 def in_flight_microbatches(schedule: str, stages: int, virtual: int, microbatches: int) -> float:
-    """Microbatches' activations (of one device's L/p layers) the first stage holds at its peak."""
+    """Microbatches' activations (of one device's L/p layers) the first stage holds at its peak, in
+    the program `train` executes."""
     p, v, m = stages, virtual, microbatches
     if p <= 1:
         return 1.0
-    if schedule == "gpipe":  # GPipe (Huang et al. 2019): every forward runs before any backward
-        return float(m)
-    if schedule == "1f1b":  # PipeDream-Flush / Megatron 1F1B: p warm-up forwards on the first stage
-        return float(min(m, p))
-    if schedule == "interleaved":
-        # Korthikanti et al. 2022 (arXiv 2205.05198) sec. 4.2.3: the first stage holds p microbatches
-        # x (1 + (p - 1)/(p V)) of its layers; Megatron's warm-up is 2(p - 1) + (V - 1)p chunk forwards.
-        return float(min(m, p * (1 + (p - 1) / (p * v))))
-    # DeepSeek-V3 technical report (arXiv 2412.19437) Table 2: activation memory PP + 1.
+    if schedule == "gpipe":
+        # `codesign.pipeline`: the autodiff of the forward tick loop keeps one chunk's residuals for
+        # every forward tick, the p - 1 masked ones included.
+        return pipeline_ticks(m, p, v) / v
+    if schedule in ("1f1b", "interleaved"):
+        # `codesign.pipeline_1f1b`: a ring of min(2 p V - 1, M V) chunk forwards. Megatron's 1F1B holds
+        # p, its interleaved p (1 + (p - 1)/(p V)) (Korthikanti et al. 2022, sec. 4.2.3): a synchronous
+        # tick makes the first stage run p - 1 more forwards before its first backward arrives.
+        return ring_slots(m, p, v) / v
+    # DeepSeek-V3 technical report (arXiv 2412.19437) Table 2: activation memory PP + 1. Not executed:
+    # `train` runs a dualpipe plan as the gpipe program.
     return float(p + 1)
 
 

@@ -96,10 +96,15 @@ def plan_compile(
     p = strategy.size("pipeline")
     if p > 1:
         v, m = strategy.stages_per_device, strategy.microbatches
+        order = (
+            "in 1F1B order (codesign.pipeline_1f1b)"
+            if strategy.schedule in ("1f1b", "interleaved")
+            else "as all forward ticks, then all backward ticks (GPipe order, codesign.pipeline)"
+        )
         notes.append(
             f"pipeline: compiled the whole pipelined step ({p} stages x {v} chunks, {m} microbatches: "
-            f"{pipeline_ticks(m, p, v)} ticks of which {p - 1} fill/drain, schedule {strategy.schedule} executed "
-            f"as forward then backward)"
+            f"{pipeline_ticks(m, p, v)} ticks of which {p - 1} fill/drain, schedule {strategy.schedule} "
+            f"executed {order})"
         )
     limit = (
         max_compile_devices if max_compile_devices is not None else DEFAULT_MAX_COMPILE_DEVICES.get(target)
