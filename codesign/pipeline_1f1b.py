@@ -39,13 +39,16 @@ the partitioner composes fsdp, tensor, expert and ZeRO with it unchanged. The co
 device runs its forward and its backward chunk even when its unit is idle (masked), exactly the
 bubble, and the LM head runs on every device (the head's batch split over `pipeline` where it divides).
 
-Outside the loop: the embedding (and a dense prefix) forward for all microbatches before it, their
-backward after it from the first stage's input gradients, as `TrainProgram` arranges.
+The first stage's input (`Source`): a dense model's embedding lookup runs in the loop, per microbatch,
+and its gradient is scatter-added into an embedding-shaped accumulator, so nothing of size M is held.
+An MoE model's dense prefix runs before the loop for all microbatches (as in `codesign.pipeline`): its
+output [M, mb, S, D] is the source table, and the prefix's backward runs after the loop.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -81,6 +84,21 @@ def _unit(k, m: int, p: int, v: int, backward: bool):
 def _slot(mb, r, p: int, v: int, k_slots: int):
     """The ring slot of (microbatch, chunk)'s forward residuals: its forward unit index mod K."""
     return ((mb // p) * p * v + r * p + mb % p) % k_slots
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the first stage's input for a microbatch comes from: rows of `table` picked by
+    `index(mb)`, then `enter(rows)` (differentiable, elementwise). The gradient is scatter-added into a
+    table-shaped accumulator as each microbatch's backward leaves the first stage, so no per-microbatch
+    buffer is held: for a dense model, `table` is the embedding and `index` the microbatch's tokens
+    (the lookup runs per tick, as Megatron's first stage does); when layers run before the pipeline (an
+    MoE model's dense prefix), `table` is their output for all microbatches [M, mb, S, D] and `index`
+    the microbatch number."""
+
+    table: jax.Array
+    index: Callable[[jax.Array], jax.Array]
+    enter: Callable[[jax.Array], jax.Array]
 
 
 def compute_params(chunk: Any, dtype) -> Any:
@@ -124,7 +142,8 @@ class _Residuals:
 def run_1f1b(
     graphdef,
     layers,
-    xs,
+    source: Source,
+    microbatches: int,
     positions,
     head_loss: Callable,
     head_params,
@@ -140,13 +159,14 @@ def run_1f1b(
 ):
     """Loss and gradients of the pipelined stack and the head, in 1F1B order.
 
-    layers: stacked block params [L, ...]; xs [M, mb, S, D]: the embedded microbatches; positions
-    [mb, S]; head_loss(head_params, y [mb, S, D], targets [mb, S]) -> the microbatch's mean loss;
-    targets [M, mb, S]; rows [M, mb]: each microbatch's global batch rows (dropout, when a scope is
-    open). The step's loss is mean_i head_loss_i + aux_weight x (sum of the stack's aux)/M.
-    Returns (ce, aux, d_layers [L, ...], d_head_params, d_xs [M, mb, S, D]).
+    layers: stacked block params [L, ...]; source: the first stage's input per microbatch (`Source`);
+    positions [mb, S]; head_loss(head_params, y [mb, S, D], targets [mb, S]) -> the microbatch's mean
+    loss; targets [M, mb, S]; rows [M, mb]: each microbatch's global batch rows (dropout, when a scope
+    is open; the source's `enter` and the blocks draw under it). The step's loss is
+    mean_i head_loss_i + aux_weight x (sum of the stack's aux)/M.
+    Returns (ce, aux, d_layers [L, ...], d_head_params, d_table: the source table's gradient).
     """
-    p, v, m = stages, repeats, xs.shape[0]
+    p, v, m = stages, repeats, microbatches
     problem = schedule_problem(m, p, v)
     if problem:
         raise ValueError(problem)
@@ -171,11 +191,10 @@ def run_1f1b(
 
     def chunk_vjp(chunk, x, r, mask_v, ids_v, mb):
         """(y, aux), stored residuals of one chunk's forward."""
-        chunk_draw = None if draw is None else D.Draw(draw.key, rows[mb])
         consts = [*jax.tree.leaves(chunk), positions]
 
         def f(c, h):
-            with D.scope(chunk_draw):
+            with scope_of(mb):
                 return run_layers(graphdef, c, h, positions, remat, mask_v[r], layer_ids=ids_v[r])
 
         out, vjp = jax.vjp(f, chunk, x)
@@ -184,15 +203,26 @@ def run_1f1b(
     def pick(params_v, r):
         return compute_params(jax.tree.map(lambda a: a[r], params_v), compute_dtype)
 
+    def scope_of(mb):
+        return D.scope(None if draw is None else D.Draw(draw.key, rows[mb]))
+
+    def enter(rows_in, mb):
+        with scope_of(mb):
+            return source.enter(rows_in)
+
     def forward(s, x_prev, mb, r, ok, params_v, mask_v, ids_v):
-        x = jnp.where((s == 0) & (r == 0), xs[mb], x_prev)
+        # Every stage looks its microbatch up (cheap, local); only the first stage's first chunk uses it.
+        x = jnp.where((s == 0) & (r == 0), enter(source.table[source.index(mb)], mb), x_prev)
         (y, a), stored = chunk_vjp(pick(params_v, r), x, r, mask_v, ids_v, mb)
         return y, jnp.where(ok, a, 0.0), stored
 
+    z = jnp.zeros((), jnp.int32)
+    x_spec = jax.eval_shape(lambda: enter(source.table[source.index(z)], z))  # one microbatch's input
+    x_zero = jnp.zeros(x_spec.shape, x_spec.dtype)
+
     # Shapes of one forward's stored residuals: an abstract trace (which also fixes the layout).
     def probe(params_v, mask_v, ids_v):
-        z = jnp.zeros((), jnp.int32)
-        return forward(z, xs[0], z, z, True, params_v, mask_v, ids_v)[2]
+        return forward(z, x_zero, z, z, True, params_v, mask_v, ids_v)[2]
 
     shapes = jax.eval_shape(
         lambda: jax.vmap(probe, in_axes=(1, 1, 1), spmd_axis_name=AXIS)(params, mask, ids)
@@ -200,7 +230,7 @@ def run_1f1b(
     ring = [jnp.zeros((p, k_slots, *s.shape[1:]), s.dtype) for s in shapes]
     ring = [pin_dims(a, {0: AXIS}) for a in ring]
 
-    def backward(s, ct_prev, dy_head, mb, r, ok, stored_s, params_v, mask_v, ids_v, grads_v):
+    def backward(s, ct_prev, dy_head, mb, r, ok, stored_s, params_v, mask_v, ids_v, grads_v, table_acc):
         ct = jnp.where((s == p - 1) & (r == v - 1), dy_head, ct_prev)
         chunk = pick(params_v, r)
         slot = _slot(mb, r, p, v, k_slots)
@@ -210,7 +240,15 @@ def run_1f1b(
         grads_v = jax.tree.map(
             lambda acc, g: acc.at[r].add(jnp.where(ok, g, 0.0).astype(acc.dtype)), grads_v, d_chunk
         )
-        return jnp.where(ok, dx, 0.0).astype(dx.dtype), grads_v
+        dx = jnp.where(ok, dx, 0.0).astype(dx.dtype)
+        # The microbatch left the first stage: its input gradient goes into the source table.
+        idx = source.index(mb)
+        picked = source.table[idx]
+        _, enter_vjp = jax.vjp(lambda rows_in: enter(rows_in, mb), picked)
+        (d_rows,) = enter_vjp(dx)
+        first = (s == 0) & (r == 0) & ok
+        table_acc = table_acc.at[idx].add(jnp.where(first, d_rows, 0.0).astype(table_acc.dtype))
+        return dx, grads_v, table_acc
 
     d_head0 = jax.tree.map(jnp.zeros_like, head_params)
 
@@ -231,8 +269,8 @@ def run_1f1b(
         return jax.lax.cond(live, run, skip, None)
 
     def tick(carry, t, do_f: bool, do_b: bool):
-        fwd_in, bwd_in, ring, grads, dxs, d_head, ce, aux = carry
-        dy_head = jnp.zeros(xs.shape[1:], xs.dtype)
+        fwd_in, bwd_in, ring, grads, d_table, d_head, ce, aux = carry
+        dy_head = x_zero
         if do_f:
             mb, r, ok = _unit(t - stage_ids, m, p, v, backward=False)
             ys, a, stored = jax.vmap(forward, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
@@ -253,29 +291,27 @@ def run_1f1b(
             fwd_in = residual(jnp.roll(ys, 1, axis=0))
         if do_b:
             mb, r, ok = _unit(t - off - (p - 1 - stage_ids), m, p, v, backward=True)
-            dx, grads = jax.vmap(
-                backward, in_axes=(0, 0, None, 0, 0, 0, 0, 1, 1, 1, 1), out_axes=(0, 1), spmd_axis_name=AXIS
-            )(stage_ids, bwd_in, dy_head, mb, r, ok, ring, params, mask, ids, grads)
-
-            def file(s, buf, d, mb_s, r_s, ok_s):
-                keep = (s == 0) & (r_s == 0) & ok_s
-                return buf.at[mb_s].set(jnp.where(keep, d, buf[mb_s]))
-
-            dxs = per_stage(file, spmd_axis_name=AXIS)(stage_ids, dxs, dx, mb, r, ok)
+            dx, grads, d_table = jax.vmap(
+                backward,
+                in_axes=(0, 0, None, 0, 0, 0, 0, 1, 1, 1, 1, 0),
+                out_axes=(0, 1, 0),
+                spmd_axis_name=AXIS,
+            )(stage_ids, bwd_in, dy_head, mb, r, ok, ring, params, mask, ids, grads, d_table)
             bwd_in = residual(jnp.roll(dx, -1, axis=0))
-        return (fwd_in, bwd_in, ring, grads, dxs, d_head, ce, aux), None
+        return (fwd_in, bwd_in, ring, grads, d_table, d_head, ce, aux), None
 
-    act = residual(jnp.zeros((p,) + xs.shape[1:], xs.dtype))
+    act = residual(jnp.zeros((p,) + x_spec.shape, x_spec.dtype))
     grads = staged(jax.tree.map(jnp.zeros_like, params))
-    dxs = pin_dims(jnp.zeros((p,) + xs.shape, xs.dtype), {0: AXIS})
+    # One accumulator per stage (only the first stage's is written): no transfer inside the loop.
+    d_table = pin_dims(jnp.zeros((p,) + source.table.shape, source.table.dtype), {0: AXIS})
     zero = jnp.zeros((), jnp.float32)
-    carry = (act, act, ring, grads, dxs, d_head0, zero, zero)
+    carry = (act, act, ring, grads, d_table, d_head0, zero, zero)
     start = 0
     for n, do_f, do_b in zip(pipeline_loops(m, p, v), (True, True, False), (False, True, True)):
         if n > 0:
             body = lambda c, t, f=do_f, b=do_b: tick(c, t, f, b)
             carry, _ = jax.lax.scan(body, carry, jnp.arange(start, start + n))
         start += n
-    _, _, _, grads, dxs, d_head, ce, aux = carry
+    _, _, _, grads, d_table, d_head, ce, aux = carry
     d_layers = jax.tree.map(lambda g: g.reshape(p * v * lc, *g.shape[3:])[:n_layers], grads)
-    return ce, aux / m, d_layers, d_head, dxs[0]
+    return ce, aux / m, d_layers, d_head, d_table[0]

@@ -62,9 +62,9 @@ from codesign.config import ModelConfig, Workload
 from codesign.models import build_abstract
 from codesign.models import dropout as D
 from codesign.models.attention import kernel_for, platform_of
-from codesign.models.transformer import Transformer, run_layers
+from codesign.models.transformer import Transformer, enter_residual, run_layers
 from codesign.pipeline import run_pipeline
-from codesign.pipeline_1f1b import run_1f1b
+from codesign.pipeline_1f1b import Source, run_1f1b
 from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
@@ -374,9 +374,10 @@ class TrainProgram:
         return loss(params, batch)
 
     def _value_and_grad_1f1b(self, params, batch):
-        """((loss, ce), grads) of the pipelined model, the stack run by `pipeline_1f1b.run_1f1b`: the
-        embedding (and an MoE model's dense prefix) forward for the whole batch before the loop, its
-        backward after it from the first stage's input gradients."""
+        """((loss, ce), grads) of the pipelined model, the stack run by `pipeline_1f1b.run_1f1b`. A dense
+        model's embedding lookup runs in the loop; an MoE model's dense prefix (and embedding) runs
+        for the whole batch before it, and its backward after it, from the first stage's input
+        gradients."""
         tokens, rows = batch
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         b, t = inputs.shape
@@ -403,12 +404,22 @@ class TrainProgram:
             return optax.softmax_cross_entropy_with_integer_labels(logits, tgt).mean()
 
         with D.scope(D.split_rows(D.current(), rows)):
-            (x, aux_pre), pre_vjp = jax.vjp(pre, {k: params[k] for k in pre_keys})
+            if prefix:  # the prefix runs before the loop; its output for every microbatch is the source
+                (x, aux_pre), pre_vjp = jax.vjp(pre, {k: params[k] for k in pre_keys})
+                source = Source(self._split(x, m), lambda mb: mb, lambda rows_in: rows_in)
+            else:  # the embedding lookup runs in the loop, one microbatch at a time
+                aux_pre = jnp.zeros((), jnp.float32)
+                dtype, rate = self.model_kwargs["dtype"], self.cfg.hidden_dropout
+                ids = self._split(inputs, m)
+                source = Source(
+                    params["embed"], lambda mb: ids[mb], lambda rows_in: enter_residual(rows_in, dtype, rate)
+                )
             graphdef = nnx.split(getattr(self._model(params), stack))[0]
-            ce, aux, d_stack, d_head, d_xs = run_1f1b(
+            ce, aux, d_stack, d_head, d_source = run_1f1b(
                 graphdef,
                 params[stack],
-                self._split(x, m),
+                source,
+                m,
                 jnp.broadcast_to(jnp.arange(t), (b // m, t)),
                 head_loss,
                 {k: params[k] for k in head_keys},
@@ -421,7 +432,10 @@ class TrainProgram:
                 first_layer=self.cfg.dense_layers if stack == "moe_blocks" else 0,
                 rows=self._split(rows, m),
             )
-            (d_pre,) = pre_vjp((_unsplit(d_xs), jnp.asarray(coef, jnp.float32)))
+            if prefix:
+                (d_pre,) = pre_vjp((_unsplit(d_source), jnp.asarray(coef, jnp.float32)))
+            else:
+                d_pre = {"embed": d_source}
         parts = (d_pre, d_head, {stack: d_stack})
         grads = {
             k: functools.reduce(lambda a, c: jax.tree.map(jnp.add, a, c), [d[k] for d in parts if k in d])

@@ -101,8 +101,8 @@ def test_memory_in_flight_and_dualpipe_state():
     }
     mem["interleaved"] = analytic_memory(CFG, WL, Strategy.parse(f"{base},v=2"))
     one = mem["1f1b"].saved_activations  # remat=full: the 4 stage layers' inputs
-    buffers = 2 * 8 * one / 4  # the embedded input of the 8 microbatches and its gradient
-    assert mem["1f1b"].pipeline_in_flight == pytest.approx(one * (3 - 1) + buffers)  # ring of 2p - 1
+    buffers = 2 * 8 * one / 4  # gpipe: the embedded input of the 8 microbatches and its gradient
+    assert mem["1f1b"].pipeline_in_flight == pytest.approx(one * (3 - 1))  # ring of 2p - 1, lookup in loop
     assert mem["gpipe"].pipeline_in_flight == pytest.approx(one * (8 + 1 - 1) + buffers)  # m + p - 1
     assert mem["gpipe"].total > mem["interleaved"].total > mem["1f1b"].total
     assert mem["dualpipe"].params == pytest.approx(2 * mem["1f1b"].params)

@@ -25,8 +25,9 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
     pipeline_in_flight: a device holds L/p layers (V chunks of L/(pV)) and its schedule keeps more
                microbatches' saved activations than the one above in flight (`pipeline.py`, as
                executed: gpipe m + (p-1)/V, 1f1b min(2p - 1, m), interleaved min(2pV - 1, mV)/V,
-               dualpipe p + 1): the extra ones; and the pipeline's input buffers, the embedded
-               input of all m microbatches and its gradient (2 m x the layer input).
+               dualpipe p + 1): the extra ones; and the pipeline's input buffers where the input
+               of all m microbatches is computed before the loop (gpipe, or an MoE model's dense
+               prefix): that input and its gradient, 2 m x the layer input.
                DualPipe also holds two stages' params, grads and optimizer state (2x).
     layer_transient: one layer's intermediates live while its backward runs (recomputed in a
                checkpointed layer; none for remat none or selective), its attention scores apart:
@@ -230,11 +231,14 @@ def analytic_memory(
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
     remat = strategy.remat
     saved = host = live = workspace = buffers = 0.0
+    prefix = cfg.moe_layers > 0 and cfg.dense_layers > 0  # runs before the pipeline, whole batch
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         lb = _layer_bytes(cfg, moe, sh, remat, workload.flash)
-        if p > 1:  # the embedded input of every microbatch, and its gradient, wait outside the loop
+        if p > 1 and (prefix or strategy.schedule not in ("1f1b", "interleaved")):
+            # The embedded input of every microbatch and its gradient wait outside the loop (1F1B looks
+            # a dense model's tokens up per microbatch in the loop instead, `pipeline_1f1b.Source`).
             buffers = 2 * m * lb.layer_input
         keep = _saved(lb, remat) + DR.layer_dropout(cfg, remat, sh, workload.flash).saved_bytes
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
@@ -253,7 +257,14 @@ def analytic_memory(
                 live, workspace = max(live, lb.everything - lb.scores), max(workspace, lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
             workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
-    saved += DR.embedding_dropout(cfg, sh).saved_bytes
+    # The embedding's dropout mask: kept for each microbatch unpipelined, for all m when the input is
+    # computed before the pipeline, and not at all when 1F1B looks tokens up in its loop (its backward
+    # redraws the mask).
+    embedding_mask = DR.embedding_dropout(cfg, sh).saved_bytes
+    if p <= 1:
+        saved += embedding_mask
+    elif buffers:
+        buffers += m * embedding_mask
     # Saved activations of every microbatch in flight; one layer's backward runs at a time.
     logits = sh.t * sh.act.vocab * 2 * F32
     if workload.flash:  # the kernel's statistics in the layout it writes them, not the bare logsumexp

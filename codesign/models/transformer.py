@@ -104,8 +104,7 @@ class Transformer(nnx.Module):
 
     def embed_tokens(self, tokens):
         """tokens int [B, T] -> the residual stream [B, T, D] entering the first block."""
-        x = self.embed[...].astype(self.dtype)[tokens]
-        return constrain(D.dropout(x, self.cfg.hidden_dropout, D.EMBEDDING), RESIDUAL)
+        return enter_residual(self.embed[...].astype(self.dtype)[tokens], self.dtype, self.cfg.hidden_dropout)
 
     def head(self, x):
         """The residual stream after the last block [B, T, D] -> logits float32 [B, T, vocab]."""
@@ -126,6 +125,13 @@ class Transformer(nnx.Module):
                 x, a = self._run_stack(blocks, x, positions, first)
                 aux = aux + a
         return self.head(x), aux
+
+
+def enter_residual(rows, dtype, dropout_rate: float):
+    """Looked-up embedding rows [B, T, D] -> the residual stream entering the first block (dropout,
+    then the residual's layout)."""
+    x = rows.astype(dtype)
+    return constrain(D.dropout(x, dropout_rate, D.EMBEDDING), RESIDUAL)
 
 
 def run_layers(graphdef, layers, x, positions, remat: str, valid=None, *, first_layer=0, layer_ids=None):
