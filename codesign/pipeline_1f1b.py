@@ -121,6 +121,9 @@ class _Residuals:
 
     def split(self, vjp, consts) -> list:
         leaves, tdef = jax.tree.flatten(vjp)
+        if not all(isinstance(leaf, jax.Array) for leaf in leaves):
+            # jax >= 0.10 returns a pytree `VJP` whose leaves are its residuals; older ones do not.
+            raise NotImplementedError("1F1B needs jax.vjp's result to be a pytree of arrays (jax >= 0.10)")
         by_id = {id(c): i for i, c in enumerate(consts)}
         stored, seen, plan = [], {}, []
         for leaf in leaves:

@@ -9,7 +9,11 @@ and per-layer times of the 22B model (Table 4). Each row's published layout is w
 `Strategy` and priced by `estimate_analytic` on the catalog's `a100` system; nothing here is fitted to
 these rows (the A100 efficiencies come from the catalog's cited microbenchmarks).
 
-    python experiments/published_runs/run.py [--rows 22B,175B] [--hardware a100] [--out DIR]
+    python experiments/published_runs/run.py [--rows 22B,175B] [--hardware a100] [--out DIR] [--compile]
+
+`--compile` also compiles each pipelined row's whole step (the executed 1F1B / interleaved-1F1B program,
+`codesign.pipeline_1f1b`) for the cpu stand-in on the row's full device count, one process per row and
+mode, and prices the compiled program (`estimate_from_report`): `compiled_s` beside `predicted_s`.
 
 Writes results.json and results.md (default: next to this file).
 """
@@ -231,16 +235,64 @@ def megatron_differences(row: Row, hardware: str) -> dict:
     return out
 
 
+def compiled_row(name: str, label: str, hardware: str) -> dict:
+    """One row and mode priced from its compiled program (runs in a process with row.gpus devices)."""
+    import os
+
+    from codesign.runtime import emulate_cpu_devices
+
+    row = next(r for r in ROWS if r.name == name)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    emulate_cpu_devices(os.environ, row.gpus)
+    from codesign.compile.targets import compile_candidate
+    from codesign.cost.estimate import estimate_from_report
+
+    _, remat, sp = next(m for m in MODES if m[0] == label)
+    hw = load_hardware(hardware, devices=row.gpus)
+    s = strategy(row, remat, sp)
+    r = compile_candidate(gpt(row), workload(row), s, hw, "cpu", max_compile_devices=row.gpus)
+    if r.outcome != "ok":
+        return {"outcome": r.outcome, "message": r.message[:300]}
+    e = estimate_from_report(gpt(row), workload(row), s, hw, r)
+    return {
+        "outcome": "ok",
+        "compile_s": round(r.compile_s, 1),
+        "while_trip_counts": sorted({n for _, n, _ in r.while_loops}),
+        "compiled_s": e.step_time_s,
+        "compiled_bubble_s": e.pipeline_bubble_s,
+        "compiled_compute_s": e.compute_s,
+    }
+
+
+def add_compiled(rows: list[dict], hardware: str) -> None:
+    """`compiled_s` (and its error) for every pipelined row, each compiled in its own process."""
+    import subprocess
+
+    for r in rows:
+        if Strategy.parse(r["strategy"]).size("pipeline") <= 1:
+            continue
+        cmd = [sys.executable, __file__, "--compiled-row", r["model"], r["recompute"], "--hardware", hardware]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+        got = json.loads(lines[-1]) if lines else {"outcome": "error", "message": out.stderr[-300:]}
+        r["compiled"] = got
+        if got.get("outcome") == "ok":
+            r["compiled_error"] = got["compiled_s"] / r["published_s"] - 1
+        print(json.dumps({"model": r["model"], "recompute": r["recompute"], **got}), flush=True)
+
+
 def summary(rows: list[dict], key: str) -> dict[str, float]:
     errs = [abs(r[key]) for r in rows]
     return {"mean_abs": statistics.fmean(errs), "max_abs": max(errs)} if errs else {}
 
 
-def run(names: list[str] | None = None, hardware: str = "a100") -> dict:
+def run(names: list[str] | None = None, hardware: str = "a100", compiled: bool = False) -> dict:
     chosen = [r for r in ROWS if names is None or r.name in names]
     if not chosen:
         raise SystemExit(f"no rows named {names}; rows: {[r.name for r in ROWS]}")
     rows = [p for r in chosen for p in predict(r, hardware)]
+    if compiled:
+        add_compiled(rows, hardware)
     differences = {r.name: megatron_differences(r, hardware) for r in chosen}
     result = {
         "hardware": hardware,
@@ -256,6 +308,10 @@ def run(names: list[str] | None = None, hardware: str = "a100") -> dict:
             "codesign": summary(sel, "error"),
             "calculon": summary(sel, "calculon_error"),
         }
+        with_compiled = [r for r in sel if "compiled_error" in r]
+        if with_compiled:
+            result["summary"][label]["codesign_compiled"] = summary(with_compiled, "compiled_error")
+            result["summary"][label]["codesign_same_rows"] = summary(with_compiled, "error")
     if any(r.name == "22B" for r in chosen):
         result["per_layer_22b"] = per_layer_22b(hardware)
     return result
@@ -290,6 +346,27 @@ def markdown(result: dict) -> str:
         if c:
             lines.append(
                 f"| {label} | {c['mean_abs']:.1%} | {c['max_abs']:.1%} | {k['mean_abs']:.1%} | {k['max_abs']:.1%} |"
+            )
+    compiled = [r for r in result["rows"] if "compiled" in r]
+    if compiled:
+        lines += [
+            "",
+            "Pipelined rows priced from their compiled program (cpu stand-in, whole step, full device count):",
+            "",
+            "| model | recompute | compile s | `while` trips | closed form s | compiled s | published s | error |",
+            "|---|---|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in compiled:
+            c = r["compiled"]
+            if c.get("outcome") != "ok":
+                lines.append(
+                    f"| {r['model']} | {r['recompute']} | {c.get('outcome')}: {c.get('message', '')[:80]} |"
+                )
+                continue
+            lines.append(
+                f"| {r['model']} | {r['recompute']} | {c['compile_s']} | {c['while_trip_counts']} | "
+                f"{r['predicted_s']:.2f} | {c['compiled_s']:.2f} | {r['published_s']:.2f} | "
+                f"{r['compiled_error']:+.1%} |"
             )
     lines += [
         "",
@@ -334,8 +411,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", help=f"comma-separated subset of {', '.join(r.name for r in ROWS)}")
     ap.add_argument("--hardware", default="a100", help="catalog name or profile (default: a100)")
     ap.add_argument("--out", default=str(HERE), help="directory for results.json and results.md")
+    ap.add_argument("--compile", action="store_true", help="also price each pipelined row's compiled step")
+    ap.add_argument("--compiled-row", nargs=2, metavar=("ROW", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    result = run(args.rows.split(",") if args.rows else None, args.hardware)
+    if args.compiled_row:
+        print(json.dumps(compiled_row(*args.compiled_row, args.hardware)))
+        return {}
+    result = run(args.rows.split(",") if args.rows else None, args.hardware, args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
