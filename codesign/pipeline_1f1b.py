@@ -223,13 +223,22 @@ def run_1f1b(
     x_spec = jax.eval_shape(lambda: enter(source.table[source.index(z)], z))  # one microbatch's input
     x_zero = jnp.zeros(x_spec.shape, x_spec.dtype)
 
-    # Shapes of one forward's stored residuals: an abstract trace (which also fixes the layout).
-    def probe(params_v, mask_v, ids_v):
-        return forward(z, x_zero, z, z, True, params_v, mask_v, ids_v)[2]
+    def forward_all(x_prev, mb, r, ok):
+        """Every stage's forward chunk: (ys [p, ...], aux [p], stored residuals [p, ...] each)."""
+        return jax.vmap(forward, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
+            stage_ids, x_prev, mb, r, ok, params, mask, ids
+        )
 
+    # Shapes of one tick's stored residuals: an abstract trace of the same call the loop makes (traced
+    # unit indices, so lookups trace as they will in the loop and the residuals match one for one).
+    per_stage_int = jax.ShapeDtypeStruct((p,), jnp.int32)
     shapes = jax.eval_shape(
-        lambda: jax.vmap(probe, in_axes=(1, 1, 1), spmd_axis_name=AXIS)(params, mask, ids)
-    )
+        forward_all,
+        jax.ShapeDtypeStruct((p, *x_spec.shape), x_spec.dtype),
+        per_stage_int,
+        per_stage_int,
+        jax.ShapeDtypeStruct((p,), jnp.bool_),
+    )[2]
     ring = [jnp.zeros((p, k_slots, *s.shape[1:]), s.dtype) for s in shapes]
     ring = [pin_dims(a, {0: AXIS}) for a in ring]
 
@@ -276,9 +285,7 @@ def run_1f1b(
         dy_head = x_zero
         if do_f:
             mb, r, ok = _unit(t - stage_ids, m, p, v, backward=False)
-            ys, a, stored = jax.vmap(forward, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
-                stage_ids, fwd_in, mb, r, ok, params, mask, ids
-            )
+            ys, a, stored = forward_all(fwd_in, mb, r, ok)
             slot = _slot(mb, r, p, v, k_slots)
             ring = [
                 per_stage(lambda buf, i, x: buf.at[i].set(x), spmd_axis_name=AXIS)(b, slot, x)

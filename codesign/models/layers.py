@@ -13,6 +13,7 @@ from jax.ad_checkpoint import checkpoint_name as name
 from codesign import _compat as C
 from codesign import axes as A
 from codesign.config import ModelConfig
+from codesign.models import dropout as D
 from codesign.models.attention import causal_attention
 from codesign.sharding.activation import FFN, HEADS, constrain
 
@@ -51,13 +52,15 @@ def attention_core(q, k, v, impl: str, remat: str, dropout_rate: float = 0.0):
     Megatron's selective recompute: the backward pass recomputes the scores and softmax (and draws the
     same dropout mask again) from the saved q, k, v instead of storing them."""
     if remat in C.SELECTIVE_REMAT:
-        core = jax.checkpoint(
-            causal_attention,
-            static_argnums=(3, 4),
-            policy=jax.checkpoint_policies.nothing_saveable,
-            prevent_cse=False,
-        )
-        return core(q, k, v, impl, dropout_rate)
+        # The dropout draw is an argument, not a closure: a traced value closed over by a checkpoint
+        # becomes a constant of its jaxpr, which the 1F1B pipeline's saved VJPs cannot carry between
+        # loop iterations (`codesign.pipeline_1f1b`).
+        def run(q, k, v, draw):
+            with D.scope(draw):
+                return causal_attention(q, k, v, impl, dropout_rate)
+
+        core = jax.checkpoint(run, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+        return core(q, k, v, D.current())
     return causal_attention(q, k, v, impl, dropout_rate)
 
 

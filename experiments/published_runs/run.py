@@ -236,14 +236,9 @@ def megatron_differences(row: Row, hardware: str) -> dict:
 
 
 def compiled_row(name: str, label: str, hardware: str) -> dict:
-    """One row and mode priced from its compiled program (runs in a process with row.gpus devices)."""
-    import os
-
-    from codesign.runtime import emulate_cpu_devices
-
+    """One row and mode priced from its compiled program (runs in a process started with row.gpus
+    emulated devices, `add_compiled`)."""
     row = next(r for r in ROWS if r.name == name)
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    emulate_cpu_devices(os.environ, row.gpus)
     from codesign.compile.targets import compile_candidate
     from codesign.cost.estimate import estimate_from_report
 
@@ -266,13 +261,18 @@ def compiled_row(name: str, label: str, hardware: str) -> dict:
 
 def add_compiled(rows: list[dict], hardware: str) -> None:
     """`compiled_s` (and its error) for every pipelined row, each compiled in its own process."""
+    import os
     import subprocess
+
+    from codesign.runtime import emulate_cpu_devices
 
     for r in rows:
         if Strategy.parse(r["strategy"]).size("pipeline") <= 1:
             continue
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        emulate_cpu_devices(env, r["gpus"])  # before the child's JAX starts
         cmd = [sys.executable, __file__, "--compiled-row", r["model"], r["recompute"], "--hardware", hardware]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         lines = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
         got = json.loads(lines[-1]) if lines else {"outcome": "error", "message": out.stderr[-300:]}
         r["compiled"] = got
