@@ -266,21 +266,11 @@ def run_1f1b(
 
     def head(y_last, mb, live):
         """The loss of the microbatch leaving the last stage, and its gradients (zero when none does)."""
+        ce, vjp = jax.vjp(lambda hp, y: head_loss(hp, y, targets[mb]), head_params, y_last)
+        d_hp, dy = vjp(jnp.asarray(1.0 / m, ce.dtype))
+        return jnp.where(live, ce / m, 0.0), jax.tree.map(lambda g: jnp.where(live, g, 0.0), d_hp), dy
 
-        def run(_):
-            ce, vjp = jax.vjp(lambda hp, y: head_loss(hp, y, targets[mb]), head_params, y_last)
-            d_hp, dy = vjp(jnp.asarray(1.0 / m, ce.dtype))
-            return ce / m, d_hp, dy
-
-        def skip(_):
-            return jnp.zeros((), jnp.float32), d_head0, jnp.zeros_like(y_last)
-
-        if v == 1:  # the last stage's output always goes to the head in the steady loop
-            ce, d_hp, dy = run(None)
-            return jnp.where(live, ce, 0.0), jax.tree.map(lambda g: jnp.where(live, g, 0.0), d_hp), dy
-        return jax.lax.cond(live, run, skip, None)
-
-    def tick(carry, t, do_f: bool, do_b: bool):
+    def tick(carry, t, do_f: bool, do_b: bool, do_head: bool):
         fwd_in, bwd_in, ring, grads, d_table, d_head, ce, aux = carry
         dy_head = x_zero
         if do_f:
@@ -292,7 +282,7 @@ def run_1f1b(
                 for b, x in zip(ring, stored)
             ]
             aux = aux + a.sum()
-            if do_b:
+            if do_head:  # the last stage's output leaves the last chunk: the head and its backward
                 k_last = t - (p - 1)
                 mb_last, r_last, ok_last = _unit(k_last, m, p, v, backward=False)
                 c, d_hp, dy_head = head(ys[p - 1], mb_last, ok_last & (r_last == v - 1))
@@ -316,12 +306,31 @@ def run_1f1b(
     d_table = pin_dims(jnp.zeros((p,) + source.table.shape, source.table.dtype), {0: AXIS})
     zero = jnp.zeros((), jnp.float32)
     carry = (act, act, ring, grads, d_table, d_head0, zero, zero)
-    start = 0
-    for n, do_f, do_b in zip(pipeline_loops(m, p, v), (True, True, False), (False, True, True)):
-        if n > 0:
-            body = lambda c, t, f=do_f, b=do_b: tick(c, t, f, b)
-            carry, _ = jax.lax.scan(body, carry, jnp.arange(start, start + n))
-        start += n
+
+    def ticks(carry, first: int, n: int, do_f: bool, do_b: bool, do_head: bool = False):
+        if n <= 0:
+            return carry
+        body = lambda c, t: tick(c, t, do_f, do_b, do_head)
+        return jax.lax.scan(body, carry, first + jnp.arange(n))[0]
+
+    warm, steady, _ = pipeline_loops(m, p, v)
+    carry = ticks(carry, 0, warm, True, False)
+    if v == 1:  # every steady tick ends a microbatch on the last stage
+        carry = ticks(carry, warm, steady, True, True, True)
+    else:
+        # The last stage runs a microbatch's last chunk on p ticks of every p V (its units go in groups
+        # of p through the V chunks): loops with and without the head, so that neither the program nor
+        # the HLO walk runs the head on the other ticks.
+        def group(c, g):
+            first = warm + g * p * v
+            c = ticks(c, first, p, True, True, True)
+            return ticks(c, first + p, (v - 1) * p, True, True), None
+
+        groups = m // p - 1
+        if groups > 0:
+            carry = jax.lax.scan(group, carry, jnp.arange(groups))[0]
+        carry = ticks(carry, warm + groups * p * v, p, True, True, True)
+    carry = ticks(carry, warm + steady, pipeline_loops(m, p, v)[2], False, True)
     _, _, _, grads, d_table, d_head, ce, aux = carry
     d_layers = jax.tree.map(lambda g: g.reshape(p * v * lc, *g.shape[3:])[:n_layers], grads)
     return ce, aux / m, d_layers, d_head, d_table[0]
