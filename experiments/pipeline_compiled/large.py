@@ -10,8 +10,8 @@ DeepSeek-V3 on 2,048 H800s as pipeline=16, expert=64, data=2 (compiled with data
 devices), 120 microbatches, ZeRO-1, remat=full, schedule 1f1b (DeepSeek ran DualPipe, which is not
 executed; 1F1B is the closest executed schedule). Each case compiles in its own process (its device count).
 
-What is compared: a tick loop's carry, read from the compiled HLO (the largest `while` carry): its
-microbatch ring (`[stages, K, chunk layers, mb, S, D]`) against the closed form's saved
+What is compared: a tick loop's carry, read from the compiled HLO (the largest `while` carry holding
+the ring): its microbatch ring (`[stages, K, chunk layers, mb, S, D]`) against the closed form's saved
 activations x microbatches in flight, and, for DeepSeek (whose dense prefix runs before the pipeline),
 the prefix-output source table and its gradient against the closed form's input buffers.
 """
@@ -55,14 +55,14 @@ def _bytes(shape: str) -> int:
     return n * DTYPE_BYTES.get(dtype, 4)
 
 
-def tick_carry(hlo: str) -> list[str]:
-    """The shapes in the largest `while` carry: a tick loop's (the ring, the param-shaped gradient
-    accumulators, the stage activations); the layer scans inside carry much less."""
+def tick_carry(hlo: str, ring: str) -> list[str]:
+    """The shapes in the largest `while` carry that holds the ring (`ring`: a regex of its shape): a
+    tick loop's (the ring, the param-shaped gradient accumulators, the stage activations)."""
     best: list[str] = []
     for line in hlo.splitlines():
         if " while(" in line:
             shapes = re.findall(r"(\w+\[[\d,]*\])", line.split(" while(")[0])
-            if sum(map(_bytes, shapes)) > sum(map(_bytes, best)):
+            if any(re.match(ring, sh) for sh in shapes) and sum(map(_bytes, shapes)) > sum(map(_bytes, best)):
                 best = shapes
     return best
 
@@ -96,9 +96,9 @@ def run_case(name: str) -> dict:
             return {"case": name, "outcome": r.outcome, "message": r.message[:500]}
         hlo = Path(hlo_path).read_text()
     loops = arithmetic.pipeline_loops(m, p, v)
-    carry = tick_carry(hlo)
-    # The ring: the one carry array whose second dimension is the ring's K slots, bf16.
+    # The ring: the carry array [1 stage, K slots, ...] in bf16.
     k = arithmetic.ring_slots(m, p, v)
+    carry = tick_carry(hlo, rf"bf16\[1,{k},")
     ring = [sh for sh in carry if re.match(rf"bf16\[1,{k},", sh)]
     mem = analytic_memory(cfg, wl, s)
     in_flight = in_flight_microbatches(s.schedule, p, v, m)
