@@ -64,7 +64,7 @@ from codesign.models import dropout as D
 from codesign.models.attention import kernel_for, platform_of
 from codesign.models.transformer import Transformer, enter_residual, run_layers
 from codesign.pipeline import run_pipeline
-from codesign.pipeline_1f1b import Source, run_1f1b
+from codesign.pipeline_1f1b import Source, run_1f1b, schedule_problem
 from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
@@ -144,6 +144,8 @@ class TrainProgram:
                 f"{strategy.spec}: the interleaved pipeline (v={v}) needs microbatches >= pipeline={p} (a "
                 f"microbatch must come back to the first stage before its next chunk); use microbatches={p}"
             )
+        if self.one_f_one_b and (problem := schedule_problem(strategy.microbatches, p, v)):
+            raise StrategyError(f"{strategy.spec}: {problem}")
         self.model_kwargs = {
             "dtype": _dtype(workload.dtype),
             "param_dtype": _dtype(workload.param_dtype),

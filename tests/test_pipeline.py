@@ -196,3 +196,15 @@ def test_1f1b_memory_stays_flat_as_microbatches_grow():
     gpipe = (temp("gpipe", 8) - temp("gpipe", 4)) / 4
     assert f1b < 0.1 * one_mb, (f1b, one_mb)
     assert gpipe > 0.9 * one_mb, (gpipe, one_mb)
+
+
+def test_interleaved_1f1b_names_its_microbatch_rule():
+    """Interleaved 1F1B runs microbatches through the V chunks in groups of p: a count that does not
+    divide is refused when the program is built, with the fix, not deep in tracing."""
+    from codesign.sharding.strategy import StrategyError
+
+    s = Strategy.parse("pipeline=2,v=2,microbatches=3")
+    with pytest.raises(StrategyError, match="multiple of 2, or schedule=gpipe"):
+        TrainProgram(DENSE4, Workload(6, 16), s, MeshSpec.from_strategy(s).build(jax.devices()))
+    gpipe = s.replace(schedule="gpipe")  # the circular GPipe program takes any M >= p
+    assert TrainProgram(DENSE4, Workload(6, 16), gpipe, MeshSpec.from_strategy(gpipe).build(jax.devices()))
