@@ -33,10 +33,12 @@ over `data` (the pinned out_shardings); 2 = also the gradient accumulator is sha
 microbatch's gradient is reduce-scattered as it is produced (as DeepSpeed's stage 2 does under
 accumulation): less memory, M reduce-scatters per step instead of one.
 
-Pipeline (pipeline=p > 1, `codesign.pipeline`): the stacked blocks (an MoE model's MoE stack; its dense
-prefix runs before) run as a circular pipeline over the `pipeline` axis, and `microbatches` are the
-pipeline's: all of them flow through the stages in one pass and the gradient sums over them, so there is
-no accumulation loop around it (Megatron's num_microbatches). The state keeps the logical param tree
+Pipeline (pipeline=p > 1): the stacked blocks (an MoE model's MoE stack; its dense prefix runs before)
+run over the `pipeline` axis, in 1F1B order for schedule=1f1b|interleaved (`codesign.pipeline_1f1b`,
+whose loop computes loss and gradients together: the loss is a custom VJP around it) and as the autodiff
+of a circular forward loop for gpipe|dualpipe (`codesign.pipeline`). `microbatches` are the pipeline's:
+all of them flow through the stages in one pass and the gradient sums over them, so there is no
+accumulation loop around it (Megatron's num_microbatches). The state keeps the logical param tree
 (the stack's `layers` axis sharded over `pipeline`), so checkpoints move freely between pipelined and
 unpipelined layouts.
 """
@@ -392,13 +394,10 @@ class TrainProgram:
         def model_with(sub):
             return self._model({**params, **sub})
 
-        def pre(sub):
+        def pre(sub):  # an MoE model's embedding and dense prefix, for the whole batch
             model = model_with(sub)
-            x = model.embed_tokens(inputs)
-            if not prefix:
-                return x, jnp.zeros((), jnp.float32)
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            return run_layers(*nnx.split(model.dense_blocks), x, positions, remat)
+            return run_layers(*nnx.split(model.dense_blocks), model.embed_tokens(inputs), positions, remat)
 
         def head_loss(sub, y, tgt):
             with batch_also_over("pipeline"):
