@@ -91,9 +91,15 @@ def rotate(x):
 rotate.defvjp(lambda x: (rotate(x), None), lambda _, g: (jnp.roll(g, -1, axis=0),))
 
 
-def _per_stage(fn):
+def per_stage(fn, **vmap_kw):
     """vmap over the stage axis, which the sharding constraints inside put on `pipeline`."""
-    return jax.vmap(fn, spmd_axis_name=AXIS)
+    return jax.vmap(fn, spmd_axis_name=AXIS, **vmap_kw)
+
+
+def pin_stages(tree: Any) -> Any:
+    """Stage-layout leaves [V, p, Lc, ...] with the stage axis on `pipeline` (the chunk and layer axes
+    unsharded), so each device's chunks are local to it."""
+    return jax.tree.map(lambda a: pin_dims(a, {0: None, 1: AXIS, 2: None}), tree)
 
 
 def run_pipeline(
@@ -111,17 +117,15 @@ def run_pipeline(
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     # [V, p, Lc, ...] with the stage axis on `pipeline` before the loop: the per-tick chunk pick is then
     # local (left to the partitioner, the V > 1 reorder was redone inside the loop, every tick).
-    params = jax.tree.map(
-        lambda a: pin_dims(a, {0: None, 1: AXIS, 2: None}), to_stage_layout(layers, n_layers, p, v)
-    )
+    params = pin_stages(to_stage_layout(layers, n_layers, p, v))
     mask = jnp.asarray(layer_mask(n_layers, p, v))
     ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
     draw = D.current()
     if draw is not None and rows is None:
         raise ValueError("run_pipeline under a dropout scope needs the microbatches' global rows (rows=)")
     stage_ids = jnp.arange(p)
-    residual = _per_stage(lambda y: constrain(y, RESIDUAL))
-    buffer = _per_stage(jax.vmap(lambda y: constrain(y, RESIDUAL)))
+    residual = per_stage(lambda y: constrain(y, RESIDUAL))
+    buffer = per_stage(jax.vmap(lambda y: constrain(y, RESIDUAL)))
 
     def tick(carry, t):
         state, buf, aux = carry
@@ -140,7 +144,7 @@ def run_pipeline(
                 )
             return y, jnp.where(ok, a, 0.0)
 
-        ys, a = jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
+        ys, a = per_stage(stage, in_axes=(0, 0, 0, 0, 0, 1, 1, 1))(
             stage_ids, state, buf, rep, live, params, mask, ids
         )
         # Stage s's output moves to stage s + 1; the last stage's wraps around to stage 0.
@@ -152,7 +156,7 @@ def run_pipeline(
             keep = (s == 0) & (done >= 0) & (done < m * v)
             return buf_s.at[slot].set(jnp.where(keep, y, buf_s[slot]))
 
-        buf = buffer(_per_stage(file)(stage_ids, buf, ys))
+        buf = buffer(per_stage(file)(stage_ids, buf, ys))
         return (ys, buf, aux + a.sum()), None
 
     state = residual(jnp.zeros((p,) + xs.shape[1:], xs.dtype))

@@ -57,7 +57,7 @@ import jax.numpy as jnp
 from codesign.arithmetic import pipeline_loops, ring_slots
 from codesign.models import dropout as D
 from codesign.models.transformer import RESIDUAL, run_layers
-from codesign.pipeline import AXIS, chunk_layers, layer_mask, to_stage_layout
+from codesign.pipeline import AXIS, chunk_layers, layer_mask, per_stage, pin_stages, to_stage_layout
 from codesign.sharding.activation import constrain, pin_dims
 
 
@@ -181,15 +181,11 @@ def run_1f1b(
     if draw is not None and rows is None:
         raise ValueError("run_1f1b under a dropout scope needs the microbatches' global rows (rows=)")
 
-    def staged(tree):
-        return jax.tree.map(lambda a: pin_dims(a, {0: None, 1: AXIS, 2: None}), tree)
-
-    params = staged(to_stage_layout(layers, n_layers, p, v))
+    params = pin_stages(to_stage_layout(layers, n_layers, p, v))
     mask = jnp.asarray(layer_mask(n_layers, p, v))
     ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
     stage_ids = jnp.arange(p)
-    per_stage = jax.vmap  # with spmd_axis_name=AXIS below: constraints inside gain `pipeline`
-    residual = jax.vmap(lambda y: constrain(y, RESIDUAL), spmd_axis_name=AXIS)
+    residual = per_stage(lambda y: constrain(y, RESIDUAL))
     res = _Residuals()
 
     def chunk_vjp(chunk, x, r, mask_v, ids_v, mb):
@@ -225,7 +221,7 @@ def run_1f1b(
 
     def forward_all(x_prev, mb, r, ok):
         """Every stage's forward chunk: (ys [p, ...], aux [p], stored residuals [p, ...] each)."""
-        return jax.vmap(forward, in_axes=(0, 0, 0, 0, 0, 1, 1, 1), spmd_axis_name=AXIS)(
+        return per_stage(forward, in_axes=(0, 0, 0, 0, 0, 1, 1, 1))(
             stage_ids, x_prev, mb, r, ok, params, mask, ids
         )
 
@@ -277,10 +273,7 @@ def run_1f1b(
             mb, r, ok = _unit(t - stage_ids, m, p, v, backward=False)
             ys, a, stored = forward_all(fwd_in, mb, r, ok)
             slot = _slot(mb, r, p, v, k_slots)
-            ring = [
-                per_stage(lambda buf, i, x: buf.at[i].set(x), spmd_axis_name=AXIS)(b, slot, x)
-                for b, x in zip(ring, stored)
-            ]
+            ring = [per_stage(lambda buf, i, x: buf.at[i].set(x))(b, slot, x) for b, x in zip(ring, stored)]
             aux = aux + a.sum()
             if do_head:  # the last stage's output leaves the last chunk: the head and its backward
                 k_last = t - (p - 1)
@@ -291,17 +284,14 @@ def run_1f1b(
             fwd_in = residual(jnp.roll(ys, 1, axis=0))
         if do_b:
             mb, r, ok = _unit(t - off - (p - 1 - stage_ids), m, p, v, backward=True)
-            dx, grads, d_table = jax.vmap(
-                backward,
-                in_axes=(0, 0, None, 0, 0, 0, 0, 1, 1, 1, 1, 0),
-                out_axes=(0, 1, 0),
-                spmd_axis_name=AXIS,
+            dx, grads, d_table = per_stage(
+                backward, in_axes=(0, 0, None, 0, 0, 0, 0, 1, 1, 1, 1, 0), out_axes=(0, 1, 0)
             )(stage_ids, bwd_in, dy_head, mb, r, ok, ring, params, mask, ids, grads, d_table)
             bwd_in = residual(jnp.roll(dx, -1, axis=0))
         return (fwd_in, bwd_in, ring, grads, d_table, d_head, ce, aux), None
 
     act = residual(jnp.zeros((p,) + x_spec.shape, x_spec.dtype))
-    grads = staged(jax.tree.map(jnp.zeros_like, params))
+    grads = pin_stages(jax.tree.map(jnp.zeros_like, params))
     # One accumulator per stage (only the first stage's is written): no transfer inside the loop.
     d_table = pin_dims(jnp.zeros((p,) + source.table.shape, source.table.dtype), {0: AXIS})
     zero = jnp.zeros((), jnp.float32)
