@@ -1,9 +1,8 @@
 """The train step shared by the planner (lowered from abstract inputs) and the trainer (executed).
 
-`TrainProgram` ties one (model, workload, strategy) to a mesh: it resolves every param's logical
-axes through the strategy's rules, builds abstract inputs (`ShapeDtypeStruct(sharding=...)`), and
-jits the step with pinned in/out shardings so that FSDP gradients reduce-scatter instead of
-all-reducing. Loss: next-token cross-entropy + MoE aux loss; AdamW with f32 master params,
+`TrainProgram` is the step on a `codesign.state_layout.StateLayout` (where each param, gradient and
+optimizer leaf lives, and the abstract inputs): it jits the step with the layout's pinned in/out
+shardings so that FSDP gradients reduce-scatter instead of all-reducing. Loss: next-token cross-entropy + MoE aux loss; AdamW with f32 master params,
 bf16 compute, global-norm clipping, warmup+cosine schedule and gradient accumulation.
 
 One gradient reduction per step over the data replicas (DESIGN.md "Fidelity"). XLA's SPMD lowering
@@ -48,9 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,52 +56,22 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign import _compat
-from codesign import axes as A
 from codesign.config import ModelConfig, Workload
-from codesign.models import build_abstract
 from codesign.models import dropout as D
-from codesign.models.attention import kernel_for, platform_of
 from codesign.models.transformer import Transformer, enter_residual, run_layers
 from codesign.pipeline import run_pipeline
 from codesign.pipeline_1f1b import Source, run_1f1b, schedule_problem
 from codesign.sharding.activation import activation_sharding, batch_also_over
-from codesign.sharding.params import axis_dim, logical_axes, named, path_str, resolve_specs, zero_specs
-from codesign.sharding.rules import Dropped, Rules, default_rules
+from codesign.sharding.params import axis_dim, named
+from codesign.sharding.rules import Rules
 from codesign.sharding.strategy import Strategy, StrategyError
+from codesign.state_layout import OptimizerConfig, StateLayout
 
 
-@dataclass(frozen=True)
-class OptimizerConfig:
-    learning_rate: float = 3e-4
-    warmup_steps: int = 10
-    total_steps: int = 1000
-    min_lr_ratio: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
+class TrainProgram(StateLayout):
+    """The step on a `StateLayout`: losses, the pipelined programs, the once-per-step gradient
+    reduction and the update, jitted with the layout's pinned in/out shardings."""
 
-    def build(self, state_dtype: str | None = None) -> optax.GradientTransformation:
-        """AdamW with clipping; `state_dtype` is the moments' dtype (`Workload.optimizer_state_dtype`)."""
-        sched = optax.warmup_cosine_decay_schedule(
-            0.0,
-            self.learning_rate,
-            max(1, self.warmup_steps),
-            max(self.total_steps, self.warmup_steps + 1),
-            end_value=self.learning_rate * self.min_lr_ratio,
-        )
-        mu_dtype = _dtype(state_dtype) if state_dtype else None
-        return optax.chain(
-            optax.clip_by_global_norm(self.clip_norm),
-            optax.adamw(sched, b1=self.b1, b2=self.b2, weight_decay=self.weight_decay, mu_dtype=mu_dtype),
-        )
-
-
-def _dtype(name: str):
-    return jnp.dtype({"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}.get(name, name))
-
-
-class TrainProgram:
     def __init__(
         self,
         cfg: ModelConfig,
@@ -116,30 +83,7 @@ class TrainProgram:
         optimizer: OptimizerConfig | None = None,
         strict: bool = True,
     ):
-        self.cfg, self.workload, self.strategy, self.mesh = cfg, workload, strategy, mesh
-        self.rules = rules or default_rules(strategy)
-        self.opt_cfg = optimizer or OptimizerConfig()
-        self.strict = strict
-        # The attention kernel is part of the workload (the cost model prices the same one).
-        # On the mesh's platform (`models.attention.kernel_for`: flash -> cuDNN, splash or the reference).
-        self.attention_impl = kernel_for(workload.attention, platform_of(mesh))
-        self.mesh_sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
-        b = workload.global_batch
-        shards = self.strategy.batch_shards
-        if b % shards:
-            raise StrategyError(
-                f"global batch {b} is not divisible by the batch shards "
-                f"data*fsdp*expert={shards} of {strategy.spec}"
-            )
-        if (b // shards) % strategy.microbatches:
-            raise StrategyError(
-                f"per-shard batch {b // shards} is not divisible by microbatches={strategy.microbatches}"
-            )
-        # With a pipeline, `microbatches` are the pipeline's: they flow through the stages in one pass,
-        # and the gradient is the sum over them (Megatron's num_microbatches), so nothing accumulates
-        # outside the pipeline.
-        self.pipelined = strategy.size("pipeline") > 1
-        self.accumulation = 1 if self.pipelined else strategy.microbatches
+        super().__init__(cfg, workload, strategy, mesh, rules=rules, optimizer=optimizer, strict=strict)
         p, v = strategy.size("pipeline"), strategy.stages_per_device
         if v > 1 and strategy.microbatches < p:
             raise StrategyError(
@@ -148,197 +92,6 @@ class TrainProgram:
             )
         if self.one_f_one_b and (problem := schedule_problem(strategy.microbatches, p, v)):
             raise StrategyError(f"{strategy.spec}: {problem}")
-        self.model_kwargs = {
-            "dtype": _dtype(workload.dtype),
-            "param_dtype": _dtype(workload.param_dtype),
-            "remat": strategy.remat,
-            "attention_impl": self.attention_impl,
-        }
-
-    # -- abstract structure ------------------------------------------------------------------
-    @cached_property
-    def _abstract(self):
-        model = build_abstract(self.cfg, **self.model_kwargs)
-        graphdef, state = nnx.split(model)
-        return graphdef, state
-
-    @property
-    def graphdef(self):
-        return self._abstract[0]
-
-    @cached_property
-    def logical_axes(self) -> dict:
-        return logical_axes(self._abstract[1])
-
-    @cached_property
-    def _param_specs(self) -> tuple[Any, tuple[Dropped, ...]]:
-        shapes = nnx.to_pure_dict(self._abstract[1])
-        specs, dropped = resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
-        if self.pipelined:
-            specs, more = self._stage_specs(specs)
-            dropped += more
-        return specs, dropped
-
-    @property
-    def pipelined_stack(self) -> str:
-        """The stacked blocks the pipeline runs: the MoE stack of an MoE model (its dense prefix runs
-        before the pipeline, as in MaxText), else the dense stack."""
-        return "moe_blocks" if self.cfg.moe_layers else "dense_blocks"
-
-    def _stage_specs(self, specs):
-        """The pipelined stack's `layers` dimension sharded over `pipeline` in contiguous blocks, one per
-        device: for V=1 that is the stage layout itself, so the step moves no params. For V > 1 a device
-        runs chunks s, s + p, ..., so the step's reordering (`pipeline.to_stage_layout`) moves (V-1)/V of
-        the stack's params over `pipeline` each step, and their gradients back (storing the stage layout
-        instead would avoid it; checkpoints keep the logical layout either way). An uneven split keeps
-        the stack replicated over pipeline."""
-        p = self.mesh_sizes["pipeline"]
-        n = self.cfg.moe_layers if self.pipelined_stack == "moe_blocks" else self.cfg.dense_layers
-        if n % p:
-            why = f"{n} pipelined layers do not divide by pipeline={p}; each device holds every layer"
-            return specs, (Dropped(self.pipelined_stack, "layers", "pipeline", why),)
-
-        def one(spec):
-            head = spec[0] if len(spec) else None
-            if head is not None:  # a rules file already placed the layers axis
-                return spec
-            return PartitionSpec("pipeline", *spec[1:])
-
-        stack = jax.tree.map(one, specs[self.pipelined_stack], is_leaf=self._is_spec)
-        return {**specs, self.pipelined_stack: stack}, ()
-
-    @property
-    def param_specs(self):
-        return self._param_specs[0]
-
-    @property
-    def dropped_rules(self) -> tuple[Dropped, ...]:
-        """Param rules that could not be honoured, and ZeRO shardings that could not be applied."""
-        return self._param_specs[1] + self._zero[2]
-
-    @cached_property
-    def param_shardings(self):
-        return named(self.mesh, self.param_specs)
-
-    @cached_property
-    def abstract_params(self):
-        shapes = nnx.to_pure_dict(self._abstract[1])
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.param_shardings
-        )
-
-    @cached_property
-    def optimizer(self) -> optax.GradientTransformation:
-        return self.opt_cfg.build(self.workload.optimizer_state_dtype)
-
-    # -- data replicas and ZeRO --------------------------------------------------------------
-    @cached_property
-    def replica_axes(self) -> tuple[str, ...]:
-        """Mesh axes (size > 1) that split the batch and shard no param: pure data replicas, over which
-        gradients are accumulated unreduced and reduced once per step. In batch-spec order."""
-        entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
-        used = {
-            a
-            for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
-            for e in spec
-            if e is not None
-            for a in ((e,) if isinstance(e, str) else e)
-        }
-        batch = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        return tuple(a for a in batch if self.mesh_sizes.get(a, 1) > 1 and a not in used)
-
-    @cached_property
-    def _zero(self) -> tuple[int, Any, tuple[Dropped, ...]]:
-        """(level in effect, optimizer-state/gradient specs, what could not be sharded)."""
-        level = self.strategy.zero
-        if level == 0:
-            return 0, self.param_specs, ()
-        if "data" not in self.replica_axes:
-            why = (
-                "the data axis has size 1"
-                if self.mesh_sizes.get("data", 1) == 1
-                else "the rules shard params over data, so it is not a pure replica axis"
-            )
-            return (
-                0,
-                self.param_specs,
-                (Dropped("opt_state", f"zero={level}", "data", f"{why}; zero ignored"),),
-            )
-        specs, dropped = zero_specs(
-            self.param_specs,
-            nnx.to_pure_dict(self._abstract[1]),
-            self.logical_axes,
-            self.rules,
-            self.mesh_sizes,
-            level,
-        )
-        return level, specs, dropped
-
-    @property
-    def zero(self) -> int:
-        """The ZeRO level in effect (the strategy's, or 0 where `data` is not a replica axis > 1)."""
-        return self._zero[0]
-
-    @cached_property
-    def grad_shardings(self):
-        """Reduced gradients and optimizer moments: the param shardings, plus `data` under ZeRO."""
-        return named(self.mesh, self._zero[1])
-
-    @cached_property
-    def opt_state_shardings(self):
-        """Optimizer leaves mirror their param's gradient sharding (matched by path suffix); scalars
-        replicate."""
-        by_path = {
-            tuple(path_str(p).split("/")): sh
-            for p, sh in jax.tree_util.tree_flatten_with_path(self.grad_shardings)[0]
-        }
-        abstract = jax.eval_shape(self.optimizer.init, self.abstract_params)
-        replicated = NamedSharding(self.mesh, PartitionSpec())
-
-        def pick(path, leaf):
-            keys = tuple(path_str(path).split("/"))
-            for i in range(len(keys)):
-                sh = by_path.get(keys[i:])
-                if sh is not None and len(sh.spec) <= leaf.ndim:
-                    return sh
-            return replicated
-
-        return jax.tree_util.tree_map_with_path(pick, abstract)
-
-    @cached_property
-    def state_shardings(self) -> dict:
-        return {
-            "params": self.param_shardings,
-            "opt_state": self.opt_state_shardings,
-            "step": NamedSharding(self.mesh, PartitionSpec()),
-        }
-
-    @cached_property
-    def abstract_state(self) -> dict:
-        abstract = {
-            "params": self.abstract_params,
-            "opt_state": jax.eval_shape(self.optimizer.init, self.abstract_params),
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
-        }
-        return jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, self.state_shardings
-        )
-
-    @cached_property
-    def batch_sharding(self) -> NamedSharding:
-        spec, _ = self.rules.resolve(
-            (A.ACT_BATCH, None),
-            (self.workload.global_batch, self.workload.seq_len + 1),
-            self.mesh_sizes,
-            path="batch",
-            strict=False,
-        )
-        return NamedSharding(self.mesh, spec)
-
-    @property
-    def abstract_batch(self) -> jax.ShapeDtypeStruct:
-        w = self.workload
-        return jax.ShapeDtypeStruct((w.global_batch, w.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
 
     # -- computation -------------------------------------------------------------------------
     def _model(self, params) -> Transformer:
@@ -508,31 +261,6 @@ class TrainProgram:
         (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), self._split(batch))
         return ce_sum / mb, jax.tree.map(lambda g: g / mb, g_sum)
 
-    def _is_spec(self, x) -> bool:
-        return isinstance(x, PartitionSpec)
-
-    @cached_property
-    def _stacked_specs(self):
-        """Unreduced per-replica gradients: a leading axis over the replica axes, then the param's spec."""
-        r = self.replica_axes
-        return jax.tree.map(lambda s: PartitionSpec(r, *s), self.param_specs, is_leaf=self._is_spec)
-
-    @cached_property
-    def _lookup_shardings(self):
-        """Lookup tables (first axis `vocab`: the embedding) gathered over fsdp before the lookup, as FSDP
-        does for every weight before use. Without it, the partitioner meets a gather from a
-        [vocab/tensor, embed/fsdp] table with [data, batch/fsdp] indices by all-gathering the looked-up
-        activations over data, once per microbatch (seen on the cpu and v5e targets)."""
-
-        def one(axes, spec):
-            if not axes or axes[0] != A.VOCAB:
-                return spec
-            kept = [tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a != "fsdp") for e in spec]
-            return PartitionSpec(*(k[0] if len(k) == 1 else k or None for k in kept))
-
-        specs = jax.tree.map(one, self.logical_axes, self.param_specs, is_leaf=lambda x: isinstance(x, tuple))
-        return named(self.mesh, specs)
-
     def _replica_grads(self, params, batch):
         """(ce [R], grads [R, ...]): each replica's loss and *unreduced* gradient on its rows of `batch`
         (tokens, and their global rows).
@@ -559,8 +287,11 @@ class TrainProgram:
     def _reduce(self, stacked):
         """The one reduction over the replica axes, written out (full-manual, so its layout is exact):
         psum -> param layout (zero=0), or psum_scatter over `data` on each leaf's ZeRO dimension ->
-        the `data`-sharded gradient layout (zero>=1; leaves ZeRO could not shard are psum'd)."""
-        r, level = self.replica_axes, self.zero
+        the `data`-sharded gradient layout (zero>=1; leaves ZeRO could not shard are psum'd). ZeRO over
+        `expert` is a local slice of this result (`grad_shardings`): expert parallelism leaves those
+        gradients reduced over expert already."""
+        r = self.replica_axes
+        level = self.zero and "data" in self.zero_axes  # ZeRO over data scatters here; over expert, below
         rest = tuple(a for a in r if a != "data") if level else r
 
         def one(spec, x):
@@ -608,7 +339,8 @@ class TrainProgram:
                     # The barrier keeps this reduce-scatter in the loop: the TPU compiler otherwise moves
                     # it out (sum of reduce-scatters = reduce-scatter of the sum), which silently turns
                     # ZeRO-2 back into ZeRO-1 (a full-size accumulator).
-                    g = jax.lax.optimization_barrier(self._reduce(g))
+                    g = self._reduce(g)
+                    g = jax.lax.optimization_barrier(jax.lax.with_sharding_constraint(g, self.grad_shardings))
                 return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
             acc_sh = self.grad_shardings if per_mb else named(self.mesh, self._stacked_specs)
@@ -636,7 +368,7 @@ class TrainProgram:
             params = state["params"]
             if self.zero:
                 # Each replica updates only its ZeRO slice (a local slice of its param shard); the pinned
-                # out_shardings then all-gather the updated params over data.
+                # out_shardings then all-gather the updated params over the ZeRO axes.
                 params = jax.lax.with_sharding_constraint(params, self.grad_shardings)
             updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
             params = optax.apply_updates(params, updates)

@@ -21,7 +21,8 @@ from codesign.config import Workload
 from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
-from codesign.train_step import OptimizerConfig, TrainProgram
+from codesign.state_layout import OptimizerConfig
+from codesign.train_step import TrainProgram
 from tests.conftest import require_devices
 
 CFG = get_preset("tiny-dense")

@@ -21,6 +21,7 @@ import pytest
 from codesign.config import Workload
 from codesign.presets import get_preset
 from codesign.sharding.strategy import Strategy, StrategyError
+from codesign.state_layout import OptimizerConfig
 from codesign.train import trainer
 from codesign.train.checkpoint import Checkpointer, CheckpointError
 from codesign.train.trainer import (
@@ -33,7 +34,6 @@ from codesign.train.trainer import (
     run_training,
 )
 from codesign.train.validate import spearman
-from codesign.train_step import OptimizerConfig
 from tests.conftest import REPO, cpu_child_env, require_devices
 
 RUN = {"global_batch": 8, "seq_len": 32, "lr": 1e-2, "warmup_steps": 3, "schedule_steps": 30, "seed": 0}

@@ -5,11 +5,21 @@ collectives each level promises, the memory it saves, and checkpoints that resto
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from codesign.closed_form import analytic_report
+from codesign.closed_form.memory import analytic_memory
+from codesign.closed_form.params import sharded_params, zero_shards
+from codesign.compile.hlo import analyze_hlo
+from codesign.config import Workload
+from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train.checkpoint import Checkpointer
@@ -17,6 +27,7 @@ from codesign.train_step import TrainProgram
 from tests.conftest import require_devices
 from tests.test_grad_accum import (
     CFG,
+    OPT,
     STEPS,
     WL,
     assert_same_training,
@@ -28,6 +39,7 @@ from tests.test_grad_accum import (
     trained,
 )
 
+MOE = get_preset("tiny-moe")
 ZERO1 = "data=8,zero=1,microbatches=4"  # ZeRO-1 under accumulation: one reduce-scatter per step
 ZERO2 = "data=4,fsdp=2,zero=2,microbatches=4"  # ZeRO-2 with FSDP (ZeRO-3) on another axis
 
@@ -128,3 +140,68 @@ def test_checkpoint_restores_across_zero_levels(tmp_path):
             assert np.asarray(a).tobytes() == np.asarray(b).tobytes()  # bit-identical params and moments
         _, loss = step(spec, got.state, STEPS)
         np.testing.assert_allclose(loss, next_loss, rtol=1e-6, err_msg=spec)
+
+
+MOE_ZERO0 = "expert=4,data=2,microbatches=2"
+MOE_ZERO1 = MOE_ZERO0 + ",zero=1"
+
+
+@functools.cache
+def moe_program(spec: str):
+    """tiny-moe in f32 on 8 devices: (TrainProgram, compiled step)."""
+    require_devices(8)
+    s = Strategy.parse(spec)
+    wl = Workload(global_batch=16, seq_len=16, dtype="float32")
+    prog = TrainProgram(MOE, wl, s, MeshSpec.from_strategy(s).build(jax.devices()), optimizer=OPT)
+    return prog, prog.lower().compile()
+
+
+def test_moe_zero_shards_non_expert_state_over_expert_too():
+    """expert=4 splits the batch outside the experts, so ZeRO-1 shards the attention, norm, router and
+    embedding moments over data x expert (8 ways) and the expert weights' over data (expert shards
+    them already): every moment is 1/8 per device. Same training; the compiler's argument bytes and
+    its gather of the updated params match the closed form."""
+    (p0, c0), (p1, c1) = moe_program(MOE_ZERO0), moe_program(MOE_ZERO1)
+    assert p1.zero_axes == ("data", "expert") and not p1.dropped_rules
+    moments = p1.abstract_state["opt_state"][1][0]
+    for leaf in jax.tree.leaves((moments.mu, moments.nu)):
+        assert math.prod(leaf.sharding.shard_shape(leaf.shape)) * 8 == math.prod(leaf.shape)
+    assert local_bytes(p1.abstract_params) == local_bytes(p0.abstract_params)
+    losses = []
+    init = jax.tree.map(np.asarray, p0.init(seed=0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 16, 17), 0, MOE.vocab_size, jnp.int32))
+    for prog, compiled in ((p0, c0), (p1, c1)):
+        state, run = jax.device_put(init, prog.state_shardings), []
+        for t in tokens:
+            state, metrics = compiled(state, jax.device_put(t, prog.batch_sharding))
+            run.append(float(metrics["loss"]))
+        losses.append((run, jax.tree.map(np.asarray, state["params"])))
+    np.testing.assert_allclose(losses[1][0], losses[0][0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(losses[1][1]), jax.tree.leaves(losses[0][1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for prog, compiled in ((p0, c0), (p1, c1)):
+        mem = analytic_memory(MOE, prog.workload, prog.strategy)
+        assert compiled.memory_analysis().argument_size_in_bytes == pytest.approx(
+            mem.params + mem.optimizer, rel=1e-3
+        )
+    hlo = analyze_hlo(c1.as_text(), p1.strategy.mesh).collectives
+    closed = analytic_report(MOE, p1.workload, p1.strategy, platform="cpu").collectives
+    for axes in (("data", "expert"), ("data",)):
+        got = sum(c.bytes * c.count for c in hlo if c.kind == "all-gather" and c.mesh_axes == axes)
+        want = sum(c.bytes * c.count for c in closed if c.kind == "all-gather" and c.mesh_axes == axes)
+        assert got == pytest.approx(want, rel=1e-3) and got > 0, axes
+
+
+def test_zero_shards_follow_each_params_batch_axes():
+    """The closed form's ZeRO split per param: data x expert for non-expert params of an MoE, data for
+    the expert weights, expert alone without data, data alone for a dense model."""
+    shards = lambda cfg, spec: {
+        sp.group.name: zero_shards(cfg, s, sp)
+        for s in [Strategy.parse(spec)]
+        for sp in sharded_params(cfg, s)
+    }
+    moe = shards(MOE, MOE_ZERO1)
+    assert moe["moe.w_up"] == 2 and moe["embed"] == 8 and set(moe.values()) == {2, 8}
+    assert set(shards(MOE, "expert=8,zero=1").values()) == {1, 8}
+    assert set(shards(MOE, MOE_ZERO0).values()) == {1}
+    assert set(shards(CFG, "data=4,expert=2,zero=1").values()) == {4}

@@ -3,9 +3,10 @@
 
 Memory formula (bytes per device; P = local param elements = sum of elems / shards over all params):
     params     4 P  (float32 master weights; `Workload.param_dtype`)
-    grads      4 P  (float32: the grads of f32 params; zero=2: sharded over data)
+    grads      4 P  (float32: the grads of f32 params; zero=2: sharded like the moments)
     grad_accumulator  4 P with microbatches > 1 (the accumulator beside the microbatch's own grads)
-    optimizer  8 P  (AdamW mu and nu in the params' dtype; zero>=1: sharded over data)
+    optimizer  8 P  (AdamW mu and nu in the params' dtype; zero>=1: sharded over data, and an MoE's
+               non-expert params' over expert too: `params.zero_shards`)
     gathered   2 x one layer's FSDP-gathered weights (the layer in use and the prefetched next one)
     saved_activations: what every layer keeps for its backward, per microbatch of
                b = B/(data*fsdp*expert*microbatches) rows and s = S/sequence positions, bf16 (2 bytes),
@@ -57,7 +58,16 @@ from dataclasses import dataclass
 from codesign.arithmetic import stage_layers
 from codesign.closed_form import dropout as DR
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import Shape, moe_slots, shape_of, sharded_params, spmd_sizes, zero_level
+from codesign.closed_form.params import (
+    Shape,
+    moe_slots,
+    replica_axes,
+    shape_of,
+    sharded_params,
+    spmd_sizes,
+    zero_level,
+    zero_shards,
+)
 from codesign.closed_form.pipeline import in_flight_microbatches, param_copies
 from codesign.config import ModelConfig, Workload, dtype_bytes
 from codesign.models.attention import flash_blocks, kernel_for, stats_bytes
@@ -211,12 +221,15 @@ def analytic_memory(
     params = sharded_params(cfg, strategy)
     m, p = strategy.microbatches, strategy.size("pipeline")
     # DualPipe holds stage i and stage p - 1 - i: two copies of the state.
-    local = sum(sp.local_elems * sp.count for sp in params) * param_copies(strategy.schedule)
+    copies = param_copies(strategy.schedule)
+    local = sum(sp.local_elems * sp.count for sp in params) * copies
     pbytes = workload.param_bytes
-    # ZeRO over the data replicas: moments (1) and the gradient accumulator (2) sharded over data.
+    # ZeRO over the batch axes that replicate each param (data; expert for the non-expert params):
+    # moments (1) and, where the step reduces over data itself, the gradient accumulator (2).
     zero = zero_level(cfg, strategy)
-    zero_shards = sizes["data"] if zero else 1
-    grads = local * pbytes / (zero_shards if zero == 2 else 1)
+    zero_local = sum(sp.local_elems * sp.count / zero_shards(cfg, strategy, sp) for sp in params) * copies
+    scattered = zero == 2 and "data" in replica_axes(cfg, strategy)
+    grads = (zero_local if scattered else local) * pbytes
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
         per_layer = {}
@@ -275,7 +288,7 @@ def analytic_memory(
         params=local * pbytes,
         grads=grads,
         grad_accumulator=grads if m > 1 else 0.0,
-        optimizer=2 * local * dtype_bytes(workload.optimizer_state_dtype) / zero_shards,
+        optimizer=2 * zero_local * dtype_bytes(workload.optimizer_state_dtype),
         gathered=gathered,
         saved_activations=saved,
         layer_transient=live,

@@ -170,6 +170,23 @@ def replica_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:
     return tuple(a for a in strategy.batch_axes if strategy.size(a) > 1 and a not in used)
 
 
+def zero_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:
+    """The batch axes ZeRO shards over (`StateLayout.zero_axes`): `data` where it is a replica axis,
+    and an MoE model's `expert` axis for the params expert parallelism does not shard."""
+    axes = ("data",) if "data" in replica_axes(cfg, strategy) else ()
+    if cfg.is_moe and strategy.size("expert") > 1:
+        axes += ("expert",)
+    return axes
+
+
 def zero_level(cfg: ModelConfig, strategy: Strategy) -> int:
-    """The ZeRO level in effect: the strategy's, where `data` is a replica axis (else nothing to shard)."""
-    return strategy.zero if "data" in replica_axes(cfg, strategy) else 0
+    """The ZeRO level in effect: the strategy's, where a batch axis replicates params (else nothing to
+    shard)."""
+    return strategy.zero if zero_axes(cfg, strategy) else 0
+
+
+def zero_shards(cfg: ModelConfig, strategy: Strategy, sp: ShardedParam) -> int:
+    """How many ways ZeRO divides this param's optimizer state: its ZeRO axes it is not sharded over."""
+    if not zero_level(cfg, strategy):
+        return 1
+    return math.prod(strategy.size(a) for a in zero_axes(cfg, strategy) if a not in sp.axes)

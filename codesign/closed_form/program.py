@@ -33,6 +33,8 @@ tests/test_analytic.py). Per microbatch unless noted:
   reduces them itself once per step, in the params' dtype: one all-reduce, or under ZeRO one
   reduce-scatter over data (zero=2: one per microbatch, into the sharded accumulator) and one
   all-gather of the updated params. With one microbatch and no ZeRO, XLA's own per-param reduction.
+  ZeRO over expert (an MoE's non-expert params): their update is a local slice of the gradient that
+  expert already reduced, so it adds only `expert` to the all-gather of the updated params.
 - tensor (Megatron): one all-reduce of a partial sum per matmul that contracts a tensor-sharded dim.
   Forward: attention output, FFN output (MoE: routed y_e and the shared expert separately).
   Backward: the input gradient of each column-parallel matmul separately (GQA: q, k, v; MLA: the
@@ -86,6 +88,7 @@ from codesign.closed_form.params import (
     shape_of,
     sharded_params,
     spmd_sizes,
+    zero_axes,
     zero_level,
 )
 from codesign.config import ModelConfig, Workload
@@ -373,7 +376,8 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
         replica = set()
     pb, pdt = workload.param_bytes, ("f32" if workload.param_bytes == 4 else "bf16")
     combined: dict[tuple, float] = {}
-    scattered = gathered_back = 0.0
+    scattered = 0.0
+    gathered_back: dict[tuple[str, ...], float] = {}
     for sp in sharded_params(cfg, strategy):
         name, full = sp.group.name, sp.local_elems
         per_step = sp.count
@@ -403,14 +407,17 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
             combined[(rest, 1, pdt)] = combined.get((rest, 1, pdt), 0.0) + full * per_step * pb
         if zero and "data" in outer:
             scattered += full * per_step * pb
-            gathered_back += full * per_step * pb
+        back = tuple(a for a in zero_axes(cfg, strategy) if a not in sp.axes) if zero else ()
+        if back:  # the updated params, gathered over the ZeRO axes that slice their update
+            gathered_back[back] = gathered_back.get(back, 0.0) + full * per_step * pb
     # XLA's all-reduce combiner merges the gradient reductions that run together (one layer's, or
     # the globals') into one collective: one latency per group, not one per param.
     for (axes, count, dt), nbytes in combined.items():
         c.add("all-reduce", nbytes, axes, count, dt)
     if scattered:  # written as psum_scatter, so a reduce-scatter on every backend (zero=2: per microbatch)
         c.add("reduce-scatter", scattered, ("data",), m if zero == 2 else 1, pdt)
-        c.add("all-gather", gathered_back, ("data",), 1, pdt)  # the updated params, once per step
+    for axes, nbytes in gathered_back.items():  # once per step
+        c.add("all-gather", nbytes, axes, 1, pdt)
 
 
 def _activations(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:

@@ -71,7 +71,7 @@ from codesign.closed_form import (
 )
 from codesign.closed_form import pipeline as PL
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import replica_axes, zero_level
+from codesign.closed_form.params import replica_axes, zero_axes, zero_level
 from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
 from codesign.cost import overlap as O
@@ -367,6 +367,9 @@ def _overlap_context(x: _Inputs, roof: _Roofline) -> O.Context:
         step_sync_axes=frozenset(replica_axes(x.cfg, x.strategy)) if once else frozenset(),
         collective_matmul=collective_matmul_on(x.report.xla_flags),
         expert_overlap=hides_expert_all_to_all(x.strategy),
+        zero_gather_axes=frozenset(zero_axes(x.cfg, x.strategy))
+        if zero_level(x.cfg, x.strategy)
+        else frozenset(),
     )
 
 

@@ -19,7 +19,8 @@ model per kind, each with its assumption (:data:`ASSUMPTIONS`). Per class, the c
   gradient reduction runs under layer i-1's backward (backward ~ 2/3 of the step); the last one is
   exposed: at most (1 - 1/L) hides, within room = 2/3 busy x (1 - 1/L).
 * ``step-sync``: a collective over the pure data replicas once per step (the accumulated gradients'
-  reduction, ZeRO's reduce-scatter and updated-param gather when m > 1 or ZeRO is on). Only the last
+  reduction, ZeRO's reduce-scatter and updated-param gather when m > 1 or ZeRO is on; the gather
+  spans expert too where ZeRO shards the non-expert params over it). Only the last
   microbatch's backward is left to hide it: room = 2/3 busy / m x (1 - 1/L).
 * ``tensor-cm``: an all-gather / reduce-scatter over tensor or sequence with collective matmul
   (windowed einsum) on: decomposed into permutes that run under the matmul they feed, room = the
@@ -87,6 +88,7 @@ class Context:
     step_sync_axes: frozenset[str]  # pure data replicas reduced once per step (empty: per microbatch)
     collective_matmul: bool
     expert_overlap: bool = False  # the schedule overlaps the expert all-to-all (DualPipe)
+    zero_gather_axes: frozenset[str] = frozenset()  # ZeRO: the updated params gathered once per step
 
 
 def model_class(kind: str, axes: tuple[str, ...], ctx: Context) -> str:
@@ -94,6 +96,8 @@ def model_class(kind: str, axes: tuple[str, ...], ctx: Context) -> str:
     ax = set(axes)
     if kind in ("all-gather", "reduce-scatter", "all-reduce", "collective-permute") and ax <= ctx.batch_axes:
         if ctx.step_sync_axes and ax <= ctx.step_sync_axes and kind != "collective-permute":
+            return "step-sync"
+        if kind == "all-gather" and ax <= ctx.zero_gather_axes:  # ZeRO over expert: data and expert
             return "step-sync"
         return "grad-reduce" if kind in ("reduce-scatter", "all-reduce") else "fsdp-gather"
     if kind in ("all-gather", "reduce-scatter") and ctx.collective_matmul and ax <= {"tensor", "sequence"}:

@@ -24,6 +24,7 @@ from codesign.arithmetic import param_counts, stage_layers, train_flops_per_toke
 from codesign.axes import MESH_AXES
 from codesign.closed_form import analytic_memory
 from codesign.closed_form import pipeline as PL
+from codesign.closed_form.params import zero_axes
 from codesign.closed_form.remat import layer_checkpointed
 from codesign.config import ConfigError, ModelConfig, Workload, dtype_bytes
 from codesign.cost.estimate import (
@@ -172,7 +173,8 @@ def _param_split(cfg: ModelConfig) -> tuple[float, float]:
 def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, zero: int = 0) -> float:
     """Params + grads in the master dtype and Adam's two moments in theirs (16 B/param with float32
     masters), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
-    are also divided over the data replicas."""
+    are also divided over the data replicas (and an MoE's expert axis: a lower bound, since expert
+    weights are already split over it)."""
     total, expert_params = _param_split(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
@@ -180,7 +182,8 @@ def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, 
         per_device = (total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"])
     else:
         per_device = total / dense_shards
-    d = sizes["data"]
+    # ZeRO's finest split: over data and, for an MoE, expert too (`closed_form.params.zero_shards`).
+    d = sizes["data"] * (sizes["expert"] if cfg.is_moe else 1)
     p, moments = workload.param_bytes, 2 * dtype_bytes(workload.optimizer_state_dtype)
     per_param = {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]
     return per_param * per_device * PL.param_copies(s.schedule)
@@ -396,12 +399,12 @@ def search(req: PlanRequest, target: str, key: str | None, t0: float) -> Plan:
         keep = {_layout(sc.strategy) for sc in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}
         scored += scorer.score([s for s in refine if _layout(s) in keep])
         scored.sort(key=lambda sc: _sort_key(sc, req))
-    if zeros:  # ZeRO-1/2 for the best layouts with data replicas (optimizer state, then gradients, over data)
+    if zeros:  # ZeRO-1/2 for the best layouts with data replicas (or an MoE's expert axis)
         by_time = sorted(scored, key=lambda sc: sc.estimate.step_time_s)
         seen = {sc.strategy for sc in scored}
         more = []
         for sc in {id(x): x for x in scored[:REFINE_TOP] + by_time[:REFINE_TOP]}.values():
-            if sc.strategy.size("data") > 1 and sc.strategy.zero == 0:
+            if zero_axes(cfg, sc.strategy) and sc.strategy.zero == 0:
                 for z in zeros:
                     s = sc.strategy.replace(zero=z)
                     if s not in seen and all(c(s) for c in req.constraints):

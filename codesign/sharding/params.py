@@ -90,7 +90,8 @@ def zero_specs(
     axis: str = "data",
 ) -> tuple[Any, tuple[Dropped, ...]]:
     """(specs, dropped) for ZeRO level `level` over `axis`: each param's spec with `axis` added on its
-    `zero_dim`; a param where no dimension divides keeps its spec and is recorded in `dropped`."""
+    `zero_dim`; a param where no dimension divides keeps its spec and is recorded in `dropped`; a param
+    already sharded over `axis` keeps its spec."""
     flat_axes = dict(
         jax.tree_util.tree_flatten_with_path(axes_tree, is_leaf=lambda x: isinstance(x, tuple))[0]
     )
@@ -98,6 +99,8 @@ def zero_specs(
     dropped: list[Dropped] = []
 
     def one(path, spec):
+        if axis_dim(spec, axis) is not None:  # the param is sharded over `axis` already (expert weights)
+            return spec
         shape = tuple(flat_shapes[path].shape)
         d = zero_dim(spec, shape, flat_axes[path], rules, mesh_sizes, axis)
         if d is None:

@@ -8,7 +8,10 @@ size 1). Other keys: `remat=` one of `REMAT_POLICIES`, `microbatches=K`, `zero=0
 table that replaces the defaults).
 
 `zero` shards over the `data` axis (the pure replicas): 1 = optimizer state, 2 = optimizer state and the
-gradient accumulator; params stay replicated over `data`. `fsdp` is ZeRO-3 and combines with either.
+gradient accumulator; params stay replicated over `data`. `fsdp` is ZeRO-3 and combines with either. In
+an MoE model the `expert` axis is data-parallel for every param it does not shard (attention, norms,
+shared expert, router, embedding), and ZeRO shards those params' state over it too (Megatron-LM's
+distributed optimizer, DeepSeek-V3's ZeRO-1 over all 128 data-parallel ranks).
 With data=1 a zero level is valid but does nothing (nothing to shard over; the program records it as a
 dropped rule). It is not an error, because derived strategies (a compile's reduced data axis) may
 bring data down to 1.

@@ -46,11 +46,12 @@ from codesign.config import ConfigError, ModelConfig, Workload, resolve_attentio
 from codesign.hardware.device_kind import catalog_match
 from codesign.sharding.mesh import MeshSpec, check_slices
 from codesign.sharding.strategy import Strategy, StrategyError
+from codesign.state_layout import OptimizerConfig
 from codesign.train.checkpoint import FINGERPRINT_KEY, Checkpointer, CheckpointError
 from codesign.train.data import BatchMaker, make_source_factory
 from codesign.train.errors import NonFiniteLoss, TrainError  # noqa: F401 - NonFiniteLoss: raised via loop
 from codesign.train.loop import NAN_POLICIES, LoopSpec, guarded_step, run_loop, scalar, summarize
-from codesign.train_step import OptimizerConfig, TrainProgram
+from codesign.train_step import TrainProgram
 
 PARAM_DTYPES = ("float32", "bfloat16")
 

@@ -25,8 +25,9 @@ import jax
 from codesign.config import ModelConfig
 from codesign.sharding.mesh import check_slices
 from codesign.sharding.strategy import Strategy, StrategyError
+from codesign.state_layout import OptimizerConfig
 from codesign.train.data import BatchMaker, SyntheticSource
-from codesign.train_step import OptimizerConfig, TrainProgram
+from codesign.train_step import TrainProgram
 
 MIN_RANK_ROWS = 3
 CPU_CAVEAT = (
