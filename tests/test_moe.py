@@ -16,7 +16,7 @@ from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import initial_state, require_devices
 
 TINY = get_preset("tiny-moe")
 
@@ -62,7 +62,9 @@ def test_dropless_train_loss_matches_capacity_without_drops():
     e, k = TINY.n_routed_experts, TINY.experts_per_token
     for cfg in (TINY.replace(moe_routing="dropless"), TINY.replace(capacity_factor=e / k)):
         prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()))
-        _, metrics = prog.step_fn(prog.init(seed=0), jax.device_put(jnp.asarray(tokens), prog.batch_sharding))
+        _, metrics = prog.step_fn(
+            initial_state(prog), jax.device_put(jnp.asarray(tokens), prog.batch_sharding)
+        )
         losses.append(float(metrics["loss"]))
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 

@@ -24,7 +24,7 @@ from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train.trainer import TrainRun, run_training
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import initial_state, require_devices
 
 DENSE4 = get_preset("tiny-dense").replace(layers=4)
 WORKLOAD = {"mode": "train", "global_batch": 8, "seq_len": 16, "dtype": "float32"}
@@ -99,7 +99,7 @@ def _one_loss_curve(cfg, spec, steps=3):
     strategy = Strategy.parse(spec)
     mesh = MeshSpec.from_strategy(strategy).build(jax.devices())
     prog = TrainProgram(cfg, Workload(**{k: v for k, v in WORKLOAD.items()}), strategy, mesh)
-    state, out = prog.init(seed=0), []
+    state, out = initial_state(prog), []
     for i in range(steps):
         tokens = np.random.RandomState(i).randint(0, cfg.vocab_size, (8, 17)).astype(np.int32)
         state, m = prog.step_fn(state, jax.device_put(jnp.asarray(tokens), prog.batch_sharding))

@@ -10,7 +10,7 @@ from codesign.presets import get_preset
 from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import initial_state, require_devices
 
 LAYOUTS = [
     "data=8",
@@ -35,7 +35,7 @@ def _one_step(cfg, spec: str):
     strategy = Strategy.parse(spec)
     mesh = MeshSpec.from_strategy(strategy).build(jax.devices())
     prog = TrainProgram(cfg, WORKLOAD, strategy, mesh)
-    state = prog.init(seed=0)
+    state = initial_state(prog)
     tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (8, 33)).astype(np.int32)
     state, metrics = prog.step_fn(state, jax.device_put(jnp.asarray(tokens), prog.batch_sharding))
     return float(metrics["loss"]), [np.asarray(x) for x in jax.tree.leaves(state["params"])]

@@ -24,7 +24,7 @@ from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy, StrategyError
 from codesign.train.checkpoint import Checkpointer
 from codesign.train_step import TrainProgram
-from tests.conftest import require_devices
+from tests.conftest import initial_state, require_devices
 from tests.test_grad_accum import (
     CFG,
     OPT,
@@ -168,10 +168,9 @@ def test_moe_zero_shards_non_expert_state_over_expert_too():
         assert math.prod(leaf.sharding.shard_shape(leaf.shape)) * 8 == math.prod(leaf.shape)
     assert local_bytes(p1.abstract_params) == local_bytes(p0.abstract_params)
     losses = []
-    init = jax.tree.map(np.asarray, p0.init(seed=0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 16, 17), 0, MOE.vocab_size, jnp.int32))
     for prog, compiled in ((p0, c0), (p1, c1)):
-        state, run = jax.device_put(init, prog.state_shardings), []
+        state, run = initial_state(prog), []
         for t in tokens:
             state, metrics = compiled(state, jax.device_put(t, prog.batch_sharding))
             run.append(float(metrics["loss"]))
