@@ -132,15 +132,26 @@ def ring_slots(microbatches: int, stages: int, repeats: int = 1) -> int:
     return min(2 * stages * repeats - 1, microbatches * repeats)
 
 
-def stage_layers(cfg: ModelConfig, stages: int) -> tuple[int, int]:
-    """(dense, MoE) layers of the heaviest of `stages` pipeline stages: ceil(layers / stages) layers,
-    MoE ones first (a MoE layer costs the dense FFN's FLOPs or more, plus its all-to-alls).
+def stage_layers(cfg: ModelConfig, stages: int) -> tuple[float, int]:
+    """(dense, MoE) layers whose work the heaviest of `stages` pipeline devices does per microbatch.
 
-    Uneven splits are allowed (DeepSeek-V3's 61 layers ran on 16 stages: 4 layers on the heaviest); the
-    step is paced by the heaviest stage, so that is the one the compiler and the cost model see.
+    A dense (or all-MoE) model pipelines every layer: ceil(layers / stages) on the heaviest stage
+    (uneven splits are padded: DeepSeek-V3's 61 layers ran on 16 stages, 4 on the heaviest). An MoE
+    model with a dense prefix pipelines its MoE stack, ceil(moe / stages) per stage, and runs the
+    prefix before the pipeline for the whole batch, split over the stages (`train_step`), so each
+    device does dense / stages of a layer per microbatch: a fraction, not a count of layers.
     """
     if stages <= 1:
         return cfg.dense_layers, cfg.moe_layers
+    if cfg.moe_layers and cfg.dense_layers:
+        return cfg.dense_layers / stages, -(-cfg.moe_layers // stages)
     total = -(-cfg.layers // stages)
     moe = min(cfg.moe_layers, total)
     return total - moe, moe
+
+
+def pipelined_layers(cfg: ModelConfig, stages: int) -> int:
+    """Layers of the pipelined stack on each of `stages` stages (its V chunks split these): the MoE
+    stack of an MoE model with a dense prefix, else every layer."""
+    stack = cfg.moe_layers if cfg.moe_layers and cfg.dense_layers else cfg.layers
+    return -(-stack // max(stages, 1))

@@ -150,7 +150,10 @@ class TrainProgram(StateLayout):
         def pre(sub):  # an MoE model's embedding and dense prefix, for the whole batch
             model = model_with(sub)
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            return run_layers(*nnx.split(model.dense_blocks), model.embed_tokens(inputs), positions, remat)
+            with batch_also_over("pipeline"):  # split over the stages, not repeated by each
+                return run_layers(
+                    *nnx.split(model.dense_blocks), model.embed_tokens(inputs), positions, remat
+                )
 
         def head_loss(sub, y, tgt):
             with batch_also_over("pipeline"):
@@ -216,7 +219,8 @@ class TrainProgram(StateLayout):
         aux = jnp.zeros((), jnp.float32)
         if self.pipelined_stack == "moe_blocks" and model.dense_blocks is not None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            x, aux = run_layers(*nnx.split(model.dense_blocks), x, positions, self.strategy.remat)
+            with batch_also_over("pipeline"):  # split over the stages, not repeated by each
+                x, aux = run_layers(*nnx.split(model.dense_blocks), x, positions, self.strategy.remat)
         m = self.strategy.microbatches
         graphdef, layers = nnx.split(getattr(model, self.pipelined_stack))
         ys, a = run_pipeline(

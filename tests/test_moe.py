@@ -53,6 +53,7 @@ def test_dropless_and_capacity_agree_when_nothing_is_dropped():
     assert not np.allclose(np.asarray(y_short), np.asarray(y_free), atol=1e-6)
 
 
+@pytest.mark.slow  # the layer-level test above checks the same property in a fraction of the time
 def test_dropless_train_loss_matches_capacity_without_drops():
     """The same through the whole train step on 8 devices (expert parallelism)."""
     require_devices(8)

@@ -61,6 +61,7 @@ from codesign.closed_form import remat as R
 from codesign.closed_form.params import (
     Shape,
     moe_slots,
+    prefix_split,
     replica_axes,
     shape_of,
     sharded_params,
@@ -243,21 +244,31 @@ def analytic_memory(
     sh = shape_of(cfg, workload, strategy)
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)
     remat = strategy.remat
-    saved = host = live = workspace = buffers = 0.0
+    saved = host = live = workspace = buffers = inputs = 0.0
     prefix = cfg.moe_layers > 0 and cfg.dense_layers > 0  # runs before the pipeline, whole batch
     for moe, layers in zip((False, True), stage_layers(cfg, p)):
         if layers <= 0:
             continue
         lb = _layer_bytes(cfg, moe, sh, remat, workload.flash)
-        if p > 1 and (prefix or strategy.schedule not in ("1f1b", "interleaved")):
-            # The embedded input of every microbatch and its gradient wait outside the loop (1F1B looks
-            # a dense model's tokens up per microbatch in the loop instead, `pipeline_1f1b.Source`).
-            buffers = 2 * m * lb.layer_input
+        if p > 1 and not inputs and (prefix or strategy.schedule not in ("1f1b", "interleaved")):
+            # The pipeline's input for every microbatch and its gradient wait outside the loop (1F1B
+            # looks a dense model's tokens up per microbatch in the loop instead, `pipeline_1f1b.Source`).
+            inputs = 2 * m * lb.layer_input
+            buffers += inputs
         keep = _saved(lb, remat) + DR.layer_dropout(cfg, remat, sh, workload.flash).saved_bytes
         if R.offloaded(remat):  # the named outputs live in host memory; the layer input stays on device
             host += layers * (keep - lb.layer_input)
             keep = lb.layer_input
-        saved += layers * keep
+        # One layer's backward runs on a microbatch, except the prefix's: it runs on the whole batch
+        # (split over the stages) after the loop, m / p microbatches at once.
+        batch = 1.0
+        if not moe and prefix_split(cfg, p):
+            # Its forward ran before the loop, so its layers keep their saved activations for all
+            # m / p microbatches throughout, not a microbatch's in flight.
+            batch = m / p
+            buffers += cfg.dense_layers * keep * batch
+        else:
+            saved += layers * keep
         if R.layer_checkpointed(remat):  # the recomputed layer, its attention scores apart
             # Backward runs the FFN's backward with the whole recomputed layer live (scores as f32
             # softmax output + bf16 probabilities, 6 bytes each), then the softmax's: the f32 output,
@@ -265,11 +276,14 @@ def analytic_memory(
             # intermediates left. The larger of the two is the layer's peak.
             softmax_bwd = lb.scores * SOFTMAX_BWD_BYTES / SCORE_BYTES
             if lb.attention + softmax_bwd > lb.everything:
-                live, workspace = max(live, lb.attention), max(workspace, softmax_bwd)
+                live, workspace = max(live, batch * lb.attention), max(workspace, batch * softmax_bwd)
             else:
-                live, workspace = max(live, lb.everything - lb.scores), max(workspace, lb.scores)
+                live = max(live, batch * (lb.everything - lb.scores))
+                workspace = max(workspace, batch * lb.scores)
         elif remat == "selective":  # the recomputed scores and probabilities, and their gradients
-            workspace = max(workspace, 2 * lb.scores)  # (dP in bf16, dS in f32: 6 more bytes per score)
+            workspace = max(
+                workspace, 2 * batch * lb.scores
+            )  # (dP in bf16, dS in f32: 6 more bytes per score)
     # The embedding's dropout mask: kept for each microbatch unpipelined, for all m when the input is
     # computed before the pipeline, and not at all when 1F1B looks tokens up in its loop (its backward
     # redraws the mask).

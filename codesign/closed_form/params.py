@@ -57,16 +57,26 @@ def strategy_rules(strategy: Strategy) -> Rules:
 
 
 @functools.lru_cache(maxsize=4096)
+def prefix_split(cfg: ModelConfig, stages: int) -> bool:
+    """Whether an MoE model's dense prefix runs before the pipeline, its batch split over the `stages`
+    (`train_step`): its params are on every device, its work and its gradients' reduction span
+    `pipeline` like a batch axis, once per step."""
+    return stages > 1 and cfg.moe_layers > 0 and cfg.dense_layers > 0
+
+
 def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tuple[ShardedParam, ...]:
     strategy = Strategy(mesh=mesh, rules_file=rules_file)
     rules = _rules(mesh, rules_file, False)
     sizes = spmd_sizes(strategy)
     p = strategy.size("pipeline")
+    dense, moe = stage_layers(cfg, p)
+    if prefix_split(cfg, p):  # every device holds the whole prefix (it runs split over the batch)
+        dense = cfg.dense_layers
     out = []
     for g in param_groups(cfg):
         spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
-        count = {"dense": stage_layers(cfg, p)[0], "moe": stage_layers(cfg, p)[1], "global": 1.0}[g.where]
+        count = {"dense": dense, "moe": moe, "global": 1.0}[g.where]
         out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
     return tuple(out)
 

@@ -84,6 +84,7 @@ from codesign.closed_form.memory import F32, analytic_memory
 from codesign.closed_form.params import (
     Shape,
     moe_slots,
+    prefix_split,
     replica_axes,
     shape_of,
     sharded_params,
@@ -375,17 +376,19 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
     if m == 1 and not zero:
         replica = set()
     pb, pdt = workload.param_bytes, ("f32" if workload.param_bytes == 4 else "bf16")
+    prefix = prefix_split(cfg, strategy.size("pipeline"))
     combined: dict[tuple, float] = {}
     scattered = 0.0
     gathered_back: dict[tuple[str, ...], float] = {}
     for sp in sharded_params(cfg, strategy):
         name, full = sp.group.name, sp.local_elems
         per_step = sp.count
+        passes = 1 if prefix and sp.group.where == "dense" else m  # the prefix: one pass on the whole batch
         fsdp = "fsdp" in sp.axes
         if fsdp:
             gathered = full * z["fsdp"] * lw.weight_bytes
             if sp.group.where != "global":
-                c.add("all-gather", gathered, ("fsdp",), 2 * per_step * m, wdt)  # forward + backward
+                c.add("all-gather", gathered, ("fsdp",), 2 * per_step * passes, wdt)  # forward + backward
             elif name != "embed":
                 c.add("all-gather", gathered, ("fsdp",), 1, wdt)  # hoisted out of the microbatch loop
         # Gradient reductions: over every token axis that does not shard this param; expert
@@ -394,10 +397,16 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
         if name.startswith("moe.w_"):
             replicas = [a for a in replicas if a != "expert"]
         if fsdp and name != "embed":
-            c.add(lw.scatter_kind, full * z["fsdp"] * lw.grad_bytes, ("fsdp",), per_step * m, gdt)
+            c.add(lw.scatter_kind, full * z["fsdp"] * lw.grad_bytes, ("fsdp",), per_step * passes, gdt)
         axes = tuple(a for a in replicas if not (fsdp and a == "fsdp"))
         inner = tuple(a for a in axes if a not in replica)
         outer = tuple(a for a in axes if a in replica)
+        if prefix and (sp.group.where == "dense" or name == "embed"):
+            # The prefix ran once on the whole batch, split over the stages: its gradients reduce
+            # over pipeline too, once per step, as one array.
+            axes = (*inner, "pipeline")
+            combined[(axes, 1, gdt)] = combined.get((axes, 1, gdt), 0.0) + full * per_step * lw.grad_bytes
+            inner = ()
         if inner:
             combined[(inner, per_step * m, gdt)] = (
                 combined.get((inner, per_step * m, gdt), 0.0) + full * lw.grad_bytes

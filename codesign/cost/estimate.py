@@ -356,6 +356,7 @@ class _Network:
 
 def _overlap_context(x: _Inputs, roof: _Roofline) -> O.Context:
     dense, moe = arithmetic.stage_layers(x.cfg, x.strategy.size("pipeline"))
+    dense = math.ceil(dense)  # a prefix split over the stages is still one pass of its layers
     m = x.strategy.microbatches
     once = m > 1 or zero_level(x.cfg, x.strategy) > 0  # the train step's own once-per-step reduction
     return O.Context(

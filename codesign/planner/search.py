@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from codesign.arithmetic import param_counts, stage_layers, train_flops_per_token
+from codesign.arithmetic import param_counts, pipelined_layers, train_flops_per_token
 from codesign.axes import MESH_AXES
 from codesign.closed_form import analytic_memory
 from codesign.closed_form import pipeline as PL
@@ -365,7 +365,7 @@ def search(req: PlanRequest, target: str, key: str | None, t0: float) -> Plan:
         sk = (s.schedule, p, s.stages_per_device, s.microbatches)
         if sk not in schedule_why:
             if p not in layers:
-                layers[p] = sum(stage_layers(cfg, p))
+                layers[p] = pipelined_layers(cfg, p)
             schedule_why[sk] = PL.schedule_problem(*sk, layers[p])
         why = schedule_why[sk]
         if why:  # grouped by the rule, not the microbatch count

@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from codesign.arithmetic import stage_layers
+from codesign.arithmetic import pipelined_layers
 from codesign.axes import MESH_AXES
 from codesign.config import ModelConfig, Workload
 from codesign.sharding.param_table import param_groups
@@ -54,7 +54,7 @@ def pipeline_options(cfg: ModelConfig, pipeline: int, schedules: Sequence[str]) 
     every V > 1 dividing the layers per stage for interleaved (1f1b with V > 1 is interleaved)."""
     if pipeline <= 1:
         return [("1f1b", 1)]
-    layers = sum(stage_layers(cfg, pipeline))
+    layers = pipelined_layers(cfg, pipeline)
     out = []
     for sched in schedules:
         if sched == "interleaved":
