@@ -148,12 +148,7 @@ class TrainProgram(StateLayout):
             return self._model({**params, **sub})
 
         def pre(sub):  # an MoE model's embedding and dense prefix, for the whole batch
-            model = model_with(sub)
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            with batch_also_over("pipeline"):  # split over the stages, not repeated by each
-                return run_layers(
-                    *nnx.split(model.dense_blocks), model.embed_tokens(inputs), positions, remat
-                )
+            return self._prefix_over_stages(model_with(sub), inputs, rows)
 
         def head_loss(sub, y, tgt):
             with batch_also_over("pipeline"):
@@ -215,12 +210,10 @@ class TrainProgram(StateLayout):
         """The model's forward with its stacked blocks run by the pipeline (`codesign.pipeline`)."""
         model = self._model(params)
         b, t = inputs.shape
-        x = model.embed_tokens(inputs)
-        aux = jnp.zeros((), jnp.float32)
         if self.pipelined_stack == "moe_blocks" and model.dense_blocks is not None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-            with batch_also_over("pipeline"):  # split over the stages, not repeated by each
-                x, aux = run_layers(*nnx.split(model.dense_blocks), x, positions, self.strategy.remat)
+            x, aux = self._prefix_over_stages(model, inputs, rows)
+        else:
+            x, aux = model.embed_tokens(inputs), jnp.zeros((), jnp.float32)
         m = self.strategy.microbatches
         graphdef, layers = nnx.split(getattr(model, self.pipelined_stack))
         ys, a = run_pipeline(
@@ -237,6 +230,40 @@ class TrainProgram(StateLayout):
         with batch_also_over("pipeline"):
             logits = model.head(_unsplit(ys))
         return logits, aux + a
+
+    def _prefix_over_stages(self, model: Transformer, inputs, rows):
+        """(x [b, T, d], aux loss) of an MoE model's embedding and dense prefix, which run before the
+        pipeline on the whole batch: with the rows split over the pipeline stages too, so that each
+        stage does 1/p of the prefix instead of all of it. Each batch shard's rows are padded to a
+        multiple of p (token 0, row -1; their outputs are dropped, so they add nothing to the loss or
+        the gradients) inside the shard, so no row moves to another shard."""
+        p, (b, t) = self.mesh_sizes["pipeline"], inputs.shape
+        shards = self.strategy.batch_shards
+        local = b // shards
+        pad = -local % p
+
+        def widen(a, fill):  # [b, ...] -> [shards * (local + pad), ...], each shard's rows padded
+            a = a.reshape(shards, local, *a.shape[1:])
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2), constant_values=fill)
+            return a.reshape(-1, *a.shape[2:])
+
+        if pad:
+            inputs, rows = widen(inputs, 0), widen(rows, -1)
+        positions = jnp.broadcast_to(jnp.arange(t), inputs.shape)
+        with batch_also_over("pipeline"), D.scope(D.split_rows(D.current(), rows)):
+            x, aux = run_layers(
+                *nnx.split(model.dense_blocks), model.embed_tokens(inputs), positions, self.strategy.remat
+            )
+        if pad:
+            x = x.reshape(shards, local + pad, *x.shape[1:])[:, :local].reshape(b, *x.shape[1:])
+        # Every stage gets the whole output (one all-gather over pipeline per step, and its gradient's
+        # reduce-scatter): the pipeline reads one microbatch of it per tick, which would otherwise
+        # be a collective per tick.
+        rest = (PartitionSpec.UNCONSTRAINED,) * (x.ndim - 1)
+        x = jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, PartitionSpec(self.batch_sharding.spec[0], *rest))
+        )
+        return x, aux
 
     def _split(self, batch, mb: int | None = None):
         """[B, ...] -> [M, B/M, ...] (each leaf of a batch tree). Row r goes to microbatch r % M, which

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 
 from codesign.arithmetic import pipeline_loops, pipeline_ticks
+from codesign.closed_form import analytic_report
+from codesign.compile.hlo import analyze_hlo
 from codesign.config import Workload
 from codesign.pipeline import chunk_layers, layer_mask, to_stage_layout
 from codesign.presets import get_preset
@@ -138,6 +140,33 @@ def test_pipelined_moe_matches_accumulation():
     cfg = get_preset("tiny-moe").replace(layers=5)  # 1 dense + 4 MoE layers
     ref = _one_loss_curve(cfg, "data=2,microbatches=2")
     np.testing.assert_allclose(_one_loss_curve(cfg, "pipeline=2,expert=4,microbatches=2"), ref, rtol=1e-5)
+
+
+def test_moe_prefix_is_split_over_the_stages_with_padded_rows():
+    """An MoE model's dense prefix runs before the pipeline on the whole batch, its rows split over the
+    stages (each shard's 6 rows padded to 8 for pipeline=4): the same losses as pipeline=1 with the
+    same microbatches, and compiled matmul FLOPs inside the closed form's one-stage work (the prefix
+    at 1/p) times the schedule's ticks/microbatches (a prefix repeated by every stage exceeds it)."""
+    require_devices(8)
+    cfg = get_preset("tiny-moe").replace(layers=5)  # 1 dense + 4 MoE layers
+    wl = Workload(global_batch=12, seq_len=16, dtype="float32")
+    tokens = np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 12, 17)).astype(np.int32)
+    out = {}
+    for spec in ("data=2,microbatches=2", "pipeline=4,expert=2,microbatches=2"):
+        s = Strategy.parse(spec)
+        prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()))
+        compiled = prog.lower().compile()
+        state, losses = initial_state(prog), []
+        for batch in tokens:
+            state, m = compiled(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
+            losses.append(float(m["loss"]))
+        out[spec] = losses, analyze_hlo(compiled.as_text(), s.mesh).matmul_flops, s, wl
+    np.testing.assert_allclose(
+        out["pipeline=4,expert=2,microbatches=2"][0], out["data=2,microbatches=2"][0], rtol=1e-5
+    )
+    _, flops, s, wl = out["pipeline=4,expert=2,microbatches=2"]
+    one_stage = analytic_report(cfg, wl, s, platform="cpu").matmul_flops
+    assert one_stage < flops < one_stage * pipeline_ticks(2, 4, 1) / 2
 
 
 @pytest.mark.slow

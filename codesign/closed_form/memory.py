@@ -28,8 +28,12 @@ Memory formula (bytes per device; P = local param elements = sum of elems / shar
                executed: gpipe m + (p-1)/V, 1f1b min(2p - 1, m), interleaved min(2pV - 1, mV)/V,
                dualpipe p + 1): the extra ones; and the pipeline's input buffers where the input
                of all m microbatches is computed before the loop (gpipe, or an MoE model's dense
-               prefix): that input and its gradient, 2 m x the layer input.
-               DualPipe also holds two stages' params, grads and optimizer state (2x).
+               prefix): that input and its gradient, 2 m x the layer input. An MoE model's dense
+               prefix runs before the loop on the whole batch split over the p stages, so it keeps
+               its layers' saved activations for m / p microbatches throughout, and its backward's
+               transient is m / p microbatches' (`params.prefix_split`).
+               DualPipe also holds two stages' params, grads and optimizer state (2x the stage
+               layers; the embedding, head and a dense prefix once).
     layer_transient: one layer's intermediates live while its backward runs (recomputed in a
                checkpointed layer; none for remat none or selective), its attention scores apart:
     attention_workspace: XLA attention's f32 scores and bf16 probabilities of that layer (recomputed),
@@ -221,14 +225,19 @@ def analytic_memory(
     sizes = spmd_sizes(strategy)
     params = sharded_params(cfg, strategy)
     m, p = strategy.microbatches, strategy.size("pipeline")
-    # DualPipe holds stage i and stage p - 1 - i: two copies of the state.
-    copies = param_copies(strategy.schedule)
-    local = sum(sp.local_elems * sp.count for sp in params) * copies
+    # DualPipe holds stage i and stage p - 1 - i: two copies of a stage's state. The embedding and
+    # head (and an MoE's dense prefix, which every device holds) are not stage layers: one copy.
+    stack = "moe" if prefix_split(cfg, p) else "dense|moe"
+
+    def copies(sp) -> int:
+        return param_copies(strategy.schedule) if sp.group.where in stack.split("|") else 1
+
+    local = sum(sp.local_elems * sp.count * copies(sp) for sp in params)
     pbytes = workload.param_bytes
     # ZeRO over the batch axes that replicate each param (data; expert for the non-expert params):
     # moments (1) and, where the step reduces over data itself, the gradient accumulator (2).
     zero = zero_level(cfg, strategy)
-    zero_local = sum(sp.local_elems * sp.count / zero_shards(cfg, strategy, sp) for sp in params) * copies
+    zero_local = sum(sp.local_elems * sp.count * copies(sp) / zero_shards(cfg, strategy, sp) for sp in params)
     scattered = zero == 2 and "data" in replica_axes(cfg, strategy)
     grads = (zero_local if scattered else local) * pbytes
     gathered = 0.0

@@ -186,7 +186,13 @@ def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, 
     d = sizes["data"] * (sizes["expert"] if cfg.is_moe else 1)
     p, moments = workload.param_bytes, 2 * dtype_bytes(workload.optimizer_state_dtype)
     per_param = {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]
-    return per_param * per_device * PL.param_copies(s.schedule)
+    # DualPipe's second copy is of the stage layers only (not the embedding, head or an MoE's dense
+    # prefix): count it for the routed experts alone (an MoE) or the layers beside the embeddings.
+    globals_ = cfg.vocab_size * cfg.hidden * (1 if cfg.tie_embeddings else 2) / dense_shards
+    stack = (
+        expert_params / (dense_shards * sizes["expert"]) if cfg.is_moe else max(0.0, per_device - globals_)
+    )
+    return per_param * (per_device + (PL.param_copies(s.schedule) - 1) * stack)
 
 
 def _stage_key(s: Strategy) -> tuple:
