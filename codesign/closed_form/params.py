@@ -56,7 +56,6 @@ def strategy_rules(strategy: Strategy) -> Rules:
     return _rules(strategy.mesh, strategy.rules_file, strategy.sp)
 
 
-@functools.lru_cache(maxsize=4096)
 def prefix_split(cfg: ModelConfig, stages: int) -> bool:
     """Whether an MoE model's dense prefix runs before the pipeline, its batch split over the `stages`
     (`train_step`): its params are on every device, its work and its gradients' reduction span
@@ -64,6 +63,7 @@ def prefix_split(cfg: ModelConfig, stages: int) -> bool:
     return stages > 1 and cfg.moe_layers > 0 and cfg.dense_layers > 0
 
 
+@functools.lru_cache(maxsize=4096)
 def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tuple[ShardedParam, ...]:
     strategy = Strategy(mesh=mesh, rules_file=rules_file)
     rules = _rules(mesh, rules_file, False)

@@ -173,26 +173,27 @@ def _param_split(cfg: ModelConfig) -> tuple[float, float]:
 def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, zero: int = 0) -> float:
     """Params + grads in the master dtype and Adam's two moments in theirs (16 B/param with float32
     masters), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
-    are also divided over the data replicas (and an MoE's expert axis: a lower bound, since expert
-    weights are already split over it)."""
+    are also divided over the batch axes that replicate each param."""
     total, expert_params = _param_split(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
-    if cfg.is_moe:
-        per_device = (total - expert_params) / dense_shards + expert_params / (dense_shards * sizes["expert"])
-    else:
-        per_device = total / dense_shards
-    # ZeRO's finest split: over data and, for an MoE, expert too (`closed_form.params.zero_shards`).
-    d = sizes["data"] * (sizes["expert"] if cfg.is_moe else 1)
     p, moments = workload.param_bytes, 2 * dtype_bytes(workload.optimizer_state_dtype)
-    per_param = {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]
+
+    def per_param(d: int) -> float:  # bytes per local param with ZeRO over d replicas
+        return {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]
+
+    # ZeRO splits each param over the batch axes that replicate it (`closed_form.params.zero_shards`):
+    # data x expert for an MoE's non-expert params, data for its routed experts.
+    dense = (total - expert_params) / dense_shards
+    experts = expert_params / (dense_shards * sizes["expert"]) if cfg.is_moe else 0.0
+    d_dense = sizes["data"] * (sizes["expert"] if cfg.is_moe else 1)
     # DualPipe's second copy is of the stage layers only (not the embedding, head or an MoE's dense
     # prefix): count it for the routed experts alone (an MoE) or the layers beside the embeddings.
     globals_ = cfg.vocab_size * cfg.hidden * (1 if cfg.tie_embeddings else 2) / dense_shards
-    stack = (
-        expert_params / (dense_shards * sizes["expert"]) if cfg.is_moe else max(0.0, per_device - globals_)
-    )
-    return per_param * (per_device + (PL.param_copies(s.schedule) - 1) * stack)
+    extra = PL.param_copies(s.schedule) - 1
+    if cfg.is_moe:
+        return per_param(d_dense) * dense + per_param(sizes["data"]) * experts * (1 + extra)
+    return per_param(d_dense) * (dense + extra * max(0.0, dense - globals_))
 
 
 def _stage_key(s: Strategy) -> tuple:
