@@ -2,8 +2,9 @@
 
 `TrainProgram` is the step on a `codesign.state_layout.StateLayout` (where each param, gradient and
 optimizer leaf lives, and the abstract inputs): it jits the step with the layout's pinned in/out
-shardings so that FSDP gradients reduce-scatter instead of all-reducing. Loss: next-token cross-entropy + MoE aux loss; AdamW with f32 master params,
-bf16 compute, global-norm clipping, warmup+cosine schedule and gradient accumulation.
+shardings so that FSDP gradients reduce-scatter instead of all-reducing. Loss: next-token
+cross-entropy + MoE aux loss; AdamW with f32 master params, bf16 compute, global-norm clipping,
+warmup+cosine schedule and gradient accumulation.
 
 One gradient reduction per step over the data replicas (DESIGN.md "Fidelity"). XLA's SPMD lowering
 of a scanned accumulation reduces across replicas inside the loop, once per microbatch, and its loop

@@ -227,10 +227,10 @@ def analytic_memory(
     m, p = strategy.microbatches, strategy.size("pipeline")
     # DualPipe holds stage i and stage p - 1 - i: two copies of a stage's state. The embedding and
     # head (and an MoE's dense prefix, which every device holds) are not stage layers: one copy.
-    stack = "moe" if prefix_split(cfg, p) else "dense|moe"
+    stack = ("moe",) if prefix_split(cfg, p) else ("dense", "moe")
 
     def copies(sp) -> int:
-        return param_copies(strategy.schedule) if sp.group.where in stack.split("|") else 1
+        return param_copies(strategy.schedule) if sp.group.where in stack else 1
 
     local = sum(sp.local_elems * sp.count * copies(sp) for sp in params)
     pbytes = workload.param_bytes
