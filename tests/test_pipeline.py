@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from codesign.arithmetic import pipeline_loops, pipeline_ticks
-from codesign.closed_form import analytic_report
+from codesign.closed_form import analytic_memory, analytic_report
 from codesign.compile.hlo import analyze_hlo
 from codesign.config import Workload
 from codesign.pipeline import chunk_layers, layer_mask, to_stage_layout
@@ -167,6 +167,21 @@ def test_moe_prefix_is_split_over_the_stages_with_padded_rows():
     _, flops, s, wl = out["pipeline=4,expert=2,microbatches=2"]
     one_stage = analytic_report(cfg, wl, s, platform="cpu").matmul_flops
     assert one_stage < flops < one_stage * pipeline_ticks(2, 4, 1) / 2
+
+
+def test_uneven_stack_is_stored_whole_in_the_program_and_the_memory_model():
+    """5 layers do not divide over pipeline=2: the program stores the stack whole on both stages (JAX
+    shards no uneven dimension), and the closed form's params + optimizer state follow it: equal to the
+    compiled step's argument bytes (state in, aliased out)."""
+    require_devices(8)
+    wl = Workload(global_batch=8, seq_len=16)
+    for layers in (4, 5):
+        cfg = get_preset("tiny-dense").replace(layers=layers)
+        s = Strategy.parse("pipeline=2,data=4,microbatches=2")
+        prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()))
+        args = prog.lower().compile().memory_analysis().argument_size_in_bytes
+        mem = analytic_memory(cfg, wl, s)
+        assert args == pytest.approx(mem.params + mem.optimizer, rel=1e-3), layers
 
 
 @pytest.mark.slow

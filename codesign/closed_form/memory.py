@@ -232,12 +232,14 @@ def analytic_memory(
     def copies(sp) -> int:
         return param_copies(strategy.schedule) if sp.group.where in stack else 1
 
-    local = sum(sp.local_elems * sp.count * copies(sp) for sp in params)
+    local = sum(sp.local_elems * sp.stored * copies(sp) for sp in params)
     pbytes = workload.param_bytes
     # ZeRO over the batch axes that replicate each param (data; expert for the non-expert params):
     # moments (1) and, where the step reduces over data itself, the gradient accumulator (2).
     zero = zero_level(cfg, strategy)
-    zero_local = sum(sp.local_elems * sp.count * copies(sp) / zero_shards(cfg, strategy, sp) for sp in params)
+    zero_local = sum(
+        sp.local_elems * sp.stored * copies(sp) / zero_shards(cfg, strategy, sp) for sp in params
+    )
     scattered = zero == 2 and "data" in replica_axes(cfg, strategy)
     grads = (zero_local if scattered else local) * pbytes
     gathered = 0.0

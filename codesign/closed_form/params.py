@@ -30,6 +30,13 @@ class ShardedParam:
     count: float  # copies per device program: layers of its stack (per pipeline stage), 1 for global
     axes: tuple[str, ...]  # mesh axes that shard it (after non-strict resolution)
     shards: int
+    # Layers each device stores, where that is not `count`: a pipelined stack whose layers do not
+    # divide by the pipeline is stored whole on every stage (`StateLayout._stage_specs`).
+    held: float | None = None
+
+    @property
+    def stored(self) -> float:
+        return self.count if self.held is None else self.held
 
     @property
     def local_elems(self) -> float:
@@ -72,12 +79,15 @@ def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tu
     dense, moe = stage_layers(cfg, p)
     if prefix_split(cfg, p):  # every device holds the whole prefix (it runs split over the batch)
         dense = cfg.dense_layers
+    stack, n = ("moe", cfg.moe_layers) if cfg.moe_layers else ("dense", cfg.dense_layers)
+    whole = p > 1 and n % p != 0  # an uneven pipelined stack: every stage stores all n layers
     out = []
     for g in param_groups(cfg):
         spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
         count = {"dense": dense, "moe": moe, "global": 1.0}[g.where]
-        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
+        held = float(n) if whole and g.where == stack else None
+        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes), held))
     return tuple(out)
 
 

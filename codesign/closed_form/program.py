@@ -531,7 +531,7 @@ def analytic_report(
     matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * sh.act.vocab
     params = sharded_params(cfg, strategy)
-    local_params = sum(sp.local_elems * sp.count for sp in params)
+    local_params = sum(sp.local_elems * sp.stored for sp in params)  # the optimizer updates what is stored
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     elem += DR.RNG_OPS_PER_ELEMENT * drawn
     flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
