@@ -229,8 +229,8 @@ def analytic_memory(
     # head (and an MoE's dense prefix, which every device holds) are not stage layers: one copy.
     stack = ("moe",) if prefix_split(cfg, p) else ("dense", "moe")
 
-    def copies(sp) -> int:
-        return param_copies(strategy.schedule) if sp.group.where in stack else 1
+    def copies(sp) -> int:  # a stack stored whole (`held`) holds every stage already
+        return param_copies(strategy.schedule) if sp.group.where in stack and sp.held is None else 1
 
     local = sum(sp.local_elems * sp.stored * copies(sp) for sp in params)
     pbytes = workload.param_bytes

@@ -265,6 +265,7 @@ def _accelerator_traffic(
     local: float,
     gathered: float,
     platform: str | None,
+    stored: float = 0.0,
 ) -> tuple[float, float]:
     """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
     GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
@@ -288,7 +289,8 @@ def _accelerator_traffic(
     (read + write 8); the embedding lookup and its scatter-add gradient.
     Matmul kernels: every weight matmul reads its input and weight and writes its output in each of
     forward (and recompute), input-gradient and weight-gradient passes. `local` and `gathered` are the
-    param elements per device, sharded and after the FSDP gathers."""
+    param elements per device the stage's microbatches use, sharded and after the FSDP gathers;
+    `stored` (when given) the elements the optimizer updates (an uneven stack is stored whole)."""
     m, tp, p = sh.m, sh.sizes["tensor"], strategy.size("pipeline")
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
@@ -341,7 +343,7 @@ def _accelerator_traffic(
     cast = (F32 + bf) * gathered * (1 + w_frac + 1) if pb == F32 else 0.0
     accumulate = 2 * F32 * local if m > 1 else 0.0
     matmul_bytes = m * (bf * mm_elems + mm_w)
-    memory_bound = m * (bf * other + cast + accumulate + dropout_bytes) + 8 * pb * local
+    memory_bound = m * (bf * other + cast + accumulate + dropout_bytes) + 8 * pb * (stored or local)
     if workload.matmul_dtype == "fp8":  # quantize passes; weights (W and W^T blocks) once per step
         memory_bound += m * quantized * (bf + FP8_BYTES) + 2 * gathered * (pb + FP8_BYTES)
     return matmul_bytes, memory_bound
@@ -531,10 +533,11 @@ def analytic_report(
     matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * sh.act.vocab
     params = sharded_params(cfg, strategy)
-    local_params = sum(sp.local_elems * sp.stored for sp in params)  # the optimizer updates what is stored
+    local_params = sum(sp.local_elems * sp.count for sp in params)  # what the stage's microbatches use
+    stored_params = sum(sp.local_elems * sp.stored for sp in params)  # what the optimizer updates
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     elem += DR.RNG_OPS_PER_ELEMENT * drawn
-    flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
+    flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * stored_params
     if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
         w_uses = 3 + (rec / fwd if fwd else 0.0)  # recomputed matmuls read their weights again
         tr = CPU_TRAFFIC
@@ -546,13 +549,13 @@ def analytic_report(
                 + tr["logit"] * logits
                 + tr["weight"] * w_uses * gathered
             )
-            + tr["opt"] * local_params
+            + tr["opt"] * stored_params
             + m * DR.RNG_CPU_BYTES * drawn
         )
         matmul_bytes = 0.0
     else:
         matmul_bytes, memory_bound = _accelerator_traffic(
-            cfg, workload, strategy, sh, local_params, gathered, platform
+            cfg, workload, strategy, sh, local_params, gathered, platform, stored_params
         )
         nbytes = matmul_bytes + memory_bound
 
