@@ -5,8 +5,9 @@ Microseconds per candidate, so the planner can rank thousands of layouts and com
 Everything is per device per step, for ONE pipeline stage (layers / pipeline; the embedding and the LM
 head are both included, i.e. the stage is costed as the heaviest one). An MoE model's dense prefix
 runs before the pipeline, split over the stages: each device does dense / p of its layers' work, and
-its gradients (and the embedding's) reduce once per step over pipeline too (`arithmetic.stage_layers`). Shapes below: b rows per
-device per microbatch = B / (data*fsdp*expert*microbatches), s = S / sequence positions, u = b*s*d.
+its gradients (and the embedding's) reduce once per step over pipeline too (`arithmetic.stage_layers`).
+Shapes below: b rows per device per microbatch = B / (data*fsdp*expert*microbatches), s = S / sequence
+positions, u = b*s*d.
 
 Matmul FLOPs (the models' einsums, sharded as `default_rules` shards them): each weight matmul is
 2 x tokens x (weight elements / its tensor and expert shards); weights without a tensor-sharded dim
