@@ -9,7 +9,7 @@ import pytest
 
 from codesign.closed_form import analytic_memory
 from codesign.closed_form import pipeline as PL
-from codesign.closed_form.params import sharded_params
+from codesign.closed_form.params import pipeline_transfers, sharded_params
 from codesign.config import Workload
 from codesign.cost.estimate import estimate_analytic
 from codesign.hardware.catalog import load_hardware
@@ -214,3 +214,22 @@ def test_fix_pins_schedule_and_v():
     got = {Strategy.parse(r["spec"]) for r in plan(req).scored}
     assert got and all(s.schedule == "interleaved" and s.stages_per_device == 2 for s in got)
     assert all(s.microbatches % 4 == 0 for s in got)  # Megatron's rule, applied by the search
+
+
+def test_once_per_step_pipeline_collectives_follow_the_program():
+    """Outside the tick loop the program moves an MoE prefix's output to every stage (and its gradient
+    back), and gathers an uneven stack's gradients to the whole stack each stage stores; an even dense
+    pipeline moves neither. The estimate charges them as exposed collectives over pipeline."""
+    hw = load_hardware("h100", devices=8)
+    even = Strategy.parse("pipeline=2,data=4,remat=full,microbatches=4")
+    assert pipeline_transfers(CFG, WL, even) == ()
+    uneven_cfg = CFG.replace(layers=7)
+    ((kind, nbytes),) = pipeline_transfers(uneven_cfg, WL, even)
+    stack = sum(sp.local_elems * 7 for sp in sharded_params(uneven_cfg, even) if sp.group.where == "dense")
+    assert kind == "all-gather" and nbytes == pytest.approx(stack * WL.param_bytes)
+    moe = get_preset("tiny-moe").replace(layers=5)  # 1 dense + 4 MoE: the prefix runs split over stages
+    s = Strategy.parse("pipeline=2,expert=4,remat=full,microbatches=4")
+    table = WL.global_batch / s.batch_shards * WL.seq_len * moe.hidden * 2
+    assert pipeline_transfers(moe, WL, s) == (("all-gather", table), ("all-reduce", table))
+    est = estimate_analytic(moe, WL, s, hw)
+    assert any("outside the loop" in r for r in est.reasons)

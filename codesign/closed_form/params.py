@@ -210,3 +210,21 @@ def zero_shards(cfg: ModelConfig, strategy: Strategy, sp: ShardedParam) -> int:
     if not zero_level(cfg, strategy):
         return 1
     return math.prod(strategy.size(a) for a in zero_axes(cfg, strategy) if a not in sp.axes)
+
+
+def pipeline_transfers(
+    cfg: ModelConfig, workload: Workload, strategy: Strategy
+) -> tuple[tuple[str, float], ...]:
+    """(kind, bytes per device) of the collectives over `pipeline` that run once per step outside the
+    tick loop, which the one-stage report leaves out: an MoE dense prefix's output gathered to every
+    stage and its gradient reduced back (bf16), and an uneven stack's stage-layout gradients gathered
+    to the whole stack every stage stores (`ShardedParam.held`)."""
+    p = strategy.size("pipeline")
+    out: list[tuple[str, float]] = []
+    if prefix_split(cfg, p):
+        table = workload.global_batch / strategy.batch_shards * workload.seq_len * cfg.hidden * 2
+        out += [("all-gather", table), ("all-reduce", table)]
+    held = sum(sp.local_elems * sp.held for sp in sharded_params(cfg, strategy) if sp.held is not None)
+    if held:
+        out.append(("all-gather", held * workload.param_bytes))
+    return tuple(out)

@@ -71,7 +71,7 @@ from codesign.closed_form import (
 )
 from codesign.closed_form import pipeline as PL
 from codesign.closed_form import remat as R
-from codesign.closed_form.params import replica_axes, zero_axes, zero_level
+from codesign.closed_form.params import pipeline_transfers, replica_axes, zero_axes, zero_level
 from codesign.compile.flags import collective_matmul_on
 from codesign.config import ModelConfig, Workload
 from codesign.cost import overlap as O
@@ -451,7 +451,8 @@ def _a2a_reason(x: _Inputs, busy: float, a2a: float, hidden: float) -> str:
 def _pipeline(
     x: _Inputs, stage_s: float, all_to_all_s: float, placements
 ) -> tuple[float, float, float, float, tuple[str, ...]]:
-    """(step, bubble, point-to-point seconds, all-to-all seconds hidden) of the candidate's schedule.
+    """(step, bubble, point-to-point seconds, all-to-all seconds hidden, reasons, seconds by kind of the
+    once-per-step collectives over pipeline) of the candidate's schedule.
 
     `stage_s` is one device's work for all m microbatches (the report is one stage); the schedule
     arithmetic is `closed_form/pipeline.py`'s. The reasons weigh the pipeline in the candidate's own
@@ -460,7 +461,7 @@ def _pipeline(
     s = x.strategy
     p, v, m = s.size("pipeline"), s.stages_per_device, s.microbatches
     if p <= 1:
-        return stage_s, 0.0, 0.0, 0.0, ()
+        return stage_s, 0.0, 0.0, 0.0, (), {}
     r = x.report
     if r.ok and r.hlo_analyzed and dict(r.mesh).get("pipeline", 1) > 1:  # the whole program was timed
         ticks = arithmetic.pipeline_ticks(m, p, v)
@@ -479,6 +480,7 @@ def _pipeline(
             (
                 f"pipeline={p} x v={v}, {m} microbatches, compiled whole: {ticks} ticks, bubble {bubble / stage_s:.0%}",
             ),
+            {},
         )
     sh = shape_of(x.cfg, x.workload, s)
     # Megatron's scatter/gather optimization (Narayanan et al. 2021, arXiv 2104.04473, sec. 4.1): the
@@ -490,6 +492,14 @@ def _pipeline(
     recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
     cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
     level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
+    # Once per step, outside the tick loop and exposed: the prefix output's gather and its gradient,
+    # and an uneven stack's gradients gathered to every stage.
+    outside: dict[str, float] = {}
+    for kind, nbytes in pipeline_transfers(x.cfg, x.workload, s):
+        outside[kind] = outside.get(kind, 0.0) + collective_time_on_axes(
+            kind, nbytes, ("pipeline",), placements
+        )
+    once = sum(outside.values())
     reasons = [
         (
             f"pipeline={p} {s.schedule} v={v}, {m} microbatches: bubble {_ms(cost.bubble_s)} "
@@ -500,7 +510,12 @@ def _pipeline(
     ]
     if hidden:
         reasons.append(f"{s.schedule} hides {_ms(hidden)} of all-to-all behind the other direction")
-    return cost.step_s, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons)
+    if once:
+        reasons.append(
+            f"{_ms(once)} of collectives over pipeline outside the loop (the dense prefix's output and its "
+            "gradient; an uneven stack's gradients gathered to the whole stack every stage stores)"
+        )
+    return cost.step_s + once, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons), outside
 
 
 def _memory(x: _Inputs) -> tuple[float, tuple[str, ...], bool]:
@@ -557,11 +572,16 @@ def estimate_from_report(
     net = _collectives(x, roof, placements)
     # DualPipe's hidden expert all-to-all is already the overlap model's (expert_comm's dualpipe class):
     # nothing more for the schedule to hide here.
-    step, bubble, p2p, a2a_hidden, pipe_reasons = _pipeline(x, roof.busy + net.exposed, 0.0, placements)
+    step, bubble, p2p, a2a_hidden, pipe_reasons, outside = _pipeline(
+        x, roof.busy + net.exposed, 0.0, placements
+    )
     by_kind, exposed = dict(net.by_kind), net.exposed - a2a_hidden
     if p2p:
         by_kind["collective-permute"] = by_kind.get("collective-permute", 0.0) + p2p
         exposed += p2p
+    for kind, seconds in outside.items():  # over pipeline, once per step, exposed
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
+        exposed += seconds
     mem, mem_reasons, closed_mem = _memory(x)
     cap = hardware.memory_capacity_bytes
     fits = report.outcome != "oom" and mem <= cap
