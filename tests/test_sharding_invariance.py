@@ -99,3 +99,16 @@ def test_fused_qkv_is_the_same_math():
     want, got = to_fused(jax.device_get(a["params"])), jax.device_get(b["params"])
     for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
         np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("model,spec", [("tiny-dense", "fsdp=4,tensor=2"), ("tiny-moe", "expert=4,data=2")])
+def test_init_gives_the_same_values_under_every_layout(model, spec):
+    """The same-loss tests start every layout from one host-side init (`conftest.initial_state`); that is
+    sound only if a layout's own `init` (straight into its shardings) gives those values bit for bit."""
+    require_devices(8)
+    cfg = get_preset(model)
+    strategy = Strategy.parse(spec)
+    prog = TrainProgram(cfg, WORKLOAD, strategy, MeshSpec.from_strategy(strategy).build(jax.devices()))
+    own, shared = jax.device_get(prog.init(seed=0)), jax.device_get(initial_state(prog))
+    for a, b in zip(jax.tree.leaves(own), jax.tree.leaves(shared)):
+        assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
