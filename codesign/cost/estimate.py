@@ -450,7 +450,7 @@ def _a2a_reason(x: _Inputs, busy: float, a2a: float, hidden: float) -> str:
 
 def _pipeline(
     x: _Inputs, stage_s: float, all_to_all_s: float, placements
-) -> tuple[float, float, float, float, tuple[str, ...]]:
+) -> tuple[float, float, float, float, tuple[str, ...], dict[str, float]]:
     """(step, bubble, point-to-point seconds, all-to-all seconds hidden, reasons, seconds by kind of the
     once-per-step collectives over pipeline) of the candidate's schedule.
 
