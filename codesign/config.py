@@ -297,13 +297,18 @@ _DTYPE_ALIASES = {
 }
 
 
+def dtype_name(name: str) -> str:
+    """The numpy/ml_dtypes name of a dtype name or a short one ("bf16" -> "bfloat16")."""
+    return _DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+
+
 def dtype_bytes(name: str) -> float:
     """Bytes per element of a dtype name ("bfloat16", "bf16", "fp8", "int4", ...): from the dtype itself
     (numpy + ml_dtypes, which jax ships), so sub-byte types count their real bits."""
     import ml_dtypes
     import numpy as np
 
-    key = _DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    key = dtype_name(name)
     try:
         dt = np.dtype(getattr(ml_dtypes, key)) if hasattr(ml_dtypes, key) else np.dtype(key)
     except TypeError:

@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign import axes as A
-from codesign.config import ModelConfig, Workload
+from codesign.config import ModelConfig, Workload, dtype_name
 from codesign.models import build_abstract
 from codesign.models.attention import kernel_for, platform_of
 from codesign.sharding.params import logical_axes, named, path_str, resolve_specs, zero_specs
@@ -63,7 +63,7 @@ class OptimizerConfig:
 
 
 def _dtype(name: str):
-    return jnp.dtype({"bf16": "bfloat16", "fp32": "float32", "f32": "float32"}.get(name, name))
+    return jnp.dtype(dtype_name(name))
 
 
 class StateLayout:
@@ -191,7 +191,6 @@ class StateLayout:
     def replica_axes(self) -> tuple[str, ...]:
         """Mesh axes (size > 1) that split the batch and shard no param: pure data replicas, over which
         gradients are accumulated unreduced and reduced once per step. In batch-spec order."""
-        entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
         used = {
             a
             for spec in jax.tree.leaves(self.param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
@@ -199,8 +198,13 @@ class StateLayout:
             if e is not None
             for a in ((e,) if isinstance(e, str) else e)
         }
-        batch = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        return tuple(a for a in batch if self.mesh_sizes.get(a, 1) > 1 and a not in used)
+        return tuple(a for a in self._batch_axes if self.mesh_sizes.get(a, 1) > 1 and a not in used)
+
+    @cached_property
+    def _batch_axes(self) -> tuple[str, ...]:
+        """The mesh axes the batch sharding splits the rows over, in its order."""
+        entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
     @cached_property
     def zero_axes(self) -> tuple[str, ...]:
@@ -209,9 +213,7 @@ class StateLayout:
         expert parallelism does not shard, as Megatron-LM's distributed optimizer and DeepSeek-V3's
         ZeRO-1 shard over the whole data-parallel group, expert ranks included."""
         axes = ("data",) if "data" in self.replica_axes else ()
-        entry = self.batch_sharding.spec[0] if len(self.batch_sharding.spec) else None
-        batch = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        if self.cfg.is_moe and self.mesh_sizes.get("expert", 1) > 1 and "expert" in batch:
+        if self.cfg.is_moe and self.mesh_sizes.get("expert", 1) > 1 and "expert" in self._batch_axes:
             axes += ("expert",)
         return axes
 

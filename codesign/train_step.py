@@ -57,7 +57,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign import _compat
-from codesign.config import ModelConfig, Workload
+from codesign.config import Workload
 from codesign.models import dropout as D
 from codesign.models.transformer import Transformer, enter_residual, run_layers
 from codesign.pipeline import run_pipeline
@@ -66,25 +66,16 @@ from codesign.sharding.activation import activation_sharding, batch_also_over
 from codesign.sharding.params import axis_dim, named
 from codesign.sharding.rules import Rules
 from codesign.sharding.strategy import Strategy, StrategyError
-from codesign.state_layout import OptimizerConfig, StateLayout
+from codesign.state_layout import StateLayout
 
 
 class TrainProgram(StateLayout):
     """The step on a `StateLayout`: losses, the pipelined programs, the once-per-step gradient
     reduction and the update, jitted with the layout's pinned in/out shardings."""
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        workload: Workload,
-        strategy: Strategy,
-        mesh: Mesh,
-        *,
-        rules: Rules | None = None,
-        optimizer: OptimizerConfig | None = None,
-        strict: bool = True,
-    ):
-        super().__init__(cfg, workload, strategy, mesh, rules=rules, optimizer=optimizer, strict=strict)
+    def __init__(self, *args, **kwargs):  # StateLayout's arguments, and the schedule's own checks
+        super().__init__(*args, **kwargs)
+        strategy = self.strategy
         p, v = strategy.size("pipeline"), strategy.stages_per_device
         if v > 1 and strategy.microbatches < p:
             raise StrategyError(

@@ -190,6 +190,7 @@ def replica_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:
     return tuple(a for a in strategy.batch_axes if strategy.size(a) > 1 and a not in used)
 
 
+@functools.lru_cache(maxsize=4096)  # asked per param per candidate by the memory model and collectives
 def zero_axes(cfg: ModelConfig, strategy: Strategy) -> tuple[str, ...]:
     """The batch axes ZeRO shards over (`StateLayout.zero_axes`): `data` where it is a replica axis,
     and an MoE model's `expert` axis for the params expert parallelism does not shard."""
