@@ -333,6 +333,11 @@ class Workload:
     param_dtype: str = "float32"
     attention: str = "xla"  # see ATTENTION_IMPLS
     matmul_dtype: str = "bf16"  # see MATMUL_DTYPES: priced by the cost model; the program runs bf16
+    # A master copy of the params in the optimizer, wider than param_dtype (Megatron-LM's fp32 main
+    # params beside bf16/fp16 model weights, DeepSeek-V3's FP32 master weights): the optimizer
+    # updates it (sharded like its moments under ZeRO), the params are its cast, and the gradients
+    # accumulate and reduce once per step in it. None: the optimizer updates the params themselves.
+    master_dtype: str | None = None
 
     def __post_init__(self):
         if self.mode not in WORKLOAD_MODES:
@@ -349,16 +354,32 @@ class Workload:
             raise ConfigError(
                 f"global_batch ({self.global_batch}) and seq_len ({self.seq_len}) must be positive"
             )
+        if self.master_dtype is not None and dtype_bytes(self.master_dtype) <= dtype_bytes(self.param_dtype):
+            raise ConfigError(
+                f"master_dtype {self.master_dtype} is not wider than param_dtype {self.param_dtype}; "
+                f"a master copy needs narrower params (param_dtype bfloat16 or float16), or leave it out"
+            )
 
     @property
     def param_bytes(self) -> float:
         return dtype_bytes(self.param_dtype)
 
     @property
+    def update_dtype(self) -> str:
+        """What the optimizer updates (the master copy, else the params), what the gradients accumulate
+        and reduce once per step in, and what AdamW keeps its moments in (optax keeps them in the
+        dtype of what it updates): the memory model, the closed form and `TrainProgram` all read this
+        one property."""
+        return self.master_dtype or self.param_dtype
+
+    @property
     def optimizer_state_dtype(self) -> str:
-        """AdamW's two moments. optax keeps them in the params' dtype (no `mu_dtype`), and so does the
-        train step: the memory model, the closed form and `TrainProgram` all read this one property."""
-        return self.param_dtype
+        """AdamW's two moments (`update_dtype`)."""
+        return self.update_dtype
+
+    @property
+    def update_bytes(self) -> float:
+        return dtype_bytes(self.update_dtype)
 
     @property
     def tokens(self) -> int:
@@ -370,7 +391,10 @@ class Workload:
         return self.attention in FLASH_IMPLS
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["master_dtype"] is None:  # absent, as before the field existed: plan files and cache keys
+            del d["master_dtype"]
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Workload:

@@ -60,13 +60,19 @@ def chunk_layers(n_layers: int, stages: int, repeats: int) -> int:
     return -(-n_layers // (stages * repeats))
 
 
+def stored_layers(n_layers: int, stages: int) -> int:
+    """Rows a pipelined stack of n layers is stored with: zero-padded at the end to a multiple of the
+    stages, so that its `layers` axis shards over `pipeline` (JAX shards no uneven dimension)."""
+    return -(-n_layers // stages) * stages
+
+
 def to_stage_layout(tree: Any, n_layers: int, stages: int, repeats: int) -> Any:
-    """Stacked-layer leaves [L, ...] -> [V, p, Lc, ...] (zero-padded to V p Lc layers): chunk r p + s
-    is stage s's r-th chunk."""
+    """Stacked-layer leaves [R, ...] (R >= n_layers rows, those past n_layers zero padding) ->
+    [V, p, Lc, ...] (zero-padded to V p Lc layers): chunk r p + s is stage s's r-th chunk."""
     lc = chunk_layers(n_layers, stages, repeats)
-    pad = stages * repeats * lc - n_layers
 
     def one(a):
+        pad = stages * repeats * lc - a.shape[0]
         if pad:
             a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
         return a.reshape(repeats, stages, lc, *a.shape[1:])
@@ -103,9 +109,20 @@ def pin_stages(tree: Any) -> Any:
 
 
 def run_pipeline(
-    graphdef, layers, xs, positions, *, stages: int, repeats: int, remat: str, first_layer=0, rows=None
+    graphdef,
+    layers,
+    xs,
+    positions,
+    *,
+    stages: int,
+    repeats: int,
+    remat: str,
+    first_layer=0,
+    rows=None,
+    n_layers: int | None = None,
 ):
-    """Run the stacked blocks `layers` (leaves [L, ...]) over microbatches xs [M, mb, S, D].
+    """Run the stacked blocks `layers` (leaves [R, ...]: the first n_layers real, default all R, the
+    rest zero padding) over microbatches xs [M, mb, S, D].
 
     Dropout (`models.dropout`, when a scope is open): `rows` [M, mb] are the global batch rows of each
     microbatch, and the stack's layer l draws as model layer first_layer + l, as it would unpipelined.
@@ -114,12 +131,13 @@ def run_pipeline(
     p, v, m = stages, repeats, xs.shape[0]
     if v > 1 and m < p:
         raise ValueError(f"an interleaved pipeline needs microbatches >= stages, got {m} < {p}")
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    stored = jax.tree.leaves(layers)[0].shape[0]
+    n_layers = stored if n_layers is None else n_layers
     # [V, p, Lc, ...] with the stage axis on `pipeline` before the loop: the per-tick chunk pick is then
     # local (left to the partitioner, the V > 1 reorder was redone inside the loop, every tick).
     params = pin_stages(to_stage_layout(layers, n_layers, p, v))
     mask = jnp.asarray(layer_mask(n_layers, p, v))
-    ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
+    ids = to_stage_layout(first_layer + jnp.arange(stored), n_layers, p, v)
     draw = D.current()
     if draw is not None and rows is None:
         raise ValueError("run_pipeline under a dropout scope needs the microbatches' global rows (rows=)")

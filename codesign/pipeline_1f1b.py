@@ -159,21 +159,26 @@ def run_1f1b(
     aux_weight: float,
     first_layer: int = 0,
     rows=None,
+    n_layers: int | None = None,
+    grad_dtype=None,
 ):
     """Loss and gradients of the pipelined stack and the head, in 1F1B order.
 
-    layers: stacked block params [L, ...]; source: the first stage's input per microbatch (`Source`);
+    layers: stacked block params [R, ...] (the first n_layers real, default all R, the rest zero
+    padding); grad_dtype: what the stack's and the head's gradients accumulate in over the microbatches (default
+    the params' dtype); source: the first stage's input per microbatch (`Source`);
     positions [mb, S]; head_loss(head_params, y [mb, S, D], targets [mb, S]) -> the microbatch's mean
     loss; targets [M, mb, S]; rows [M, mb]: each microbatch's global batch rows (dropout, when a scope
     is open; the source's `enter` and the blocks draw under it). The step's loss is
     mean_i head_loss_i + aux_weight x (sum of the stack's aux)/M.
-    Returns (ce, aux, d_layers [L, ...], d_head_params, d_table: the source table's gradient).
+    Returns (ce, aux, d_layers [R, ...], d_head_params, d_table: the source table's gradient).
     """
     p, v, m = stages, repeats, microbatches
     problem = schedule_problem(m, p, v)
     if problem:
         raise ValueError(problem)
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    stored = jax.tree.leaves(layers)[0].shape[0]
+    n_layers = stored if n_layers is None else n_layers
     lc = chunk_layers(n_layers, p, v)
     k_slots = ring_slots(m, p, v)
     off = p * v - 1  # the first backward: the last stage, the tick the first microbatch leaves it
@@ -183,7 +188,7 @@ def run_1f1b(
 
     params = pin_stages(to_stage_layout(layers, n_layers, p, v))
     mask = jnp.asarray(layer_mask(n_layers, p, v))
-    ids = to_stage_layout(first_layer + jnp.arange(n_layers), n_layers, p, v)
+    ids = to_stage_layout(first_layer + jnp.arange(stored), n_layers, p, v)
     stage_ids = jnp.arange(p)
     residual = per_stage(lambda y: constrain(y, RESIDUAL))
     res = _Residuals()
@@ -258,7 +263,7 @@ def run_1f1b(
         table_acc = table_acc.at[idx].add(jnp.where(first, d_rows, 0.0).astype(table_acc.dtype))
         return dx, grads_v, table_acc
 
-    d_head0 = jax.tree.map(jnp.zeros_like, head_params)
+    d_head0 = jax.tree.map(lambda a: jnp.zeros(a.shape, grad_dtype or a.dtype), head_params)
 
     def head(y_last, mb, live):
         """The loss of the microbatch leaving the last stage, and its gradients (zero when none does)."""
@@ -291,7 +296,7 @@ def run_1f1b(
         return (fwd_in, bwd_in, ring, grads, d_table, d_head, ce, aux), None
 
     act = residual(jnp.zeros((p,) + x_spec.shape, x_spec.dtype))
-    grads = pin_stages(jax.tree.map(jnp.zeros_like, params))
+    grads = pin_stages(jax.tree.map(lambda a: jnp.zeros(a.shape, grad_dtype or a.dtype), params))
     # One accumulator per stage (only the first stage's is written): no transfer inside the loop.
     d_table = pin_dims(jnp.zeros((p,) + source.table.shape, source.table.dtype), {0: AXIS})
     zero = jnp.zeros((), jnp.float32)
@@ -322,5 +327,5 @@ def run_1f1b(
         carry = ticks(carry, warm + groups * p * v, p, True, True, True)
     carry = ticks(carry, warm + steady, pipeline_loops(m, p, v)[2], False, True)
     _, _, _, grads, d_table, d_head, ce, aux = carry
-    d_layers = jax.tree.map(lambda g: g.reshape(p * v * lc, *g.shape[3:])[:n_layers], grads)
+    d_layers = jax.tree.map(lambda g: g.reshape(p * v * lc, *g.shape[3:])[:stored], grads)
     return ce, aux / m, d_layers, d_head, d_table[0]

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -30,6 +31,7 @@ from codesign import axes as A
 from codesign.config import ModelConfig, Workload, dtype_name
 from codesign.models import build_abstract
 from codesign.models.attention import kernel_for, platform_of
+from codesign.pipeline import stored_layers
 from codesign.sharding.params import logical_axes, named, path_str, resolve_specs, zero_specs
 from codesign.sharding.rules import Dropped, Rules, default_rules
 from codesign.sharding.strategy import Strategy, StrategyError
@@ -126,12 +128,16 @@ class StateLayout:
         return logical_axes(self._abstract[1])
 
     @cached_property
+    def _shapes(self):
+        """The params' shapes as stored (`pad_stack`)."""
+        return self.pad_stack(nnx.to_pure_dict(self._abstract[1]))
+
+    @cached_property
     def _param_specs(self) -> tuple[Any, tuple[Dropped, ...]]:
-        shapes = nnx.to_pure_dict(self._abstract[1])
+        shapes = self._shapes
         specs, dropped = resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
         if self.pipelined:
-            specs, more = self._stage_specs(specs)
-            dropped += more
+            specs = self._stage_specs(specs)
         return specs, dropped
 
     @property
@@ -140,18 +146,58 @@ class StateLayout:
         before the pipeline, as in MaxText), else the dense stack."""
         return "moe_blocks" if self.cfg.moe_layers else "dense_blocks"
 
+    @cached_property
+    def stack_layers(self) -> tuple[int, int]:
+        """(layers, stored rows) of the pipelined stack: an uneven split is stored zero-padded to a
+        multiple of the pipeline (`pipeline.stored_layers`), so that each stage holds its own layers
+        and no more. Checkpoints hold the padded rows; a restore pads or truncates them to the rows
+        of its own layout (`Checkpointer`'s `rows`), and their digests cover the real layers only."""
+        n = self.cfg.moe_layers if self.pipelined_stack == "moe_blocks" else self.cfg.dense_layers
+        return n, stored_layers(n, self.mesh_sizes["pipeline"]) if self.pipelined else n
+
+    def _in_stack(self, path, leaf) -> bool:
+        """Whether a state leaf is one of the pipelined stack's (params, gradients, AdamW moments)."""
+        n = self.stack_layers[0]
+        keys = {getattr(k, "key", None) for k in path}
+        return self.pipelined_stack in keys and getattr(leaf, "ndim", 0) > 0 and leaf.shape[0] >= n
+
+    def pad_stack(self, tree):
+        """`tree` (params, or a state holding them) with the pipelined stack's leaves zero-padded from
+        its layers to the rows it is stored with. The padding layers are masked out of the forward
+        (`pipeline.layer_mask`), so their gradients, moments and weights stay zero."""
+        n, rows = self.stack_layers
+        if rows == n:
+            return tree
+
+        def one(path, a):
+            if not self._in_stack(path, a) or a.shape[0] != n:
+                return a
+            if isinstance(a, jax.ShapeDtypeStruct):
+                return jax.ShapeDtypeStruct((rows, *a.shape[1:]), a.dtype)
+            widths = [(0, rows - n)] + [(0, 0)] * (a.ndim - 1)
+            return np.pad(a, widths) if isinstance(a, np.ndarray) else jnp.pad(a, widths)
+
+        return jax.tree_util.tree_map_with_path(one, tree)
+
+    def logical_rows(self, tree) -> dict[str, int]:
+        """{leaf path ('a/b' as `train.integrity.leaves_by_path` writes it): its real rows} of the
+        stack's leaves in `tree` (padded here or not: a checkpoint saved under another layout may be):
+        what a `Checkpointer` digests and restores them by."""
+        n = self.stack_layers[0]
+        flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {
+            jax.tree_util.keystr(path, simple=True, separator="/"): n
+            for path, leaf in flat
+            if self._in_stack(path, leaf)
+        }
+
     def _stage_specs(self, specs):
         """The pipelined stack's `layers` dimension sharded over `pipeline` in contiguous blocks, one per
-        device: for V=1 that is the stage layout itself, so the step moves no params. For V > 1 a device
-        runs chunks s, s + p, ..., so the step's reordering (`pipeline.to_stage_layout`) moves (V-1)/V of
-        the stack's params over `pipeline` each step, and their gradients back (storing the stage layout
-        instead would avoid it; checkpoints keep the logical layout either way). An uneven split keeps
-        the stack replicated over pipeline."""
-        p = self.mesh_sizes["pipeline"]
-        n = self.cfg.moe_layers if self.pipelined_stack == "moe_blocks" else self.cfg.dense_layers
-        if n % p:
-            why = f"{n} pipelined layers do not divide by pipeline={p}; each device holds every layer"
-            return specs, (Dropped(self.pipelined_stack, "layers", "pipeline", why),)
+        device (stored padded when the split is uneven: `stack_layers`): for V=1 that is the stage
+        layout itself, so the step moves no params. For V > 1 a device runs chunks s, s + p, ..., so
+        the step's reordering (`pipeline.to_stage_layout`) moves (V-1)/V of the stack's params over
+        `pipeline` each step, and their gradients back (storing the stage layout instead would avoid
+        it; checkpoints keep the logical order either way)."""
 
         def one(spec):
             head = spec[0] if len(spec) else None
@@ -160,7 +206,7 @@ class StateLayout:
             return PartitionSpec("pipeline", *spec[1:])
 
         stack = jax.tree.map(one, specs[self.pipelined_stack], is_leaf=self._is_spec)
-        return {**specs, self.pipelined_stack: stack}, ()
+        return {**specs, self.pipelined_stack: stack}
 
     @property
     def param_specs(self):
@@ -177,7 +223,7 @@ class StateLayout:
 
     @cached_property
     def abstract_params(self):
-        shapes = nnx.to_pure_dict(self._abstract[1])
+        shapes = self._shapes
         return jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.param_shardings
         )
@@ -279,21 +325,36 @@ class StateLayout:
 
         return jax.tree_util.tree_map_with_path(pick, abstract)
 
+    @property
+    def master(self) -> bool:
+        """Whether the state holds a master copy of the params (`Workload.master_dtype`): the optimizer
+        updates it, sharded like the gradients and moments (so ZeRO shards it too)."""
+        return self.workload.master_dtype is not None
+
     @cached_property
     def state_shardings(self) -> dict:
-        return {
+        out = {
             "params": self.param_shardings,
             "opt_state": self.opt_state_shardings,
             "step": NamedSharding(self.mesh, PartitionSpec()),
         }
+        if self.master:
+            out["master"] = self.grad_shardings
+        return out
 
     @cached_property
     def abstract_state(self) -> dict:
+        updated = self.abstract_params
+        if self.master:
+            dt = _dtype(self.workload.master_dtype)
+            updated = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dt), updated)
         abstract = {
             "params": self.abstract_params,
-            "opt_state": jax.eval_shape(self.optimizer.init, self.abstract_params),
+            "opt_state": jax.eval_shape(self.optimizer.init, updated),
             "step": jax.ShapeDtypeStruct((), jnp.int32),
         }
+        if self.master:
+            abstract["master"] = updated
         return jax.tree.map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, self.state_shardings
         )

@@ -57,7 +57,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from codesign import _compat
-from codesign.config import Workload
+from codesign.config import Workload, dtype_name
 from codesign.models import dropout as D
 from codesign.models.transformer import Transformer, enter_residual, run_layers
 from codesign.pipeline import run_pipeline
@@ -175,6 +175,8 @@ class TrainProgram(StateLayout):
                 aux_weight=coef,
                 first_layer=self.cfg.dense_layers if stack == "moe_blocks" else 0,
                 rows=self._split(rows, m),
+                n_layers=self.stack_layers[0],
+                grad_dtype=self._acc_dtype,
             )
             if prefix:
                 (d_pre,) = pre_vjp((_unsplit(d_source), jnp.asarray(coef, jnp.float32)))
@@ -218,6 +220,7 @@ class TrainProgram(StateLayout):
             remat=self.strategy.remat,
             first_layer=self.cfg.dense_layers if self.pipelined_stack == "moe_blocks" else 0,
             rows=self._split(rows, m),
+            n_layers=self.stack_layers[0],
         )
         with batch_also_over("pipeline"):
             logits = model.head(_unsplit(ys))
@@ -280,7 +283,7 @@ class TrainProgram(StateLayout):
             (_, ce), g = grad_fn(params, mb_batch)
             return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, self._acc_dtype), params)
         (ce_sum, g_sum), _ = jax.lax.scan(acc, (jnp.zeros((), jnp.float32), zeros), self._split(batch))
         return ce_sum / mb, jax.tree.map(lambda g: g / mb, g_sum)
 
@@ -349,9 +352,10 @@ class TrainProgram(StateLayout):
             return self._grads_auto(params, batch)
         mb = self.accumulation
         n = math.prod(self.mesh_sizes[a] for a in self.replica_axes) * mb  # local means -> global mean
+        cast = functools.partial(jax.tree.map, lambda x: x.astype(self._acc_dtype))
         if mb == 1:
             ce, g = self._replica_grads(params, batch)
-            g = self._reduce(g)
+            g = self._reduce(cast(g))
         else:
             per_mb = self.zero == 2  # ZeRO-2: the accumulator itself is sharded over data
 
@@ -362,14 +366,16 @@ class TrainProgram(StateLayout):
                     # The barrier keeps this reduce-scatter in the loop: the TPU compiler otherwise moves
                     # it out (sum of reduce-scatters = reduce-scatter of the sum), which silently turns
                     # ZeRO-2 back into ZeRO-1 (a full-size accumulator).
-                    g = self._reduce(g)
+                    g = self._reduce(cast(g))
                     g = jax.lax.optimization_barrier(jax.lax.with_sharding_constraint(g, self.grad_shardings))
                 return (ce_sum + ce, jax.tree.map(jnp.add, g_sum, g)), None
 
             acc_sh = self.grad_shardings if per_mb else named(self.mesh, self._stacked_specs)
             lead = () if per_mb else (n // mb,)
             zeros = jax.tree.map(
-                lambda p, sh: jax.lax.with_sharding_constraint(jnp.zeros(lead + p.shape, p.dtype), sh),
+                lambda p, sh: jax.lax.with_sharding_constraint(
+                    jnp.zeros(lead + p.shape, self._acc_dtype), sh
+                ),
                 params,
                 acc_sh,
             )
@@ -377,6 +383,12 @@ class TrainProgram(StateLayout):
             (ce, g), _ = jax.lax.scan(acc, (ce0, zeros), self._split(batch))
             g = g if per_mb else self._reduce(g)
         return ce.sum() / n, jax.tree.map(lambda x: x / n, g)
+
+    @property
+    def _acc_dtype(self):
+        """Gradients accumulate over microbatches in what the optimizer updates (`Workload.update_dtype`:
+        f32 with a master copy, as Megatron-LM's main_grad and DeepSeek-V3 accumulate)."""
+        return jnp.dtype(dtype_name(self.workload.update_dtype))
 
     @property
     def has_dropout(self) -> bool:
@@ -388,14 +400,25 @@ class TrainProgram(StateLayout):
         with activation_sharding(self.mesh, self.rules), D.scope(draw):
             ce, grads = self._grads(state["params"], (tokens, rows))
             grads = jax.lax.with_sharding_constraint(grads, self.grad_shardings)
-            params = state["params"]
+            # What the optimizer updates: the master copy (already sharded like the gradients), else
+            # the params. Under ZeRO each replica updates only its slice (a local slice of its param
+            # shard); the pinned out_shardings then all-gather the new params over the ZeRO axes.
+            target = state["master"] if self.master else state["params"]
             if self.zero:
-                # Each replica updates only its ZeRO slice (a local slice of its param shard); the pinned
-                # out_shardings then all-gather the updated params over the ZeRO axes.
-                params = jax.lax.with_sharding_constraint(params, self.grad_shardings)
-            updates, opt_state = self.optimizer.update(grads, state["opt_state"], params)
-            params = optax.apply_updates(params, updates)
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, {"loss": ce}
+                target = jax.lax.with_sharding_constraint(target, self.grad_shardings)
+            grads = jax.tree.map(lambda g, t: g.astype(t.dtype), grads, target)
+            updates, opt_state = self.optimizer.update(grads, state["opt_state"], target)
+            target = optax.apply_updates(target, updates)
+        out = {"opt_state": opt_state, "step": state["step"] + 1}
+        if self.master:
+            # The params are the new master's cast, cast where the master lies (pinned there, or the
+            # partitioner gathers the f32 master and casts after) and gathered back in their dtype.
+            out["master"] = target
+            cast = jax.tree.map(lambda m, p: m.astype(p.dtype), target, state["params"])
+            out["params"] = jax.lax.with_sharding_constraint(cast, self.grad_shardings)
+        else:
+            out["params"] = target
+        return out, {"loss": ce}
 
     @cached_property
     def step_fn(self):
@@ -408,10 +431,16 @@ class TrainProgram(StateLayout):
         )
 
     def _init(self, key):
+        # With a master copy, the init draws it (in its dtype) and the params are its cast.
+        kw = {**self.model_kwargs, "param_dtype": self._acc_dtype}
         with nnx.use_eager_sharding(False):
-            model = Transformer(self.cfg, rngs=nnx.Rngs(params=key), **self.model_kwargs)
-        params = nnx.to_pure_dict(nnx.state(model))
-        return {"params": params, "opt_state": self.optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+            model = Transformer(self.cfg, rngs=nnx.Rngs(params=key), **kw)
+        updated = self.pad_stack(nnx.to_pure_dict(nnx.state(model)))
+        state = {"opt_state": self.optimizer.init(updated), "step": jnp.zeros((), jnp.int32)}
+        if self.master:
+            dt = self.model_kwargs["param_dtype"]
+            return {**state, "master": updated, "params": jax.tree.map(lambda m: m.astype(dt), updated)}
+        return {**state, "params": updated}
 
     def init(self, seed: int = 0) -> dict:
         """Initialize directly into the plan's shardings (nothing is materialized on one host)."""

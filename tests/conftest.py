@@ -65,7 +65,7 @@ def initial_state(prog, seed: int = 0):
             optimizer=prog.opt_cfg,
         )
         _HOST_STATES[key] = jax.device_get(ref.init(seed=seed))
-    return jax.device_put(_HOST_STATES[key], prog.state_shardings)
+    return jax.device_put(prog.pad_stack(_HOST_STATES[key]), prog.state_shardings)
 
 
 def train_losses(prog, step, steps: int) -> list[float]:

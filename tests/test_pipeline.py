@@ -45,7 +45,11 @@ def _plan(spec: str) -> dict:
     }
 
 
-def _train(spec, cfg=DENSE4, steps=STEPS, **kw):
+# 5 layers: uneven over 2 stages (stored padded to 6 rows, run as 8 chunk slots under v=2).
+DENSE5 = DENSE4.replace(layers=5)
+
+
+def _train(spec, cfg=DENSE5, steps=STEPS, **kw):
     return run_training(
         TrainRun(model=cfg, plan=_plan(spec), steps=steps, **{**OPT, **kw}), return_state=True
     )
@@ -71,8 +75,9 @@ def test_stage_layout_interleaves_chunks_and_pads_uneven_splits():
 
 
 def test_pipelined_training_matches_restores_and_resumes(tmp_path):
-    """pipeline=2 (v=2, fsdp, tensor) trains like pipeline=1 for 10 steps; its step-5 checkpoint
-    continues under pipeline=1 to the same losses; its own resume is bit-exact."""
+    """pipeline=2 (v=2, fsdp, tensor; 5 layers, stored padded to 6) trains like pipeline=1 for 10
+    steps; its step-5 checkpoint continues under pipeline=1 (5 rows) to the same losses; its own resume
+    is bit-exact."""
     require_devices(8)
     ref_spec, pipe_spec = "fsdp=2,tensor=2,data=2", "pipeline=2,fsdp=2,tensor=2,microbatches=2,v=2"
     ref = _train(ref_spec)
@@ -88,7 +93,7 @@ def test_pipelined_training_matches_restores_and_resumes(tmp_path):
     assert _losses(first) + _losses(resumed) == _losses(straight)  # bit-exact
     assert _bytes(resumed["state"]) == _bytes(straight["state"])
 
-    # The checkpoint holds the logical (unpipelined) params: it restores into the pipeline=1 layout.
+    # The checkpoint holds the stack padded to 6 rows: it restores into the pipeline=1 layout (5 rows).
     shutil.rmtree(os.path.join(ck, "10"))
     crossed = _train(ref_spec, checkpoint_dir=ck, resume=True)
     assert crossed["resumed_from"] == 5
@@ -169,19 +174,72 @@ def test_moe_prefix_is_split_over_the_stages_with_padded_rows():
     assert one_stage < flops < one_stage * pipeline_ticks(2, 4, 1) / 2
 
 
-def test_uneven_stack_is_stored_whole_in_the_program_and_the_memory_model():
-    """5 layers do not divide over pipeline=2: the program stores the stack whole on both stages (JAX
-    shards no uneven dimension), and the closed form's params + optimizer state follow it: equal to the
-    compiled step's argument bytes (state in, aliased out)."""
+def test_uneven_stack_is_stored_padded_in_the_program_and_the_memory_model():
+    """5 layers do not divide over pipeline=2: the program stores the stack padded to 6 rows, 3 on each
+    stage (JAX shards no uneven dimension), the same bytes as 6 layers; the closed form's params +
+    optimizer state follow it: equal to the compiled step's argument bytes (state in, aliased out)."""
     require_devices(8)
     wl = Workload(global_batch=8, seq_len=16)
-    for layers in (4, 5):
+    s = Strategy.parse("pipeline=2,data=4,microbatches=2")
+    mesh = MeshSpec.from_strategy(s).build(jax.devices())
+    args = {}
+    for layers in (4, 5, 6):
         cfg = get_preset("tiny-dense").replace(layers=layers)
-        s = Strategy.parse("pipeline=2,data=4,microbatches=2")
-        prog = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()))
-        args = prog.lower().compile().memory_analysis().argument_size_in_bytes
+        prog = TrainProgram(cfg, wl, s, mesh)
+        assert prog.stack_layers == (layers, 2 * -(-layers // 2))
+        args[layers] = prog.lower().compile().memory_analysis().argument_size_in_bytes
         mem = analytic_memory(cfg, wl, s)
-        assert args == pytest.approx(mem.params + mem.optimizer, rel=1e-3), layers
+        assert args[layers] == pytest.approx(mem.params + mem.optimizer, rel=1e-3), layers
+    assert args[5] == args[6] > args[4]
+
+
+def test_uneven_stack_checkpoints_move_between_padded_and_unpadded_layouts(tmp_path):
+    """A 5-layer stack is stored as 5 rows unpipelined, 6 under pipeline=2 and 8 under pipeline=4. A
+    checkpoint of any of them restores into any other (Orbax pads with zeros or drops the padding
+    rows), verified by digests over the 5 real rows, with the same params and AdamW moments."""
+    from codesign.train.checkpoint import Checkpointer
+    from codesign.train.integrity import leaves_by_path
+
+    require_devices(8)
+    cfg = get_preset("tiny-dense").replace(layers=5)
+    wl = Workload(global_batch=8, seq_len=16)
+    progs = {}
+    for spec in ("data=8", "pipeline=2,data=4,microbatches=2", "pipeline=4,data=2,microbatches=2"):
+        s = Strategy.parse(spec)
+        progs[spec] = TrainProgram(cfg, wl, s, MeshSpec.from_strategy(s).build(jax.devices()))
+    rows = {spec: p.stack_layers[1] for spec, p in progs.items()}
+    assert list(rows.values()) == [5, 6, 8]
+
+    def logical(state):  # every leaf, a stack leaf cut to its 5 real rows
+        n = progs["data=8"].logical_rows(state)
+        return {
+            p: np.asarray(x)[: n[p]] if p in n else np.asarray(x) for p, x in leaves_by_path(state).items()
+        }
+
+    # Distinct values in every row (a fresh init's moments are zero; make them not be).
+    base = initial_state(progs["data=8"])
+    base = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, base)
+    want = logical(base)
+    for src, dst in [
+        ("data=8", "pipeline=2,data=4,microbatches=2"),
+        ("pipeline=2,data=4,microbatches=2", "pipeline=4,data=2,microbatches=2"),
+        ("pipeline=4,data=2,microbatches=2", "data=8"),
+        ("pipeline=4,data=2,microbatches=2", "pipeline=2,data=4,microbatches=2"),
+    ]:
+        state = jax.device_put(progs[src].pad_stack(jax.device_get(base)), progs[src].state_shardings)
+        directory = tmp_path / f"{rows[src]}-{rows[dst]}"
+        with Checkpointer(directory, rows=progs[src].logical_rows(state), async_save=False) as ck:
+            ck.save(1, state, {})
+        with Checkpointer(directory, rows=progs[dst].logical_rows(progs[dst].abstract_state)) as ck:
+            got = ck.restore(1, progs[dst].abstract_state)
+        assert got.verified
+        stack = got.state["params"]["dense_blocks"]
+        assert all(x.shape[0] == rows[dst] for x in jax.tree.leaves(stack)), (src, dst)
+        assert all(not np.asarray(x)[5:].any() for x in jax.tree.leaves(stack))  # padding is zeros
+        got_rows = logical(got.state)
+        assert got_rows.keys() == want.keys()
+        for path, value in want.items():
+            np.testing.assert_array_equal(got_rows[path], value, err_msg=path)
 
 
 @pytest.mark.slow

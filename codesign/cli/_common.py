@@ -179,7 +179,13 @@ def add_model_hw_args(sp) -> None:
         "--param-dtype",
         default="float32",
         choices=("float32", "bfloat16"),
-        help="master-weight dtype (compute is bf16)",
+        help="weight dtype (compute is bf16)",
+    )
+    sp.add_argument(
+        "--master-dtype",
+        choices=("float32",),
+        help="a float32 master copy of bfloat16 weights in the optimizer, sharded like its state "
+        "(Megatron-LM's and DeepSeek-V3's mixed precision)",
     )
     sp.add_argument(
         "--attention",
@@ -280,6 +286,7 @@ def resolve_model_hw(args):
         dataclasses.replace(
             w,
             param_dtype=args.param_dtype,
+            master_dtype=getattr(args, "master_dtype", None),
             attention=attention,
             matmul_dtype=getattr(args, "matmul_dtype", "bf16"),
         ),

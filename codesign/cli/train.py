@@ -273,7 +273,13 @@ def register(add) -> None:
         help="attention kernel: flash = cuDNN on GPU, Pallas splash on TPU, a plain-JAX reference on CPU; "
         "auto = flash on GPU/TPU, xla on CPU (default: the plan's, else xla)",
     )
-    sp.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="master parameter dtype")
+    sp.add_argument("--param-dtype", choices=("float32", "bfloat16"), help="weight dtype (compute is bf16)")
+    sp.add_argument(
+        "--master-dtype",
+        choices=("float32",),
+        help="keep a float32 master copy of bfloat16 weights in the optimizer, sharded like its state "
+        "(Megatron-LM's and DeepSeek-V3's mixed precision; default: the plan's, else none)",
+    )
     sp.add_argument("--hardware", help="catalog name for the MFU peak (default: from the device kind)")
     add_slices_arg(sp)
     sp.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")

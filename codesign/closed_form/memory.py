@@ -2,11 +2,14 @@
 `MemoryEstimate`, so a report can say which one does not fit.
 
 Memory formula (bytes per device; P = local param elements = sum of elems / shards over all params):
-    params     4 P  (float32 master weights; `Workload.param_dtype`)
-    grads      4 P  (float32: the grads of f32 params; zero=2: sharded like the moments)
-    grad_accumulator  4 P with microbatches > 1 (the accumulator beside the microbatch's own grads)
-    optimizer  8 P  (AdamW mu and nu in the params' dtype; zero>=1: sharded over data, and an MoE's
-               non-expert params' over expert too: `params.zero_shards`)
+    params     4 P  (float32 weights; `Workload.param_dtype`)
+    grads      4 P  (the grads of the params, in their dtype; zero=2: sharded like the moments)
+    grad_accumulator  4 P with microbatches > 1 (the accumulator beside the microbatch's own grads,
+               in `Workload.update_dtype`: f32 with a master copy, for one microbatch too)
+    optimizer  8 P  (AdamW mu and nu in `Workload.update_dtype`; zero>=1: sharded over data, and an
+               MoE's non-expert params' over expert too: `params.zero_shards`)
+    master     4 P with `Workload.master_dtype` (Megatron-LM's fp32 main params beside bf16 weights),
+               sharded like the moments
     gathered   2 x one layer's FSDP-gathered weights (the layer in use and the prefetched next one)
     saved_activations: what every layer keeps for its backward, per microbatch of
                b = B/(data*fsdp*expert*microbatches) rows and s = S/sequence positions, bf16 (2 bytes),
@@ -100,6 +103,7 @@ class MemoryEstimate:
     attention_workspace: float = 0.0  # the attention scores (XLA) or kernel statistics (flash) in backward
     host_offloaded: float = 0.0  # remat=offload: saved activations in pinned host memory (not in total)
     pipeline_in_flight: float = 0.0  # saved activations of the pipeline's other microbatches in flight
+    master: float = 0.0  # the optimizer's master copy of the params (`Workload.master_dtype`)
 
     @property
     def activations(self) -> float:
@@ -123,6 +127,7 @@ class MemoryEstimate:
             + self.grads
             + self.grad_accumulator
             + self.optimizer
+            + self.master
             + self.saved_activations
             + self.pipeline_in_flight
             + max(self.logits, self.layer_phase)
@@ -130,7 +135,7 @@ class MemoryEstimate:
 
     def as_stats(self, capacity: int = 0) -> MemoryStats:
         """MemoryStats-shaped: state (params + optimizer) is argument/output (donated, aliased)."""
-        state = int(self.params + self.optimizer)
+        state = int(self.params + self.optimizer + self.master)
         temp = int(self.total) - state
         return MemoryStats(
             argument=state, output=state, alias=state, temp=temp, peak=int(self.total), capacity=capacity
@@ -142,6 +147,7 @@ class MemoryEstimate:
             "grads": self.grads,
             "grad_accumulator": self.grad_accumulator,
             "optimizer": self.optimizer,
+            "master": self.master,
             "gathered": self.gathered,
             "saved_activations": self.saved_activations,
             "attention_workspace": self.attention_workspace,
@@ -229,19 +235,22 @@ def analytic_memory(
     # head (and an MoE's dense prefix, which every device holds) are not stage layers: one copy.
     stack = ("moe",) if prefix_split(cfg, p) else ("dense", "moe")
 
-    def copies(sp) -> int:  # a stack stored whole (`held`) holds every stage already
-        return param_copies(strategy.schedule) if sp.group.where in stack and sp.held is None else 1
+    def copies(sp) -> int:
+        return param_copies(strategy.schedule) if sp.group.where in stack else 1
 
-    local = sum(sp.local_elems * sp.stored * copies(sp) for sp in params)
+    local = sum(sp.local_elems * sp.count * copies(sp) for sp in params)
     pbytes = workload.param_bytes
     # ZeRO over the batch axes that replicate each param (data; expert for the non-expert params):
     # moments (1) and, where the step reduces over data itself, the gradient accumulator (2).
     zero = zero_level(cfg, strategy)
-    zero_local = sum(
-        sp.local_elems * sp.stored * copies(sp) / zero_shards(cfg, strategy, sp) for sp in params
-    )
+    zero_local = sum(sp.local_elems * sp.count * copies(sp) / zero_shards(cfg, strategy, sp) for sp in params)
     scattered = zero == 2 and "data" in replica_axes(cfg, strategy)
     grads = (zero_local if scattered else local) * pbytes
+    # The accumulator, in what the optimizer updates (f32 with a master copy, which also needs it for
+    # one microbatch: the gradients are cast to it before the reduction and the update).
+    accumulator = (zero_local if scattered else local) * workload.update_bytes
+    if m == 1 and workload.master_dtype is None:
+        accumulator = 0.0
     gathered = 0.0
     if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
         per_layer = {}
@@ -312,8 +321,9 @@ def analytic_memory(
     return MemoryEstimate(
         params=local * pbytes,
         grads=grads,
-        grad_accumulator=grads if m > 1 else 0.0,
+        grad_accumulator=accumulator,
         optimizer=2 * zero_local * dtype_bytes(workload.optimizer_state_dtype),
+        master=zero_local * workload.update_bytes if workload.master_dtype else 0.0,
         gathered=gathered,
         saved_activations=saved,
         layer_transient=live,

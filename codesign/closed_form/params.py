@@ -30,13 +30,6 @@ class ShardedParam:
     count: float  # copies per device program: layers of its stack (per pipeline stage), 1 for global
     axes: tuple[str, ...]  # mesh axes that shard it (after non-strict resolution)
     shards: int
-    # Layers each device stores, where that is not `count`: a pipelined stack whose layers do not
-    # divide by the pipeline is stored whole on every stage (`StateLayout._stage_specs`).
-    held: float | None = None
-
-    @property
-    def stored(self) -> float:
-        return self.count if self.held is None else self.held
 
     @property
     def local_elems(self) -> float:
@@ -79,15 +72,12 @@ def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tu
     dense, moe = stage_layers(cfg, p)
     if prefix_split(cfg, p):  # every device holds the whole prefix (it runs split over the batch)
         dense = cfg.dense_layers
-    stack, n = ("moe", cfg.moe_layers) if cfg.moe_layers else ("dense", cfg.dense_layers)
-    whole = p > 1 and n % p != 0  # an uneven pipelined stack: every stage stores all n layers
     out = []
     for g in param_groups(cfg):
         spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
         count = {"dense": dense, "moe": moe, "global": 1.0}[g.where]
-        held = float(n) if whole and g.where == stack else None
-        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes), held))
+        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
     return tuple(out)
 
 
@@ -218,14 +208,10 @@ def pipeline_transfers(
 ) -> tuple[tuple[str, float], ...]:
     """(kind, bytes per device) of the collectives over `pipeline` that run once per step outside the
     tick loop, which the one-stage report leaves out: an MoE dense prefix's output gathered to every
-    stage and its gradient reduced back (bf16), and an uneven stack's stage-layout gradients gathered
-    to the whole stack every stage stores (`ShardedParam.held`)."""
+    stage and its gradient reduced back (bf16)."""
     p = strategy.size("pipeline")
     out: list[tuple[str, float]] = []
     if prefix_split(cfg, p):
         table = workload.global_batch / strategy.batch_shards * workload.seq_len * cfg.hidden * 2
         out += [("all-gather", table), ("all-reduce", table)]
-    held = sum(sp.local_elems * sp.held for sp in sharded_params(cfg, strategy) if sp.held is not None)
-    if held:
-        out.append(("all-gather", held * workload.param_bytes))
     return tuple(out)

@@ -135,14 +135,19 @@ class Lowering:
     grad_bytes: int  # gradient reductions (f32 params)
     scatter_kind: str  # how a reduce-scatter appears in the compiled module
     sums_input_grads: bool = False  # one tensor reduction per block's input gradient, not per matmul
+    least_bytes: int = 1  # narrower collectives are promoted to this width (XLA:CPU: bf16 -> f32)
 
     def dtype(self, nbytes: int) -> str:
         return "f32" if nbytes == 4 else "bf16"
 
+    def width(self, nbytes: float) -> float:
+        """Bytes per element of a collective of `nbytes`-wide elements, as this backend runs it."""
+        return max(nbytes, self.least_bytes)
+
 
 # Measured on XLA:CPU (jax 0.10.2): bf16 all-reduces are promoted to f32; weights are gathered before
 # the bf16 convert; reduce-scatter is all-reduce + dynamic-slice.
-CPU_LOWERING = Lowering("cpu", 4, 4, 4, "all-reduce")
+CPU_LOWERING = Lowering("cpu", 4, 4, 4, "all-reduce", least_bytes=4)
 # libtpu 0.0.52 (v5e:2x4, tiny-dense) moves the bf16 convert before the FSDP all-gathers and reduces
 # gradients in bf16; GPU is assumed to do the same (native bf16 collectives, NCCL reduce-scatter).
 ACCEL_LOWERING = Lowering("accelerator", 2, 2, 2, "reduce-scatter", sums_input_grads=True)
@@ -266,7 +271,6 @@ def _accelerator_traffic(
     local: float,
     gathered: float,
     platform: str | None,
-    stored: float = 0.0,
 ) -> tuple[float, float]:
     """(bytes moved by matmul kernels, bytes moved by memory-bound kernels) per device per step on a
     GPU/TPU, counted kernel by kernel for a fused bf16 LLaMA-style layer. Per token per layer, with
@@ -290,8 +294,7 @@ def _accelerator_traffic(
     (read + write 8); the embedding lookup and its scatter-add gradient.
     Matmul kernels: every weight matmul reads its input and weight and writes its output in each of
     forward (and recompute), input-gradient and weight-gradient passes. `local` and `gathered` are the
-    param elements per device the stage's microbatches use, sharded and after the FSDP gathers;
-    `stored` (when given) the elements the optimizer updates (an uneven stack is stored whole)."""
+    param elements per device the stage's microbatches use, sharded and after the FSDP gathers."""
     m, tp, p = sh.m, sh.sizes["tensor"], strategy.size("pipeline")
     bf, d, t = 2, cfg.hidden, sh.t
     remat = strategy.remat
@@ -342,9 +345,13 @@ def _accelerator_traffic(
     w_frac = w_again / w_total if w_total else 0.0
     mm_w = bf * gathered * (1 + w_frac + 2)  # weight reads (forward, recompute, input grad), dW writes
     cast = (F32 + bf) * gathered * (1 + w_frac + 1) if pb == F32 else 0.0
-    accumulate = 2 * F32 * local if m > 1 else 0.0
+    ub = workload.update_bytes  # the accumulator's, and what AdamW updates (a master copy, else params)
+    accumulate = 2 * ub * local if m > 1 else 0.0
+    # AdamW: the update target, its gradient and moments read and written; a master copy's new
+    # params written again in their own dtype.
+    optimizer = (8 * ub + (pb if workload.master_dtype else 0.0)) * local
     matmul_bytes = m * (bf * mm_elems + mm_w)
-    memory_bound = m * (bf * other + cast + accumulate + dropout_bytes) + 8 * pb * (stored or local)
+    memory_bound = m * (bf * other + cast + accumulate + dropout_bytes) + optimizer
     if workload.matmul_dtype == "fp8":  # quantize passes; weights (W and W^T blocks) once per step
         memory_bound += m * quantized * (bf + FP8_BYTES) + 2 * gathered * (pb + FP8_BYTES)
     return matmul_bytes, memory_bound
@@ -373,14 +380,17 @@ class _Coll:
 def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Coll) -> None:
     z, m = sh.sizes, sh.m
     wdt, gdt = lw.dtype(lw.weight_bytes), lw.dtype(lw.grad_bytes)
-    # The train step reduces over the pure data replicas itself, once per step, in the params' dtype
+    # The train step reduces over the pure data replicas itself, once per step
     # (a full-manual psum, or under ZeRO a psum_scatter over data and an all-gather of the updated
     # params); every other axis is left to the partitioner, which reduces per microbatch.
     # With one microbatch and no ZeRO the step keeps XLA's own reduction (there is nothing to hoist).
     replica, zero = set(replica_axes(cfg, strategy)), zero_level(cfg, strategy)
     if m == 1 and not zero:
         replica = set()
-    pb, pdt = workload.param_bytes, ("f32" if workload.param_bytes == 4 else "bf16")
+    # The once-per-step reductions run in what the optimizer updates (f32 with a master copy: the
+    # accumulated gradients); the updated params are gathered back in their own dtype.
+    ub, pb = lw.width(workload.update_bytes), lw.width(workload.param_bytes)
+    udt, pdt = lw.dtype(ub), lw.dtype(pb)
     prefix = prefix_split(cfg, strategy.size("pipeline"))
     combined: dict[tuple, float] = {}
     scattered = 0.0
@@ -418,9 +428,9 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
             )
         rest = tuple(a for a in outer if a != "data") if zero else outer
         if rest:  # stacked layers reduce as one array: one collective per step for all of them
-            combined[(rest, 1, pdt)] = combined.get((rest, 1, pdt), 0.0) + full * per_step * pb
+            combined[(rest, 1, udt)] = combined.get((rest, 1, udt), 0.0) + full * per_step * ub
         if zero and "data" in outer:
-            scattered += full * per_step * pb
+            scattered += full * per_step * ub
         back = tuple(a for a in zero_axes(cfg, strategy) if a not in sp.axes) if zero else ()
         if back:  # the updated params, gathered over the ZeRO axes that slice their update
             gathered_back[back] = gathered_back.get(back, 0.0) + full * per_step * pb
@@ -429,7 +439,7 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
     for (axes, count, dt), nbytes in combined.items():
         c.add("all-reduce", nbytes, axes, count, dt)
     if scattered:  # written as psum_scatter, so a reduce-scatter on every backend (zero=2: per microbatch)
-        c.add("reduce-scatter", scattered, ("data",), m if zero == 2 else 1, pdt)
+        c.add("reduce-scatter", scattered, ("data",), m if zero == 2 else 1, udt)
     for axes, nbytes in gathered_back.items():  # once per step
         c.add("all-gather", nbytes, axes, 1, pdt)
 
@@ -534,11 +544,10 @@ def analytic_report(
     matmul = 3 * (fwd + head) + rec + core
     logits = sh.t * sh.act.vocab
     params = sharded_params(cfg, strategy)
-    local_params = sum(sp.local_elems * sp.count for sp in params)  # what the stage's microbatches use
-    stored_params = sum(sp.local_elems * sp.stored for sp in params)  # what the optimizer updates
+    local_params = sum(sp.local_elems * sp.count for sp in params)  # what the stage uses and updates
     gathered = sum(sp.local_elems * sp.count * (z["fsdp"] if "fsdp" in sp.axes else 1) for sp in params)
     elem += DR.RNG_OPS_PER_ELEMENT * drawn
-    flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * stored_params
+    flops = m * (matmul + elem + ELEM_PER_LOGIT * logits) + OPT_FLOPS_PER_PARAM * local_params
     if lw is CPU_LOWERING:  # one fitted total: XLA:CPU's ops all run on the same cores anyway
         w_uses = 3 + (rec / fwd if fwd else 0.0)  # recomputed matmuls read their weights again
         tr = CPU_TRAFFIC
@@ -550,13 +559,13 @@ def analytic_report(
                 + tr["logit"] * logits
                 + tr["weight"] * w_uses * gathered
             )
-            + tr["opt"] * stored_params
+            + tr["opt"] * local_params
             + m * DR.RNG_CPU_BYTES * drawn
         )
         matmul_bytes = 0.0
     else:
         matmul_bytes, memory_bound = _accelerator_traffic(
-            cfg, workload, strategy, sh, local_params, gathered, platform, stored_params
+            cfg, workload, strategy, sh, local_params, gathered, platform
         )
         nbytes = matmul_bytes + memory_bound
 

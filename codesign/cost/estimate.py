@@ -492,8 +492,7 @@ def _pipeline(
     recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
     cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
     level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
-    # Once per step, outside the tick loop and exposed: the prefix output's gather and its gradient,
-    # and an uneven stack's gradients gathered to every stage.
+    # Once per step, outside the tick loop and exposed: the MoE prefix output's gather and its gradient.
     outside: dict[str, float] = {}
     for kind, nbytes in pipeline_transfers(x.cfg, x.workload, s):
         outside[kind] = outside.get(kind, 0.0) + collective_time_on_axes(
@@ -512,8 +511,8 @@ def _pipeline(
         reasons.append(f"{s.schedule} hides {_ms(hidden)} of all-to-all behind the other direction")
     if once:
         reasons.append(
-            f"{_ms(once)} of collectives over pipeline outside the loop (the dense prefix's output and its "
-            "gradient; an uneven stack's gradients gathered to the whole stack every stage stores)"
+            f"{_ms(once)} of collectives over pipeline outside the loop (the dense prefix's output to "
+            "every stage, and its gradient back)"
         )
     return cost.step_s + once, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons), outside
 

@@ -171,13 +171,14 @@ def _param_split(cfg: ModelConfig) -> tuple[float, float]:
 
 
 def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, zero: int = 0) -> float:
-    """Params + grads in the master dtype and Adam's two moments in theirs (16 B/param with float32
-    masters), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
+    """Params + grads in the params' dtype and Adam's two moments (and a master copy) in theirs (16
+    B/param with float32 params), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
     are also divided over the batch axes that replicate each param."""
     total, expert_params = _param_split(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
     p, moments = workload.param_bytes, 2 * dtype_bytes(workload.optimizer_state_dtype)
+    moments += workload.update_bytes if workload.master_dtype else 0.0  # a master copy, sharded alike
 
     def per_param(d: int) -> float:  # bytes per local param with ZeRO over d replicas
         return {0: 2 * p + moments, 1: 2 * p + moments / d, 2: p + (p + moments) / d}[zero if d > 1 else 0]

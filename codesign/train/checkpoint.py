@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -141,7 +142,12 @@ def _names(paths: list[str], n: int = 3) -> str:
 
 
 class Checkpointer:
-    """Async, keep-last-N checkpoints of a state pytree plus JSON metadata, verified on restore."""
+    """Async, keep-last-N checkpoints of a state pytree plus JSON metadata, verified on restore.
+
+    `rows` ({leaf path: n}) names leaves whose first n rows are data and whose further rows are zero
+    padding that the layout adds (a pipelined stack whose layers do not divide by the stages:
+    `StateLayout.logical_rows`). Their digests cover the n rows, and a restore pads or truncates the
+    padding to the rows the target layout stores, so such checkpoints move between layouts."""
 
     def __init__(
         self,
@@ -151,11 +157,13 @@ class Checkpointer:
         async_save: bool = True,
         *,
         read_only: bool = False,
+        rows: Mapping[str, int] | None = None,
     ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every, self.keep, self.read_only = int(save_every), int(keep), read_only
+        self.rows = dict(rows or {})
         options = ocp.CheckpointManagerOptions(
             # Only multiples of save_every (plus Orbax's preemption signal); not InitialSavePolicy,
             # which the default policy adds and which would save whatever step comes first.
@@ -257,7 +265,7 @@ class Checkpointer:
             if latest is not None:
                 self._check_fingerprint(latest, saved, extra.get(FINGERPRINT_KEY))
             self._guarded = True
-        digests, nonfinite = inspect_state(state)
+        digests, nonfinite = inspect_state(state, self.rows)
         if nonfinite:
             raise NonFiniteState(
                 f"step {step}: refusing to save a checkpoint with NaN or Infinity in "
@@ -312,21 +320,22 @@ class Checkpointer:
         extra, record = self._read_meta(step)
         if model_fingerprint is not None:
             self._check_fingerprint(step, extra, model_fingerprint)
-        self._check_leaves(step, abstract_state)
+        repadded = self._check_leaves(step, abstract_state)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
         )
         failure = None
         try:
-            state = self._mgr.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            )["state"]
+            # strict=False lets Orbax pad (with zeros) or truncate the padding rows `_check_leaves`
+            # allowed; only then, so that any other shape change still fails.
+            restore = ocp.args.StandardRestore(abstract, strict=not repadded)
+            state = self._mgr.restore(step, args=ocp.args.Composite(state=restore))["state"]
         except Exception as e:  # noqa: BLE001 - tensorstore raises a bare Exception for truncated data
             failure = _first_line(e)
         if failure is not None:  # outside `except`: the exception's frames no longer hold the failed reads
             _collect_read_echoes()
             raise CheckpointCorrupt(f"step {step}: array data unreadable ({failure})")
-        digests, nonfinite = inspect_state(state)
+        digests, nonfinite = inspect_state(state, self.rows)
         if record is not None:
             saved = record.get("leaves") or {}
             bad = sorted(p for p in digests if saved.get(p) != digests[p])
@@ -359,7 +368,8 @@ class Checkpointer:
                 f"existing checkpoints were left untouched."
             )
 
-    def _check_leaves(self, step: int, abstract_state: Any) -> None:
+    def _check_leaves(self, step: int, abstract_state: Any) -> bool:
+        """Raise unless the saved leaves are the wanted ones; whether some differ only in padding rows."""
         try:
             meta = _compat.orbax_tree_metadata(self._mgr.item_metadata(step)["state"])
             saved = leaves_by_path(meta)
@@ -368,6 +378,7 @@ class Checkpointer:
             raise CheckpointCorrupt(f"step {step}: array metadata unreadable ({_first_line(e)})") from None
         wanted = leaves_by_path(abstract_state)
         where = f"checkpoint {self.directory} step {step}"
+        repadded = False
         missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
         if missing or unexpected:
             raise CheckpointError(
@@ -381,11 +392,22 @@ class Checkpointer:
                     f"(jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)))"
                 )
             w, g = (tuple(want.shape), np.dtype(want.dtype)), shapes[path]
-            if w != g:
-                raise CheckpointError(
-                    f"{where}: leaf {path!r} expected shape {w[0]} dtype {w[1]}, found shape {g[0]} "
-                    f"dtype {g[1]} in the checkpoint"
-                )
+            if w == g:
+                continue
+            if self._padding_differs(path, w, g):
+                repadded = True
+                continue
+            raise CheckpointError(
+                f"{where}: leaf {path!r} expected shape {w[0]} dtype {w[1]}, found shape {g[0]} "
+                f"dtype {g[1]} in the checkpoint"
+            )
+        return repadded
+
+    def _padding_differs(self, path: str, want: tuple, got: tuple) -> bool:
+        """Whether two (shape, dtype) of a leaf differ only in the padding rows past its `rows`."""
+        n = self.rows.get(path)
+        (ws, wd), (gs, gd) = want, got
+        return n is not None and wd == gd and ws[1:] == gs[1:] and min(ws[0], gs[0]) >= n
 
     # -- unreadable steps ----------------------------------------------------------------------------
     def set_aside(self, step: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -56,18 +57,20 @@ def _positions(shape: tuple[int, ...]) -> jax.Array:
     return pos
 
 
-def _digest(x: jax.Array) -> jax.Array:
+def _digest(x: jax.Array, rows: int | None = None) -> jax.Array:
     """uint32[2]: sums over elements of fmix(word ^ fmix(position + seed)). Sums mod 2^32 do not depend
     on the reduction order, so the digest is the same under any sharding; keying by position catches
-    swapped elements; two seeds leave a 2^-64 chance that a corruption goes unnoticed."""
+    swapped elements; two seeds leave a 2^-64 chance that a corruption goes unnoticed. With `rows`,
+    over the first rows of axis 0 only (row-major positions: those of the leaf cut to them), masked
+    rather than sliced so that no shard moves."""
     w = _words(x)
     pos = _positions(w.shape)
-    return jnp.stack(
-        [
-            jnp.sum(_fmix(w ^ _fmix(pos + np.uint32(seed))), dtype=jnp.uint32)
-            for seed in (0x9E3779B9, 0x7F4A7C15)
-        ]
-    )
+    keep = None if rows is None else jax.lax.broadcasted_iota(jnp.int32, w.shape, 0) < rows
+
+    def total(h):
+        return jnp.sum(h if keep is None else jnp.where(keep, h, np.uint32(0)), dtype=jnp.uint32)
+
+    return jnp.stack([total(_fmix(w ^ _fmix(pos + np.uint32(seed)))) for seed in (0x9E3779B9, 0x7F4A7C15)])
 
 
 def _finite(x: jax.Array) -> jax.Array:
@@ -76,15 +79,17 @@ def _finite(x: jax.Array) -> jax.Array:
     return jnp.ones((), jnp.bool_)
 
 
-def _inspect_impl(leaves: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
-    digests = jnp.stack([_digest(x) for x in leaves]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+def _inspect_impl(leaves: list[jax.Array], rows: tuple[int | None, ...]) -> tuple[jax.Array, jax.Array]:
+    digests = (
+        jnp.stack([_digest(x, n) for x, n in zip(leaves, rows)]) if leaves else jnp.zeros((0, 2), jnp.uint32)
+    )
     finite = jnp.stack([_finite(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.bool_)
     return digests, finite
 
 
 @functools.lru_cache(maxsize=8)
 def _inspect_fn(out_sharding: NamedSharding | None):
-    return jax.jit(_inspect_impl, out_shardings=out_sharding)
+    return jax.jit(_inspect_impl, out_shardings=out_sharding, static_argnums=1)
 
 
 def _host_value(x: jax.Array) -> np.ndarray:
@@ -92,15 +97,17 @@ def _host_value(x: jax.Array) -> np.ndarray:
     return np.asarray(x.addressable_shards[0].data)
 
 
-def inspect_state(tree: Any) -> tuple[dict[str, str], list[str]]:
-    """({leaf path: 16-hex-digit digest}, [paths of float leaves holding NaN or Infinity])."""
+def inspect_state(tree: Any, rows: Mapping[str, int] | None = None) -> tuple[dict[str, str], list[str]]:
+    """({leaf path: 16-hex-digit digest}, [paths of float leaves holding NaN or Infinity]); a leaf in
+    `rows` is digested over its first rows only (the rest is a layout's zero padding)."""
     by_path = leaves_by_path(tree)
     leaves = list(by_path.values())
     mesh = next(
         (x.sharding.mesh for x in leaves if isinstance(getattr(x, "sharding", None), NamedSharding)), None
     )
     out = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    digests, finite = _inspect_fn(out)(leaves)
+    rows = rows or {}
+    digests, finite = _inspect_fn(out)(leaves, tuple(rows.get(p) for p in by_path))
     digests, finite = _host_value(digests), _host_value(finite)
     paths = list(by_path)
     return (

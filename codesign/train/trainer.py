@@ -72,6 +72,7 @@ class TrainRun:
     global_batch: int | None = None  # default: the plan's, else the preset's default workload
     seq_len: int | None = None
     param_dtype: str | None = None
+    master_dtype: str | None = None  # default: the plan's (none for --strategy)
     attention: str | None = None  # default: the plan's (xla for --strategy)
     lr: float | None = None
     warmup_steps: int | None = None
@@ -113,6 +114,7 @@ def resolve_layout(
     seq_len: int | None = None,
     param_dtype: str | None = None,
     n_devices: int | None = None,
+    master_dtype: str | None = None,
 ) -> Layout:
     """The model config, workload and strategy a run uses (plan file or spec; flags override)."""
     from codesign.model_io import load_model_config
@@ -150,6 +152,8 @@ def resolve_layout(
         if param_dtype not in PARAM_DTYPES:
             raise ConfigError(f"--param-dtype {param_dtype!r}; use one of {PARAM_DTYPES}")
         base["param_dtype"] = param_dtype
+    if master_dtype:
+        base["master_dtype"] = master_dtype
     return Layout(cfg, Workload(**base), strat, where)
 
 
@@ -251,9 +255,9 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _reader(directory: str) -> Checkpointer:
+def _reader(directory: str, rows: dict[str, int] | None = None) -> Checkpointer:
     with _quiet_absl():
-        return Checkpointer(directory, read_only=True)
+        return Checkpointer(directory, read_only=True, rows=rows)
 
 
 def _existing_steps(directory: str) -> tuple[list[int], dict[str, Any] | None]:
@@ -289,7 +293,7 @@ def restore_state(
 ) -> tuple[int, Any, dict[str, Any]]:
     """Read a checkpoint onto `prog`'s shardings (whatever mesh it was saved under), verified:
     (step, state, extra)."""
-    with _reader(directory) as ck:
+    with _reader(directory, prog.logical_rows(prog.abstract_state)) as ck:
         r = ck.restore(step, prog.abstract_state, model_fingerprint=prog.cfg.fingerprint())
     return r.step, r.state, r.extra
 
@@ -358,6 +362,7 @@ def _prepare(run: TrainRun, say: Callable[[str], None]) -> _Session:
         seq_len=run.seq_len,
         param_dtype=run.param_dtype,
         n_devices=attached,
+        master_dtype=run.master_dtype,
     )
     check_executable(layout.strategy, attached)
     check_slices(layout.strategy.mesh, jax.devices(), run.slices)
@@ -490,7 +495,12 @@ def run_training(
 
     spec = _loop_spec(s)
     ck = (
-        Checkpointer(s.ckdir, save_every=run.save_every or max(run.steps, 1), keep=run.keep)
+        Checkpointer(
+            s.ckdir,
+            save_every=run.save_every or max(run.steps, 1),
+            keep=run.keep,
+            rows=prog.logical_rows(prog.abstract_state),
+        )
         if s.ckdir
         else None
     )

@@ -36,6 +36,10 @@ PUBLISHED = {
 # microbatch. remat=none: DeepSeek recomputes only RMSNorm and the MLA up-projections (negligible FLOPs).
 PUBLISHED_SPEC = "pipeline=16,schedule=dualpipe,expert=64,data=2,zero=1,microbatches=120,remat=none"
 BATCH, SEQ, DEVICES = 15360, 4096, 2048
+# DeepSeek-V3's mixed precision (technical report, 3.3): BF16 weights, FP32 master weights and FP32
+# gradient accumulation in the ZeRO-1-sharded optimizer. (Its AdamW moments are BF16; codesign keeps
+# them in the master's dtype, FP32, so the optimizer term is 2x DeepSeek's: 1/128 of the stage state.)
+PRECISION = {"param_dtype": "bfloat16", "master_dtype": "float32"}
 
 
 def model():
@@ -57,13 +61,16 @@ def predict(matmul_dtype: str, attention: str = "xla") -> dict:
     cfg, hw = model(), load_hardware("h800", devices=DEVICES)
     # attention="flash" is cuDNN's fused kernel on this GPU: MLA's v head is zero-padded to the q/k head
     # dim (128 -> 192) and the padded FLOPs are counted (`codesign.models.attention`).
-    wl = Workload(global_batch=BATCH, seq_len=SEQ, matmul_dtype=matmul_dtype, attention=attention)
+    wl = Workload(
+        global_batch=BATCH, seq_len=SEQ, matmul_dtype=matmul_dtype, attention=attention, **PRECISION
+    )
     s = Strategy.parse(PUBLISHED_SPEC)
     est = estimate_analytic(cfg, wl, s, hw)
-    # AdamW's update: read param, grad, mu, nu (+ grad for the norm), write param, mu, nu, in the
-    # param dtype, over the local (ZeRO-sharded) params: the closed form's optimizer term, timed alone.
+    # AdamW's update: read the f32 master, gradient and moments (+ the gradient for the norm), write
+    # the master and moments, and the new bf16 weights, over the local params: the closed form's
+    # optimizer term (`closed_form.program._accelerator_traffic`), timed alone.
     local = sum(p.local_elems * p.count for p in sharded_params(cfg, s))
-    opt_s = 8 * wl.param_bytes * local / (hw.chip.hbm_bytes_per_s * hw.efficiency.hbm)
+    opt_s = (8 * wl.update_bytes + wl.param_bytes) * local / (hw.chip.hbm_bytes_per_s * hw.efficiency.hbm)
     tokens = BATCH * SEQ
     peak = DEVICES * hw.peak_flops["bf16"] * est.step_time_s
     return {
@@ -90,7 +97,7 @@ def memory_terms() -> dict:
     from codesign.config import Workload
     from codesign.sharding.strategy import Strategy
 
-    wl = Workload(global_batch=BATCH, seq_len=SEQ, matmul_dtype="fp8", attention="flash")
+    wl = Workload(global_batch=BATCH, seq_len=SEQ, matmul_dtype="fp8", attention="flash", **PRECISION)
     out = {}
     for remat in ("none", "selective", "full"):
         s = Strategy.parse(PUBLISHED_SPEC.replace("remat=none", f"remat={remat}"))

@@ -109,19 +109,16 @@ def gpt(row: Row, layers: int | None = None) -> ModelConfig:
 
 
 def workload(row: Row) -> Workload:
-    """fp16 compute, with the weight traffic Megatron's mixed precision has. Megatron keeps fp16 model
-    weights and an fp32 master copy (and fp32 Adam moments) in the optimizer, which writes the fp16 copy
-    once per step. codesign's f32 params are cast to half precision at every use, once per microbatch:
-    with one microbatch (22B) that is the same traffic, and codesign's fp32 AdamW is Megatron's fp32
-    optimizer, so param_dtype is float32; with many microbatches codesign would re-cast the weights 64-512
-    times where Megatron reads its fp16 copy, so param_dtype is float16 (AdamW's traffic and memory are
-    then understated: ~20 bytes per local param per step, under 0.5% of these steps). 2022 Megatron had
-    no flash attention: the S x S scores are materialized (XLA attention)."""
+    """fp16 compute with Megatron's mixed precision: fp16 model weights, read by every microbatch,
+    and an fp32 master copy with fp32 Adam moments in the optimizer, which accumulates the gradients
+    in fp32 and writes the fp16 copy once per step (`master_dtype`). 2022 Megatron had no flash
+    attention: the S x S scores are materialized (XLA attention)."""
     return Workload(
         global_batch=row.global_batch,
         seq_len=SEQ_LEN,
         dtype="float16",
-        param_dtype="float32" if row.microbatches == 1 else "float16",
+        param_dtype="float16",
+        master_dtype="float32",
         attention="xla",
     )
 
