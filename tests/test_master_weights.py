@@ -21,7 +21,6 @@ from codesign.sharding.mesh import MeshSpec
 from codesign.sharding.strategy import Strategy
 from codesign.train_step import TrainProgram
 from tests.conftest import initial_state, require_devices
-from tests.test_grad_accum import total
 
 CFG = get_preset("tiny-dense")
 # f32 compute, so that layouts differ only by reduction order; the weights are bf16 either way.
@@ -94,7 +93,7 @@ def test_state_bytes_and_collectives_follow_the_closed_form():
     form gathers the weights back in bf16, half the f32 gradients' bytes)."""
     require_devices(8)
     spec = "data=8,microbatches=2,zero=1"
-    prog, compiled = _program(spec)
+    _, compiled = _program(spec)
     s = Strategy.parse(spec)
     mem = analytic_memory(CFG, WL, s)
     args = compiled.memory_analysis().argument_size_in_bytes
