@@ -16,6 +16,7 @@ no expert axis) ZeRO is recorded as dropped.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -138,7 +139,32 @@ class StateLayout:
         specs, dropped = resolve_specs(shapes, self.logical_axes, self.rules, self.mesh_sizes, self.strict)
         if self.pipelined:
             specs = self._stage_specs(specs)
+            specs, more = self._prefix_over_pipeline(specs)
+            dropped += more
         return specs, dropped
+
+    @property
+    def prefix_keys(self) -> tuple[str, ...]:
+        """Params that run only in an MoE model's dense prefix, before the pipeline (the dense blocks,
+        and the embedding unless the head shares it); empty without a prefix."""
+        if not (self.pipelined and self.pipelined_stack == "moe_blocks" and self.cfg.dense_layers):
+            return ()
+        return ("dense_blocks",)
+
+    def _prefix_over_pipeline(self, specs):
+        """The prefix's params sharded over `pipeline` too (ZeRO-3 over the stages): the prefix runs
+        once per step on the whole batch split over the stages (`train_step`), so every stage uses all
+        of its weights, and gathering them once per step (and their gradients' reduce-scatter) is what
+        keeps a stage from holding them whole; with the pipeline's stages holding its layers alone,
+        as a pipeline's first stage holds the embedding and the dense layers."""
+        keys = self.prefix_keys
+        if not keys:
+            return specs, ()
+        sub = {k: specs[k] for k in keys}
+        shapes = {k: self._shapes[k] for k in keys}
+        axes = {k: self.logical_axes[k] for k in keys}
+        sub, dropped = zero_specs(sub, shapes, axes, self.rules, self.mesh_sizes, 3, axis="pipeline")
+        return {**specs, **sub}, dropped
 
     @property
     def pipelined_stack(self) -> str:
@@ -282,7 +308,7 @@ class StateLayout:
                 self.param_specs,
                 (Dropped("opt_state", f"zero={level}", "data", f"{why}; zero ignored"),),
             )
-        shapes = nnx.to_pure_dict(self._abstract[1])
+        shapes = self._shapes
         specs, dropped = self.param_specs, ()
         reduced = specs
         for axis in self.zero_axes:
@@ -357,6 +383,48 @@ class StateLayout:
             abstract["master"] = updated
         return jax.tree.map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, self.state_shardings
+        )
+
+    def checkpoint_adapter(self, saved: dict) -> tuple[Any, Any] | None:
+        """For `Checkpointer(adapt=...)`: a state saved with a master copy restores into a layout
+        without one and the other way round. Given the saved leaves ({path: (shape, dtype)}): None
+        when they are in this layout's form, else (the abstract state to read them as, on this mesh,
+        and the conversion to this layout's state: the most precise copy of the params, the master
+        where there is one, becomes both the master and the params; the moments take this layout's
+        dtype)."""
+        masters = [dt for p, (_, dt) in saved.items() if p.startswith("master/")]
+        if bool(masters) == self.master:
+            return None
+        param_dtype = next(dt for p, (_, dt) in saved.items() if p.startswith("params/"))
+        wl = dataclasses.replace(
+            self.workload,
+            param_dtype=np.dtype(param_dtype).name,
+            master_dtype=np.dtype(masters[0]).name if masters else None,
+        )
+        source = StateLayout(
+            self.cfg,
+            wl,
+            self.strategy,
+            self.mesh,
+            rules=self.rules,
+            optimizer=self.opt_cfg,
+            strict=self.strict,
+        )
+        target = self.abstract_state
+
+        def like(tree, abstract):
+            return jax.tree.map(lambda x, t: x.astype(t.dtype), tree, abstract)
+
+        def convert(state):
+            best = state.get("master", state["params"])
+            out = {"step": state["step"], "opt_state": like(state["opt_state"], target["opt_state"])}
+            out["params"] = like(best, target["params"])
+            if self.master:
+                out["master"] = like(best, target["master"])
+            return out
+
+        return source.abstract_state, lambda state: jax.jit(convert, out_shardings=self.state_shardings)(
+            state
         )
 
     @cached_property

@@ -166,12 +166,18 @@ def test_moe_prefix_is_split_over_the_stages_with_padded_rows():
             state, m = compiled(state, jax.device_put(jnp.asarray(batch), prog.batch_sharding))
             losses.append(float(m["loss"]))
         out[spec] = losses, analyze_hlo(compiled.as_text(), s.mesh).matmul_flops, s, wl
+        out["args"] = compiled.memory_analysis().argument_size_in_bytes
     np.testing.assert_allclose(
         out["pipeline=4,expert=2,microbatches=2"][0], out["data=2,microbatches=2"][0], rtol=1e-5
     )
     _, flops, s, wl = out["pipeline=4,expert=2,microbatches=2"]
     one_stage = analytic_report(cfg, wl, s, platform="cpu").matmul_flops
     assert one_stage < flops < one_stage * pipeline_ticks(2, 4, 1) / 2
+    # The prefix's weights are sharded over the stages (each holds 1/4 of the dense layer), and the
+    # step's arguments are what the memory model holds.
+    assert all("pipeline" in str(spec) for spec in jax.tree.leaves(prog.param_specs["dense_blocks"]))
+    mem = analytic_memory(cfg, wl, s)
+    assert out["args"] == pytest.approx(mem.params + mem.optimizer, rel=1e-3)
 
 
 def test_uneven_stack_is_stored_padded_in_the_program_and_the_memory_model():

@@ -218,7 +218,8 @@ def test_fix_pins_schedule_and_v():
 
 def test_once_per_step_pipeline_collectives_follow_the_program():
     """Outside the tick loop the program moves an MoE prefix's output to every stage (and its gradient
-    back); a dense pipeline moves nothing there, even when its layers do not divide by the stages
+    back), and gathers the prefix's weights, sharded over the stages, for its forward and backward
+    (and reduce-scatters their gradients); a dense pipeline moves nothing there, even when its layers do not divide by the stages
     (the stack is stored padded, each stage holding its own layers). The estimate charges them as exposed collectives over pipeline."""
     hw = load_hardware("h100", devices=8)
     even = Strategy.parse("pipeline=2,data=4,remat=full,microbatches=4")
@@ -227,6 +228,15 @@ def test_once_per_step_pipeline_collectives_follow_the_program():
     moe = get_preset("tiny-moe").replace(layers=5)  # 1 dense + 4 MoE: the prefix runs split over stages
     s = Strategy.parse("pipeline=2,expert=4,remat=full,microbatches=4")
     table = WL.global_batch / s.batch_shards * WL.seq_len * moe.hidden * 2
-    assert pipeline_transfers(moe, WL, s) == (("all-gather", table), ("all-reduce", table))
+    prefix = [sp for sp in sharded_params(moe, s) if sp.group.where == "dense"]
+    assert prefix and all("pipeline" in sp.axes for sp in prefix)  # sharded over the stages
+    whole = sum(sp.group.elems for sp in prefix) * WL.param_bytes  # gathered twice, reduce-scattered
+    assert pipeline_transfers(moe, WL, s) == (
+        ("all-gather", table),
+        ("all-reduce", table),
+        ("all-gather", pytest.approx(whole)),
+        ("all-gather", pytest.approx(whole)),
+        ("reduce-scatter", pytest.approx(whole)),
+    )
     est = estimate_analytic(moe, WL, s, hw)
     assert any("outside the loop" in r for r in est.reasons)

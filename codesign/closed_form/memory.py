@@ -251,15 +251,14 @@ def analytic_memory(
     accumulator = (zero_local if scattered else local) * workload.update_bytes
     if m == 1 and workload.master_dtype is None:
         accumulator = 0.0
-    gathered = 0.0
-    if sizes["fsdp"] > 1:  # one layer's weights gathered, twice (current + prefetched)
-        per_layer = {}
-        for sp in params:
-            if sp.group.where != "global" and "fsdp" in sp.axes:
-                per_layer[sp.group.where] = (
-                    per_layer.get(sp.group.where, 0.0) + sp.local_elems * sizes["fsdp"]
-                )
-        gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
+    # One layer's weights gathered, twice (current + prefetched): over fsdp, and an MoE prefix's
+    # over pipeline (`params.prefix_split`).
+    per_layer: dict[str, float] = {}
+    for sp in params:
+        widen = (sizes["fsdp"] if "fsdp" in sp.axes else 1) * (p if "pipeline" in sp.axes else 1)
+        if sp.group.where != "global" and widen > 1:
+            per_layer[sp.group.where] = per_layer.get(sp.group.where, 0.0) + sp.local_elems * widen
+    gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
 
     sh = shape_of(cfg, workload, strategy)
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)

@@ -70,15 +70,30 @@ def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tu
     sizes = spmd_sizes(strategy)
     p = strategy.size("pipeline")
     dense, moe = stage_layers(cfg, p)
-    if prefix_split(cfg, p):  # every device holds the whole prefix (it runs split over the batch)
+    prefix = prefix_split(cfg, p)
+    if prefix:  # every device runs the whole prefix (split over the batch), its layers sharded over p
         dense = cfg.dense_layers
     out = []
     for g in param_groups(cfg):
         spec, _ = rules.resolve(g.logical, g.shape, sizes, path=g.name, strict=False)
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
         count = {"dense": dense, "moe": moe, "global": 1.0}[g.where]
-        out.append(ShardedParam(g, count, axes, math.prod(sizes[a] for a in axes)))
+        shards = math.prod(sizes[a] for a in axes)
+        if prefix and g.where == "dense" and _divides(spec, g.shape, sizes, p):
+            axes, shards = (*axes, "pipeline"), shards * p  # `StateLayout._prefix_over_pipeline`
+        out.append(ShardedParam(g, count, axes, shards))
     return tuple(out)
+
+
+def _divides(spec, shape, sizes: dict[str, int], n: int) -> bool:
+    """Whether some dimension of `shape` divides by its mesh axes in `spec` times n (where
+    `sharding.params.zero_dim` can add one more axis of size n)."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    for dim, e in zip(shape, entries):
+        have = math.prod(sizes[a] for a in ((e,) if isinstance(e, str) else e or ()))
+        if dim % (have * n) == 0:
+            return True
+    return False
 
 
 @dataclass(frozen=True)
@@ -208,10 +223,16 @@ def pipeline_transfers(
 ) -> tuple[tuple[str, float], ...]:
     """(kind, bytes per device) of the collectives over `pipeline` that run once per step outside the
     tick loop, which the one-stage report leaves out: an MoE dense prefix's output gathered to every
-    stage and its gradient reduced back (bf16)."""
+    stage and its gradient reduced back (bf16), and its layers' weights, sharded over the stages,
+    gathered for its forward and its backward and their gradients reduce-scattered (ZeRO-3 over
+    pipeline: `StateLayout._prefix_over_pipeline`)."""
     p = strategy.size("pipeline")
     out: list[tuple[str, float]] = []
     if prefix_split(cfg, p):
         table = workload.global_batch / strategy.batch_shards * workload.seq_len * cfg.hidden * 2
         out += [("all-gather", table), ("all-reduce", table)]
+        sharded = [sp for sp in sharded_params(cfg, strategy) if "pipeline" in sp.axes]
+        whole = sum(sp.local_elems * sp.count * p for sp in sharded) * workload.param_bytes
+        if whole:
+            out += [("all-gather", whole), ("all-gather", whole), ("reduce-scatter", whole)]
     return tuple(out)

@@ -416,7 +416,15 @@ def _weights_and_grads(cfg, strategy, workload, sh: Shape, lw: Lowering, c: _Col
         axes = tuple(a for a in replicas if not (fsdp and a == "fsdp"))
         inner = tuple(a for a in axes if a not in replica)
         outer = tuple(a for a in axes if a in replica)
-        if prefix and (sp.group.where == "dense" or name == "embed"):
+        if prefix and "pipeline" in sp.axes:
+            # The prefix's layers, sharded over the stages: their gradients reduce over the other
+            # batch axes once per step, as one array (over pipeline: `params.pipeline_transfers`).
+            if inner:
+                combined[(inner, 1, gdt)] = (
+                    combined.get((inner, 1, gdt), 0.0) + full * per_step * lw.grad_bytes
+                )
+            inner = ()
+        elif prefix and (sp.group.where == "dense" or name == "embed"):
             # The prefix ran once on the whole batch, split over the stages: its gradients reduce
             # over pipeline too, once per step, as one array.
             axes = (*inner, "pipeline")

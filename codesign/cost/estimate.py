@@ -492,7 +492,8 @@ def _pipeline(
     recompute = 1.0 if R.layer_checkpointed(s.remat) else 0.0
     cost = PL.pipeline_cost(s.schedule, p, v, m, PL.chunk_times(stage_s - hidden, m, v, recompute, p2p))
     level = placements["pipeline"].levels[-1] if "pipeline" in placements else "?"
-    # Once per step, outside the tick loop and exposed: the MoE prefix output's gather and its gradient.
+    # Once per step, outside the tick loop and exposed: the MoE prefix output's gather and its gradient,
+    # and the prefix weights' gathers and gradient reduce-scatter.
     outside: dict[str, float] = {}
     for kind, nbytes in pipeline_transfers(x.cfg, x.workload, s):
         outside[kind] = outside.get(kind, 0.0) + collective_time_on_axes(
@@ -512,7 +513,8 @@ def _pipeline(
     if once:
         reasons.append(
             f"{_ms(once)} of collectives over pipeline outside the loop (the dense prefix's output to "
-            "every stage, and its gradient back)"
+            "every stage and its gradient back; its weights, sharded over the stages, gathered and "
+            "their gradients reduce-scattered)"
         )
     return cost.step_s + once, cost.bubble_s, cost.p2p_s, hidden, tuple(reasons), outside
 

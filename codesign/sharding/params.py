@@ -89,7 +89,8 @@ def zero_specs(
     level: int,
     axis: str = "data",
 ) -> tuple[Any, tuple[Dropped, ...]]:
-    """(specs, dropped) for ZeRO level `level` over `axis`: each param's spec with `axis` added on its
+    """(specs, dropped) for ZeRO level `level` over `axis` (3: the params themselves, as FSDP shards
+    them): each param's spec with `axis` added on its
     `zero_dim`; a param where no dimension divides keeps its spec and is recorded in `dropped`; a param
     already sharded over `axis` keeps its spec."""
     flat_axes = dict(
@@ -106,11 +107,12 @@ def zero_specs(
         if d is None:
             dropped.append(
                 Dropped(
-                    f"opt_state/{path_str(path)}",
+                    f"{'params' if level == 3 else 'opt_state'}/{path_str(path)}",
                     f"zero={level}",
                     axis,
                     f"no dimension of {shape} divides by its mesh axes x {axis}="
-                    f"{mesh_sizes.get(axis, 1)}: optimizer state stays replicated over {axis}",
+                    f"{mesh_sizes.get(axis, 1)}: {'it' if level == 3 else 'optimizer state'} stays "
+                    f"replicated over {axis}",
                 )
             )
             return spec

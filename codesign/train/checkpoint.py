@@ -35,7 +35,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -147,7 +147,12 @@ class Checkpointer:
     `rows` ({leaf path: n}) names leaves whose first n rows are data and whose further rows are zero
     padding that the layout adds (a pipelined stack whose layers do not divide by the stages:
     `StateLayout.logical_rows`). Their digests cover the n rows, and a restore pads or truncates the
-    padding to the rows the target layout stores, so such checkpoints move between layouts."""
+    padding to the rows the target layout stores, so such checkpoints move between layouts.
+
+    `adapt`, given the saved leaves ({path: (shape, dtype)}), may return (the abstract state to read
+    them as, a function from that state to the wanted one): a state saved in another form (with or
+    without a master copy: `StateLayout.checkpoint_adapter`) is read and verified as saved, then
+    converted."""
 
     def __init__(
         self,
@@ -158,12 +163,14 @@ class Checkpointer:
         *,
         read_only: bool = False,
         rows: Mapping[str, int] | None = None,
+        adapt: Callable[[dict], tuple[Any, Callable[[Any], Any]] | None] | None = None,
     ):
         if save_every < 1 or keep < 1:
             raise ValueError(f"save_every and keep must be >= 1, got {save_every} and {keep}")
         self.directory = os.path.abspath(os.fspath(directory))
         self.save_every, self.keep, self.read_only = int(save_every), int(keep), read_only
         self.rows = dict(rows or {})
+        self.adapt = adapt
         options = ocp.CheckpointManagerOptions(
             # Only multiples of save_every (plus Orbax's preemption signal); not InitialSavePolicy,
             # which the default policy adds and which would save whatever step comes first.
@@ -320,6 +327,11 @@ class Checkpointer:
         extra, record = self._read_meta(step)
         if model_fingerprint is not None:
             self._check_fingerprint(step, extra, model_fingerprint)
+        convert = None
+        if self.adapt is not None:  # a state saved in another form: read it as saved, then convert
+            adapted = self.adapt(self._saved_shapes(step))
+            if adapted is not None:
+                abstract_state, convert = adapted
         repadded = self._check_leaves(step, abstract_state)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
@@ -345,6 +357,8 @@ class Checkpointer:
                 )
         if nonfinite:  # only possible for steps saved before the finiteness check existed
             raise CheckpointCorrupt(f"step {step}: NaN or Infinity in {_names(nonfinite)}")
+        if convert is not None:
+            state = convert(state)
         return Restored(step=step, state=state, extra=extra, verified=record is not None)
 
     def _resolve(self, step: int | None) -> int:
@@ -368,18 +382,21 @@ class Checkpointer:
                 f"existing checkpoints were left untouched."
             )
 
-    def _check_leaves(self, step: int, abstract_state: Any) -> bool:
-        """Raise unless the saved leaves are the wanted ones; whether some differ only in padding rows."""
+    def _saved_shapes(self, step: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{leaf path: (shape, dtype)} of the state saved at `step`, from its metadata."""
         try:
             meta = _compat.orbax_tree_metadata(self._mgr.item_metadata(step)["state"])
-            saved = leaves_by_path(meta)
-            shapes = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in saved.items()}
+            return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_by_path(meta).items()}
         except Exception as e:  # noqa: BLE001 - broken or missing array metadata, whatever raised
             raise CheckpointCorrupt(f"step {step}: array metadata unreadable ({_first_line(e)})") from None
+
+    def _check_leaves(self, step: int, abstract_state: Any) -> bool:
+        """Raise unless the saved leaves are the wanted ones; whether some differ only in padding rows."""
+        shapes = self._saved_shapes(step)
         wanted = leaves_by_path(abstract_state)
         where = f"checkpoint {self.directory} step {step}"
         repadded = False
-        missing, unexpected = sorted(wanted.keys() - saved.keys()), sorted(saved.keys() - wanted.keys())
+        missing, unexpected = sorted(wanted.keys() - shapes.keys()), sorted(shapes.keys() - wanted.keys())
         if missing or unexpected:
             raise CheckpointError(
                 f"{where} has a different state structure: leaves missing from the checkpoint "

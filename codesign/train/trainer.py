@@ -255,9 +255,16 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def _reader(directory: str, rows: dict[str, int] | None = None) -> Checkpointer:
+def _reader(directory: str, prog: TrainProgram | None = None) -> Checkpointer:
+    """A read-only Checkpointer; with `prog`, one that reads into its layout (`_layout_args`)."""
     with _quiet_absl():
-        return Checkpointer(directory, read_only=True, rows=rows)
+        return Checkpointer(directory, read_only=True, **(_layout_args(prog) if prog else {}))
+
+
+def _layout_args(prog: TrainProgram) -> dict[str, Any]:
+    """How a checkpoint meets `prog`'s layout: the padding rows of its stack, and states saved with or
+    without a master copy of the params."""
+    return {"rows": prog.logical_rows(prog.abstract_state), "adapt": prog.checkpoint_adapter}
 
 
 def _existing_steps(directory: str) -> tuple[list[int], dict[str, Any] | None]:
@@ -293,7 +300,7 @@ def restore_state(
 ) -> tuple[int, Any, dict[str, Any]]:
     """Read a checkpoint onto `prog`'s shardings (whatever mesh it was saved under), verified:
     (step, state, extra)."""
-    with _reader(directory, prog.logical_rows(prog.abstract_state)) as ck:
+    with _reader(directory, prog) as ck:
         r = ck.restore(step, prog.abstract_state, model_fingerprint=prog.cfg.fingerprint())
     return r.step, r.state, r.extra
 
@@ -499,7 +506,7 @@ def run_training(
             s.ckdir,
             save_every=run.save_every or max(run.steps, 1),
             keep=run.keep,
-            rows=prog.logical_rows(prog.abstract_state),
+            **_layout_args(prog),
         )
         if s.ckdir
         else None
