@@ -149,7 +149,27 @@ class StateLayout:
         and the embedding unless the head shares it); empty without a prefix."""
         if not (self.pipelined and self.pipelined_stack == "moe_blocks" and self.cfg.dense_layers):
             return ()
-        return ("dense_blocks",)
+        return ("dense_blocks",) + (() if self.cfg.tie_embeddings else ("embed",))
+
+    def gather_prefix_tables(self, params):
+        """`params` with the embedding table gathered over `pipeline` (its spec without it), for the
+        prefix's lookup: the table is sharded over the stages at rest, and looking up into a sharded
+        table from rows also split over the stages leaves the partitioner to rematerialize the
+        looked-up rows (and their gradient) instead. One gather of the table per step, and its
+        gradient's reduce-scatter."""
+        if "embed" not in self.prefix_keys:
+            return params
+
+        def drop(spec):
+            kept = [
+                tuple(a for a in ((e,) if isinstance(e, str) else e or ()) if a != "pipeline") for e in spec
+            ]
+            return PartitionSpec(*(k[0] if len(k) == 1 else k or None for k in kept))
+
+        table = jax.lax.with_sharding_constraint(
+            params["embed"], NamedSharding(self.mesh, drop(self.param_specs["embed"]))
+        )
+        return {**params, "embed": table}
 
     def _prefix_over_pipeline(self, specs):
         """The prefix's params sharded over `pipeline` too (ZeRO-3 over the stages): the prefix runs

@@ -140,7 +140,7 @@ class TrainProgram(StateLayout):
             return self._model({**params, **sub})
 
         def pre(sub):  # an MoE model's embedding and dense prefix, for the whole batch
-            return self._prefix_over_stages(model_with(sub), inputs, rows)
+            return self._prefix_over_stages(model_with(self.gather_prefix_tables(sub)), inputs, rows)
 
         def head_loss(sub, y, tgt):
             with batch_also_over("pipeline"):
@@ -202,7 +202,7 @@ class TrainProgram(StateLayout):
 
     def _pipelined_forward(self, params, inputs, rows):
         """The model's forward with its stacked blocks run by the pipeline (`codesign.pipeline`)."""
-        model = self._model(params)
+        model = self._model(self.gather_prefix_tables(params))
         b, t = inputs.shape
         if self.pipelined_stack == "moe_blocks" and model.dense_blocks is not None:
             x, aux = self._prefix_over_stages(model, inputs, rows)

@@ -218,8 +218,8 @@ def test_fix_pins_schedule_and_v():
 
 def test_once_per_step_pipeline_collectives_follow_the_program():
     """Outside the tick loop the program moves an MoE prefix's output to every stage (and its gradient
-    back), and gathers the prefix's weights, sharded over the stages, for its forward and backward
-    (and reduce-scatters their gradients); a dense pipeline moves nothing there, even when its layers do not divide by the stages
+    back), and gathers the prefix's weights, sharded over the stages (its layers for the forward and
+    the backward, the embedding for the lookup), and reduce-scatters their gradients; a dense pipeline moves nothing there, even when its layers do not divide by the stages
     (the stack is stored padded, each stage holding its own layers). The estimate charges them as exposed collectives over pipeline."""
     hw = load_hardware("h100", devices=8)
     even = Strategy.parse("pipeline=2,data=4,remat=full,microbatches=4")
@@ -229,14 +229,17 @@ def test_once_per_step_pipeline_collectives_follow_the_program():
     s = Strategy.parse("pipeline=2,expert=4,remat=full,microbatches=4")
     table = WL.global_batch / s.batch_shards * WL.seq_len * moe.hidden * 2
     prefix = [sp for sp in sharded_params(moe, s) if sp.group.where == "dense"]
-    assert prefix and all("pipeline" in sp.axes for sp in prefix)  # sharded over the stages
-    whole = sum(sp.group.elems for sp in prefix) * WL.param_bytes  # gathered twice, reduce-scattered
+    (embed,) = [sp for sp in sharded_params(moe, s) if sp.group.name == "embed"]
+    assert prefix and all("pipeline" in sp.axes for sp in [*prefix, embed])  # sharded over the stages
+    layers = sum(sp.group.elems for sp in prefix) * WL.param_bytes  # gathered twice
+    lookup = embed.group.elems * WL.param_bytes  # gathered once (its gradient needs only the ids)
     assert pipeline_transfers(moe, WL, s) == (
         ("all-gather", table),
         ("all-reduce", table),
-        ("all-gather", pytest.approx(whole)),
-        ("all-gather", pytest.approx(whole)),
-        ("reduce-scatter", pytest.approx(whole)),
+        ("all-gather", pytest.approx(layers)),
+        ("all-gather", pytest.approx(layers)),
+        ("all-gather", pytest.approx(lookup)),
+        ("reduce-scatter", pytest.approx(layers + lookup)),
     )
     est = estimate_analytic(moe, WL, s, hw)
     assert any("outside the loop" in r for r in est.reasons)

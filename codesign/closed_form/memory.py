@@ -254,11 +254,14 @@ def analytic_memory(
     # One layer's weights gathered, twice (current + prefetched): over fsdp, and an MoE prefix's
     # over pipeline (`params.prefix_split`).
     per_layer: dict[str, float] = {}
+    table = 0.0  # the prefix's embedding gathered over the stages for its lookup: one table, once
     for sp in params:
         widen = (sizes["fsdp"] if "fsdp" in sp.axes else 1) * (p if "pipeline" in sp.axes else 1)
         if sp.group.where != "global" and widen > 1:
             per_layer[sp.group.where] = per_layer.get(sp.group.where, 0.0) + sp.local_elems * widen
-    gathered = 2 * max(per_layer.values(), default=0.0) * pbytes
+        elif sp.group.where == "global" and "pipeline" in sp.axes:
+            table += sp.local_elems * widen
+    gathered = max(2 * max(per_layer.values(), default=0.0), table) * pbytes
 
     sh = shape_of(cfg, workload, strategy)
     in_flight = in_flight_microbatches(strategy.schedule, p, strategy.stages_per_device, m)

@@ -79,10 +79,16 @@ def _sharded_params(cfg: ModelConfig, mesh: tuple, rules_file: str | None) -> tu
         axes = tuple(a for e in spec if e for a in ((e,) if isinstance(e, str) else e))
         count = {"dense": dense, "moe": moe, "global": 1.0}[g.where]
         shards = math.prod(sizes[a] for a in axes)
-        if prefix and g.where == "dense" and _divides(spec, g.shape, sizes, p):
+        if prefix and _prefix_only(cfg, g) and _divides(spec, g.shape, sizes, p):
             axes, shards = (*axes, "pipeline"), shards * p  # `StateLayout._prefix_over_pipeline`
         out.append(ShardedParam(g, count, axes, shards))
     return tuple(out)
+
+
+def _prefix_only(cfg: ModelConfig, g: ParamGroup) -> bool:
+    """Params only an MoE model's dense prefix uses: its layers, and the embedding unless the head
+    shares it (`StateLayout.prefix_keys`)."""
+    return g.where == "dense" or (g.name == "embed" and not cfg.tie_embeddings)
 
 
 def _divides(spec, shape, sizes: dict[str, int], n: int) -> bool:
@@ -223,16 +229,20 @@ def pipeline_transfers(
 ) -> tuple[tuple[str, float], ...]:
     """(kind, bytes per device) of the collectives over `pipeline` that run once per step outside the
     tick loop, which the one-stage report leaves out: an MoE dense prefix's output gathered to every
-    stage and its gradient reduced back (bf16), and its layers' weights, sharded over the stages,
-    gathered for its forward and its backward and their gradients reduce-scattered (ZeRO-3 over
-    pipeline: `StateLayout._prefix_over_pipeline`)."""
+    stage and its gradient reduced back (bf16), and its weights, sharded over the stages, gathered
+    (the layers for its forward and its backward, the embedding for its lookup) and their gradients
+    reduce-scattered (ZeRO-3 over pipeline: `StateLayout._prefix_over_pipeline`)."""
     p = strategy.size("pipeline")
     out: list[tuple[str, float]] = []
     if prefix_split(cfg, p):
         table = workload.global_batch / strategy.batch_shards * workload.seq_len * cfg.hidden * 2
         out += [("all-gather", table), ("all-reduce", table)]
         sharded = [sp for sp in sharded_params(cfg, strategy) if "pipeline" in sp.axes]
-        whole = sum(sp.local_elems * sp.count * p for sp in sharded) * workload.param_bytes
-        if whole:
-            out += [("all-gather", whole), ("all-gather", whole), ("reduce-scatter", whole)]
+        layers = sum(sp.local_elems * sp.count * p for sp in sharded if sp.group.where == "dense")
+        table = sum(sp.local_elems * p for sp in sharded if sp.group.where != "dense")
+        # The layers are gathered for the forward and again for the backward; the embedding for its
+        # lookup only (its gradient needs the token ids, not the table). Each gradient reduce-scatters.
+        moves = [("all-gather", layers), ("all-gather", layers), ("all-gather", table)]
+        moves.append(("reduce-scatter", layers + table))
+        out += [(kind, n * workload.param_bytes) for kind, n in moves if n]
     return tuple(out)

@@ -223,8 +223,8 @@ class _Scorer:
     so that busy time, put through the candidate's own schedule, bounds its step.
     """
 
-    def __init__(self, req: PlanRequest, rejected: Counter):
-        self.req, self.rejected = req, rejected
+    def __init__(self, req: PlanRequest, rejected: Counter, zeros: tuple[int, ...] = ()):
+        self.req, self.rejected, self.zeros = req, rejected, zeros
         self.best = math.inf  # the fastest fitting step scored so far
         self.capacity = req.hardware.memory_capacity_bytes
         self.busy: dict[tuple, dict[int, float]] = {}  # stage key -> {microbatches: busy seconds}
@@ -234,6 +234,18 @@ class _Scorer:
     def _fits(self, s: Strategy) -> bool:
         mem = analytic_memory(self.req.cfg, self.req.workload, s).total
         return mem <= self.capacity * (1 - self.req.headroom)
+
+    def _zero_that_fits(self, s: Strategy) -> Strategy | None:
+        """The first ZeRO level (of the search's) under which a layout that does not fit does: its
+        ZeRO variants are otherwise only tried for the best scored layouts, which a rejected one is
+        not (DeepSeek-V3's published DualPipe layout fits only with ZeRO-1)."""
+        if s.zero or not zero_axes(self.req.cfg, s):
+            return None
+        for z in self.zeros:
+            alt = s.replace(zero=z)
+            if all(c(alt) for c in self.req.constraints) and self._fits(alt):
+                return alt
+        return None
 
     def _bound(self, s: Strategy, flop_bound: float) -> float:
         known = self.busy.get(_stage_key(s), {})
@@ -266,9 +278,12 @@ class _Scorer:
             if self.prune and (s.schedule, s.stages_per_device) != ("1f1b", 1) and not self._fits(s):
                 # The plain-1F1B sibling holds the fewest microbatches in flight and one copy of the
                 # state: it stands for the layout's memory in the plan; a schedule that needs more
-                # than HBM is only a rejection.
-                self.rejected[NO_ROOM] += 1
-                continue
+                # than HBM is only a rejection, unless ZeRO makes it fit.
+                alt = self._zero_that_fits(s)
+                if alt is None:
+                    self.rejected[NO_ROOM] += 1
+                    continue
+                s = alt
             sc = Scored(s, estimate_analytic(req.cfg, req.workload, s, req.hardware))
             self.busy.setdefault(_stage_key(s), {})[s.microbatches] = sc.estimate.busy_s
             if sc.fits(req.headroom, self.capacity):
@@ -399,7 +414,7 @@ def search(req: PlanRequest, target: str, key: str | None, t0: float) -> Plan:
     refine = [s for s in candidates if not (s.remat in req.remats and not s.sp)]
     if not base:  # constraints pinned a refinement (e.g. --fix remat=minimal): score those directly
         base, refine = refine, []
-    scorer = _Scorer(req, rejected)
+    scorer = _Scorer(req, rejected, zeros)
     scored = scorer.score(base)
     scored.sort(key=lambda sc: _sort_key(sc, req))
     if refine:  # the other policies and sp, for the layouts worth refining
