@@ -165,8 +165,8 @@ def run_1f1b(
     """Loss and gradients of the pipelined stack and the head, in 1F1B order.
 
     layers: stacked block params [R, ...] (the first n_layers real, default all R, the rest zero
-    padding); grad_dtype: what the stack's and the head's gradients accumulate in over the microbatches (default
-    the params' dtype); source: the first stage's input per microbatch (`Source`);
+    padding); grad_dtype: what the stack's and the head's gradients accumulate in over the
+    microbatches (default the params' dtype); source: the first stage's input per microbatch (`Source`);
     positions [mb, S]; head_loss(head_params, y [mb, S, D], targets [mb, S]) -> the microbatch's mean
     loss; targets [M, mb, S]; rows [M, mb]: each microbatch's global batch rows (dropout, when a scope
     is open; the source's `enter` and the blocks draw under it). The step's loss is

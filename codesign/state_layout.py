@@ -6,6 +6,12 @@ shardings of gradients and optimizer moments over the pure data replicas, and bu
 inputs (`ShapeDtypeStruct(sharding=...)`) that the planner lowers and the trainer initializes into.
 It computes nothing; `codesign.train_step.TrainProgram` is the step that runs on this layout.
 
+A pipelined stack whose layers do not divide by the stages is stored zero-padded to a multiple of
+them (`stack_layers`, `pad_stack`); checkpoints carry the padding and restore across it
+(`logical_rows`). An MoE model's dense prefix (and its embedding) is sharded over `pipeline` as well
+(`_prefix_over_pipeline`). With `Workload.master_dtype` the state holds a master copy of the params,
+sharded like the moments (`master`, `checkpoint_adapter`).
+
 ZeRO (`zero=` in the strategy) over `data`: 1 = AdamW moments sharded over `data`, added after the
 param's own axes on the dimension FSDP shards (`sharding.params.zero_dim`), so each replica's
 optimizer shard is a slice of its own param shard; 2 = the gradient accumulator too. An MoE model's
@@ -172,11 +178,11 @@ class StateLayout:
         return {**params, "embed": table}
 
     def _prefix_over_pipeline(self, specs):
-        """The prefix's params sharded over `pipeline` too (ZeRO-3 over the stages): the prefix runs
-        once per step on the whole batch split over the stages (`train_step`), so every stage uses all
-        of its weights, and gathering them once per step (and their gradients' reduce-scatter) is what
-        keeps a stage from holding them whole; with the pipeline's stages holding its layers alone,
-        as a pipeline's first stage holds the embedding and the dense layers."""
+        """The prefix's params sharded over `pipeline` too (ZeRO-3 over the stages). The prefix runs
+        once per step on the whole batch split over the stages (`train_step`), so every stage uses
+        all of its weights; gathering them when it runs (and reduce-scattering their gradients) spares
+        each stage holding them whole. It is the SPMD counterpart of a pipeline whose first stage alone
+        holds the embedding and the dense layers."""
         keys = self.prefix_keys
         if not keys:
             return specs, ()

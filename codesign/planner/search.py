@@ -171,9 +171,9 @@ def _param_split(cfg: ModelConfig) -> tuple[float, float]:
 
 
 def _state_bytes_lower_bound(cfg: ModelConfig, workload: Workload, s: Strategy, zero: int = 0) -> float:
-    """Params + grads in the params' dtype and Adam's two moments (and a master copy) in theirs (16
-    B/param with float32 params), as finely as this layout can shard them; with `zero` the moments (1) and gradients (2)
-    are also divided over the batch axes that replicate each param."""
+    """Params + grads in the params' dtype and Adam's two moments (and a master copy) in theirs
+    (16 B/param with float32 params), as finely as this layout can shard them; with `zero` the
+    moments (1) and gradients (2) are also divided over the batch axes that replicate each param."""
     total, expert_params = _param_split(cfg)
     sizes = s.sizes
     dense_shards = sizes["fsdp"] * sizes["tensor"] * sizes["pipeline"]
